@@ -1,0 +1,104 @@
+"""What a user asked for, as plain validated data.
+
+This module is the contract between the bot, the queue, the runner and storage, so it imports
+neither torch nor anything of ours. Bounds here are absolute sanity bounds; the configured hard
+limits and moderator limits are narrower and are enforced at submit time.
+"""
+
+from __future__ import annotations
+
+import math
+from enum import StrEnum
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+#: Sampler names users may pick; `generation.samplers.SAMPLERS` implements exactly these.
+SamplerName = Literal[
+    "ddim",
+    "plms",
+    "euler",
+    "euler_a",
+    "heun",
+    "lms",
+    "dpmpp_2m",
+    "dpmpp_2m_karras",
+    "dpmpp_sde_karras",
+    "unipc",
+]
+SAMPLER_NAMES: tuple[str, ...] = SamplerName.__args__
+
+#: Largest seed: seeds are drawn and displayed as unsigned 32-bit integers, as the web UIs do.
+MAX_SEED = 2**32 - 1
+
+#: One cost unit is one 512x512 image denoised for one step.
+_UNIT_PIXELS = 512 * 512
+
+
+class Kind(StrEnum):
+    """What the pipeline does with the request."""
+
+    TXT2IMG = "txt2img"
+    IMG2IMG = "img2img"
+    INPAINT = "inpaint"
+    OUTPAINT = "outpaint"
+    VARIATION = "variation"
+    UPSCALE = "upscale"
+
+
+_NEEDS_IMAGE = {Kind.IMG2IMG, Kind.INPAINT, Kind.OUTPAINT, Kind.VARIATION, Kind.UPSCALE}
+
+
+class GenerationRequest(BaseModel):
+    """One user request: up to `count` images of one model, size, sampler and step count."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    kind: Kind = Kind.TXT2IMG
+    prompt: str = Field(min_length=1, max_length=4000)
+    negative_prompt: str = Field(default="", max_length=4000)
+    model: str = Field(min_length=1, max_length=100)
+    sampler: SamplerName = "dpmpp_2m_karras"
+    steps: int = Field(ge=1, le=1000)
+    guidance: float = Field(ge=0.0, le=50.0)
+    seed: int = Field(ge=0, le=MAX_SEED)
+    width: int = Field(ge=64, le=8192, multiple_of=8)
+    height: int = Field(ge=64, le=8192, multiple_of=8)
+    count: int = Field(default=1, ge=1, le=16)
+    #: Content hash (sha256 hex) of a stored input image, for every kind but txt2img.
+    init_image: str | None = Field(default=None, pattern=r"^[0-9a-f]{64}$")
+    #: Content hash of a stored mask image (white = repaint), for inpaint.
+    mask_image: str | None = Field(default=None, pattern=r"^[0-9a-f]{64}$")
+    #: img2img strength in (0, 1]: the fraction of the schedule that is re-run.
+    strength: float | None = Field(default=None, gt=0.0, le=1.0)
+
+    @model_validator(mode="after")
+    def _image_matches_kind(self) -> GenerationRequest:
+        if self.kind in _NEEDS_IMAGE and self.init_image is None:
+            raise ValueError(f"a {self.kind} request needs an input image")
+        if self.kind is Kind.TXT2IMG and (self.init_image or self.mask_image):
+            raise ValueError("a txt2img request takes no input image; use img2img or inpaint")
+        if self.mask_image is not None and self.kind is not Kind.INPAINT:
+            raise ValueError(f"a mask is only used by inpaint, not by {self.kind}")
+        return self
+
+    @property
+    def denoising_steps(self) -> int:
+        """Steps the UNet actually runs: img2img-like requests skip the first (1 - strength)."""
+        if self.strength is None or self.kind is Kind.TXT2IMG:
+            return self.steps
+        return max(1, int(self.strength * self.steps))
+
+    @property
+    def cost(self) -> float:
+        """GPU cost in units of one 512x512 image-step: pixels x steps x images."""
+        return self.count * self.denoising_steps * (self.width * self.height) / _UNIT_PIXELS
+
+    def seeds(self) -> list[int]:
+        """Seed of each image: image i of a request with seed S uses S + i (the engine contract)."""
+        return [self.seed + i for i in range(self.count)]
+
+
+def round_to_multiple(value: float, multiple: int = 64) -> int:
+    """Nearest positive multiple of `multiple` (sizes must be latent- and UNet-aligned)."""
+    return max(multiple, int(math.floor(value / multiple + 0.5)) * multiple)

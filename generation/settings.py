@@ -1,0 +1,121 @@
+"""Settings owned by `generation/`: the engine (`[generation]`), checkpoints (`[[models]]`) and the
+queue (`[queue]`). Frozen pydantic models; `bot/config.py` reads the file and assembles them."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from generation.request import SamplerName
+
+_DEVICE = re.compile(r"^(auto|cpu|cuda|cuda:\d+)$")
+
+
+class _Settings(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class GenerationSettings(_Settings):
+    """The engine: where it runs, in which precision, and the hard limits of any request."""
+
+    #: "auto", "cpu", "cuda", "cuda:N", or a list of them (one GPU worker per entry).
+    device: str | tuple[str, ...] = "auto"
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
+    default_steps: int = Field(default=25, ge=1)
+    max_steps: int = Field(default=60, ge=1, le=1000)
+    default_guidance: float = Field(default=7.0, ge=0.0, le=50.0)
+    max_guidance: float = Field(default=20.0, ge=0.0, le=50.0)
+    default_sampler: SamplerName = "dpmpp_2m_karras"
+    #: Largest width x height of one image, and largest side, in pixels.
+    max_pixels: int = Field(default=1024 * 1024, ge=64 * 64)
+    max_side: int = Field(default=2048, ge=64, le=8192)
+    default_count: int = Field(default=4, ge=1)
+    max_count: int = Field(default=4, ge=1, le=16)
+    #: Decode latents in tiles above this many pixels, to bound VAE memory.
+    vae_tile_above_pixels: int = Field(default=1024 * 1024, ge=64 * 64)
+
+    @field_validator("device")
+    @classmethod
+    def _valid_devices(cls, value: str | tuple[str, ...]) -> str | tuple[str, ...]:
+        for device in (value,) if isinstance(value, str) else value:
+            if not _DEVICE.match(device):
+                raise ValueError(f"{device!r} is not a device; allowed: auto, cpu, cuda, cuda:N")
+        if isinstance(value, tuple) and not value:
+            raise ValueError("the device list is empty; allowed: auto, cpu, cuda, cuda:N")
+        return value
+
+    @model_validator(mode="after")
+    def _defaults_within_limits(self) -> GenerationSettings:
+        if self.default_steps > self.max_steps:
+            raise ValueError(f"default_steps ({self.default_steps}) exceeds max_steps ({self.max_steps})")
+        if self.default_count > self.max_count:
+            raise ValueError(f"default_count ({self.default_count}) exceeds max_count ({self.max_count})")
+        if self.default_guidance > self.max_guidance:
+            raise ValueError(
+                f"default_guidance ({self.default_guidance}) exceeds max_guidance ({self.max_guidance})"
+            )
+        return self
+
+    @property
+    def devices(self) -> tuple[str, ...]:
+        """The configured devices as a tuple (one runner worker each)."""
+        return (self.device,) if isinstance(self.device, str) else self.device
+
+
+class ModelSettings(_Settings):
+    """One `[[models]]` entry: a single-file checkpoint users can pick by name."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9._-]{1,64}$")
+    checkpoint: Path
+    #: The original inference YAML (v1-inference.yaml, v2-inference-v.yaml...); detected if absent.
+    config: Path | None = None
+    #: Overrides the detected prediction type of SD 2.x checkpoints.
+    prediction: Literal["epsilon", "v"] | None = None
+    default: bool = False
+
+
+def check_models(models: tuple[ModelSettings, ...]) -> tuple[ModelSettings, ...]:
+    """Names are unique and at most one model is the default."""
+    names = [m.name for m in models]
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        raise ValueError(f"model names must be unique; repeated: {', '.join(duplicates)}")
+    defaults = [m.name for m in models if m.default]
+    if len(defaults) > 1:
+        raise ValueError(f"at most one model may be the default; found {', '.join(defaults)}")
+    return models
+
+
+def default_model(models: tuple[ModelSettings, ...]) -> ModelSettings | None:
+    """The model marked default, else the first configured one."""
+    return next((m for m in models if m.default), models[0] if models else None)
+
+
+class QueueSettings(_Settings):
+    """The fair-share queue and the GPU runner."""
+
+    #: Queued (not yet running) jobs one user may have.
+    max_queued_per_user: int = Field(default=5, ge=1)
+    #: Jobs of one user running at once, across all GPUs.
+    max_running_per_user: int = Field(default=1, ge=1)
+    #: Queued jobs across everyone; submissions past it are refused.
+    max_queued_total: int = Field(default=500, ge=1)
+    #: Images one GPU batch may hold (the runner lowers it when VRAM is short).
+    max_batch_images: int = Field(default=8, ge=1, le=64)
+    #: Seconds one job may run before it is stopped and failed.
+    job_timeout_s: float = Field(default=600.0, gt=0)
+    #: Seconds a running batch may take to finish at shutdown before it is left for restart.
+    shutdown_grace_s: float = Field(default=30.0, ge=0)
+    #: Fair-share weight by Discord role name (default weight 1).
+    role_weights: dict[str, float] = Field(default_factory=dict)
+
+    @field_validator("role_weights")
+    @classmethod
+    def _positive_weights(cls, value: dict[str, float]) -> dict[str, float]:
+        for role, weight in value.items():
+            if weight <= 0:
+                raise ValueError(f"role weight of {role!r} must be > 0, got {weight}")
+        return value
