@@ -1,0 +1,119 @@
+"""bot/config.py: the shipped config.toml loads, and every kind of mistake is refused with one
+line naming the file and the key."""
+
+from pathlib import Path
+
+import pytest
+
+from bot.config import AppConfig, ConfigError, config_path, load_config
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "config.toml"
+    path.write_text(text)
+    return path
+
+
+def refusal(tmp_path: Path, text: str) -> str:
+    with pytest.raises(ConfigError) as caught:
+        load_config(write(tmp_path, text))
+    return str(caught.value)
+
+
+def test_shipped_config_equals_the_documented_defaults() -> None:
+    config = load_config(REPO / "config.toml")
+    assert config.model_dump(exclude={"storage"}) == AppConfig().model_dump(exclude={"storage"})
+    assert config.storage.data_dir == REPO / "data"
+    assert config.storage.database_path == REPO / "data" / "atelier.sqlite3"
+
+
+def test_relative_paths_resolve_against_the_config_folder(tmp_path: Path) -> None:
+    text = """
+[storage]
+data_dir = "state"
+database = "/abs/db.sqlite3"
+[[models]]
+name = "sd15"
+checkpoint = "ckpt/v1-5.safetensors"
+config = "../yaml/v1-inference.yaml"
+"""
+    config = load_config(write(tmp_path, text))
+    assert config.storage.data_dir == tmp_path / "state"
+    assert config.storage.database_path == Path("/abs/db.sqlite3")
+    assert config.models[0].checkpoint == tmp_path / "ckpt" / "v1-5.safetensors"
+    assert config.models[0].config == tmp_path / "../yaml/v1-inference.yaml"
+
+
+@pytest.mark.parametrize(
+    ("text", "key", "allowed"),
+    [
+        ("[generation]\nmax_stepz = 30\n", "generation.max_stepz", "max_steps"),
+        ("[storage]\ndatadir = 'x'\n", "storage.datadir", "data_dir"),
+        ("[[models]]\nname = 'a'\ncheckpoint = 'a.ckpt'\ndefualt = true\n", "models[0].defualt", "default"),
+        ("[discrod]\nguild_id = 1\n", "discrod", "discord"),
+    ],
+)
+def test_misspelt_key_is_refused_naming_it_and_the_allowed_keys(
+    tmp_path: Path, text: str, key: str, allowed: str
+) -> None:
+    message = refusal(tmp_path, text)
+    assert message.count("\n") == 0
+    assert message.startswith(f"{tmp_path / 'config.toml'}: {key}: unknown key; allowed here: ")
+    assert allowed in message.split("allowed here: ")[1].split(", ")
+
+
+@pytest.mark.parametrize(
+    ("text", "key", "allowed"),
+    [
+        ("[generation]\nmax_steps = -5\n", "generation.max_steps", "greater than or equal to 1"),
+        ("[generation]\nmax_count = 'four'\n", "generation.max_count", "valid integer"),
+        ("[generation]\ndevice = 'gpu'\n", "generation.device", "allowed: auto, cpu, cuda, cuda:N"),
+        ("[generation]\ndevice = ['cuda:0', 'tpu']\n", "generation.device", "'tpu' is not a device"),
+        ("[generation]\ndefault_sampler = 'euler_b'\n", "generation.default_sampler", "'dpmpp_2m_karras'"),
+        ("[queue]\nrole_weights = { Mods = 0 }\n", "queue.role_weights", "'Mods' must be > 0"),
+        ("[limits]\nwindow_hours = 0\n", "limits.window_hours", "greater than 0"),
+        ("[discord]\napi_base = 'localhost:80'\n", "discord.api_base", "pattern"),
+        ("[[models]]\nname = 'x'\n", "models[0].checkpoint", "required key is missing"),
+    ],
+)
+def test_bad_value_is_refused_naming_the_key_and_what_is_allowed(
+    tmp_path: Path, text: str, key: str, allowed: str
+) -> None:
+    message = refusal(tmp_path, text)
+    assert message.count("\n") == 0
+    assert message.startswith(f"{tmp_path / 'config.toml'}: {key}: ")
+    assert allowed in message
+
+
+def test_cross_field_rules(tmp_path: Path) -> None:
+    assert "default_steps (70) exceeds max_steps (60)" in refusal(tmp_path, "[generation]\ndefault_steps = 70\n")
+    two_defaults = "".join(f"[[models]]\nname = '{n}'\ncheckpoint = 'c'\ndefault = true\n" for n in "ab")
+    assert "at most one model may be the default; found a, b" in refusal(tmp_path, two_defaults)
+    same_name = "[[models]]\nname = 'a'\ncheckpoint = 'c'\n" * 2
+    assert "model names must be unique; repeated: a" in refusal(tmp_path, same_name)
+    assert "limits.max_steps (80) exceeds generation.max_steps (60)" in refusal(
+        tmp_path, "[limits]\nmax_steps = 80\n"
+    )
+
+
+def test_every_error_gets_its_own_line(tmp_path: Path) -> None:
+    message = refusal(tmp_path, "[generation]\nmax_steps = 0\nmax_count = 0\nbogus = 1\n")
+    assert sorted(line.split(": ")[1] for line in message.splitlines()) == [
+        "generation.bogus",
+        "generation.max_count",
+        "generation.max_steps",
+    ]
+
+
+def test_unreadable_files_are_explained(tmp_path: Path) -> None:
+    assert "not valid TOML" in refusal(tmp_path, "[generation\n")
+    with pytest.raises(ConfigError, match="no such configuration file; copy config.toml"):
+        load_config(tmp_path / "missing.toml")
+
+
+def test_config_path_precedence() -> None:
+    assert config_path("cli.toml", {"ATELIER_CONFIG": "env.toml"}) == Path("cli.toml")
+    assert config_path(None, {"ATELIER_CONFIG": "env.toml"}) == Path("env.toml")
+    assert config_path(None, {}) == Path("config.toml")
