@@ -26,7 +26,9 @@ def schedule() -> DiscreteSchedule:
     return DiscreteSchedule.linear()
 
 
-def assert_rel(actual: torch.Tensor, expected: torch.Tensor, rtol: float = 2e-6) -> None:
+def assert_rel(actual: torch.Tensor, expected: torch.Tensor, rtol: float = 1e-5) -> None:
+    """Relative equality. diffusers accumulates alphas_cumprod in float32, the original in float64;
+    sigma = sqrt((1 - a) / a) amplifies that 1e-6 by 1 / (1 - a) near t = 0, hence 1e-5 for sigmas."""
     actual, expected = actual.double(), torch.as_tensor(np.asarray(expected)).double()
     assert actual.shape == expected.shape
     err = ((actual - expected).abs() / expected.abs().clamp_min(1e-30)).max().item()
@@ -41,7 +43,7 @@ def test_alphas_cumprod_is_the_original_numpy_formula() -> None:
 
 def test_alphas_cumprod_match_diffusers(schedule: DiscreteSchedule) -> None:
     # diffusers multiplies in float32, the original in float64: equal up to float32 rounding
-    assert_rel(schedule.alphas_cumprod, DDIMScheduler(**SD).alphas_cumprod)
+    assert_rel(schedule.alphas_cumprod, DDIMScheduler(**SD).alphas_cumprod, rtol=2e-6)
 
 
 def test_bad_schedule_parameters_are_refused() -> None:
