@@ -135,7 +135,8 @@ def test_one_job_waits_at_most_one_job_behind_fifty(light_guild):
     assert queue.next_batch("cpu", 1) == [light]
 
 
-def test_a_flow_that_was_idle_gets_no_credit_for_it():
+@pytest.mark.parametrize("newcomer_guild", [1, 2], ids=["same guild", "other guild"])
+def test_a_flow_that_was_idle_gets_no_credit_for_it(newcomer_guild):
     queue = FairQueue(ROOMY)
     for _ in range(100):
         submit(queue, 1, steps=10)
@@ -143,7 +144,7 @@ def test_a_flow_that_was_idle_gets_no_credit_for_it():
         (job,) = queue.next_batch("cpu", 1)
         queue.finish(job, JobState.DONE)
     for _ in range(30):
-        submit(queue, 2, steps=10)
+        submit(queue, 2, guild=newcomer_guild, steps=10)
     owners = [j.owner_id for j in dispatch_all(queue)[:20]]
     assert max(len(list(run)) for _, run in itertools.groupby(owners)) == 1  # they alternate
 
