@@ -1,0 +1,280 @@
+"""Jobs: what was asked, by whom, where the answer goes, and how far it got.
+
+State machine (anything else raises `IllegalTransition`):
+
+    queued ──► running ──► done
+      │          │  └────► failed
+      │          └───────► queued     (restart: a running job is re-run once)
+      └──────────┴───────► cancelled
+
+Finishing a job records its usage in the same transaction, so the usage ledger can never
+disagree with the jobs that are done.
+"""
+
+from __future__ import annotations
+
+import base64
+import re
+import secrets
+import sqlite3
+from dataclasses import dataclass
+from enum import StrEnum
+
+import aiosqlite
+
+from generation.request import GenerationRequest
+from storage.db import Database
+from storage.images import ImageRecord, image_from_row
+
+#: Job ids as they appear in button custom ids (part of the schema: see migrations/0001).
+JOB_ID_PATTERN = re.compile(r"^[a-z2-7]{12}$")
+#: A running job interrupted by a restart is re-run until it has been started this many times.
+MAX_ATTEMPTS = 2
+_HISTORY_PAGE_MAX = 100
+
+
+class JobState(StrEnum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    DONE = "done"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+
+_TRANSITIONS: dict[JobState, frozenset[JobState]] = {
+    JobState.QUEUED: frozenset({JobState.RUNNING, JobState.CANCELLED}),
+    JobState.RUNNING: frozenset(
+        {JobState.DONE, JobState.FAILED, JobState.CANCELLED, JobState.QUEUED}
+    ),
+    JobState.DONE: frozenset(),
+    JobState.FAILED: frozenset(),
+    JobState.CANCELLED: frozenset(),
+}
+
+
+class IllegalTransition(ValueError):
+    """A job was asked to move to a state it cannot reach from where it is."""
+
+
+class UnknownJob(LookupError):
+    pass
+
+
+@dataclass(frozen=True)
+class Job:
+    id: str
+    seq: int
+    request: GenerationRequest
+    owner_id: int
+    guild_id: int | None
+    channel_id: int
+    interaction_id: int | None
+    interaction_token: str | None
+    token_expires_at: float | None
+    message_id: int | None
+    state: JobState
+    created_at: float
+    started_at: float | None
+    finished_at: float | None
+    cost: float
+    device: str | None
+    error: str | None
+    attempts: int
+    parent_job_id: str | None
+    parent_index: int | None
+
+
+def new_job_id() -> str:
+    """12 random base32 characters (60 bits): short enough for a custom id, unguessable."""
+    return base64.b32encode(secrets.token_bytes(8)).decode("ascii")[:12].lower()
+
+
+def job_from_row(row: sqlite3.Row) -> Job:
+    """Build a `Job` from a `SELECT * FROM jobs` row."""
+    values = dict(row)
+    values["request"] = GenerationRequest.model_validate_json(values["request"])
+    values["state"] = JobState(values["state"])
+    return Job(**values)
+
+
+async def create_job(
+    db: Database,
+    request: GenerationRequest,
+    *,
+    owner_id: int,
+    channel_id: int,
+    guild_id: int | None = None,
+    interaction_id: int | None = None,
+    interaction_token: str | None = None,
+    token_expires_at: float | None = None,
+    parent_job_id: str | None = None,
+    parent_index: int | None = None,
+) -> Job:
+    """Store a new queued job; it takes the next submission sequence number."""
+    async with db.writing() as connection:
+        rows = await connection.execute_fetchall(
+            "INSERT INTO jobs (id, request, owner_id, guild_id, channel_id, interaction_id,"
+            " interaction_token, token_expires_at, created_at, cost, parent_job_id, parent_index)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING *",
+            (new_job_id(), request.model_dump_json(), owner_id, guild_id, channel_id,
+             interaction_id, interaction_token, token_expires_at, db.now(), request.cost,
+             parent_job_id, parent_index),
+        )
+    return job_from_row(rows[0])
+
+
+async def start_job(db: Database, job_id: str, *, device: str) -> Job:
+    """queued -> running on `device`; counts an attempt."""
+    return await _transition(
+        db, job_id, JobState.RUNNING,
+        "started_at = :now, device = :device, attempts = attempts + 1", device=device,
+    )
+
+
+async def finish_job(db: Database, job_id: str) -> Job:
+    """running -> done, and charge the owner: the job's cost and its count of stored images."""
+    async with db.writing() as connection:
+        job = await _transition_in(connection, db.now(), job_id, JobState.DONE,
+                                   "finished_at = :now")
+        await connection.execute(
+            "INSERT INTO usage (guild_id, user_id, job_id, at, cost, images)"
+            " SELECT ?, ?, ?, ?, ?, count(*) FROM images WHERE job_id = ?",
+            (job.guild_id, job.owner_id, job.id, job.finished_at, job.cost, job.id),
+        )
+    return job
+
+
+async def fail_job(db: Database, job_id: str, error: str) -> Job:
+    """running -> failed with the error text shown to the user."""
+    return await _transition(db, job_id, JobState.FAILED, "finished_at = :now, error = :error",
+                             error=error)
+
+
+async def cancel_job(db: Database, job_id: str) -> Job:
+    """queued or running -> cancelled."""
+    return await _transition(db, job_id, JobState.CANCELLED, "finished_at = :now")
+
+
+async def set_message(db: Database, job_id: str, message_id: int) -> None:
+    """Remember which message shows the job's result (buttons and edits point at it)."""
+    async with db.writing() as connection:
+        cursor = await connection.execute(
+            "UPDATE jobs SET message_id = ? WHERE id = ?", (message_id, job_id))
+        if cursor.rowcount == 0:
+            raise UnknownJob(f"no job with id {job_id!r}")
+
+
+async def recover_interrupted(db: Database) -> tuple[list[Job], list[Job]]:
+    """At start-up: jobs left running by a crash go back to the queue once, else fail.
+
+    Returns (requeued, failed); the queue then restores `jobs_by_state(queued)` in order."""
+    async with db.writing() as connection:
+        requeued = await connection.execute_fetchall(
+            "UPDATE jobs SET state = 'queued', started_at = NULL, device = NULL"
+            " WHERE state = 'running' AND attempts < ? RETURNING *", (MAX_ATTEMPTS,))
+        failed = await connection.execute_fetchall(
+            "UPDATE jobs SET state = 'failed', finished_at = ?,"
+            " error = 'interrupted by a restart ' || attempts || ' times; not retried again'"
+            " WHERE state = 'running' RETURNING *", (db.now(),))
+    by_seq = sorted(map(job_from_row, requeued), key=lambda job: job.seq)
+    return by_seq, sorted(map(job_from_row, failed), key=lambda job: job.seq)
+
+
+async def get_job(db: Database, job_id: str) -> Job | None:
+    row = await db.fetch_one("SELECT * FROM jobs WHERE id = ?", (job_id,))
+    return job_from_row(row) if row is not None else None
+
+
+@dataclass(frozen=True)
+class JobDetail:
+    job: Job
+    images: list[ImageRecord]
+    #: The lineage upwards: parent first, then its parent, and so on.
+    parents: list[Job]
+    #: Jobs made from this one (variations, upscales, reruns), in submission order.
+    children: list[Job]
+
+
+async def job_detail(db: Database, job_id: str) -> JobDetail | None:
+    """One job with its images and lineage, read from one consistent snapshot."""
+    async with db.reading() as connection:
+        rows = await connection.execute_fetchall("SELECT * FROM jobs WHERE id = ?", (job_id,))
+        if not rows:
+            return None
+        images = await connection.execute_fetchall(
+            "SELECT * FROM images WHERE job_id = ? ORDER BY idx", (job_id,))
+        parents = await connection.execute_fetchall(_PARENTS, (job_id,))
+        children = await connection.execute_fetchall(
+            "SELECT * FROM jobs WHERE parent_job_id = ? ORDER BY seq", (job_id,))
+    return JobDetail(job_from_row(rows[0]), [image_from_row(row) for row in images],
+                     [job_from_row(row) for row in parents], [job_from_row(row) for row in children])
+
+
+# A parent always exists before its child (foreign key), so the chain cannot loop.
+_PARENTS = """
+WITH RECURSIVE chain (id, depth) AS (
+    SELECT parent_job_id, 1 FROM jobs WHERE id = ? AND parent_job_id IS NOT NULL
+    UNION ALL
+    SELECT jobs.parent_job_id, chain.depth + 1 FROM jobs JOIN chain ON jobs.id = chain.id
+    WHERE jobs.parent_job_id IS NOT NULL
+)
+SELECT jobs.* FROM chain JOIN jobs ON jobs.id = chain.id ORDER BY chain.depth
+"""
+
+
+async def history(
+    db: Database,
+    owner_id: int,
+    *,
+    guild_id: int | None = None,
+    before_seq: int | None = None,
+    limit: int = 20,
+) -> list[Job]:
+    """A user's jobs, newest first; pass the last job's `seq` as `before_seq` for the next page.
+
+    Without `guild_id` every place is included (a user's own history spans servers and DMs)."""
+    if not 1 <= limit <= _HISTORY_PAGE_MAX:
+        raise ValueError(f"history page size must be 1..{_HISTORY_PAGE_MAX}, got {limit}")
+    sql = "SELECT * FROM jobs WHERE owner_id = ? AND seq < ?"
+    params: list[object] = [owner_id, before_seq if before_seq is not None else 2**63 - 1]
+    if guild_id is not None:
+        sql += " AND guild_id = ?"
+        params.append(guild_id)
+    rows = await db.fetch_all(sql + " ORDER BY seq DESC LIMIT ?", [*params, limit])
+    return [job_from_row(row) for row in rows]
+
+
+async def jobs_by_state(db: Database, *states: JobState) -> list[Job]:
+    """Jobs in any of `states`, in submission order (queue restore and /queue)."""
+    marks = ", ".join("?" * len(states))
+    rows = await db.fetch_all(
+        f"SELECT * FROM jobs WHERE state IN ({marks}) ORDER BY seq", [s.value for s in states])
+    return [job_from_row(row) for row in rows]
+
+
+async def _transition(db: Database, job_id: str, to: JobState, assignments: str,
+                      **values: object) -> Job:
+    async with db.writing() as connection:
+        return await _transition_in(connection, db.now(), job_id, to, assignments, **values)
+
+
+async def _transition_in(connection: aiosqlite.Connection, now: float, job_id: str,
+                         to: JobState, assignments: str, **values: object) -> Job:
+    """Move one job to `to` if its current state allows it, inside the caller's transaction."""
+    allowed_from = [state.value for state, targets in _TRANSITIONS.items() if to in targets]
+    marks = ", ".join(f":from{i}" for i in range(len(allowed_from)))
+    rows = await connection.execute_fetchall(
+        f"UPDATE jobs SET state = :to, {assignments}"
+        f" WHERE id = :id AND state IN ({marks}) RETURNING *",
+        {"to": to.value, "now": now, "id": job_id, **values,
+         **{f"from{i}": state for i, state in enumerate(allowed_from)}},
+    )
+    if rows:
+        return job_from_row(rows[0])
+    current = await connection.execute_fetchall("SELECT state FROM jobs WHERE id = ?", (job_id,))
+    if not current:
+        raise UnknownJob(f"no job with id {job_id!r}")
+    raise IllegalTransition(
+        f"job {job_id} is {current[0]['state']}; it can become {to.value} only from "
+        f"{' or '.join(allowed_from)}"
+    )

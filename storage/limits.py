@@ -1,0 +1,172 @@
+"""Moderator limits per guild, role and user, and the usage ledger they are checked against.
+
+Resolution, field by field: defaults, then the guild's override, then the user's roles, then
+the user's own override. Among several roles that set a field the most generous value wins
+(None, unlimited, beats any number; otherwise the largest), the way Discord permissions add
+up: giving someone an extra role never takes an allowance away. Overrides store only the fields
+they set, so "unlimited" (null) and "inherit" (absent) stay distinct.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Any
+
+import aiosqlite
+from pydantic import ValidationError
+
+from storage.audit import write_audit
+from storage.db import Database
+from storage.settings import LimitsSettings
+
+#: Fields a moderator may override (the window length is server-wide configuration).
+OVERRIDABLE = ("daily_images", "daily_cost", "max_queued", "max_steps", "max_pixels", "max_count")
+
+
+class Scope(StrEnum):
+    GUILD = "guild"
+    ROLE = "role"
+    USER = "user"
+
+
+Override = Mapping[str, Any]
+
+
+@dataclass(frozen=True)
+class Usage:
+    """What a user spent in the rolling window: cost units, images and finished jobs."""
+
+    cost: float
+    images: int
+    jobs: int
+
+
+def validate_override(values: Override, defaults: LimitsSettings) -> dict[str, Any]:
+    """Check a moderator's override; the error names the allowed fields and bounds."""
+    unknown = sorted(set(values) - set(OVERRIDABLE))
+    if unknown:
+        raise ValueError(f"unknown limit {', '.join(unknown)}; allowed: {', '.join(OVERRIDABLE)}")
+    try:
+        LimitsSettings.model_validate({**defaults.model_dump(), **values})
+    except ValidationError as error:
+        problems = "; ".join(f"{e['loc'][0]}: {e['msg']}" for e in error.errors())
+        raise ValueError(f"invalid limit ({problems}); None means unlimited") from None
+    return dict(values)
+
+
+def resolve_limits(
+    defaults: LimitsSettings,
+    guild: Override | None,
+    roles: Iterable[Override],
+    user: Override | None,
+) -> LimitsSettings:
+    """Apply the overrides in order (see the module docstring); pure, so easy to reason about."""
+    merged = defaults.model_dump()
+    merged.update(guild or {})
+    merged.update(_most_generous(roles))
+    merged.update(user or {})
+    return LimitsSettings.model_validate(merged)
+
+
+def _most_generous(roles: Iterable[Override]) -> dict[str, Any]:
+    best: dict[str, Any] = {}
+    for role in roles:
+        for field, value in role.items():
+            if field not in best:
+                best[field] = value
+            elif best[field] is not None:
+                best[field] = None if value is None else max(best[field], value)
+    return best
+
+
+async def effective_limits(
+    db: Database,
+    guild_id: int | None,
+    user_id: int,
+    role_ids: Iterable[int],
+    defaults: LimitsSettings,
+) -> LimitsSettings:
+    """The limits that apply to `user_id` with `role_ids` in a guild (defaults in DMs)."""
+    if guild_id is None:
+        return defaults
+    roles = set(role_ids)
+    rows = await db.fetch_all(
+        "SELECT scope, target_id, limits_json FROM limits WHERE guild_id = ?", (guild_id,))
+    by_scope: dict[Scope, list[Override]] = {scope: [] for scope in Scope}
+    for row in rows:
+        scope, target = Scope(row["scope"]), row["target_id"]
+        if (scope is Scope.GUILD or (scope is Scope.ROLE and target in roles)
+                or (scope is Scope.USER and target == user_id)):
+            by_scope[scope].append(json.loads(row["limits_json"]))
+    return resolve_limits(
+        defaults, _only(by_scope[Scope.GUILD]), by_scope[Scope.ROLE], _only(by_scope[Scope.USER]))
+
+
+def _only(overrides: list[Override]) -> Override | None:
+    return overrides[0] if overrides else None
+
+
+async def set_limits(
+    db: Database,
+    *,
+    actor_id: int,
+    guild_id: int,
+    scope: Scope,
+    target_id: int,
+    values: Override,
+    defaults: LimitsSettings,
+) -> None:
+    """Merge `values` into the override of one guild, role or user (audited)."""
+    validate_override(values, defaults)
+    async with db.writing() as connection:
+        before = await _override(connection, guild_id, scope, target_id)
+        after = {**(before or {}), **values}
+        validate_override(after, defaults)
+        await connection.execute(
+            "INSERT INTO limits (guild_id, scope, target_id, limits_json) VALUES (?, ?, ?, ?)"
+            " ON CONFLICT (guild_id, scope, target_id) DO UPDATE SET"
+            " limits_json = excluded.limits_json",
+            (guild_id, scope.value, target_id, json.dumps(after, sort_keys=True)),
+        )
+        await write_audit(connection, at=db.now(), guild_id=guild_id, actor_id=actor_id,
+                          action="limits.set", target=f"{scope.value}:{target_id}",
+                          before=before, after=after)
+
+
+async def clear_limits(
+    db: Database, *, actor_id: int, guild_id: int, scope: Scope, target_id: int
+) -> bool:
+    """Remove an override entirely (audited); False if there was none."""
+    async with db.writing() as connection:
+        before = await _override(connection, guild_id, scope, target_id)
+        if before is None:
+            return False
+        await connection.execute(
+            "DELETE FROM limits WHERE guild_id = ? AND scope = ? AND target_id = ?",
+            (guild_id, scope.value, target_id))
+        await write_audit(connection, at=db.now(), guild_id=guild_id, actor_id=actor_id,
+                          action="limits.clear", target=f"{scope.value}:{target_id}",
+                          before=before, after=None)
+    return True
+
+
+async def _override(connection: aiosqlite.Connection, guild_id: int, scope: Scope,
+                    target_id: int) -> dict[str, Any] | None:
+    rows = await connection.execute_fetchall(
+        "SELECT limits_json FROM limits WHERE guild_id = ? AND scope = ? AND target_id = ?",
+        (guild_id, scope.value, target_id))
+    return json.loads(rows[0]["limits_json"]) if rows else None
+
+
+async def usage(db: Database, user_id: int, guild_id: int | None, window_hours: float) -> Usage:
+    """A user's spending in one guild (or in DMs) over the last `window_hours`."""
+    row = await db.fetch_one(
+        "SELECT coalesce(sum(cost), 0) AS cost, coalesce(sum(images), 0) AS images,"
+        " count(*) AS jobs FROM usage WHERE user_id = ? AND guild_id IS ? AND at > ?",
+        (user_id, guild_id, db.now() - window_hours * 3600),
+    )
+    assert row is not None  # an aggregate always yields one row
+    return Usage(cost=row["cost"], images=row["images"], jobs=row["jobs"])
