@@ -1,0 +1,392 @@
+"""Single-file checkpoints in, a ready `StableDiffusion` out: read `.safetensors` / `.ckpt`
+safely, work out the family (from the original YAML, or from key names and tensor shapes), build
+the networks without initialising them, and load the original tensors strictly.
+
+How detection works is documented in docs/MODELS.md; keep the two in step."""
+
+from __future__ import annotations
+
+import pickle
+import re
+from collections import Counter
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, Literal
+
+import safetensors.torch
+import torch
+import yaml
+
+from models.families import (
+    SD1,
+    SD2,
+    Family,
+    Prediction,
+    TextEncoderConfig,
+    UNetConfig,
+    VAEConfig,
+)
+from models.stable_diffusion import StableDiffusion
+from models.unet import UNetModel
+
+UNET = "model.diffusion_model."
+VAE = "first_stage_model."
+TEXT = "cond_stage_model."
+_CLIP = TEXT + "transformer.text_model."
+_OPEN_CLIP = TEXT + "model."
+#: A constant arange that older transformers saved with CLIP; it is rebuilt, never loaded.
+_CLIP_POSITION_IDS = _CLIP + "embeddings.position_ids"
+_TORCH_SUFFIXES = (".ckpt", ".pt", ".pth")
+
+PredictionSource = Literal["override", "yaml", "probe", "family default"]
+
+
+class CheckpointError(Exception):
+    """The file is missing, unreadable, unsafe, or not a Stable Diffusion checkpoint we support."""
+
+
+@dataclass(frozen=True)
+class CheckpointInfo:
+    """What `atelier models` prints about one checkpoint."""
+
+    path: Path
+    family: str
+    prediction: Prediction
+    prediction_source: PredictionSource
+    parameters: dict[str, int]  # "unet", "vae", "text_encoder" -> parameter count
+    dtype: str  # the dtype most UNet tensors are stored in, e.g. "float16"
+
+
+def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """All tensors of a `.safetensors` (memory-mapped) or `.ckpt`/`.pt` file (plain tensors only)."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such file")
+    if path.suffix == ".safetensors":
+        try:
+            return safetensors.torch.load_file(path)
+        except Exception as exc:  # safetensors raises several types for damaged files
+            raise CheckpointError(f"{path}: not a readable .safetensors file ({exc})") from exc
+    if path.suffix in _TORCH_SUFFIXES:
+        return _read_torch_pickle(path)
+    raise CheckpointError(
+        f"{path}: unsupported file type {path.suffix!r}; allowed: .safetensors, {', '.join(_TORCH_SUFFIXES)}"
+    )
+
+
+def _read_torch_pickle(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        data = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise CheckpointError(
+            f"{path}: refused to load: the pickle asks for more than plain tensors and containers, "
+            f"and running it could execute arbitrary code. Convert it to .safetensors with a tool "
+            f"you trust. Details: {str(exc).splitlines()[0]}"
+        ) from exc
+    except Exception as exc:
+        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({exc})") from exc
+    if isinstance(data, dict) and isinstance(data.get("state_dict"), dict):
+        data = data["state_dict"]
+    if not isinstance(data, dict) or not all(isinstance(v, torch.Tensor) for v in data.values()):
+        raise CheckpointError(f"{path}: holds a {type(data).__name__}, not a dict of tensors")
+    return data
+
+
+def model_weights(weights: dict[str, torch.Tensor], path: Path) -> dict[str, torch.Tensor]:
+    """The tensors of the three networks, without EMA copies, schedules or position ids."""
+    if not any(k.startswith(UNET) for k in weights):
+        raise CheckpointError(f"{path}: no {UNET}* keys; found {_sample_keys(weights)}")
+    if not any(k.startswith(_CLIP) or k.startswith(_OPEN_CLIP) for k in weights):
+        raise CheckpointError(
+            f"{path}: unrecognised text encoder: expected {_CLIP}* (SD 1.x) or {_OPEN_CLIP}* "
+            f"(SD 2.x) keys; found {_sample_keys(weights, TEXT) or _sample_keys(weights)}"
+        )
+    if not any(k.startswith(VAE) for k in weights):
+        raise CheckpointError(f"{path}: no {VAE}* keys (is the VAE baked in?); found {_sample_keys(weights)}")
+    return {
+        k: v for k, v in weights.items() if k.startswith((UNET, VAE, TEXT)) and k != _CLIP_POSITION_IDS
+    }
+
+
+def _sample_keys(weights: dict[str, torch.Tensor], prefix: str = "") -> str:
+    keys = sorted(k for k in weights if k.startswith(prefix))
+    if not keys:
+        return ""
+    return f"{len(keys)} keys like {', '.join(keys[:4])}"
+
+
+# ---------------------------------------------------------------- detection from shapes
+
+
+def _indices(weights: dict[str, torch.Tensor], pattern: str) -> list[int]:
+    """Sorted distinct N of keys matching `pattern`, a regex with one (\\d+) group."""
+    regex = re.compile(pattern)
+    return sorted({int(m.group(1)) for k in weights if (m := regex.match(k))})
+
+
+def detect_family(weights: dict[str, torch.Tensor]) -> Family:
+    """The family and sizes of a checkpoint from key names and shapes alone (prediction: the
+    family's default; SD 2.x v-prediction is settled by `predicts_v`)."""
+    text = _detect_text(weights)
+    base = SD1 if text.kind == "clip" else SD2
+    unet = _detect_unet(weights, base.unet, text.width)
+    conditioning = {4: "crossattn", 9: "hybrid"}.get(unet.in_channels)
+    if conditioning is None:
+        raise CheckpointError(
+            f"UNet takes {unet.in_channels} input channels; supported: 4 (txt2img) or 9 (inpainting)"
+        )
+    return replace(base, conditioning=conditioning, unet=unet, vae=_detect_vae(weights), text=text)
+
+
+def _detect_text(weights: dict[str, torch.Tensor]) -> TextEncoderConfig:
+    if _CLIP + "embeddings.token_embedding.weight" in weights:
+        vocab, width = weights[_CLIP + "embeddings.token_embedding.weight"].shape
+        return TextEncoderConfig(
+            kind="clip",
+            vocab_size=vocab,
+            width=width,
+            layers=len(_indices(weights, re.escape(_CLIP) + r"encoder\.layers\.(\d+)\.")),
+            max_length=weights[_CLIP + "embeddings.position_embedding.weight"].shape[0],
+            mlp_width=weights[_CLIP + "encoder.layers.0.mlp.fc1.weight"].shape[0],
+            layer="last",
+        )
+    vocab, width = weights[_OPEN_CLIP + "token_embedding.weight"].shape
+    return TextEncoderConfig(
+        kind="open_clip",
+        vocab_size=vocab,
+        width=width,
+        layers=len(_indices(weights, re.escape(_OPEN_CLIP) + r"transformer\.resblocks\.(\d+)\.")),
+        max_length=weights[_OPEN_CLIP + "positional_embedding"].shape[0],
+        mlp_width=weights[_OPEN_CLIP + "transformer.resblocks.0.mlp.c_fc.weight"].shape[0],
+        projection_dim=weights[_OPEN_CLIP + "text_projection"].shape[1],
+        layer="penultimate",
+    )
+
+
+def _detect_unet(weights: dict[str, torch.Tensor], base: UNetConfig, context_dim: int) -> UNetConfig:
+    """Walk `input_blocks`: a block with `.0.op` is a downsample ending a level, any other holds a
+    ResBlock whose width gives the level's channel multiplier; `.1.proj_in` marks attention."""
+    conv_in = weights[UNET + "input_blocks.0.0.weight"]  # (mc, C_in, 3, 3)
+    mc = conv_in.shape[0]
+    levels: list[list[int]] = [[]]  # per level: output widths of its ResBlocks
+    attention: set[int] = set()
+    proj_in_ndim = 4
+    for i in _indices(weights, re.escape(UNET) + r"input_blocks\.(\d+)\.")[1:]:
+        block = f"{UNET}input_blocks.{i}."
+        if block + "0.op.weight" in weights:
+            levels.append([])
+            continue
+        levels[-1].append(weights[block + "0.out_layers.3.weight"].shape[0])
+        if block + "1.proj_in.weight" in weights:
+            attention.add(2 ** (len(levels) - 1))
+            proj_in_ndim = weights[block + "1.proj_in.weight"].ndim
+    res_blocks = {len(widths) for widths in levels}
+    if len(res_blocks) != 1 or any(len(set(widths)) != 1 for widths in levels):
+        raise CheckpointError(f"UNet levels have uneven blocks {levels}; only uniform levels are supported")
+    depth = len(_indices(weights, re.escape(UNET) + r"middle_block\.1\.transformer_blocks\.(\d+)\."))
+    return replace(
+        base,
+        in_channels=conv_in.shape[1],
+        out_channels=weights[UNET + "out.2.weight"].shape[0],
+        model_channels=mc,
+        attention_resolutions=tuple(sorted(attention, reverse=True)),
+        num_res_blocks=res_blocks.pop(),
+        channel_mult=tuple(widths[0] // mc for widths in levels),
+        context_dim=context_dim,
+        use_linear_in_transformer=proj_in_ndim == 2 if attention else base.use_linear_in_transformer,
+        transformer_depth=depth,
+    )
+
+
+def _detect_vae(weights: dict[str, torch.Tensor]) -> VAEConfig:
+    enc = VAE + "encoder."
+    ch = weights[enc + "conv_in.weight"].shape[0]
+    levels = _indices(weights, re.escape(enc) + r"down\.(\d+)\.")
+    z_channels = weights[VAE + "decoder.conv_in.weight"].shape[1]
+    resolution = VAEConfig().resolution
+    return VAEConfig(
+        embed_dim=weights[VAE + "post_quant_conv.weight"].shape[1],
+        z_channels=z_channels,
+        in_channels=weights[enc + "conv_in.weight"].shape[1],
+        out_ch=weights[VAE + "decoder.conv_out.weight"].shape[0],
+        ch=ch,
+        ch_mult=tuple(weights[f"{enc}down.{n}.block.0.conv2.weight"].shape[0] // ch for n in levels),
+        num_res_blocks=len(_indices(weights, re.escape(enc) + r"down\.0\.block\.(\d+)\.")),
+        attn_resolutions=tuple(
+            resolution // 2**n for n in levels if f"{enc}down.{n}.attn.0.q.weight" in weights
+        ),
+        resolution=resolution,
+        double_z=weights[enc + "conv_out.weight"].shape[0] == 2 * z_channels,
+    )
+
+
+# ---------------------------------------------------------------- the original YAML
+
+
+def family_from_yaml(path: Path, text: TextEncoderConfig) -> Family:
+    """The family an original inference YAML describes; `text` sizes come from the weights (the
+    YAML names only the text encoder's class and layer)."""
+    try:
+        params = yaml.safe_load(Path(path).read_text())["model"]["params"]
+        unet_p = params["unet_config"]["params"]
+        vae_p = params["first_stage_config"]["params"]
+        cond = params["cond_stage_config"]
+        ddconfig = vae_p["ddconfig"]
+    except (OSError, yaml.YAMLError, KeyError, TypeError) as exc:
+        raise CheckpointError(
+            f"{path}: not an original inference YAML (need model.params with unet_config, "
+            f"first_stage_config and cond_stage_config): {exc!r}"
+        ) from exc
+    kinds = {"FrozenCLIPEmbedder": "clip", "FrozenOpenCLIPEmbedder": "open_clip"}
+    kind = kinds.get(str(cond.get("target", "")).rsplit(".", 1)[-1])
+    if kind is None:
+        raise CheckpointError(f"{path}: cond_stage_config target {cond.get('target')!r}; allowed: {', '.join(kinds)}")
+    if kind != text.kind:
+        raise CheckpointError(f"{path}: the YAML names a {kind} text encoder but the checkpoint holds {text.kind}")
+    parameterization = params.get("parameterization", "eps")
+    predictions = {"eps": "epsilon", "v": "v"}
+    conditioning = params.get("conditioning_key", "crossattn")
+    if parameterization not in predictions or conditioning not in ("crossattn", "hybrid"):
+        raise CheckpointError(
+            f"{path}: parameterization {parameterization!r} / conditioning_key {conditioning!r}; "
+            f"allowed: eps or v / crossattn or hybrid"
+        )
+    head_channels = unet_p.get("num_head_channels", -1)
+    try:
+        unet = UNetConfig(
+            in_channels=unet_p["in_channels"],
+            out_channels=unet_p["out_channels"],
+            model_channels=unet_p["model_channels"],
+            attention_resolutions=tuple(unet_p["attention_resolutions"]),
+            num_res_blocks=unet_p["num_res_blocks"],
+            channel_mult=tuple(unet_p["channel_mult"]),
+            num_heads=-1 if head_channels > 0 else unet_p.get("num_heads", -1),
+            num_head_channels=head_channels,
+            context_dim=unet_p["context_dim"],
+            use_linear_in_transformer=unet_p.get("use_linear_in_transformer", False),
+            transformer_depth=unet_p.get("transformer_depth", 1),
+        )
+        vae = VAEConfig(
+            embed_dim=vae_p["embed_dim"],
+            z_channels=ddconfig["z_channels"],
+            in_channels=ddconfig["in_channels"],
+            out_ch=ddconfig["out_ch"],
+            ch=ddconfig["ch"],
+            ch_mult=tuple(ddconfig["ch_mult"]),
+            num_res_blocks=ddconfig["num_res_blocks"],
+            attn_resolutions=tuple(ddconfig["attn_resolutions"]),
+            resolution=ddconfig["resolution"],
+            double_z=ddconfig.get("double_z", True),
+        )
+    except (KeyError, TypeError, ValueError) as exc:
+        raise CheckpointError(f"{path}: incomplete unet_config or ddconfig: {exc!r}") from exc
+    return Family(
+        prediction=predictions[parameterization],
+        conditioning=conditioning,
+        unet=unet,
+        vae=vae,
+        text=replace(text, layer=cond.get("params", {}).get("layer", "last")),
+        scale_factor=params.get("scale_factor", 1.0),
+        linear_start=params["linear_start"],
+        linear_end=params["linear_end"],
+        timesteps=params.get("timesteps", 1000),
+    )
+
+
+# ---------------------------------------------------------------- v-prediction probe
+
+
+@torch.no_grad()
+def predicts_v(unet: UNetModel) -> bool:
+    """Whether an SD 2.x UNet was trained for v-prediction (the heuristic the popular web UIs use).
+
+    At t = 999 the input is almost pure noise, so an epsilon model returns roughly its input and
+    (output - input) averages near 0; a v model (v = sqrt(a) eps - sqrt(1 - a) x0) returns about
+    -x0's estimate and the mean falls well below -1 on a constant 0.5 input. The threshold was
+    calibrated on the released 512-base and 768-v weights; it means nothing for random weights."""
+    param = next(unet.parameters())
+    side = max(8, 2 ** (len(unet.config.channel_mult) - 1))
+    x = torch.full((1, unet.config.in_channels, side, side), 0.5, device=param.device, dtype=param.dtype)
+    context = torch.full((1, 2, unet.config.context_dim), 0.5, device=param.device, dtype=param.dtype)
+    t = torch.tensor([999.0], device=param.device)
+    return (unet(x, t, context) - x).float().mean().item() < -1.0
+
+
+# ---------------------------------------------------------------- public API
+
+
+def _resolve(
+    path: Path, config_yaml: Path | None, prediction: Prediction | None
+) -> tuple[dict[str, torch.Tensor], Family, PredictionSource]:
+    """Weights and family; source "probe" means `predicts_v` must still settle the prediction."""
+    weights = model_weights(read_state_dict(path), Path(path))
+    detected = detect_family(weights)
+    if config_yaml is not None:
+        family, source = family_from_yaml(config_yaml, detected.text), "yaml"
+    else:
+        probe = detected.text.kind == "open_clip" and detected.conditioning == "crossattn"
+        family, source = detected, "probe" if probe else "family default"
+    if prediction is not None:
+        if prediction not in ("epsilon", "v"):
+            raise CheckpointError(f"prediction {prediction!r}; allowed: epsilon, v")
+        family, source = replace(family, prediction=prediction), "override"
+    return weights, family, source
+
+
+def _build(family: Family, weights: dict[str, torch.Tensor], path: Path, config_yaml: Path | None) -> StableDiffusion:
+    """Construct without initialising (meta device), then adopt the checkpoint's tensors."""
+    with torch.device("meta"):
+        model = StableDiffusion(family)
+    try:
+        model.load_state_dict(weights, strict=True, assign=True)
+    except RuntimeError as exc:
+        origin = f"the config {config_yaml}" if config_yaml else f"the {family.name} layout detected"
+        raise CheckpointError(f"{path}: tensors do not match {origin}: {exc}") from exc
+    return model.eval().requires_grad_(False)
+
+
+def load_checkpoint(
+    path: Path | str,
+    config_yaml: Path | str | None = None,
+    prediction: Prediction | None = None,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
+) -> StableDiffusion:
+    """A ready model: the YAML (when given) or detection decides the family, `prediction`
+    overrides both, and SD 2.x txt2img checkpoints without either are probed with `predicts_v`."""
+    path = Path(path)
+    config_yaml = Path(config_yaml) if config_yaml is not None else None
+    weights, family, source = _resolve(path, config_yaml, prediction)
+    model = _build(family, weights, path, config_yaml).to(device=device, dtype=dtype)
+    if source == "probe" and predicts_v(model.unet):
+        model.family = replace(family, prediction="v")
+    return model
+
+
+def inspect_checkpoint(
+    path: Path | str, config_yaml: Path | str | None = None, prediction: Prediction | None = None
+) -> CheckpointInfo:
+    """Family, prediction, parameter counts and stored dtype; builds only the UNet, and only when
+    the prediction has to be probed."""
+    path = Path(path)
+    config_yaml = Path(config_yaml) if config_yaml is not None else None
+    weights, family, source = _resolve(path, config_yaml, prediction)
+    if source == "probe":
+        unet_weights = {k.removeprefix(UNET): v.float() for k, v in weights.items() if k.startswith(UNET)}
+        with torch.device("meta"):
+            unet = UNetModel(family.unet)
+        unet.load_state_dict(unet_weights, strict=True, assign=True)
+        family = replace(family, prediction="v" if predicts_v(unet.eval()) else family.prediction)
+    counts = Counter[str]()
+    for key, tensor in weights.items():
+        part = "unet" if key.startswith(UNET) else "vae" if key.startswith(VAE) else "text_encoder"
+        counts[part] += tensor.numel()
+    dtypes = Counter(str(t.dtype).removeprefix("torch.") for k, t in weights.items() if k.startswith(UNET))
+    return CheckpointInfo(
+        path=path,
+        family=family.name,
+        prediction=family.prediction,
+        prediction_source=source,
+        parameters=dict(counts),
+        dtype=dtypes.most_common(1)[0][0],
+    )

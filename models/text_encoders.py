@@ -1,0 +1,125 @@
+"""The conditioning text towers of SD 1.x (OpenAI CLIP ViT-L/14 through transformers) and SD 2.x
+(OpenCLIP ViT-H/14 through open_clip building blocks, penultimate layer), with the original key
+names under `cond_stage_model.` and one small interface for the prompt code.
+
+Both tokenize with the BPE vocabulary that open_clip ships: no hub access, ever."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from open_clip.tokenizer import SimpleTokenizer
+from open_clip.transformer import Transformer
+from torch import nn
+from transformers import CLIPTextConfig, CLIPTextModel
+
+from models.families import TextEncoderConfig
+
+BOS_ID = 49406  # <|startoftext|>
+EOS_ID = 49407  # <|endoftext|>
+
+
+class TextEncoder(nn.Module):
+    """Shared interface: `tokenize`, the special ids, `max_length`, `forward(tokens) -> states`."""
+
+    bos_id = BOS_ID
+    eos_id = EOS_ID
+    pad_id: int
+
+    def __init__(self, config: TextEncoderConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.max_length = config.max_length
+        self._tokenizer = SimpleTokenizer(context_length=config.max_length)
+
+    def tokenize(self, text: str) -> list[int]:
+        """BPE ids of `text`, lower-cased and cleaned as CLIP does; no BOS/EOS, no truncation."""
+        return self._tokenizer.encode(text)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class _TextModelHolder(nn.Module):
+    """Gives transformers' flattened CLIPTextModel (>= 5.6) the original `text_model.` key prefix."""
+
+    def __init__(self, text_model: CLIPTextModel) -> None:
+        super().__init__()
+        self.text_model = text_model
+
+    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+        return self.text_model(input_ids=input_ids, position_ids=position_ids).last_hidden_state
+
+
+class CLIPTextEncoder(TextEncoder):
+    """SD 1.x FrozenCLIPEmbedder: last hidden state of CLIP's text transformer; pads with EOS."""
+
+    pad_id = EOS_ID
+
+    def __init__(self, config: TextEncoderConfig) -> None:
+        super().__init__(config)
+        clip_config = CLIPTextConfig(
+            vocab_size=config.vocab_size,
+            hidden_size=config.width,
+            num_hidden_layers=config.layers,
+            num_attention_heads=config.heads,
+            intermediate_size=config.mlp_width,
+            max_position_embeddings=config.max_length,
+            hidden_act="quick_gelu",
+            bos_token_id=BOS_ID,
+            eos_token_id=EOS_ID,
+            pad_token_id=EOS_ID,
+        )
+        text_model = CLIPTextModel(clip_config)
+        # Position ids are a constant arange passed in `forward`; dropping the buffer leaves the
+        # module holding checkpoint tensors only (so it can be built on the meta device).
+        del text_model.embeddings.position_ids
+        self.transformer = _TextModelHolder(text_model)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        """tokens: (B, T) ids -> (B, T, width) last hidden states (after the final layer norm)."""
+        positions = torch.arange(tokens.shape[1], device=tokens.device)[None]  # (1, T)
+        return self.transformer(tokens, positions)
+
+
+class _OpenCLIPText(nn.Module):
+    """The text half of open_clip's CLIP, with its attribute (= key) names."""
+
+    def __init__(self, config: TextEncoderConfig) -> None:
+        super().__init__()
+        width = config.width
+        self.token_embedding = nn.Embedding(config.vocab_size, width)
+        self.positional_embedding = nn.Parameter(torch.empty(config.max_length, width))
+        self.transformer = Transformer(
+            width, config.layers, config.heads, mlp_ratio=config.mlp_width / width, act_layer=nn.GELU
+        )
+        self.ln_final = nn.LayerNorm(width)
+        self.text_projection = nn.Parameter(torch.empty(width, config.projection_dim or width))
+        self.logit_scale = nn.Parameter(torch.full([], math.log(1 / 0.07)))
+
+
+class OpenCLIPTextEncoder(TextEncoder):
+    """SD 2.x FrozenOpenCLIPEmbedder: a resblock's output (penultimate by default) then ln_final;
+    pads with 0 as open_clip's tokenizer does."""
+
+    pad_id = 0
+
+    def __init__(self, config: TextEncoderConfig) -> None:
+        super().__init__(config)
+        self.model = _OpenCLIPText(config)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        """tokens: (B, T) ids -> (B, T, width) hidden states."""
+        t = tokens.shape[1]
+        x = self.model.token_embedding(tokens) + self.model.positional_embedding[:t]  # (B, T, D)
+        causal = torch.full((t, t), float("-inf"), device=x.device, dtype=x.dtype).triu_(1)
+        blocks = self.model.transformer.resblocks
+        used = len(blocks) - 1 if self.config.layer == "penultimate" else len(blocks)
+        for block in blocks[:used]:
+            x = block(x, attn_mask=causal)
+        return self.model.ln_final(x)
+
+
+def build_text_encoder(config: TextEncoderConfig) -> TextEncoder:
+    return CLIPTextEncoder(config) if config.kind == "clip" else OpenCLIPTextEncoder(config)
