@@ -4,7 +4,7 @@ State machine (anything else raises `IllegalTransition`):
 
     queued ──► running ──► done
       │          │  └────► failed
-      │          └───────► queued     (restart: a running job is re-run once)
+      │          └───────► queued     (after a restart interrupted it)
       └──────────┴───────► cancelled
 
 Finishing a job records its usage in the same transaction, so the usage ledger can never
@@ -28,8 +28,6 @@ from storage.images import ImageRecord, image_from_row
 
 #: Job ids as they appear in button custom ids (part of the schema: see migrations/0001).
 JOB_ID_PATTERN = re.compile(r"^[a-z2-7]{12}$")
-#: A running job interrupted by a restart is re-run until it has been started this many times.
-MAX_ATTEMPTS = 2
 _HISTORY_PAGE_MAX = 100
 
 
@@ -79,6 +77,7 @@ class Job:
     cost: float
     device: str | None
     error: str | None
+    #: Times the job was re-run after a restart interrupted it.
     attempts: int
     parent_job_id: str | None
     parent_index: int | None
@@ -103,6 +102,7 @@ async def create_job(
     *,
     owner_id: int,
     channel_id: int,
+    job_id: str | None = None,
     guild_id: int | None = None,
     interaction_id: int | None = None,
     interaction_token: str | None = None,
@@ -110,13 +110,18 @@ async def create_job(
     parent_job_id: str | None = None,
     parent_index: int | None = None,
 ) -> Job:
-    """Store a new queued job; it takes the next submission sequence number."""
+    """Store a new queued job; it takes the next submission sequence number.
+
+    `job_id` lets the queue keep the id it already gave out; by default a new one is drawn."""
+    job_id = new_job_id() if job_id is None else job_id
+    if not JOB_ID_PATTERN.match(job_id):
+        raise ValueError(f"job ids are 12 characters a-z and 2-7, got {job_id!r}")
     async with db.writing() as connection:
         rows = await connection.execute_fetchall(
             "INSERT INTO jobs (id, request, owner_id, guild_id, channel_id, interaction_id,"
             " interaction_token, token_expires_at, created_at, cost, parent_job_id, parent_index)"
             " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING *",
-            (new_job_id(), request.model_dump_json(), owner_id, guild_id, channel_id,
+            (job_id, request.model_dump_json(), owner_id, guild_id, channel_id,
              interaction_id, interaction_token, token_expires_at, db.now(), request.cost,
              parent_job_id, parent_index),
         )
@@ -124,11 +129,9 @@ async def create_job(
 
 
 async def start_job(db: Database, job_id: str, *, device: str) -> Job:
-    """queued -> running on `device`; counts an attempt."""
-    return await _transition(
-        db, job_id, JobState.RUNNING,
-        "started_at = :now, device = :device, attempts = attempts + 1", device=device,
-    )
+    """queued -> running on `device`."""
+    return await _transition(db, job_id, JobState.RUNNING, "started_at = :now, device = :device",
+                             device=device)
 
 
 async def finish_job(db: Database, job_id: str) -> Job:
@@ -164,20 +167,12 @@ async def set_message(db: Database, job_id: str, message_id: int) -> None:
             raise UnknownJob(f"no job with id {job_id!r}")
 
 
-async def recover_interrupted(db: Database) -> tuple[list[Job], list[Job]]:
-    """At start-up: jobs left running by a crash go back to the queue once, else fail.
+async def requeue_job(db: Database, job_id: str) -> Job:
+    """running -> queued after a restart interrupted it; counts the re-run in `attempts`.
 
-    Returns (requeued, failed); the queue then restores `jobs_by_state(queued)` in order."""
-    async with db.writing() as connection:
-        requeued = await connection.execute_fetchall(
-            "UPDATE jobs SET state = 'queued', started_at = NULL, device = NULL"
-            " WHERE state = 'running' AND attempts < ? RETURNING *", (MAX_ATTEMPTS,))
-        failed = await connection.execute_fetchall(
-            "UPDATE jobs SET state = 'failed', finished_at = ?,"
-            " error = 'interrupted by a restart ' || attempts || ' times; not retried again'"
-            " WHERE state = 'running' RETURNING *", (db.now(),))
-    by_seq = sorted(map(job_from_row, requeued), key=lambda job: job.seq)
-    return by_seq, sorted(map(job_from_row, failed), key=lambda job: job.seq)
+    How often a job may be re-run is the queue's policy (`generation.queue.MAX_RERUNS`)."""
+    return await _transition(
+        db, job_id, JobState.QUEUED, "started_at = NULL, device = NULL, attempts = attempts + 1")
 
 
 async def get_job(db: Database, job_id: str) -> Job | None:
