@@ -1,0 +1,144 @@
+"""The `atelier` command: run the bot, generate locally, inspect models, check the machine, benchmark.
+
+Each subcommand is a small function; heavy imports (torch, discord) happen inside them so that
+`atelier --help` and configuration errors answer at once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from bot.config import TOKEN_ENV, AppConfig, ConfigError, config_path, load_config
+from generation.request import SAMPLER_NAMES
+
+#: Exit codes: 0 success, 1 a check or run failed, 2 bad usage or configuration.
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.handler(args)
+    except ConfigError as exc:
+        print(exc, file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        return 130
+
+
+def _load(args: argparse.Namespace) -> AppConfig:
+    # --config may come before or after the subcommand; absent, it is not in the namespace.
+    return load_config(config_path(getattr(args, "config", None)))
+
+
+def _run(args: argparse.Namespace) -> int:
+    config = _load(args)
+    if not os.environ.get(TOKEN_ENV):
+        from bot.discord_setup import setup_guide
+
+        print(setup_guide(config.discord), file=sys.stderr)
+        return EXIT_FAILED
+    print("atelier run: the Discord frontend is not built yet (issue 7).", file=sys.stderr)
+    return EXIT_USAGE
+
+
+def _doctor(args: argparse.Namespace) -> int:
+    from bot.doctor import Status, format_checks, run_checks
+
+    checks = run_checks(_load(args))
+    print(format_checks(checks))
+    return EXIT_FAILED if any(c.status is Status.FAIL for c in checks) else 0
+
+
+def _models(args: argparse.Namespace) -> int:
+    from bot.model_report import describe_models
+
+    config = _load(args)
+    text, ok = describe_models(config.models)
+    print(text)
+    return 0 if ok else EXIT_FAILED
+
+
+def _generate(args: argparse.Namespace) -> int:
+    print("atelier generate: the engine is not built yet (issue 3).", file=sys.stderr)
+    return EXIT_USAGE
+
+
+def _not_built(what: str, issue: int) -> Callable[[argparse.Namespace], int]:
+    def handler(args: argparse.Namespace) -> int:
+        print(f"atelier {what}: not built yet (issue {issue}).", file=sys.stderr)
+        return EXIT_USAGE
+
+    return handler
+
+
+def _parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--config",
+        metavar="PATH",
+        default=argparse.SUPPRESS,
+        help="configuration file (default: $ATELIER_CONFIG, else ./config.toml)",
+    )
+    parser = argparse.ArgumentParser(
+        prog="atelier",
+        description="A Discord bot that turns GPUs into a shared Stable Diffusion studio.",
+        parents=[common],
+    )
+    commands = parser.add_subparsers(title="commands", required=True, metavar="COMMAND")
+
+    def command(name: str, handler: Callable[[argparse.Namespace], int], help: str) -> argparse.ArgumentParser:
+        sub = commands.add_parser(name, parents=[common], help=help, description=help)
+        sub.set_defaults(handler=handler)
+        return sub
+
+    command("run", _run, f"start the Discord bot (token from ${TOKEN_ENV})")
+    _generate_arguments(command("generate", _generate, "generate images locally, without Discord"))
+    command("models", _models, "list configured checkpoints and what was detected in each file")
+    command("doctor", _doctor, "check Python, PyTorch, GPUs, checkpoints, data folder and token")
+
+    bench = commands.add_parser("bench", help="benchmarks that print figures (not tests)")
+    benches = bench.add_subparsers(title="benchmarks", required=True, metavar="BENCH")
+    for name, issue, help in (
+        ("engine", 3, "UNet step time, image latency and VRAM, beside diffusers"),
+        ("storage", 5, "job inserts, state updates and history queries per second"),
+        ("queue", 6, "submit and dispatch cost, fairness and waits over a simulated day"),
+    ):
+        sub = benches.add_parser(name, parents=[common], help=help, description=help)
+        sub.set_defaults(handler=_not_built(f"bench {name}", issue))
+
+    db = commands.add_parser("db", help="database maintenance")
+    dbs = db.add_subparsers(title="actions", required=True, metavar="ACTION")
+    dbs.add_parser("check", parents=[common], help="integrity check, file reconciliation, counts").set_defaults(
+        handler=_not_built("db check", 5)
+    )
+    export = dbs.add_parser("export", parents=[common], help="write a user's history as JSON")
+    export.add_argument("--user", type=int, required=True, help="Discord user id")
+    export.set_defaults(handler=_not_built("db export", 5))
+    return parser
+
+
+def _generate_arguments(sub: argparse.ArgumentParser) -> None:
+    sub.add_argument("--checkpoint", type=Path, help="checkpoint file (default: the config's default model)")
+    sub.add_argument("--model-config", type=Path, help="the checkpoint's original inference YAML")
+    sub.add_argument("--prompt", required=True)
+    sub.add_argument("--negative-prompt", default="")
+    sub.add_argument("--seed", type=int, default=0)
+    sub.add_argument("--steps", type=int)
+    sub.add_argument("--sampler", choices=SAMPLER_NAMES)
+    sub.add_argument("--guidance", type=float)
+    sub.add_argument("--width", type=int)
+    sub.add_argument("--height", type=int)
+    sub.add_argument("--count", type=int, default=1)
+    sub.add_argument("--init-image", type=Path, help="img2img / inpaint source image")
+    sub.add_argument("--strength", type=float, help="img2img strength in (0, 1]")
+    sub.add_argument("--mask", type=Path, help="inpaint mask (white = repaint)")
+    sub.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
+    sub.add_argument("--dtype", choices=("float32", "float16", "bfloat16"))
+    sub.add_argument("--out", type=Path, required=True, help="output PNG (PATH-1.png ... with --count)")

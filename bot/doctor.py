@@ -1,0 +1,133 @@
+"""`atelier doctor`: check the machine and the configuration, and say what to fix."""
+
+from __future__ import annotations
+
+import os
+import sys
+import tempfile
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from enum import StrEnum
+
+from bot.config import TOKEN_ENV, AppConfig
+from bot.model_report import describe_checkpoint
+from models.loading import CheckpointError, inspect_checkpoint
+
+
+class Status(StrEnum):
+    OK = "ok"
+    WARN = "warn"
+    FAIL = "FAIL"
+
+
+@dataclass(frozen=True)
+class Check:
+    status: Status
+    what: str
+    detail: str
+    fix: str = ""
+
+
+def run_checks(config: AppConfig, environ: Mapping[str, str] = os.environ) -> list[Check]:
+    """Every check, in the order an operator would fix them."""
+    return [
+        _python(),
+        *_torch_and_devices(config),
+        *_checkpoints(config),
+        _data_dir(config),
+        _token(environ),
+    ]
+
+
+def format_checks(checks: list[Check]) -> str:
+    lines = []
+    for check in checks:
+        lines.append(f"[{check.status:>4}] {check.what}: {check.detail}")
+        if check.fix:
+            lines.append(f"       fix: {check.fix}")
+    failures = sum(c.status is Status.FAIL for c in checks)
+    warnings = sum(c.status is Status.WARN for c in checks)
+    lines.append(f"{failures} problem(s) to fix, {warnings} warning(s).")
+    return "\n".join(lines)
+
+
+def _python() -> Check:
+    version = ".".join(map(str, sys.version_info[:3]))
+    if sys.version_info < (3, 11):
+        return Check(Status.FAIL, "Python", version, "install Python 3.11 or newer")
+    return Check(Status.OK, "Python", version)
+
+
+def _torch_and_devices(config: AppConfig) -> Iterator[Check]:
+    try:
+        import torch
+    except ImportError as exc:
+        yield Check(Status.FAIL, "PyTorch", f"cannot be imported ({exc})", "run `make setup`")
+        return
+    yield Check(Status.OK, "PyTorch", torch.__version__)
+    cuda = torch.cuda.is_available()
+    for device in config.generation.devices:
+        if device == "cpu" or (device == "auto" and not cuda):
+            yield Check(
+                Status.WARN if device == "auto" else Status.OK,
+                f"device {device}",
+                "runs on the CPU: correct but minutes per image",
+                "use a machine with an NVIDIA GPU and a CUDA build of PyTorch" if device == "auto" else "",
+            )
+        elif not cuda:
+            yield Check(
+                Status.FAIL,
+                f"device {device}",
+                "CUDA is not available to PyTorch",
+                "install the NVIDIA driver, or set [generation] device = \"cpu\"",
+            )
+        else:
+            index = int(device.partition(":")[2] or torch.cuda.current_device()) if device != "auto" else 0
+            if index >= torch.cuda.device_count():
+                yield Check(
+                    Status.FAIL,
+                    f"device {device}",
+                    f"only {torch.cuda.device_count()} CUDA device(s) present",
+                    "pick an existing cuda:N in [generation] device",
+                )
+                continue
+            props = torch.cuda.get_device_properties(index)
+            vram = props.total_memory / 2**30
+            status = Status.OK if vram >= 6 else Status.WARN
+            fix = "" if status is Status.OK else "SD needs about 4-6 GiB; use smaller images or dtype float16"
+            yield Check(status, f"device {device}", f"{props.name}, {vram:.1f} GiB VRAM", fix)
+
+
+def _checkpoints(config: AppConfig) -> Iterator[Check]:
+    if not config.models:
+        yield Check(
+            Status.FAIL,
+            "models",
+            "no [[models]] configured",
+            "put a checkpoint in ./checkpoints and add a [[models]] table to config.toml",
+        )
+    for model in config.models:
+        what = f"model {model.name}"
+        try:
+            info = inspect_checkpoint(model.checkpoint, model.config, model.prediction)
+        except CheckpointError as exc:
+            yield Check(Status.FAIL, what, str(exc), f"fix or replace {model.checkpoint}")
+        else:
+            yield Check(Status.OK, what, f"{model.checkpoint.name}: {describe_checkpoint(info)}")
+
+
+def _data_dir(config: AppConfig) -> Check:
+    folder = config.storage.data_dir
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder):
+            pass
+    except OSError as exc:
+        return Check(Status.FAIL, "data folder", f"{folder} is not writable ({exc})", "fix its permissions")
+    return Check(Status.OK, "data folder", f"{folder} is writable")
+
+
+def _token(environ: Mapping[str, str]) -> Check:
+    if environ.get(TOKEN_ENV):
+        return Check(Status.OK, "Discord token", f"{TOKEN_ENV} is set")
+    return Check(Status.FAIL, "Discord token", f"{TOKEN_ENV} is not set", "run `atelier run` for the setup guide")

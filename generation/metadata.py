@@ -1,0 +1,53 @@
+"""The `parameters` PNG text chunk in the format the popular web UIs write, so that other tools
+(PNG Info tabs, image boards, civitai) read back how an image was made."""
+
+from __future__ import annotations
+
+import io
+
+from PIL import Image, PngImagePlugin
+
+from generation.request import GenerationRequest
+
+#: How the web UIs name our samplers.
+SAMPLER_LABELS = {
+    "ddim": "DDIM",
+    "plms": "PLMS",
+    "euler": "Euler",
+    "euler_a": "Euler a",
+    "heun": "Heun",
+    "lms": "LMS",
+    "dpmpp_2m": "DPM++ 2M",
+    "dpmpp_2m_karras": "DPM++ 2M Karras",
+    "dpmpp_sde_karras": "DPM++ SDE Karras",
+    "unipc": "UniPC",
+}
+
+
+def parameters_text(request: GenerationRequest, seed: int, model_hash: str) -> str:
+    """prompt, then `Negative prompt: ...` when there is one, then the comma-separated settings."""
+    lines = [request.prompt]
+    if request.negative_prompt:
+        lines.append(f"Negative prompt: {request.negative_prompt}")
+    settings = [
+        ("Steps", request.steps),
+        ("Sampler", SAMPLER_LABELS[request.sampler]),
+        ("CFG scale", f"{request.guidance:g}"),
+        ("Seed", seed),
+        ("Size", f"{request.width}x{request.height}"),
+        ("Model hash", model_hash),
+        ("Model", request.model),
+    ]
+    if request.strength is not None:
+        settings.append(("Denoising strength", f"{request.strength:g}"))
+    lines.append(", ".join(f"{key}: {value}" for key, value in settings))
+    return "\n".join(lines)
+
+
+def png_bytes(image: Image.Image, parameters: str) -> bytes:
+    """Encode `image` as PNG carrying `parameters` in a tEXt/iTXt chunk."""
+    info = PngImagePlugin.PngInfo()
+    info.add_itxt("parameters", parameters) if not parameters.isascii() else info.add_text("parameters", parameters)
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG", pnginfo=info)
+    return buffer.getvalue()

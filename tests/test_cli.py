@@ -1,0 +1,126 @@
+"""bot/cli.py: the installed `atelier` command, the no-token guide, configuration errors, doctor."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from bot.cli import main
+
+ATELIER = Path(sys.executable).with_name("atelier")
+
+
+def atelier(*args: str, env: dict[str, str] | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    """Run the installed console script, as a user would."""
+    return subprocess.run([str(ATELIER), *args], capture_output=True, text=True, env=env, cwd=cwd, timeout=120)
+
+
+def test_help_lists_every_subcommand() -> None:
+    result = atelier("--help")
+    assert result.returncode == 0
+    for name in ("run", "generate", "models", "doctor", "bench", "db"):
+        assert f"    {name}" in result.stdout
+
+
+def test_run_without_token_prints_the_setup_guide_and_fails(tmp_path: Path) -> None:
+    config = tmp_path / "bot.toml"
+    config.write_text("[discord]\napplication_id = 987654321\n")
+    result = atelier("run", "--config", str(config), env={"PATH": "/usr/bin:/bin"})
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr
+    guide = result.stderr
+    assert "DISCORD_TOKEN is not set" in guide
+    assert "bot and applications.commands" in guide
+    assert "Attach Files" in guide and "Guild Messages" in guide
+    assert "client_id=987654321&scope=bot+applications.commands&permissions=274878024704" in guide
+
+
+def test_run_without_application_id_says_where_to_put_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.delenv("DISCORD_TOKEN", raising=False)
+    (tmp_path / "config.toml").write_text("")
+    monkeypatch.chdir(tmp_path)
+    assert main(["run"]) == 1
+    guide = capsys.readouterr().err
+    assert "application_id = ..." in guide and "client_id=" not in guide
+
+
+def test_a_bad_config_is_one_line_and_exit_code_2(tmp_path: Path) -> None:
+    config = tmp_path / "bad.toml"
+    config.write_text("[generation]\nmax_steps = -1\n")
+    result = atelier("--config", str(config), "doctor", env={"PATH": "/usr/bin:/bin", "ATELIER_CONFIG": "nope"})
+    assert result.returncode == 2
+    assert result.stderr.strip() == f"{config}: generation.max_steps: Input should be greater than or equal to 1 (got -1)"
+
+
+def test_config_from_environment_variable(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+    config = tmp_path / "env.toml"
+    config.write_text("[queue]\nmax_batch_images = 0\n")
+    monkeypatch.setenv("ATELIER_CONFIG", str(config))
+    assert main(["run"]) == 2
+    assert "queue.max_batch_images" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("bench", ["engine"])
+def test_unbuilt_benchmarks_say_so(bench: str, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["bench", bench]) == 2
+    assert "not built yet" in capsys.readouterr().err
+
+
+def config_with_models(tmp_path: Path, models: str) -> Path:
+    config = tmp_path / "atelier.toml"
+    config.write_text(f'[generation]\ndevice = "cpu"\n[storage]\ndata_dir = "state"\n{models}')
+    return config
+
+
+def test_doctor_on_a_cpu_machine_reports_each_check(tmp_path: Path) -> None:
+    from tests.fixtures.checkpoints import write_checkpoint
+
+    checkpoint, _ = write_checkpoint(tmp_path / "checkpoints", "sd2-v", with_yaml=False)
+    config = config_with_models(
+        tmp_path,
+        f'[[models]]\nname = "tiny"\ncheckpoint = "{checkpoint}"\nprediction = "v"\n'
+        '[[models]]\nname = "gone"\ncheckpoint = "checkpoints/missing.safetensors"\n',
+    )
+    result = atelier("doctor", "--config", str(config), env={"PATH": "/usr/bin:/bin", "DISCORD_TOKEN": "x"})
+    lines = result.stdout.splitlines()
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert any(line.startswith("[  ok] Python: 3.") for line in lines)
+    assert any(line.startswith("[  ok] PyTorch: 2.") for line in lines)
+    assert "[  ok] device cpu: runs on the CPU" in result.stdout
+    assert "[  ok] model tiny: sd2-v.safetensors: sd2-v, v-prediction (override)" in result.stdout
+    assert f"[FAIL] model gone: {tmp_path / 'checkpoints' / 'missing.safetensors'}: no such file" in result.stdout
+    assert f"[  ok] data folder: {tmp_path / 'state'} is writable" in result.stdout
+    assert "[  ok] Discord token: DISCORD_TOKEN is set" in result.stdout
+    assert lines[-1] == "1 problem(s) to fix, 0 warning(s)."
+
+
+def test_doctor_fails_without_models_or_token(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.delenv("DISCORD_TOKEN", raising=False)
+    assert main(["doctor", "--config", str(config_with_models(tmp_path, ""))]) == 1
+    out = capsys.readouterr().out
+    assert "[FAIL] models: no [[models]] configured" in out
+    assert "[FAIL] Discord token: DISCORD_TOKEN is not set\n       fix: run `atelier run` for the setup guide" in out
+
+
+def test_models_lists_what_was_detected(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from tests.fixtures.checkpoints import write_checkpoint
+
+    sd1, yaml = write_checkpoint(tmp_path, "sd1", fmt="ckpt")
+    inpaint, _ = write_checkpoint(tmp_path, "sd1-inpaint", with_yaml=False)
+    config = config_with_models(
+        tmp_path,
+        f'[[models]]\nname = "a"\ncheckpoint = "{sd1}"\nconfig = "{yaml}"\n'
+        f'[[models]]\nname = "b"\ncheckpoint = "{inpaint}"\ndefault = true\n',
+    )
+    assert main(["models", "--config", str(config)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == f"a: {sd1}"
+    assert lines[1].startswith("  sd1, epsilon-prediction (yaml), text_encoder ")
+    assert lines[1].endswith(" params, float16")
+    assert lines[2] == f"b (default): {inpaint}"
+    assert lines[3].startswith("  sd1-inpaint, epsilon-prediction (family default), ")
