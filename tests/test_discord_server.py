@@ -1,0 +1,330 @@
+"""The loopback Discord server, proven with a real discord.py bot logging in, syncing and answering."""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import hashlib
+import logging
+import re
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+
+import discord
+import pytest
+from discord import app_commands
+from discord.ext import commands
+
+from tests.discord_server import (
+    Channel,
+    DiscordServer,
+    Guild,
+    Message,
+    Upload,
+    User,
+    point_discord_py_at,
+)
+
+PING_FILE = b"pong bytes \x00\x01\x02"
+MODELS = ["sd15-base", "sd15-inpaint", "sd21-v"]
+
+
+class CountButton(discord.ui.DynamicItem[discord.ui.Button], template=r"count:v1:(?P<count>\d+)"):
+    """A persistent button whose whole state lives in its custom id, so it works after a restart."""
+
+    def __init__(self, count: int) -> None:
+        super().__init__(discord.ui.Button(label=f"count {count}", custom_id=f"count:v1:{count}"))
+        self.count = count
+
+    @classmethod
+    async def from_custom_id(cls, interaction: discord.Interaction, item: discord.ui.Button,
+                             match: re.Match[str]) -> CountButton:
+        return cls(int(match["count"]))
+
+    async def callback(self, interaction: discord.Interaction) -> None:
+        view = discord.ui.View(timeout=None).add_item(CountButton(self.count + 1))
+        await interaction.response.edit_message(content=f"{self.count + 1} by {interaction.user.name}", view=view)
+
+
+class RemixModal(discord.ui.Modal, title="Remix"):
+    prompt = discord.ui.TextInput(label="Prompt", custom_id="prompt")
+    strength = discord.ui.TextInput(label="Strength", custom_id="strength", required=False, default="0.6")
+
+    def __init__(self, target: discord.Message) -> None:
+        super().__init__(custom_id="remix:v1")
+        self.target = target
+
+    async def on_submit(self, interaction: discord.Interaction) -> None:
+        source = self.target.attachments[0]
+        digest = hashlib.sha256(await source.read()).hexdigest()[:12]
+        await interaction.response.send_message(
+            f"remix of {source.filename} ({digest}) as {self.prompt.value!r} at {self.strength.value}"
+        )
+
+
+@dataclass
+class Seen:
+    """What the test bot observed, for the test to assert on."""
+
+    messages: list[discord.Message] = field(default_factory=list)
+    errors: list[discord.HTTPException] = field(default_factory=list)
+    release_followup: asyncio.Event = field(default_factory=asyncio.Event)
+    followup_done: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+class ExampleBot(commands.Bot):
+    """A small but typical bot: guild commands, files, a persistent button, a modal, a context menu."""
+
+    def __init__(self, guild_id: int, seen: Seen) -> None:
+        intents = discord.Intents.none()
+        intents.guilds = True
+        intents.guild_messages = True
+        super().__init__(command_prefix=commands.when_mentioned, intents=intents, guild_ready_timeout=0.05)
+        self.home = discord.Object(guild_id)
+        self.seen = seen
+
+    async def setup_hook(self) -> None:
+        self.add_dynamic_items(CountButton)
+        tree = self.tree
+        seen = self.seen
+
+        @tree.command(guild=self.home, description="Answer with a file and a counter button")
+        async def ping(interaction: discord.Interaction) -> None:
+            view = discord.ui.View(timeout=None).add_item(CountButton(0))
+            file = discord.File(__import__("io").BytesIO(PING_FILE), filename="pong.bin")
+            await interaction.response.send_message("pong", file=file, view=view)
+
+        @tree.command(guild=self.home, description="Describe an image")
+        @app_commands.describe(prompt="what to draw")
+        async def imagine(interaction: discord.Interaction, prompt: app_commands.Range[str, 1, 50],
+                          image: discord.Attachment, model: str, count: app_commands.Range[int, 1, 4] = 1) -> None:
+            data = await image.read()
+            await interaction.response.send_message(
+                f"{prompt} x{count} on {model} from {image.filename} {image.content_type} "
+                f"{hashlib.sha256(data).hexdigest()[:12]}", ephemeral=True
+            )
+
+        @imagine.autocomplete("model")
+        async def complete_model(interaction: discord.Interaction, current: str) -> list[app_commands.Choice[str]]:
+            return [app_commands.Choice(name=m, value=m) for m in MODELS if m.startswith(current)]
+
+        limits = app_commands.Group(name="limits", description="Moderator limits", guild_ids=[self.home.id])
+        limits_set = app_commands.Group(name="set", description="Set a limit", parent=limits)
+
+        @limits_set.command(name="daily", description="Daily images")
+        async def daily(interaction: discord.Interaction, images: int, role: discord.Role) -> None:
+            assert isinstance(interaction.user, discord.Member)
+            if not interaction.permissions.manage_guild:
+                await interaction.response.send_message("moderators only", ephemeral=True)
+                return
+            await interaction.response.send_message(f"{role.name}: {images}/day (by {interaction.user.display_name})")
+
+        tree.add_command(limits)
+
+        @tree.command(guild=self.home, description="Answer late, after a defer")
+        async def slow(interaction: discord.Interaction) -> None:
+            await interaction.response.defer(thinking=True)
+            await seen.release_followup.wait()
+            try:
+                await interaction.followup.send("finally")
+            except discord.HTTPException as error:
+                seen.errors.append(error)
+            seen.followup_done.set()
+
+        @tree.command(guild=self.home, description="Post in another channel")
+        async def announce(interaction: discord.Interaction, channel: discord.TextChannel) -> None:
+            try:
+                await channel.send("announcement")
+            except discord.Forbidden as error:
+                seen.errors.append(error)
+                await interaction.response.send_message(f"I cannot post in {channel.mention}", ephemeral=True)
+                return
+            await interaction.response.send_message("posted", ephemeral=True)
+
+        @tree.context_menu(name="Remix", guild=self.home)
+        async def remix(interaction: discord.Interaction, message: discord.Message) -> None:
+            await interaction.response.send_modal(RemixModal(message))
+
+        await tree.sync(guild=self.home)
+
+    async def on_message(self, message: discord.Message) -> None:
+        if message.author == self.user:
+            return
+        self.seen.messages.append(message)
+        if self.user in message.mentions:
+            replied = message.reference.resolved if message.reference else None
+            about = replied.attachments[0].filename if isinstance(replied, discord.Message) else "nothing"
+            await message.reply(f"heard {message.content!r} about {about}")
+
+
+@dataclass
+class World:
+    server: DiscordServer
+    guild: Guild
+    channel: Channel
+    alice: User
+    mod: User
+
+
+@pytest.fixture
+async def world() -> AsyncIterator[World]:
+    async with DiscordServer() as server:
+        guild = await server.create_guild("studio")
+        channel = await server.create_channel(guild, "art")
+        alice, mod = server.create_user("alice"), server.create_user("mod")
+        moderators = await server.create_role(guild, "moderators", permissions=discord.Permissions(manage_guild=True).value)
+        await server.add_member(guild, alice)
+        await server.add_member(guild, mod, roles=[moderators])
+        with point_discord_py_at(server):
+            yield World(server, guild, channel, alice, mod)
+        assert server.log.server_errors == []
+
+
+@asynccontextmanager
+async def running(world: World, seen: Seen, caplog: pytest.LogCaptureFixture) -> AsyncIterator[ExampleBot]:
+    """Log a fresh bot in and connect it; on exit close it and check nothing was left unclosed."""
+    bot = ExampleBot(world.guild.id, seen)
+    connection: asyncio.Task[None] | None = None
+    try:
+        await bot.login(world.server.token)
+        connection = asyncio.create_task(bot.connect(reconnect=False))
+        await asyncio.wait_for(bot.wait_until_ready(), 10)
+        yield bot
+    finally:
+        await bot.close()
+        if connection is not None:
+            await connection
+        gc.collect()
+        unclosed = [r.getMessage() for r in caplog.records if "nclosed" in r.getMessage()]
+        assert unclosed == []
+
+
+def pressed(message: Message, content: str):
+    def predicate(action) -> bool:
+        return action.kind == "edit" and action.message is message and action.content == content
+
+    predicate.__doc__ = f"an edit of message {message.id} to {content!r}"
+    return predicate
+
+
+async def test_bot_syncs_answers_with_file_and_button_that_survives_restart(
+    world: World, caplog: pytest.LogCaptureFixture
+) -> None:
+    server = world.server
+    caplog.set_level(logging.WARNING)
+    async with running(world, Seen(), caplog):
+        synced = {(c["name"], c["type"]) for c in server.commands(world.guild)}
+        assert synced == {("ping", 1), ("imagine", 1), ("limits", 1), ("slow", 1), ("announce", 1), ("Remix", 3)}
+        assert server.commands() == []
+
+        ping = await server.slash(world.alice, world.channel, "ping")
+        sent = await server.wait_for(lambda a: a.kind == "message" and a.interaction is ping)
+        answer = sent.message
+        assert (answer.content, answer.author) == ("pong", server.bot)
+        assert [(a.filename, a.data) for a in answer.attachments] == [("pong.bin", PING_FILE)]
+        assert answer.custom_ids() == ["count:v1:0"]
+        assert ping.callback_types == [4] and ping.original is answer and server.messages(world.channel) == [answer]
+
+        first = await server.press_button(world.mod, answer, "count:v1:0")
+        await server.wait_for(pressed(answer, "1 by mod"))
+        assert first.callback_types == [7] and answer.custom_ids() == ["count:v1:1"]
+        assert answer.attachments[0].data == PING_FILE  # an edit without `attachments` keeps the file
+
+    assert not any(s.identified for s in server._gateway._sessions)  # the old bot really is gone
+    async with running(world, Seen(), caplog):  # a new process: only the custom id carries state
+        await server.press_button(world.alice, answer, "count:v1:1")
+        await server.wait_for(pressed(answer, "2 by alice"))
+        with pytest.raises(ValueError, match=r"has no button 'count:v1:0'; it has \['count:v1:2'\]"):
+            await server.press_button(world.alice, answer, "count:v1:0")
+
+
+async def test_options_attachments_autocomplete_and_subcommand_permissions(
+    world: World, caplog: pytest.LogCaptureFixture
+) -> None:
+    server = world.server
+    image = Upload("cat.png", b"\x89PNG not really")
+    async with running(world, Seen(), caplog):
+        choices = await server.autocomplete(world.alice, world.channel, "imagine", {"prompt": "a cat", "model": "sd15"},
+                                            focused="model")
+        assert [c["value"] for c in choices] == ["sd15-base", "sd15-inpaint"]
+
+        asked = await server.slash(world.alice, world.channel, "imagine",
+                                   {"prompt": "a cat", "image": image, "model": "sd21-v", "count": 3})
+        reply = (await server.wait_for(lambda a: a.interaction is asked and a.kind == "message")).message
+        digest = hashlib.sha256(image.data).hexdigest()[:12]
+        assert reply.content == f"a cat x3 on sd21-v from cat.png image/png {digest}"
+        assert reply.ephemeral and reply not in [m for m in server.messages(world.channel) if not m.ephemeral]
+
+        with pytest.raises(ValueError, match=r"within \[1, 4\]"):
+            await server.slash(world.alice, world.channel, "imagine",
+                               {"prompt": "a cat", "image": image, "model": "x", "count": 5})
+        with pytest.raises(ValueError, match="unknown \\['seed'\\]"):
+            await server.slash(world.alice, world.channel, "imagine", {"prompt": "a", "image": image, "model": "x",
+                                                                        "seed": 3})
+
+        moderators = world.guild.roles[1]
+        by_mod = await server.slash(world.mod, world.channel, "limits set daily", {"images": 20, "role": moderators})
+        by_alice = await server.slash(world.alice, world.channel, "limits set daily", {"images": 99, "role": moderators})
+        for interaction, expected in ((by_mod, "moderators: 20/day (by Mod)"), (by_alice, "moderators only")):
+            action = await server.wait_for(lambda a, i=interaction: a.interaction is i and a.kind == "message")
+            assert action.content == expected
+
+
+async def test_context_menu_opens_a_modal_whose_submission_reaches_the_bot(
+    world: World, caplog: pytest.LogCaptureFixture
+) -> None:
+    server = world.server
+    art = b"pixels" * 100
+    posted = await server.post_message(world.alice, world.channel, "my drawing", attachments=[Upload("art.webp", art)])
+    async with running(world, Seen(), caplog):
+        opened = await server.context_menu(world.mod, posted, "Remix")
+        await server.wait_for(lambda a: a.interaction is opened and a.callback_type == 9)
+        assert opened.modal is not None and opened.modal["custom_id"] == "remix:v1"
+
+        with pytest.raises(ValueError, match=r"required but missing \['prompt'\]"):
+            await server.submit_modal(world.mod, opened, {"strength": "0.3"})
+        submitted = await server.submit_modal(world.mod, opened, {"prompt": "as a fox", "strength": "0.3"})
+        reply = await server.wait_for(lambda a: a.interaction is submitted and a.kind == "message")
+        digest = hashlib.sha256(art).hexdigest()[:12]
+        assert reply.content == f"remix of art.webp ({digest}) as 'as a fox' at 0.3"
+
+
+async def test_message_content_reaches_the_bot_only_when_it_is_mentioned(
+    world: World, caplog: pytest.LogCaptureFixture
+) -> None:
+    server = world.server
+    seen = Seen()
+    image = await server.post_message(world.alice, world.channel, "", attachments=[Upload("base.png", b"png")])
+    async with running(world, seen, caplog):
+        await server.post_message(world.alice, world.channel, "talking among humans")
+        mention = await server.post_message(world.alice, world.channel, f"{server.bot.mention} make it blue",
+                                            reference=image)
+        reply = (await server.wait_for(lambda a: a.kind == "message" and a.message.reference is mention)).message
+        assert reply.content == f"heard '{server.bot.mention} make it blue' about base.png"
+        assert [m.content for m in seen.messages] == ["", f"{server.bot.mention} make it blue"]
+
+
+async def test_expired_token_and_missing_permission_surface_as_discord_errors(
+    world: World, caplog: pytest.LogCaptureFixture
+) -> None:
+    server = world.server
+    seen = Seen()
+    closed = await server.create_channel(world.guild, "read-only")
+    async with running(world, seen, caplog):
+        await server.refuse_bot_messages(closed)
+        slow = await server.slash(world.alice, world.channel, "slow")
+        thinking = await server.wait_for(lambda a: a.interaction is slow and a.kind == "message")
+        assert thinking.message.loading
+        server.expire_token(slow)
+        seen.release_followup.set()
+        await asyncio.wait_for(seen.followup_done.wait(), 5)
+        [expired] = seen.errors
+        assert (type(expired), expired.status, expired.code) == (discord.HTTPException, 401, 50027)
+
+        announce = await server.slash(world.alice, world.channel, "announce", {"channel": closed})
+        reply = await server.wait_for(lambda a: a.interaction is announce and a.kind == "message")
+        assert reply.content == f"I cannot post in {closed.mention}" and reply.message.ephemeral
+        forbidden = seen.errors[1]
+        assert isinstance(forbidden, discord.Forbidden) and forbidden.code == 50013
+        assert server.messages(closed) == []
