@@ -116,7 +116,7 @@ async def block_word(
     db: Database, *, actor_id: int, guild_id: int, pattern: str, is_regex: bool = False
 ) -> BlockedWord:
     """Block a word (whole-word match) or a regular expression in a guild's prompts."""
-    word = BlockedWord(pattern.strip(), is_regex)
+    word = _blocked(pattern, is_regex)
     if not 0 < len(word.pattern) <= _MAX_PATTERN:
         raise ValueError(f"a blocked word or pattern must be 1..{_MAX_PATTERN} characters")
     if is_regex:
@@ -139,7 +139,7 @@ async def unblock_word(
     db: Database, *, actor_id: int, guild_id: int, pattern: str, is_regex: bool = False
 ) -> bool:
     """Remove a blocked word or pattern; False if it was not blocked."""
-    word = BlockedWord(pattern.strip(), is_regex)
+    word = _blocked(pattern, is_regex)
     async with db.writing() as connection:
         cursor = await connection.execute(
             "DELETE FROM blocked_words WHERE guild_id = ? AND pattern = ? AND is_regex = ?",
@@ -153,8 +153,9 @@ async def unblock_word(
 
 
 async def blocked_words(db: Database, guild_id: int) -> list[BlockedWord]:
+    """A guild's blocked words and patterns, in the order they were added."""
     rows = await db.fetch_all(
-        "SELECT pattern, is_regex FROM blocked_words WHERE guild_id = ? ORDER BY at, pattern",
+        "SELECT pattern, is_regex FROM blocked_words WHERE guild_id = ? ORDER BY rowid",
         (guild_id,))
     return [BlockedWord(row["pattern"], bool(row["is_regex"])) for row in rows]
 
@@ -162,6 +163,12 @@ async def blocked_words(db: Database, guild_id: int) -> list[BlockedWord]:
 def first_blocked(words: list[BlockedWord], prompt: str) -> BlockedWord | None:
     """The first blocked word or pattern found in `prompt`, if any."""
     return next((word for word in words if word.matches(prompt)), None)
+
+
+def _blocked(pattern: str, is_regex: bool) -> BlockedWord:
+    """Words match case-insensitively, so they are stored lowercased: "Gore" and "gore" are one."""
+    pattern = pattern.strip()
+    return BlockedWord(pattern if is_regex else pattern.lower(), is_regex)
 
 
 def _word_target(word: BlockedWord) -> str:
