@@ -1,0 +1,355 @@
+"""The GPU runner: one worker per device takes batches from the fair queue and runs the pipeline on
+that device's own thread, so the event loop (and Discord's heartbeat) never waits on the GPU.
+
+Progress and results come back to the loop with `loop.call_soon_threadsafe`. The worker thread
+survives anything a pipeline raises: an out-of-memory error frees memory and retries the batch
+split in halves down to one job, any other exception is narrowed down the same way so it fails
+only the job that caused it. Every job a worker takes completes exactly once (`on_finished`),
+except jobs interrupted by shutdown: they stay running, and the restore at start-up re-runs them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from queue import SimpleQueue
+from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar
+
+import torch
+
+from generation.model_cache import ModelCache
+from generation.queue import FairQueue, Job, JobState
+from generation.settings import QueueSettings
+
+if TYPE_CHECKING:
+    from PIL.Image import Image
+
+log = logging.getLogger(__name__)
+
+M = TypeVar("M")
+
+#: After the grace period, how long shutdown waits for a pipeline to notice it was cancelled.
+ABORT_WAIT_S = 10.0
+
+
+@dataclass(frozen=True)
+class JobResult:
+    """What became of one job: its images (PNG bytes or PIL images) and their seeds, or `error`,
+    a message for the user."""
+
+    job_id: str
+    images: tuple[bytes | Image, ...] = ()
+    seeds: tuple[int, ...] = ()
+    error: str | None = None
+
+
+#: progress(job_id, step, total, preview or None), called by the pipeline after each step.
+Progress = Callable[[str, int, int, Any], None]
+
+
+class Pipeline(Protocol[M]):
+    """What the runner needs from the diffusion pipeline."""
+
+    def run(
+        self,
+        model: M,
+        device: str,
+        batch: list[Job],
+        progress: Progress,
+        cancelled: Callable[[str], bool],
+    ) -> list[JobResult]:
+        """Run `batch` (jobs with equal `batch_key`, so one model, size, step count and sampler)
+        on `device` with `model`, on the calling thread, and return one result per job.
+
+        Check `cancelled(job_id)` before every step; once it is true for every job of the batch,
+        stop (return or raise). Results of cancelled jobs are discarded, so a pipeline may also
+        drop a cancelled job from the batch. Raise `torch.OutOfMemoryError` when the batch does
+        not fit; report a failure of one job as its `JobResult.error`."""
+        ...
+
+
+@dataclass
+class _Outcome:
+    job: Job
+    #: None: interrupted by shutdown, left running for the restart.
+    state: JobState | None
+    result: JobResult
+
+
+@dataclass
+class _Report:
+    """What a batch came to, handed from the worker thread back to the loop."""
+
+    outcomes: list[_Outcome] = field(default_factory=list)
+    #: Pixels (images x width x height) of the smallest part that ran out of memory.
+    oom_pixels: float | None = None
+    #: Cost and seconds of the pipeline calls that succeeded, for the throughput average.
+    cost: float = 0.0
+    seconds: float = 0.0
+
+
+_Call = tuple[Callable[[], Any], asyncio.Future, asyncio.AbstractEventLoop]
+
+
+class _DeviceThread:
+    """A daemon thread running the calls handed to it one at a time; each call's outcome is set
+    on its asyncio future from the loop thread."""
+
+    def __init__(self, name: str) -> None:
+        self._inbox: SimpleQueue[_Call | None] = SimpleQueue()
+        self.thread = threading.Thread(target=self._serve, name=name, daemon=True)
+        self.thread.start()
+
+    def call(self, fn: Callable[[], Any]) -> asyncio.Future:
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        self._inbox.put((fn, future, loop))
+        return future
+
+    def close(self) -> None:
+        self._inbox.put(None)
+
+    def _serve(self) -> None:
+        while (item := self._inbox.get()) is not None:
+            fn, future, loop = item
+            try:
+                outcome, error = fn(), None
+            except BaseException as exc:  # the thread outlives anything the call raises
+                outcome, error = None, exc
+            try:
+                loop.call_soon_threadsafe(_settle, future, outcome, error)
+            except RuntimeError:  # the loop closed meanwhile: nobody is waiting
+                log.warning("event loop closed before a device call returned")
+
+
+def _settle(future: asyncio.Future, outcome: Any, error: BaseException | None) -> None:
+    if future.cancelled():
+        return
+    if error is None:
+        future.set_result(outcome)
+    else:
+        future.set_exception(error)
+
+
+@dataclass
+class _Worker(Generic[M]):
+    device: str
+    thread: _DeviceThread
+    cache: ModelCache[M]
+    #: Pixels per batch learned from out-of-memory errors (None: no limit seen yet).
+    max_pixels: float | None = None
+    task: asyncio.Task | None = None
+    busy: bool = False
+
+
+class Runner(Generic[M]):
+    """Workers for `devices`, fed by `queue`. Use `start()`, then `shutdown(grace_s)`.
+
+    `load_model(name, device)` builds a model, `model_size(model)` gives its bytes, and each
+    device keeps loaded models by LRU under `model_budget_bytes`. The hooks are awaited on the
+    loop; an exception in a hook is logged and never stops a worker. `on_progress` gets the latest
+    step of a job (steps are skipped while the previous call for that job is still running)."""
+
+    def __init__(
+        self,
+        queue: FairQueue,
+        pipeline: Pipeline[M],
+        devices: Sequence[str],
+        settings: QueueSettings,
+        *,
+        load_model: Callable[[str, str], M],
+        model_size: Callable[[M], int],
+        model_budget_bytes: int,
+        on_started: Callable[[Job], Awaitable[None]] | None = None,
+        on_progress: Callable[[Job, int, int, Any], Awaitable[None]] | None = None,
+        on_finished: Callable[[Job, JobResult], Awaitable[None]] | None = None,
+    ) -> None:
+        self._queue = queue
+        self._pipeline = pipeline
+        self._settings = settings
+        self._on_started = on_started
+        self._on_progress = on_progress
+        self._on_finished = on_finished
+        self._workers = [
+            _Worker(
+                device,
+                _DeviceThread(f"atelier-{device}"),
+                ModelCache(lambda name, d=device: load_model(name, d), model_size, model_budget_bytes),
+            )
+            for device in devices
+        ]
+        self._latest_progress: dict[str, tuple[int, int, Any]] = {}
+        self._progress_tasks: dict[str, asyncio.Task] = {}
+        self._stopping = False
+        #: Set after the shutdown grace period: every running job reads as cancelled.
+        self._aborting = threading.Event()
+
+    def start(self) -> None:
+        for worker in self._workers:
+            worker.task = asyncio.create_task(self._serve(worker), name=f"runner {worker.device}")
+
+    async def shutdown(self, grace_s: float) -> None:
+        """Take no new batches; give running ones `grace_s` seconds, then cancel them (their jobs
+        stay running, to be re-run after the restart); stop the threads."""
+        self._stopping = True
+        tasks = [w.task for w in self._workers if w.task is not None]
+        for worker in self._workers:
+            if not worker.busy and worker.task is not None:
+                worker.task.cancel()
+        _, pending = await asyncio.wait(tasks, timeout=grace_s) if tasks else (set(), set())
+        if pending:
+            self._aborting.set()
+            _, stuck = await asyncio.wait(pending, timeout=ABORT_WAIT_S)
+            for task in stuck:
+                log.error("a pipeline ignored cancellation at shutdown; leaving %s", task.get_name())
+                task.cancel()
+        for worker in self._workers:
+            worker.thread.close()
+
+    # -- the loop side --
+
+    async def _serve(self, worker: _Worker[M]) -> None:
+        settings, loop = self._settings, asyncio.get_running_loop()
+        while not self._stopping:
+            batch = await self._queue.wait_batch(worker.device, settings.max_batch_images, worker.max_pixels)
+            worker.busy = True
+            try:
+                for job in batch:
+                    await self._hook(self._on_started, job)
+                report = await worker.thread.call(lambda: self._run(worker, batch, loop))
+            except Exception:  # a bug of ours: fail the batch, keep serving
+                log.exception("runner %s crashed on batch %s", worker.device, [j.id for j in batch])
+                report = _Report([_Outcome(j, JobState.FAILED, JobResult(j.id, error=_INTERNAL)) for j in batch])
+            if report.oom_pixels is not None:
+                worker.max_pixels = min(worker.max_pixels or report.oom_pixels, report.oom_pixels)
+            self._queue.record_throughput(worker.device, report.cost, report.seconds)
+            for outcome in report.outcomes:
+                await self._complete(outcome)
+            worker.busy = False
+
+    async def _complete(self, outcome: _Outcome) -> None:
+        job = outcome.job
+        if (pump := self._progress_tasks.get(job.id)) is not None:
+            await pump
+        self._latest_progress.pop(job.id, None)
+        if outcome.state is None:
+            return
+        self._queue.finish(job, outcome.state)
+        await self._hook(self._on_finished, job, outcome.result)
+
+    def _progress(self, job: Job, step: int, total: int, preview: Any) -> None:
+        self._latest_progress[job.id] = (step, total, preview)
+        if job.id not in self._progress_tasks:
+            self._progress_tasks[job.id] = asyncio.create_task(self._pump_progress(job))
+
+    async def _pump_progress(self, job: Job) -> None:
+        while (update := self._latest_progress.pop(job.id, None)) is not None:
+            await self._hook(self._on_progress, job, *update)
+        del self._progress_tasks[job.id]
+
+    @staticmethod
+    async def _hook(hook: Callable[..., Awaitable[None]] | None, *args: Any) -> None:
+        if hook is None:
+            return
+        try:
+            await hook(*args)
+        except Exception:
+            log.exception("runner hook %s failed", getattr(hook, "__name__", hook))
+
+    # -- the device thread side --
+
+    def _run(self, worker: _Worker[M], batch: list[Job], loop: asyncio.AbstractEventLoop) -> _Report:
+        """Run `batch`, splitting a part that raised in halves, until every job has an outcome."""
+        timeout = self._settings.job_timeout_s
+        deadline = time.monotonic() + timeout
+        by_id = {job.id: job for job in batch}
+        report = _Report()
+
+        def stopped(job: Job) -> _Outcome | None:
+            if self._aborting.is_set():
+                return _Outcome(job, None, JobResult(job.id, error="interrupted by a shutdown"))
+            if job.cancel_reason is not None:
+                return _Outcome(job, JobState.CANCELLED, JobResult(job.id, error=job.cancel_reason))
+            if time.monotonic() > deadline:
+                message = f"took longer than {timeout:g} s, the time limit, and was stopped"
+                return _Outcome(job, JobState.FAILED, JobResult(job.id, error=message))
+            return None
+
+        def cancelled(job_id: str) -> bool:
+            return stopped(by_id[job_id]) is not None
+
+        def progress(job_id: str, step: int, total: int, preview: Any) -> None:
+            loop.call_soon_threadsafe(self._progress, by_id[job_id], step, total, preview)
+
+        parts = [batch]
+        while parts:
+            live = []
+            for job in parts.pop():
+                if (outcome := stopped(job)) is not None:
+                    report.outcomes.append(outcome)
+                else:
+                    live.append(job)
+            if not live:
+                continue
+            model_name, out_of_memory = live[0].request.model, False
+            try:
+                model = worker.cache.get(model_name)
+                began = time.monotonic()
+                results = self._pipeline.run(model, worker.device, live, progress, cancelled)
+            except torch.OutOfMemoryError:
+                log.warning("out of memory on %s with jobs %s", worker.device, [j.id for j in live])
+                out_of_memory = True
+                error = "ran out of GPU memory even alone; try a smaller size or fewer images"
+            except Exception as exc:
+                log.exception("jobs %s failed on %s", [j.id for j in live], worker.device)
+                error = f"generation failed ({type(exc).__name__}: {exc})"
+            else:
+                self._collect(live, {r.job_id: r for r in results}, stopped, report)
+                report.seconds += time.monotonic() - began
+                continue
+            if out_of_memory:  # outside the except block, so the traceback no longer pins tensors
+                self._free_memory(worker, model_name)
+                if len(live) > 1:
+                    half_pixels = _pixels(live) / 2
+                    report.oom_pixels = min(report.oom_pixels or half_pixels, half_pixels)
+            if len(live) == 1:
+                report.outcomes.append(stopped(live[0]) or _Outcome(live[0], JobState.FAILED, JobResult(live[0].id, error=error)))
+            else:
+                half = (len(live) + 1) // 2
+                parts += [live[half:], live[:half]]  # the first half runs first
+        return report
+
+    @staticmethod
+    def _collect(
+        jobs: list[Job],
+        results: dict[str, JobResult],
+        stopped: Callable[[Job], _Outcome | None],
+        report: _Report,
+    ) -> None:
+        """Outcomes of a pipeline call that returned: a finished image stands unless cancelled."""
+        for job in jobs:
+            result = results.get(job.id)
+            if result is not None and result.error is None and job.cancel_reason is None:
+                report.outcomes.append(_Outcome(job, JobState.DONE, result))
+                report.cost += job.cost
+            else:
+                failure = result or JobResult(job.id, error=_INTERNAL)
+                report.outcomes.append(stopped(job) or _Outcome(job, JobState.FAILED, failure))
+
+    @staticmethod
+    def _free_memory(worker: _Worker[M], keep: str) -> None:
+        worker.cache.keep_only(keep)
+        if worker.device.startswith("cuda") and torch.cuda.is_available():
+            with torch.cuda.device(worker.device):
+                torch.cuda.empty_cache()
+
+
+_INTERNAL = "an internal error stopped this job; it has been logged for the bot's operators"
+
+
+def _pixels(jobs: list[Job]) -> float:
+    return sum(j.request.count * j.request.width * j.request.height for j in jobs)

@@ -1,0 +1,334 @@
+"""The GPU runner with fake pipelines: batching, OOM split, failures, timeouts, cancellation,
+shutdown, the model cache, and an event loop that stays responsive during a CPU generation."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from dataclasses import dataclass
+
+import pytest
+import torch
+
+from generation.model_cache import ModelCache
+from generation.queue import FairQueue, Job, JobState, Submission
+from generation.request import GenerationRequest
+from generation.runner import JobResult, Runner
+from generation.settings import QueueSettings
+
+SETTINGS = QueueSettings(max_queued_per_user=50, max_batch_images=8, job_timeout_s=30)
+
+
+def request(prompt: str = "a lighthouse", model: str = "sd15", count: int = 1, steps: int = 4) -> GenerationRequest:
+    return GenerationRequest(
+        prompt=prompt, model=model, steps=steps, guidance=7.0, seed=11, width=512, height=512, count=count
+    )
+
+
+@dataclass
+class FakeModel:
+    name: str
+    device: str
+
+
+class Painter:
+    """Runs `steps` steps per batch (sleeping `step_s` each), reporting progress and stopping once
+    every job is cancelled; records each call."""
+
+    def __init__(self, step_s: float = 0.0, steps: int | None = None) -> None:
+        self.step_s, self.steps = step_s, steps
+        self.calls: list[list[str]] = []
+        self.threads: list[threading.Thread] = []
+        self.models: list[tuple[str, list[str]]] = []
+        self.saw_cancel: set[str] = set()
+
+    def run(self, model, device, batch, progress, cancelled):
+        self.calls.append([j.id for j in batch])
+        self.threads.append(threading.current_thread())
+        self.models.append((model.name, [j.request.model for j in batch]))
+        self.paint(batch)
+        total = self.steps or batch[0].request.steps
+        for step in range(1, total + 1):
+            if all(cancelled(j.id) for j in batch):
+                self.saw_cancel |= {j.id for j in batch}
+                raise RuntimeError("stopped: every job was cancelled")
+            time.sleep(self.step_s)
+            for job in batch:
+                progress(job.id, step, total, None)
+        return [JobResult(j.id, images=(f"png:{j.id}".encode(),), seeds=tuple(j.request.seeds())) for j in batch]
+
+    def paint(self, batch: list[Job]) -> None:
+        """Where subclasses fail."""
+
+
+class OutOfMemoryAboveOne(Painter):
+    def paint(self, batch):
+        if len(batch) > 1:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+
+class ExplodesOnBoom(Painter):
+    def paint(self, batch):
+        if any(j.request.prompt == "boom" for j in batch):
+            raise ValueError("the init image could not be decoded")
+
+
+class Recorder:
+    """The three hooks, recording what they saw."""
+
+    def __init__(self) -> None:
+        self.started: list[str] = []
+        self.progress: dict[str, list[tuple[int, int]]] = {}
+        self.finished: list[tuple[Job, JobResult, JobState]] = []
+        self.changed = asyncio.Event()
+
+    async def on_started(self, job: Job) -> None:
+        self.started.append(job.id)
+
+    async def on_progress(self, job: Job, step: int, total: int, preview) -> None:
+        self.progress.setdefault(job.id, []).append((step, total))
+
+    async def on_finished(self, job: Job, result: JobResult) -> None:
+        assert all(job.id != j.id for j, _, _ in self.finished), "finished twice"
+        self.finished.append((job, result, job.state))
+        self.changed.set()
+
+    def result(self, job: Job) -> tuple[JobState, JobResult]:
+        (found,) = [(state, result) for j, result, state in self.finished if j.id == job.id]
+        return found
+
+    async def wait_for(self, n: int, timeout: float = 5.0) -> None:
+        async with asyncio.timeout(timeout):
+            while len(self.finished) < n:
+                self.changed.clear()
+                await self.changed.wait()
+
+
+def start_runner(queue, pipeline, hooks: Recorder, settings=SETTINGS, budget=100, loads=None) -> Runner:
+    def load(name: str, device: str) -> FakeModel:
+        if loads is not None:
+            loads.append(name)
+        return FakeModel(name, device)
+
+    runner = Runner(
+        queue, pipeline, ["cpu"], settings,
+        load_model=load, model_size=lambda model: 40, model_budget_bytes=budget,
+        on_started=hooks.on_started, on_progress=hooks.on_progress, on_finished=hooks.on_finished,
+    )
+    runner.start()
+    return runner
+
+
+async def submit(queue: FairQueue, owner: int, **kw) -> Job:
+    return await queue.submit(Submission(request(**kw), owner, 1))
+
+
+async def test_a_batch_runs_on_the_device_thread_and_each_job_completes_once():
+    queue, pipeline, hooks = FairQueue(SETTINGS), Painter(), Recorder()
+    jobs = [await submit(queue, owner, count=2) for owner in range(3)]
+    runner = start_runner(queue, pipeline, hooks)
+    await hooks.wait_for(3)
+    await runner.shutdown(1)
+    assert pipeline.calls == [[j.id for j in jobs]]
+    assert pipeline.threads[0].name == "atelier-cpu" and pipeline.threads[0] is not threading.current_thread()
+    assert hooks.started == [j.id for j in jobs]
+    for job in jobs:
+        state, result = hooks.result(job)
+        assert state is JobState.DONE and result.images == (f"png:{job.id}".encode(),)
+        assert result.seeds == (11, 12)
+        assert hooks.progress[job.id][-1] == (4, 4)
+        assert [s for s, _ in hooks.progress[job.id]] == sorted(s for s, _ in hooks.progress[job.id])
+    assert queue.snapshot().throughput["cpu"] != 10.0  # measured, replacing the initial guess
+
+
+async def test_out_of_memory_splits_the_batch_in_halves_and_learns_the_limit():
+    queue, pipeline, hooks = FairQueue(SETTINGS), OutOfMemoryAboveOne(), Recorder()
+    jobs = [await submit(queue, owner) for owner in range(4)]
+    runner = start_runner(queue, pipeline, hooks)
+    await hooks.wait_for(4)
+    assert [len(c) for c in pipeline.calls] == [4, 2, 1, 1, 2, 1, 1]
+    assert all(hooks.result(j)[0] is JobState.DONE for j in jobs)
+    later = [await submit(queue, owner) for owner in range(10, 12)]
+    await hooks.wait_for(6)
+    await runner.shutdown(1)
+    assert [len(c) for c in pipeline.calls[7:]] == [1, 1]  # no more oversized attempts
+    assert all(hooks.result(j)[0] is JobState.DONE for j in later)
+
+
+async def test_out_of_memory_on_a_single_job_fails_it_with_advice():
+    class AlwaysOutOfMemory(Painter):
+        def paint(self, batch):
+            raise torch.OutOfMemoryError("CUDA out of memory")
+
+    queue, hooks = FairQueue(SETTINGS), Recorder()
+    job = await submit(queue, 1)
+    runner = start_runner(queue, AlwaysOutOfMemory(), hooks)
+    await hooks.wait_for(1)
+    await runner.shutdown(1)
+    state, result = hooks.result(job)
+    assert state is JobState.FAILED and "out of GPU memory" in result.error and "smaller size" in result.error
+
+
+async def test_an_exception_fails_only_its_job_and_the_thread_serves_on():
+    queue, pipeline, hooks = FairQueue(SETTINGS), ExplodesOnBoom(), Recorder()
+    good1, bad, good2 = [await submit(queue, i, prompt=p) for i, p in enumerate(["a", "boom", "c"])]
+    runner = start_runner(queue, pipeline, hooks)
+    await hooks.wait_for(3)
+    after = await submit(queue, 7)
+    await hooks.wait_for(4)
+    await runner.shutdown(1)
+    assert hooks.result(bad) == (
+        JobState.FAILED,
+        JobResult(bad.id, error="generation failed (ValueError: the init image could not be decoded)"),
+    )
+    assert all(hooks.result(j)[0] is JobState.DONE for j in (good1, good2, after))
+    assert len({t.ident for t in pipeline.threads}) == 1 and pipeline.threads[0].is_alive()
+
+
+async def test_a_failed_result_and_a_missing_result_fail_their_jobs_only():
+    class Partial(Painter):
+        def run(self, model, device, batch, progress, cancelled):
+            return [JobResult(batch[0].id, error="the prompt is empty after filtering"),
+                    JobResult(batch[1].id, images=(b"png",), seeds=(11,))]
+
+    queue, hooks = FairQueue(SETTINGS), Recorder()
+    jobs = [await submit(queue, owner) for owner in range(3)]
+    runner = start_runner(queue, Partial(), hooks)
+    await hooks.wait_for(3)
+    await runner.shutdown(1)
+    assert hooks.result(jobs[0]) == (JobState.FAILED, JobResult(jobs[0].id, error="the prompt is empty after filtering"))
+    assert hooks.result(jobs[1])[0] is JobState.DONE
+    assert hooks.result(jobs[2])[0] is JobState.FAILED and "internal error" in hooks.result(jobs[2])[1].error
+
+
+async def test_a_job_past_its_time_limit_is_stopped_and_failed():
+    settings = SETTINGS.model_copy(update={"job_timeout_s": 0.2})
+    queue, hooks = FairQueue(settings), Recorder()
+    job = await submit(queue, 1)
+    runner = start_runner(queue, Painter(step_s=0.01, steps=10_000), hooks, settings=settings)
+    began = time.monotonic()
+    await hooks.wait_for(1)
+    await runner.shutdown(1)
+    assert time.monotonic() - began < 2.0
+    assert hooks.result(job) == (
+        JobState.FAILED, JobResult(job.id, error="took longer than 0.2 s, the time limit, and was stopped")
+    )
+
+
+async def test_cancelling_a_running_job_stops_it_at_the_next_step():
+    queue, pipeline, hooks = FairQueue(SETTINGS), Painter(step_s=0.01, steps=10_000), Recorder()
+    job = await submit(queue, 1)
+    runner = start_runner(queue, pipeline, hooks)
+    while not hooks.progress.get(job.id):
+        await asyncio.sleep(0.01)
+    queue.cancel(job.id, by=99, moderator=True)
+    await hooks.wait_for(1)
+    await runner.shutdown(1)
+    assert hooks.result(job) == (JobState.CANCELLED, JobResult(job.id, error="cancelled by a moderator"))
+    assert pipeline.saw_cancel == {job.id}
+
+
+async def test_shutdown_lets_a_short_batch_finish_within_the_grace_period():
+    queue, hooks = FairQueue(SETTINGS), Recorder()
+    job = await submit(queue, 1)
+    runner = start_runner(queue, Painter(step_s=0.03, steps=10), hooks)
+    while not hooks.started:
+        await asyncio.sleep(0.005)
+    await runner.shutdown(grace_s=5)
+    assert hooks.result(job)[0] is JobState.DONE
+
+
+async def test_shutdown_after_the_grace_period_leaves_the_batch_running_for_restart():
+    queue, pipeline, hooks = FairQueue(SETTINGS), Painter(step_s=0.01, steps=10_000), Recorder()
+    running = await submit(queue, 1)
+    queued = await submit(queue, 1)  # the same user: waits behind the running job
+    runner = start_runner(queue, pipeline, hooks)
+    while not hooks.started:
+        await asyncio.sleep(0.005)
+    began = time.monotonic()
+    await runner.shutdown(grace_s=0.2)
+    assert 0.2 <= time.monotonic() - began < 1.5
+    assert hooks.finished == []
+    assert running.state is JobState.RUNNING and queued.state is JobState.QUEUED and len(queue) == 1
+    assert pipeline.saw_cancel == {running.id}
+    assert not pipeline.threads[0].is_alive() or await _thread_exits(pipeline.threads[0])
+
+
+async def _thread_exits(thread: threading.Thread) -> bool:
+    for _ in range(100):
+        if not thread.is_alive():
+            return True
+        await asyncio.sleep(0.01)
+    return False
+
+
+async def test_an_idle_runner_shuts_down_at_once():
+    queue, hooks = FairQueue(SETTINGS), Recorder()
+    runner = start_runner(queue, Painter(), hooks)
+    await asyncio.sleep(0.01)
+    began = time.monotonic()
+    await runner.shutdown(grace_s=5)
+    assert time.monotonic() - began < 0.5
+    await submit(queue, 1)
+    await asyncio.sleep(0.05)
+    assert hooks.started == [] and len(queue) == 1
+
+
+def test_model_cache_evicts_the_least_recently_used_model():
+    loads: list[str] = []
+    sizes = {"sd15": 40, "sd21": 50, "inpaint": 40, "huge": 200}
+
+    def load(name: str) -> str:
+        loads.append(name)
+        return name
+
+    cache = ModelCache(load, lambda model: sizes[model], budget_bytes=100)
+    assert [cache.get(n) for n in ("sd15", "sd21", "sd15")] == ["sd15", "sd21", "sd15"]
+    assert cache.loaded == ["sd21", "sd15"] and loads == ["sd15", "sd21"]
+    cache.get("inpaint")  # 90 + 40 > 100: the least recently used (sd21) goes first
+    assert cache.loaded == ["sd15", "inpaint"] and cache.used_bytes == 80
+    cache.get("sd21")  # known to need 50: evicts sd15 before loading
+    assert cache.loaded == ["inpaint", "sd21"]
+    cache.get("huge")  # bigger than the budget: loaded alone
+    assert cache.loaded == ["huge"] and loads == ["sd15", "sd21", "inpaint", "sd21", "huge"]
+    cache.get("sd15")
+    cache.keep_only("sd15")
+    assert cache.loaded == ["sd15"]
+
+
+async def test_jobs_for_another_model_wait_for_the_swap():
+    queue, pipeline, hooks, loads = FairQueue(SETTINGS), Painter(), Recorder(), []
+    jobs = [await submit(queue, owner, model=m) for owner, m in enumerate(["sd15", "sd21", "sd15", "sd21"])]
+    runner = start_runner(queue, pipeline, hooks, budget=60, loads=loads)  # room for one model
+    await hooks.wait_for(4)
+    await runner.shutdown(1)
+    assert all(hooks.result(j)[0] is JobState.DONE for j in jobs)
+    assert all(name == m for name, models in pipeline.models for m in models)
+    assert loads == ["sd15", "sd21"]  # the two sd15 jobs batch, then the two sd21 jobs
+
+
+class MatmulPipeline(Painter):
+    """A real CPU generation stand-in: about a second of float32 matrix products."""
+
+    def paint(self, batch):
+        x = torch.randn(384, 384)
+        deadline = time.monotonic() + 1.0
+        while time.monotonic() < deadline:
+            x = torch.tanh(x @ x)
+
+
+async def test_the_event_loop_stays_responsive_during_a_cpu_generation():
+    queue, pipeline, hooks = FairQueue(SETTINGS), MatmulPipeline(), Recorder()
+    job = await submit(queue, 1)
+    interval, lateness = 0.02, []
+    runner = start_runner(queue, pipeline, hooks)
+    began = time.monotonic()
+    while not hooks.finished:
+        expected = time.monotonic() + interval
+        await asyncio.sleep(interval)
+        lateness.append(time.monotonic() - expected)
+    await runner.shutdown(1)
+    assert hooks.result(job)[0] is JobState.DONE
+    assert time.monotonic() - began >= 1.0 and len(lateness) >= 25  # the timer kept firing
+    assert max(lateness) < 0.2, f"the loop stalled for {max(lateness):.3f} s"
