@@ -5,18 +5,21 @@ from __future__ import annotations
 import asyncio
 import gc
 import hashlib
+import io
 import logging
 import re
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
+import aiohttp
 import discord
 import pytest
 from discord import app_commands
 from discord.ext import commands
 
 from tests.discord_server import (
+    Action,
     Channel,
     DiscordServer,
     Guild,
@@ -45,6 +48,22 @@ class CountButton(discord.ui.DynamicItem[discord.ui.Button], template=r"count:v1
     async def callback(self, interaction: discord.Interaction) -> None:
         view = discord.ui.View(timeout=None).add_item(CountButton(self.count + 1))
         await interaction.response.edit_message(content=f"{self.count + 1} by {interaction.user.name}", view=view)
+
+
+class AckButton(discord.ui.DynamicItem[discord.ui.Button], template=r"ack:v1"):
+    """Acknowledges with a deferred update (type 6), then edits its message through '@original'."""
+
+    def __init__(self) -> None:
+        super().__init__(discord.ui.Button(label="ack", custom_id="ack:v1"))
+
+    @classmethod
+    async def from_custom_id(cls, interaction: discord.Interaction, item: discord.ui.Button,
+                             match: re.Match[str]) -> AckButton:
+        return cls()
+
+    async def callback(self, interaction: discord.Interaction) -> None:
+        await interaction.response.defer()
+        await interaction.edit_original_response(content=f"acked by {interaction.user.name}", view=None)
 
 
 class RemixModal(discord.ui.Modal, title="Remix"):
@@ -85,14 +104,18 @@ class ExampleBot(commands.Bot):
         self.seen = seen
 
     async def setup_hook(self) -> None:
-        self.add_dynamic_items(CountButton)
+        self.add_dynamic_items(CountButton, AckButton)
         tree = self.tree
         seen = self.seen
+
+        @tree.error
+        async def record(interaction: discord.Interaction, error: app_commands.AppCommandError) -> None:
+            seen.errors.append(error.original if isinstance(error, app_commands.CommandInvokeError) else error)
 
         @tree.command(guild=self.home, description="Answer with a file and a counter button")
         async def ping(interaction: discord.Interaction) -> None:
             view = discord.ui.View(timeout=None).add_item(CountButton(0))
-            file = discord.File(__import__("io").BytesIO(PING_FILE), filename="pong.bin")
+            file = discord.File(io.BytesIO(PING_FILE), filename="pong.bin")
             await interaction.response.send_message("pong", file=file, view=view)
 
         @tree.command(guild=self.home, description="Describe an image")
@@ -142,6 +165,21 @@ class ExampleBot(commands.Bot):
                 return
             await interaction.response.send_message("posted", ephemeral=True)
 
+        @tree.command(guild=self.home, description="Use the webhook and channel routes a bot needs")
+        async def roundtrip(interaction: discord.Interaction) -> None:
+            channel = interaction.channel
+            assert isinstance(channel, discord.TextChannel)
+            await interaction.response.defer(thinking=True)
+            await interaction.followup.send("first", file=discord.File(io.BytesIO(b"one"), filename="one.txt"))
+            second = await interaction.followup.send("second", ephemeral=True, wait=True)
+            await second.edit(content="second, edited")
+            original = await interaction.edit_original_response(content="first, edited", attachments=[])
+            posted = await channel.send("in channel", view=discord.ui.View().add_item(AckButton()))
+            fetched = await channel.fetch_message(posted.id)
+            history = [m.content async for m in channel.history(limit=10)]
+            await interaction.followup.send(f"{fetched.content}; {history}; {len(original.attachments)} files")
+            await second.delete()
+
         @tree.context_menu(name="Remix", guild=self.home)
         async def remix(interaction: discord.Interaction, message: discord.Message) -> None:
             await interaction.response.send_modal(RemixModal(message))
@@ -168,12 +206,14 @@ class World:
 
 
 @pytest.fixture
-async def world() -> AsyncIterator[World]:
-    async with DiscordServer() as server:
+async def world(request: pytest.FixtureRequest) -> AsyncIterator[World]:
+    """A guild with #art, alice and a moderator; parametrize indirectly to pass DiscordServer options."""
+    async with DiscordServer(**getattr(request, "param", {})) as server:
         guild = await server.create_guild("studio")
         channel = await server.create_channel(guild, "art")
         alice, mod = server.create_user("alice"), server.create_user("mod")
-        moderators = await server.create_role(guild, "moderators", permissions=discord.Permissions(manage_guild=True).value)
+        manage_guild = discord.Permissions(manage_guild=True).value
+        moderators = await server.create_role(guild, "moderators", permissions=manage_guild)
         await server.add_member(guild, alice)
         await server.add_member(guild, mod, roles=[moderators])
         with point_discord_py_at(server):
@@ -195,9 +235,9 @@ async def running(world: World, seen: Seen, caplog: pytest.LogCaptureFixture) ->
         await bot.close()
         if connection is not None:
             await connection
-        gc.collect()
-        unclosed = [r.getMessage() for r in caplog.records if "nclosed" in r.getMessage()]
-        assert unclosed == []
+    gc.collect()
+    complaints = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR or "nclosed" in r.getMessage()]
+    assert complaints == []
 
 
 def pressed(message: Message, content: str):
@@ -212,10 +252,10 @@ async def test_bot_syncs_answers_with_file_and_button_that_survives_restart(
     world: World, caplog: pytest.LogCaptureFixture
 ) -> None:
     server = world.server
-    caplog.set_level(logging.WARNING)
     async with running(world, Seen(), caplog):
         synced = {(c["name"], c["type"]) for c in server.commands(world.guild)}
-        assert synced == {("ping", 1), ("imagine", 1), ("limits", 1), ("slow", 1), ("announce", 1), ("Remix", 3)}
+        assert synced == {("ping", 1), ("imagine", 1), ("limits", 1), ("slow", 1), ("announce", 1), ("roundtrip", 1),
+                          ("Remix", 3)}
         assert server.commands() == []
 
         ping = await server.slash(world.alice, world.channel, "ping")
@@ -231,7 +271,7 @@ async def test_bot_syncs_answers_with_file_and_button_that_survives_restart(
         assert first.callback_types == [7] and answer.custom_ids() == ["count:v1:1"]
         assert answer.attachments[0].data == PING_FILE  # an edit without `attachments` keeps the file
 
-    assert not any(s.identified for s in server._gateway._sessions)  # the old bot really is gone
+    assert not server.bot_connected  # the old bot really is gone
     async with running(world, Seen(), caplog):  # a new process: only the custom id carries state
         await server.press_button(world.alice, answer, "count:v1:1")
         await server.wait_for(pressed(answer, "2 by alice"))
@@ -265,7 +305,8 @@ async def test_options_attachments_autocomplete_and_subcommand_permissions(
 
         moderators = world.guild.roles[1]
         by_mod = await server.slash(world.mod, world.channel, "limits set daily", {"images": 20, "role": moderators})
-        by_alice = await server.slash(world.alice, world.channel, "limits set daily", {"images": 99, "role": moderators})
+        by_alice = await server.slash(world.alice, world.channel, "limits set daily",
+                                      {"images": 99, "role": moderators})
         for interaction, expected in ((by_mod, "moderators: 20/day (by Mod)"), (by_alice, "moderators only")):
             action = await server.wait_for(lambda a, i=interaction: a.interaction is i and a.kind == "message")
             assert action.content == expected
@@ -328,3 +369,83 @@ async def test_expired_token_and_missing_permission_surface_as_discord_errors(
         forbidden = seen.errors[1]
         assert isinstance(forbidden, discord.Forbidden) and forbidden.code == 50013
         assert server.messages(closed) == []
+
+
+async def test_followups_edits_deletes_and_channel_routes_as_discord_py_uses_them(
+    world: World, caplog: pytest.LogCaptureFixture
+) -> None:
+    server = world.server
+    async with running(world, Seen(), caplog):
+        rt = await server.slash(world.alice, world.channel, "roundtrip")
+        await server.wait_for(lambda a: a.interaction is rt and a.kind == "delete")
+        done = [(a.kind, a.callback_type, a.content) for a in server.responses(rt)]
+        assert done == [
+            ("callback", 5, None),
+            ("message", None, ""),  # the "thinking" message
+            ("edit", None, "first"),  # the first followup after a thinking defer replaces it
+            ("message", None, "second"),
+            ("edit", None, "second, edited"),
+            ("edit", None, "first, edited"),
+            ("message", None, "in channel; ['in channel', 'first, edited']; 0 files"),
+            ("delete", None, "second, edited"),
+        ]
+        assert rt.original is not None and rt.original.attachments == [] and not rt.original.loading
+        assert [m.ephemeral for m in rt.followups] == [False, True, False] and rt.followups[1].deleted
+
+        [posted] = [m for m in server.messages(world.channel) if m.interaction is None]
+        acked = await server.press_button(world.alice, posted, "ack:v1")
+        await server.wait_for(pressed(posted, "acked by alice"))
+        assert acked.callback_types == [6] and posted.custom_ids() == []
+
+        def never(action: Action) -> bool:
+            """a reaction that never comes"""
+            return False
+
+        with pytest.raises(AssertionError, match=r"matched a reaction that never comes within 0.05s; since #10 the bot "
+                                                 r"did:\n  10. edit .* \(ack:v1\) .*'acked by alice'"):
+            await server.wait_for(never, timeout=0.05, since=len(server.actions) - 1)
+
+
+@pytest.mark.parametrize("world", [{"upload_limit": 8, "reject_double_ack": True}], indirect=True)
+async def test_upload_limit_and_double_acknowledgement_are_refused(
+    world: World, caplog: pytest.LogCaptureFixture
+) -> None:
+    server, seen = world.server, Seen()
+    async with running(world, seen, caplog):
+        ping = await server.slash(world.alice, world.channel, "ping")  # its 14-byte file is over the limit
+        while not seen.errors:
+            await asyncio.sleep(0.01)
+        [too_large] = seen.errors
+        assert (too_large.status, too_large.code) == (413, 40005)
+        assert ping.callback_types == [] and server.messages(world.channel) == []
+        with pytest.raises(ValueError, match="upload limit is 8"):
+            await server.post_message(world.alice, world.channel, "big", attachments=[Upload("big.png", b"x" * 9)])
+
+        answered = await server.slash(world.mod, world.channel, "limits set daily",
+                                      {"images": 3, "role": world.guild.everyone})
+        await server.wait_for(lambda a: a.interaction is answered and a.kind == "message")
+        url = f"{server.url}/api/v10/interactions/{answered.id}/{answered.token}/callback"
+        async with aiohttp.ClientSession() as http, http.post(url, json={"type": 4, "data": {"content": "again"}}) as r:
+            refusal = {"code": 40060, "message": "Interaction has already been acknowledged."}
+            assert (r.status, await r.json()) == (400, refusal)
+        assert answered.callback_types == [4]
+
+
+@pytest.mark.parametrize("world", [{"response_deadline": 0.0}], indirect=True)
+async def test_a_late_interaction_response_is_unknown(world: World, caplog: pytest.LogCaptureFixture) -> None:
+    server, seen = world.server, Seen()
+    async with running(world, seen, caplog):
+        late = await server.slash(world.alice, world.channel, "announce", {"channel": world.channel})
+        await server.wait_for(lambda a: a.kind == "message" and a.content == "announcement")
+        while not seen.errors:
+            await asyncio.sleep(0.01)
+        [unknown] = seen.errors
+        assert isinstance(unknown, discord.NotFound) and unknown.code == 10062
+        assert late.callback_types == []
+
+
+async def test_a_wrong_token_cannot_log_in(world: World) -> None:
+    bot = ExampleBot(world.guild.id, Seen())
+    with pytest.raises(discord.LoginFailure):
+        await bot.login(world.server.token + "x")
+    await bot.close()

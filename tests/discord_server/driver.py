@@ -18,6 +18,7 @@ from .rest import Options, RestApi
 from .state import (
     EVERYONE_DEFAULT,
     SEND_DENIED,
+    Attachment,
     Channel,
     Guild,
     Interaction,
@@ -67,14 +68,16 @@ class DiscordServer:
         self._state.users[bot.id] = bot
         self.log = ActionLog()
         self._gateway = Gateway(self._state)
-        self._rest = RestApi(self._state, self._gateway, self.log, Options(upload_limit, reject_double_ack, response_deadline))
+        options = Options(upload_limit, reject_double_ack, response_deadline)
+        self._rest = RestApi(self._state, self._gateway, self.log, options)
         self._upload_limit = upload_limit
         self._runner: web.AppRunner | None = None
         self.url = ""
 
     # ---- lifetime -----------------------------------------------------------------------------
     async def __aenter__(self) -> Self:
-        app = web.Application(middlewares=[self._rest.middleware], client_max_size=4 * self._upload_limit)
+        body_limit = 10 * self._upload_limit + 2**20  # ten files and the JSON around them
+        app = web.Application(middlewares=[self._rest.middleware], client_max_size=body_limit)
         app.router.add_get("/gateway", self._gateway.handle)
         app.router.add_routes(self._rest.routes())
         self._runner = web.AppRunner(app, handle_signals=False, access_log=None)
@@ -108,6 +111,11 @@ class DiscordServer:
     @property
     def application_id(self) -> int:
         return self._state.application_id
+
+    @property
+    def bot_connected(self) -> bool:
+        """Whether a bot session has identified and is still open."""
+        return self._gateway.connected()
 
     async def wait_for_bot(self, timeout: float = 10.0) -> None:
         """Until a bot has identified on the gateway and received its guilds."""
@@ -145,7 +153,8 @@ class DiscordServer:
         await self._gateway.dispatch("GUILD_ROLE_CREATE", event, intent=GUILDS)
         return role
 
-    async def add_member(self, guild: Guild, user: User, *, roles: Iterable[Role] = (), nick: str | None = None) -> Member:
+    async def add_member(self, guild: Guild, user: User, *, roles: Iterable[Role] = (),
+                         nick: str | None = None) -> Member:
         member = Member(user, guild, list(roles), nick, snowflake_time(self._state.ids.next()))
         guild.members[user.id] = member
         event = payloads.member(member) | {"guild_id": str(guild.id)}
@@ -168,7 +177,8 @@ class DiscordServer:
         return channel
 
     # ---- gestures -----------------------------------------------------------------------------
-    async def slash(self, user: User, channel: Channel, command: str, options: Mapping[str, Any] | None = None) -> Interaction:
+    async def slash(self, user: User, channel: Channel, command: str,
+                    options: Mapping[str, Any] | None = None) -> Interaction:
         """`/command` as a user sends it. `command` may name a subcommand path ("limits set").
 
         Option values: str/int/float/bool, `User`, `Role`, `Channel`, or an `Upload` for attachment
@@ -234,8 +244,9 @@ class DiscordServer:
         if isinstance(source, str):
             if channel is None:
                 raise ValueError("submitting a modal by custom id needs channel=")
-            data = {"custom_id": source, "components": [
-                {"type": 1, "components": [{"type": 4, "custom_id": key, "value": value}]} for key, value in values.items()]}
+            rows = [{"type": 1, "components": [{"type": 4, "custom_id": key, "value": value}]}
+                    for key, value in values.items()]
+            data = {"custom_id": source, "components": rows}
             return await self._interact(user, channel, MODAL_SUBMIT, data)
         if source.modal is None:
             raise ValueError(f"the bot answered interaction {source.id} with callback types {source.callback_types}, "
@@ -248,16 +259,21 @@ class DiscordServer:
             raise ValueError(f"modal {modal['custom_id']!r} has inputs {list(inputs)}; unknown {sorted(unknown)}, "
                              f"required but missing {missing}")
         data = {"custom_id": modal["custom_id"], "components": [_submitted(c, values) for c in modal["components"]]}
-        message = self._state.messages.get(int(source.payload["message"]["id"])) if "message" in source.payload else None
+        message = None
+        if "message" in source.payload:  # a modal opened from a button carries that button's message
+            message = self._state.messages.get(int(source.payload["message"]["id"]))
         return await self._interact(user, source.channel, MODAL_SUBMIT, data, message=message)
 
     async def post_message(self, user: User, channel: Channel, content: str, *, attachments: Iterable[Upload] = (),
                            reference: Message | None = None, mentions: Iterable[User] = ()) -> Message:
-        """A user's message, sent to a connected bot as MESSAGE_CREATE (kept in history either way). Mention the bot in `content` (`server.bot.mention`) as a user
-        types it; `mentions` adds pings without text (like a reply's ping). Without the message-content
-        intent the bot sees the content only when it is mentioned."""
+        """A user's message, sent to a connected bot as MESSAGE_CREATE (kept in history either way).
+
+        Mention the bot in `content` (`server.bot.mention`) as a user types it; `mentions` adds pings
+        without text (like a reply's ping). Without the message-content intent the bot sees the
+        content only when it is mentioned.
+        """
         message = Message(self._state.ids.next(), channel, user, content, reference=reference)
-        message.attachments = [self._rest.store_attachment(channel, upload) for upload in attachments]
+        message.attachments = [self._upload(channel, upload) for upload in attachments]
         message.mentions = list(dict.fromkeys([*self._rest.mentions(content), *mentions]))
         self._state.messages[message.id] = message
         await self._gateway.dispatch_message("MESSAGE_CREATE", message)
@@ -293,6 +309,12 @@ class DiscordServer:
         return self._state.commands.get(None if guild is None else guild.id, [])
 
     # ---- internals ----------------------------------------------------------------------------
+    def _upload(self, channel: Channel, upload: Upload, *, ephemeral: bool = False) -> Attachment:
+        """A user's file, stored with a URL on this server (Discord's client refuses files over the limit)."""
+        if len(upload.data) > self._upload_limit:
+            raise ValueError(f"{upload.filename} is {len(upload.data)} bytes; the upload limit is {self._upload_limit}")
+        return self._rest.store_attachment(channel, upload, ephemeral=ephemeral)
+
     def _with_scope(self, data: dict[str, Any], synced: dict[str, Any], resolved: dict[str, Any]) -> dict[str, Any]:
         if "guild_id" in synced:
             data["guild_id"] = synced["guild_id"]
@@ -305,7 +327,8 @@ class DiscordServer:
         """Typed interaction options for `values`, descending into subcommand groups along `path`."""
         declared = schema.get("options", [])
         if path:
-            step = next((o for o in declared if o["name"] == path[0] and o["type"] in (SUB_COMMAND, SUB_COMMAND_GROUP)), None)
+            nested = (SUB_COMMAND, SUB_COMMAND_GROUP)
+            step = next((o for o in declared if o["name"] == path[0] and o["type"] in nested), None)
             if step is None:
                 subs = [o["name"] for o in declared if o["type"] in (SUB_COMMAND, SUB_COMMAND_GROUP)]
                 raise ValueError(f"/{schema['name']} has no subcommand {path[0]!r}; it has {subs}")
@@ -326,7 +349,8 @@ class DiscordServer:
             if key == focused:
                 sent.append({"name": key, "type": option["type"], "value": str(value), "focused": True})
             else:
-                sent.append({"name": key, "type": option["type"], "value": self._option_value(option, value, channel, resolved)})
+                typed = self._option_value(option, value, channel, resolved)
+                sent.append({"name": key, "type": option["type"], "value": typed})
         return sent
 
     def _option_value(self, option: dict[str, Any], value: Any, channel: Channel,
@@ -355,7 +379,7 @@ class DiscordServer:
             resolved.setdefault("channels", {})[str(value.id)] = payloads.channel(value) | {"permissions": "0"}
             return str(value.id)
         if isinstance(value, Upload):
-            stored = self._rest.store_attachment(channel, value, ephemeral=True)
+            stored = self._upload(channel, value, ephemeral=True)
             resolved.setdefault("attachments", {})[str(stored.id)] = payloads.attachment(stored)
             return str(stored.id)
         return value
@@ -431,5 +455,6 @@ def _submitted(component: dict[str, Any], values: Mapping[str, str | list[str]])
     if kind == 4:
         return {"type": 4, "custom_id": component["custom_id"], "value": values.get(component["custom_id"], "")}
     if kind in SELECTS:
-        return {"type": kind, "custom_id": component["custom_id"], "values": list(values.get(component["custom_id"], []))}
+        chosen = list(values.get(component["custom_id"], []))
+        return {"type": kind, "custom_id": component["custom_id"], "values": chosen}
     return {key: value for key, value in component.items() if key in ("type", "id", "content")}

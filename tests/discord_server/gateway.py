@@ -47,7 +47,8 @@ class Gateway:
         session = Session(ws)
         self._sessions.append(session)
         try:
-            await self._send(session, {"op": HELLO, "d": {"heartbeat_interval": HEARTBEAT_INTERVAL_MS}, "s": None, "t": None})
+            hello = {"op": HELLO, "d": {"heartbeat_interval": HEARTBEAT_INTERVAL_MS}, "s": None, "t": None}
+            await self._send(session, hello)
             async for frame in ws:
                 if frame.type is WSMsgType.TEXT:
                     await self._receive(session, json.loads(frame.data))

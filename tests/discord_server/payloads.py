@@ -193,7 +193,12 @@ def message(m: Message, *, referenced: bool = True) -> dict[str, Any]:
 
 def interaction_metadata(i: Interaction) -> dict[str, Any]:
     owners = {"0": str(i.channel.guild.id)} if i.channel.guild is not None else {"1": str(i.user.id)}
-    data: dict[str, Any] = {"id": str(i.id), "type": i.type, "user": user(i.user), "authorizing_integration_owners": owners}
+    data: dict[str, Any] = {
+        "id": str(i.id),
+        "type": i.type,
+        "user": user(i.user),
+        "authorizing_integration_owners": owners,
+    }
     if i.original is not None:
         data["original_response_message_id"] = str(i.original.id)
     if i.type == 3:

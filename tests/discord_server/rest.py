@@ -223,19 +223,25 @@ class RestApi:
         body, uploads = await self._read_body(request)
         kind, data = body["type"], body.get("data") or {}
         self._check_callback_type(interaction, kind)
-        interaction.callback_types.append(kind)
-        self._log.append(Action("callback", interaction=interaction, callback_type=kind))
-        message: Message | None = None
+        # Build and validate first: a refused callback must leave no trace.
+        created: Message | None = None
+        updated: tuple[Message, Message] | None = None  # (the component's message, its edited form)
         if kind == 4:
-            message = await self._new_message(interaction.channel, data, uploads, interaction=interaction)
-            interaction.original = message
+            created = self._build_message(interaction.channel, data, uploads, interaction)
         elif kind == 5:
             flags = LOADING | (int(data.get("flags", 0)) & EPHEMERAL)
-            message = await self._new_message(interaction.channel, {"flags": flags}, {}, interaction=interaction)
-            interaction.original = message
+            created = self._build_message(interaction.channel, {"flags": flags}, {}, interaction)
         elif kind == 7:
-            message = self._component_message(interaction)
-            await self._apply_edit(message, data, uploads, interaction)
+            target = self._component_message(interaction)
+            updated = target, self._edited(target, data, uploads)
+        interaction.callback_types.append(kind)
+        self._log.append(Action("callback", interaction=interaction, callback_type=kind))
+        message = created or (updated[0] if updated else None)
+        if created is not None:
+            interaction.original = created
+            await self._publish(created)
+        elif updated is not None:
+            await self._commit_edit(*updated, interaction)
         elif kind == 8:
             interaction.choices = data.get("choices", [])
         elif kind == 9:
@@ -301,10 +307,11 @@ class RestApi:
         original = interaction.original
         if original is not None and original.loading and not interaction.followups:
             # The first followup after a "thinking" defer replaces the thinking message, as on Discord.
-            await self._apply_edit(original, body | {"flags": original.flags & EPHEMERAL}, uploads, interaction)
+            await self._commit_edit(original, self._edited(original, body, uploads), interaction)
             message = original
         else:
-            message = await self._new_message(interaction.channel, body, uploads, interaction=interaction)
+            message = self._build_message(interaction.channel, body, uploads, interaction)
+            await self._publish(message)
         interaction.followups.append(message)
         if request.query.get("wait") in ("1", "true", "True"):
             return _json(payloads.message(message))
@@ -318,7 +325,7 @@ class RestApi:
         interaction = self._webhook_interaction(request)
         message = self._webhook_message(request, interaction)
         body, uploads = await self._read_body(request)
-        await self._apply_edit(message, body, uploads, interaction)
+        await self._commit_edit(message, self._edited(message, body, uploads), interaction)
         return _json(payloads.message(message))
 
     async def _delete_webhook_message(self, request: web.Request) -> web.Response:
@@ -370,7 +377,8 @@ class RestApi:
         needed = VIEW_CHANNEL | SEND_MESSAGES | (ATTACH_FILES if uploads else 0)
         if self._bot_permissions(channel) & needed != needed:
             raise ApiError(403, 50013, "Missing Permissions")
-        message = await self._new_message(channel, body, uploads)
+        message = self._build_message(channel, body, uploads, None)
+        await self._publish(message)
         return _json(payloads.message(message))
 
     async def _edit_message(self, request: web.Request) -> web.Response:
@@ -379,7 +387,7 @@ class RestApi:
         if message.author is not self._state.bot:
             raise ApiError(403, 50005, "Cannot edit a message authored by another user")
         body, uploads = await self._read_body(request)
-        await self._apply_edit(message, body, uploads, None)
+        await self._commit_edit(message, self._edited(message, body, uploads), None)
         return _json(payloads.message(message))
 
     async def _delete_message(self, request: web.Request) -> web.Response:
@@ -436,12 +444,10 @@ class RestApi:
     def store_attachment(self, channel: Channel, upload: Upload, *, description: str | None = None,
                          ephemeral: bool = False) -> Attachment:
         """Keep an uploaded file and give it a URL on this server."""
-        if len(upload.data) > self._options.upload_limit:
-            raise ApiError(413, 40005, f"Request entity too large: {upload.filename} is {len(upload.data)} bytes, "
-                                       f"the limit is {self._options.upload_limit}")
         attachment_id = self._state.ids.next()
         url = f"{self.base_url}/attachments/{channel.id}/{attachment_id}/{upload.filename}"
-        stored = Attachment(attachment_id, upload.filename, upload.data, upload.content_type, url, description, ephemeral)
+        stored = Attachment(attachment_id, upload.filename, upload.data, upload.content_type, url, description,
+                            ephemeral)
         self._state.attachments[attachment_id] = stored
         return stored
 
@@ -462,7 +468,11 @@ class RestApi:
                 content_type = part.headers.get("Content-Type", "application/octet-stream")
                 if content_type == "application/octet-stream":  # discord.py always says this; Discord guesses
                     content_type = ""
-                uploads[int(match[1])] = Upload(filename, bytes(await part.read()), content_type)
+                data = bytes(await part.read())
+                if len(data) > self._options.upload_limit:
+                    raise ApiError(413, 40005, f"Request entity too large: {filename} is {len(data)} bytes, "
+                                               f"the limit is {self._options.upload_limit}")
+                uploads[int(match[1])] = Upload(filename, data, content_type)
         return body, uploads
 
     def _attachments(self, channel: Channel, data: dict[str, Any], uploads: dict[int, Upload],
@@ -485,8 +495,9 @@ class RestApi:
                 raise ApiError(400, 50035, f"Invalid Form Body: attachment {key} is neither kept nor uploaded")
         return result
 
-    async def _new_message(self, channel: Channel, data: dict[str, Any], uploads: dict[int, Upload], *,
-                           interaction: Interaction | None = None) -> Message:
+    def _build_message(self, channel: Channel, data: dict[str, Any], uploads: dict[int, Upload],
+                       interaction: Interaction | None) -> Message:
+        """A new bot message from a request body, validated as Discord would, not yet published."""
         flags = int(data.get("flags", 0))
         if interaction is None:
             flags &= ~EPHEMERAL  # only interaction responses can be ephemeral
@@ -511,13 +522,15 @@ class RestApi:
         if not message.loading:
             _validate(message)
         message.mentions = self.mentions(message.content)
-        self._state.messages[message.id] = message
-        self._log.append(Action("message", message=message, interaction=interaction, content=message.content))
-        await self._gateway.dispatch_message("MESSAGE_CREATE", message)
         return message
 
-    async def _apply_edit(self, message: Message, data: dict[str, Any], uploads: dict[int, Upload],
-                          interaction: Interaction | None) -> None:
+    async def _publish(self, message: Message) -> None:
+        self._state.messages[message.id] = message
+        self._log.append(Action("message", message=message, interaction=message.interaction, content=message.content))
+        await self._gateway.dispatch_message("MESSAGE_CREATE", message)
+
+    def _edited(self, message: Message, data: dict[str, Any], uploads: dict[int, Upload]) -> Message:
+        """`message` as a PATCH body would leave it (fields left out stay), validated, not yet applied."""
         edited = replace(
             message,
             content=data.get("content", message.content) or "",
@@ -526,6 +539,9 @@ class RestApi:
             attachments=self._attachments(message.channel, data, uploads, message.attachments, message.ephemeral),
         )
         _validate(edited)
+        return edited
+
+    async def _commit_edit(self, message: Message, edited: Message, interaction: Interaction | None) -> None:
         message.content, message.embeds = edited.content, edited.embeds
         message.components, message.attachments = edited.components, edited.attachments
         message.mentions = self.mentions(message.content)
@@ -568,7 +584,8 @@ def _validate(message: Message) -> None:
     for row in rows:
         children = row.get("components", []) if row.get("type") == 1 else []
         if len(children) > MAX_PER_ROW:
-            raise ApiError(400, 50035, f"Invalid Form Body: at most {MAX_PER_ROW} buttons in a row (got {len(children)})")
+            raise ApiError(400, 50035, f"Invalid Form Body: at most {MAX_PER_ROW} buttons in a row "
+                                       f"(got {len(children)})")
         for child in children:
             custom_id = child.get("custom_id")
             if custom_id is None:
