@@ -117,14 +117,15 @@ _OPEN_CLIP_H14 = TextEncoderConfig(
     kind="open_clip", width=1024, layers=24, mlp_width=4096, projection_dim=1024, layer="penultimate"
 )
 _SD1_UNET = UNetConfig(num_heads=8, context_dim=768)
+_SD1_VAE = VAEConfig(resolution=512)  # v1 YAMLs say 512, v2 YAMLs 256; it only places VAE attention
 _SD2_UNET = UNetConfig(num_head_channels=64, context_dim=1024, use_linear_in_transformer=True)
 
-SD1 = Family(prediction="epsilon", conditioning="crossattn", unet=_SD1_UNET, vae=VAEConfig(), text=_CLIP_L14)
+SD1 = Family(prediction="epsilon", conditioning="crossattn", unet=_SD1_UNET, vae=_SD1_VAE, text=_CLIP_L14)
 SD1_INPAINT = Family(
     prediction="epsilon",
     conditioning="hybrid",
     unet=UNetConfig(in_channels=9, num_heads=8, context_dim=768),
-    vae=VAEConfig(),
+    vae=_SD1_VAE,
     text=_CLIP_L14,
 )
 SD2 = Family(prediction="epsilon", conditioning="crossattn", unet=_SD2_UNET, vae=VAEConfig(), text=_OPEN_CLIP_H14)

@@ -135,7 +135,8 @@ def detect_family(weights: dict[str, torch.Tensor]) -> Family:
         raise CheckpointError(
             f"UNet takes {unet.in_channels} input channels; supported: 4 (txt2img) or 9 (inpainting)"
         )
-    return replace(base, conditioning=conditioning, unet=unet, vae=_detect_vae(weights), text=text)
+    vae = _detect_vae(weights, base.vae.resolution)
+    return replace(base, conditioning=conditioning, unet=unet, vae=vae, text=text)
 
 
 def _detect_text(weights: dict[str, torch.Tensor]) -> TextEncoderConfig:
@@ -198,12 +199,12 @@ def _detect_unet(weights: dict[str, torch.Tensor], base: UNetConfig, context_dim
     )
 
 
-def _detect_vae(weights: dict[str, torch.Tensor]) -> VAEConfig:
+def _detect_vae(weights: dict[str, torch.Tensor], resolution: int) -> VAEConfig:
+    """Sizes from shapes; `resolution` (not in the weights) only says where attention levels sit."""
     enc = VAE + "encoder."
     ch = weights[enc + "conv_in.weight"].shape[0]
     levels = _indices(weights, re.escape(enc) + r"down\.(\d+)\.")
     z_channels = weights[VAE + "decoder.conv_in.weight"].shape[1]
-    resolution = VAEConfig().resolution
     return VAEConfig(
         embed_dim=weights[VAE + "post_quant_conv.weight"].shape[1],
         z_channels=z_channels,
@@ -242,7 +243,7 @@ def family_from_yaml(path: Path, text: TextEncoderConfig) -> Family:
     if kind is None:
         raise CheckpointError(f"{path}: cond_stage_config target {cond.get('target')!r}; allowed: {', '.join(kinds)}")
     if kind != text.kind:
-        raise CheckpointError(f"{path}: the YAML names a {kind} text encoder but the checkpoint holds {text.kind}")
+        raise CheckpointError(f"{path}: the YAML names text encoder {kind!r} but the checkpoint holds {text.kind!r}")
     parameterization = params.get("parameterization", "eps")
     predictions = {"eps": "epsilon", "v": "v"}
     conditioning = params.get("conditioning_key", "crossattn")
