@@ -101,15 +101,14 @@ class Database:
 
     @asynccontextmanager
     async def writing(self) -> AsyncIterator[aiosqlite.Connection]:
-        """One write transaction; writers queue on the lock, and any exception rolls back."""
+        """One write transaction; writers queue on the lock, and any exception rolls back.
+
+        A cancelled caller is safe too: its statements still run in the connection's thread,
+        but in order, so the ROLLBACK queued here runs after them and before the next BEGIN."""
         async with self._write_lock:
-            await self._writer.execute("BEGIN IMMEDIATE")
             try:
+                await self._writer.execute("BEGIN IMMEDIATE")
                 yield self._writer
-            except BaseException:
-                await self._writer.rollback()
-                raise
-            try:
                 await self._writer.commit()
             except BaseException:
                 await self._writer.rollback()

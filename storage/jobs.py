@@ -2,10 +2,9 @@
 
 State machine (anything else raises `IllegalTransition`):
 
-    queued ──► running ──► done
-      │          │  └────► failed
-      │          └───────► queued     (after a restart interrupted it)
-      └──────────┴───────► cancelled
+    queued  -> running | failed (it could not even start) | cancelled
+    running -> done | failed | cancelled | queued (a restart interrupted it)
+    done, failed, cancelled: final
 
 Finishing a job records its usage in the same transaction, so the usage ledger can never
 disagree with the jobs that are done.
@@ -40,7 +39,7 @@ class JobState(StrEnum):
 
 
 _TRANSITIONS: dict[JobState, frozenset[JobState]] = {
-    JobState.QUEUED: frozenset({JobState.RUNNING, JobState.CANCELLED}),
+    JobState.QUEUED: frozenset({JobState.RUNNING, JobState.FAILED, JobState.CANCELLED}),
     JobState.RUNNING: frozenset(
         {JobState.DONE, JobState.FAILED, JobState.CANCELLED, JobState.QUEUED}
     ),
@@ -148,7 +147,7 @@ async def finish_job(db: Database, job_id: str) -> Job:
 
 
 async def fail_job(db: Database, job_id: str, error: str) -> Job:
-    """running -> failed with the error text shown to the user."""
+    """queued or running -> failed, with the error text shown to the user."""
     return await _transition(db, job_id, JobState.FAILED, "finished_at = :now, error = :error",
                              error=error)
 

@@ -115,6 +115,31 @@ async def test_exception_rolls_the_whole_transaction_back(tmp_path: Path) -> Non
         assert await db.fetch_all("SELECT * FROM bans") == []
 
 
+@pytest.mark.parametrize("where", ["at BEGIN", "inside the transaction"])
+async def test_a_cancelled_writer_leaves_nothing_behind(tmp_path: Path, where: str) -> None:
+    """Discord handlers get cancelled; the next writer must find a clean connection."""
+    async with Database.open(StorageSettings(data_dir=tmp_path)) as db:
+        inside = asyncio.Event()
+
+        async def slow_ban() -> None:
+            async with db.writing() as connection:
+                await connection.execute("INSERT INTO bans VALUES (1, 2, 'spam', 3, 0)")
+                inside.set()
+                await asyncio.sleep(60)
+
+        task = asyncio.create_task(slow_ban())
+        if where == "at BEGIN":
+            await asyncio.sleep(0)  # the task runs until it awaits its BEGIN statement
+        else:
+            await inside.wait()
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        job = await create_job(db, sample_request(), owner_id=1, channel_id=2)
+        assert await db.fetch_all("SELECT * FROM bans") == []
+        assert [j.id for j in await jobs_by_state(db, JobState.QUEUED)] == [job.id]
+
+
 async def test_reads_do_not_wait_behind_a_long_write(tmp_path: Path) -> None:
     async with Database.open(StorageSettings(data_dir=tmp_path)) as db:
         await create_job(db, sample_request(), owner_id=1, channel_id=2)

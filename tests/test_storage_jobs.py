@@ -64,7 +64,7 @@ async def test_job_ids_given_by_the_queue_are_kept_and_checked(db: Database) -> 
 
 
 # The state machine of the issue, written out independently of storage/jobs.py.
-LEGAL = {("queued", "running"), ("queued", "cancelled"), ("running", "done"),
+LEGAL = {("queued", "running"), ("queued", "failed"), ("queued", "cancelled"), ("running", "done"),
          ("running", "failed"), ("running", "cancelled"), ("running", "queued")}
 ACTIONS = {
     "running": lambda db, job_id: start_job(db, job_id, device="cuda:0"),
