@@ -16,6 +16,7 @@ import aiohttp
 import discord
 import pytest
 from discord import app_commands
+from PIL import Image
 from discord.ext import commands
 
 from tests.discord_server import (
@@ -124,7 +125,7 @@ class ExampleBot(commands.Bot):
                           image: discord.Attachment, model: str, count: app_commands.Range[int, 1, 4] = 1) -> None:
             data = await image.read()
             await interaction.response.send_message(
-                f"{prompt} x{count} on {model} from {image.filename} {image.content_type} "
+                f"{prompt} x{count} on {model} from {image.filename} {image.content_type} {image.width}x{image.height} "
                 f"{hashlib.sha256(data).hexdigest()[:12]}", ephemeral=True
             )
 
@@ -184,7 +185,13 @@ class ExampleBot(commands.Bot):
         async def remix(interaction: discord.Interaction, message: discord.Message) -> None:
             await interaction.response.send_modal(RemixModal(message))
 
+        @tree.command(description="Greet, and whisper in DMs")
+        async def hello(interaction: discord.Interaction) -> None:
+            await interaction.user.send(f"psst {interaction.user.name}")
+            await interaction.response.send_message("hello")
+
         await tree.sync(guild=self.home)
+        await tree.sync()
 
     async def on_message(self, message: discord.Message) -> None:
         if message.author == self.user:
@@ -194,6 +201,12 @@ class ExampleBot(commands.Bot):
             replied = message.reference.resolved if message.reference else None
             about = replied.attachments[0].filename if isinstance(replied, discord.Message) else "nothing"
             await message.reply(f"heard {message.content!r} about {about}")
+
+
+def png(width: int, height: int) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", (width, height), (200, 10, 10)).save(buffer, format="PNG")
+    return buffer.getvalue()
 
 
 @dataclass
@@ -256,7 +269,7 @@ async def test_bot_syncs_answers_with_file_and_button_that_survives_restart(
         synced = {(c["name"], c["type"]) for c in server.commands(world.guild)}
         assert synced == {("ping", 1), ("imagine", 1), ("limits", 1), ("slow", 1), ("announce", 1), ("roundtrip", 1),
                           ("Remix", 3)}
-        assert server.commands() == []
+        assert [c["name"] for c in server.commands()] == ["hello"]
 
         ping = await server.slash(world.alice, world.channel, "ping")
         sent = await server.wait_for(lambda a: a.kind == "message" and a.interaction is ping)
@@ -283,7 +296,7 @@ async def test_options_attachments_autocomplete_and_subcommand_permissions(
     world: World, caplog: pytest.LogCaptureFixture
 ) -> None:
     server = world.server
-    image = Upload("cat.png", b"\x89PNG not really")
+    image = Upload("cat.png", png(3, 2))
     async with running(world, Seen(), caplog):
         choices = await server.autocomplete(world.alice, world.channel, "imagine", {"prompt": "a cat", "model": "sd15"},
                                             focused="model")
@@ -293,7 +306,7 @@ async def test_options_attachments_autocomplete_and_subcommand_permissions(
                                    {"prompt": "a cat", "image": image, "model": "sd21-v", "count": 3})
         reply = (await server.wait_for(lambda a: a.interaction is asked and a.kind == "message")).message
         digest = hashlib.sha256(image.data).hexdigest()[:12]
-        assert reply.content == f"a cat x3 on sd21-v from cat.png image/png {digest}"
+        assert reply.content == f"a cat x3 on sd21-v from cat.png image/png 3x2 {digest}"
         assert reply.ephemeral and reply not in [m for m in server.messages(world.channel) if not m.ephemeral]
 
         with pytest.raises(ValueError, match=r"within \[1, 4\]"):
@@ -449,3 +462,20 @@ async def test_a_wrong_token_cannot_log_in(world: World) -> None:
     with pytest.raises(discord.LoginFailure):
         await bot.login(world.server.token + "x")
     await bot.close()
+
+
+async def test_global_commands_work_in_dms_and_the_bot_can_open_one(
+    world: World, caplog: pytest.LogCaptureFixture
+) -> None:
+    server = world.server
+    async with running(world, Seen(), caplog):
+        dm = server.dm_channel(world.alice)
+        with pytest.raises(LookupError, match=r"no command 'ping' of type 1 usable in DMs; there are \['hello'\]"):
+            await server.slash(world.alice, dm, "ping")
+        in_guild = await server.slash(world.alice, world.channel, "hello")
+        await server.wait_for(lambda a: a.interaction is in_guild and a.kind == "message")
+        in_dm = await server.slash(world.alice, dm, "hello")
+        reply = await server.wait_for(lambda a: a.interaction is in_dm and a.kind == "message")
+        assert reply.message.channel is dm and in_guild.original is not None
+        assert in_guild.original.channel is world.channel
+        assert [m.content for m in server.messages(dm)] == ["psst alice", "psst alice", "hello"]

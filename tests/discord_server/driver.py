@@ -33,7 +33,7 @@ from .state import (
     snowflake_time,
 )
 
-PING, APPLICATION_COMMAND, MESSAGE_COMPONENT, AUTOCOMPLETE, MODAL_SUBMIT = 1, 2, 3, 4, 5
+APPLICATION_COMMAND, MESSAGE_COMPONENT, AUTOCOMPLETE, MODAL_SUBMIT = 2, 3, 4, 5
 CHAT_INPUT, USER_COMMAND, MESSAGE_COMMAND = 1, 2, 3
 SUB_COMMAND, SUB_COMMAND_GROUP = 1, 2
 STRING, INTEGER, BOOLEAN, USER, CHANNEL, ROLE, MENTIONABLE, NUMBER, ATTACHMENT = 3, 4, 5, 6, 7, 8, 9, 10, 11
@@ -168,13 +168,8 @@ class DiscordServer:
         await self._gateway.dispatch("CHANNEL_UPDATE", payloads.channel(channel), intent=GUILDS)
 
     def dm_channel(self, user: User) -> Channel:
-        """The DM channel between `user` and the bot (created on first use)."""
-        existing = next((c for c in self._state.channels.values() if c.recipient is user), None)
-        if existing is not None:
-            return existing
-        channel = Channel(self._state.ids.next(), user.name, None, recipient=user)
-        self._state.channels[channel.id] = channel
-        return channel
+        """The DM channel between `user` and the bot (opened on first use, by either side)."""
+        return self._state.dm_channel(user)
 
     # ---- gestures -----------------------------------------------------------------------------
     async def slash(self, user: User, channel: Channel, command: str,
@@ -388,14 +383,13 @@ class DiscordServer:
                         message: Message | None = None) -> Interaction:
         """Build a realistic INTERACTION_CREATE, remember its token, and send it to the bot."""
         await self.wait_for_bot()
-        interaction = Interaction(self._state.ids.next(), new_token(), kind, user, channel, {})
-        guild = channel.guild
+        interaction_id, token, guild = self._state.ids.next(), new_token(), channel.guild
         payload: dict[str, Any] = {
-            "id": str(interaction.id),
+            "id": str(interaction_id),
             "application_id": str(self.application_id),
             "type": kind,
             "data": data,
-            "token": interaction.token,
+            "token": token,
             "version": 1,
             "channel_id": str(channel.id),
             "channel": payloads.channel(channel),
@@ -417,11 +411,11 @@ class DiscordServer:
             }
             payload["channel"]["permissions"] = payload["member"]["permissions"]
         else:
-            payload |= {"user": payloads.user(user), "app_permissions": str(SEND_DENIED | EVERYONE_DEFAULT),
-                        "authorizing_integration_owners": {"0": str(user.id)}, "context": 1}
+            payload |= {"user": payloads.user(user), "app_permissions": str(EVERYONE_DEFAULT),
+                        "authorizing_integration_owners": {"0": "0"}, "context": 1}
         if message is not None:
             payload["message"] = payloads.message(message)
-        interaction.payload = payload
+        interaction = Interaction(interaction_id, token, kind, user, channel, payload)
         self._state.interactions[interaction.token] = interaction
         await self._gateway.dispatch("INTERACTION_CREATE", payload)
         return interaction

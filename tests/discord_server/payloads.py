@@ -143,9 +143,8 @@ def attachment(a: Attachment) -> dict[str, Any]:
         "ephemeral": a.ephemeral,
         "flags": 0,
     }
-    size = a.image_size()
-    if size is not None:
-        data["width"], data["height"] = size
+    if a.width is not None:
+        data["width"], data["height"] = a.width, a.height
     return data
 
 

@@ -35,6 +35,7 @@ from .state import (
     State,
     Upload,
     User,
+    image_size,
     snowflake_time,
 )
 
@@ -97,6 +98,7 @@ class RestApi:
             web.delete(f"{api}/channels/{{channel}}/messages/{{message}}", bot(self._delete_message)),
             web.post(f"{api}/channels/{{channel}}/typing", bot(self._typing)),
             web.post(f"{api}/users/@me/channels", bot(self._open_dm)),
+            web.get(f"{api}/users/{{user}}", bot(self._get_user)),
             web.get(f"{api}/guilds/{{guild}}", bot(self._get_guild)),
             web.get(f"{api}/guilds/{{guild}}/channels", bot(self._get_guild_channels)),
             web.get(f"{api}/guilds/{{guild}}/roles", bot(self._get_roles)),
@@ -118,7 +120,8 @@ class RestApi:
         except Exception as error:  # a bug in this server: make it loud but fast
             self._log.server_errors.append(f"{where} -> {error!r}\n{traceback.format_exc()}")
             response = _json({"code": 0, "message": f"test server bug: {error!r}"}, status=400)
-        response.headers.update(RATE_LIMIT_HEADERS)
+        if not response.prepared:  # a websocket's headers are long gone
+            response.headers.update(RATE_LIMIT_HEADERS)
         return response
 
     def _bot_only(self, handler: Handler) -> Handler:
@@ -406,11 +409,13 @@ class RestApi:
         user = self._state.users.get(int((await request.json())["recipient_id"]))
         if user is None:
             raise ApiError(404, 10013, "Unknown User")
-        channel = next((c for c in self._state.channels.values() if c.recipient is user), None)
-        if channel is None:
-            channel = Channel(self._state.ids.next(), name=user.name, guild=None, recipient=user)
-            self._state.channels[channel.id] = channel
-        return _json(payloads.channel(channel))
+        return _json(payloads.channel(self._state.dm_channel(user)))
+
+    async def _get_user(self, request: web.Request) -> web.Response:
+        user = self._state.users.get(int(request.match_info["user"]))
+        if user is None:
+            raise ApiError(404, 10013, "Unknown User")
+        return _json(payloads.user(user))
 
     # ---- guilds -------------------------------------------------------------------------------
     def _guild(self, request: web.Request) -> Guild:
@@ -446,8 +451,9 @@ class RestApi:
         """Keep an uploaded file and give it a URL on this server."""
         attachment_id = self._state.ids.next()
         url = f"{self.base_url}/attachments/{channel.id}/{attachment_id}/{upload.filename}"
+        width, height = image_size(upload.data) or (None, None)
         stored = Attachment(attachment_id, upload.filename, upload.data, upload.content_type, url, description,
-                            ephemeral)
+                            ephemeral, width, height)
         self._state.attachments[attachment_id] = stored
         return stored
 

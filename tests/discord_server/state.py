@@ -14,6 +14,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from PIL import Image, UnidentifiedImageError
+
 DISCORD_EPOCH_MS = 1_420_070_400_000
 
 # Permission bits this server reasons about (Discord's values).
@@ -163,20 +165,21 @@ class Attachment:
     url: str
     description: str | None = None
     ephemeral: bool = False
+    width: int | None = None  # images only, as Discord reports them
+    height: int | None = None
 
     @property
     def size(self) -> int:
         return len(self.data)
 
-    def image_size(self) -> tuple[int, int] | None:
-        """(width, height) when the bytes are an image Pillow can read, as Discord reports them."""
-        from PIL import Image, UnidentifiedImageError
 
-        try:
-            with Image.open(io.BytesIO(self.data)) as image:
-                return image.size
-        except (UnidentifiedImageError, OSError):
-            return None
+def image_size(data: bytes) -> tuple[int, int] | None:
+    """(width, height) when the bytes are an image Pillow can read."""
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            return image.size
+    except (UnidentifiedImageError, OSError):
+        return None
 
 
 @dataclass(eq=False)
@@ -269,6 +272,14 @@ class State:
         except KeyError:
             raise LookupError(f"{user.name} is not a member of {guild.name}: add them with add_member first") from None
 
+    def dm_channel(self, user: User) -> Channel:
+        """The DM channel between `user` and the bot, opened on first use."""
+        channel = next((c for c in self.channels.values() if c.recipient is user), None)
+        if channel is None:
+            channel = Channel(self.ids.next(), user.name, None, recipient=user)
+            self.channels[channel.id] = channel
+        return channel
+
     def channel_messages(self, channel: Channel) -> list[Message]:
         return [m for m in self.messages.values() if m.channel is channel and not m.deleted]
 
@@ -279,11 +290,24 @@ class State:
         return self.interactions.get(token)
 
     def find_command(self, guild: Guild | None, name: str, command_type: int) -> dict[str, Any]:
-        """The synced command a user would pick: the guild's own first, then global ones."""
-        scopes = ([guild.id] if guild is not None else []) + [None]
-        for scope in scopes:
-            for command in self.commands.get(scope, []):
-                if command["name"] == name and command["type"] == command_type:
-                    return command
-        known = sorted(c["name"] for scope in scopes for c in self.commands.get(scope, []) if c["type"] == command_type)
-        raise LookupError(f"the bot has not synced a command {name!r} of type {command_type} here; synced: {known}")
+        """The synced command a user would pick: the guild's own first, then global ones usable there.
+
+        Discord also hides commands from members lacking `default_member_permissions`; this does not,
+        as if an admin had granted them, so that the bot's own permission checks are what tests see.
+        """
+        if guild is None:
+            candidates = [c for c in self.commands.get(None, []) if _usable_in_dm(c)]
+        else:
+            candidates = self.commands.get(guild.id, []) + self.commands.get(None, [])
+        for command in candidates:
+            if command["name"] == name and command["type"] == command_type:
+                return command
+        known = sorted(c["name"] for c in candidates if c["type"] == command_type)
+        where = "in DMs" if guild is None else f"in {guild.name}"
+        raise LookupError(f"the bot has synced no command {name!r} of type {command_type} usable {where}; "
+                          f"there are {known}")
+
+
+def _usable_in_dm(command: dict[str, Any]) -> bool:
+    contexts = command.get("contexts")
+    return command.get("dm_permission") is not False and (contexts is None or 1 in contexts)
