@@ -26,13 +26,12 @@ O(n log n) per call; batching looks a few picks ahead on such a fork. Nothing he
 from __future__ import annotations
 
 import asyncio
-import base64
 import heapq
 import secrets
 import time
 from collections import Counter, deque
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from enum import StrEnum
 
 from generation.request import GenerationRequest, Kind
@@ -151,8 +150,8 @@ def role_weight(role_weights: Mapping[str, float], roles: Iterable[str]) -> floa
 
 
 def new_job_id() -> str:
-    """12 lowercase base32 characters: short enough for button custom ids, 60 random bits."""
-    return base64.b32encode(secrets.token_bytes(8)).decode("ascii")[:12].lower()
+    """12 URL-safe characters (72 random bits): short enough for button custom ids."""
+    return secrets.token_urlsafe(9)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -161,7 +160,7 @@ def new_job_id() -> str:
 _Entry = tuple[float, int, int, object]  # (start tag, activation order, flow version, flow key)
 
 
-@dataclass
+@dataclass(slots=True)
 class _Flow:
     """A flow at either level. Its heap entry is valid while `active` and the versions match."""
 
@@ -171,15 +170,15 @@ class _Flow:
     active: bool = False
 
 
-@dataclass
+@dataclass(slots=True)
 class _UserFlow(_Flow):
     jobs: deque[Job] = field(default_factory=deque)
 
     def copy(self) -> _UserFlow:
-        return replace(self, jobs=deque(self.jobs))
+        return _UserFlow(self.start, self.finish, self.version, self.active, deque(self.jobs))
 
 
-@dataclass
+@dataclass(slots=True)
 class _GuildFlow(_Flow):
     #: Heap of this guild's eligible user flows and its virtual time.
     heap: list[_Entry] = field(default_factory=list)
@@ -187,7 +186,7 @@ class _GuildFlow(_Flow):
     eligible: int = 0
 
     def copy(self) -> _GuildFlow:
-        return replace(self, heap=list(self.heap))
+        return _GuildFlow(self.start, self.finish, self.version, self.active, list(self.heap), self.v, self.eligible)
 
 
 class _Tree:
@@ -226,6 +225,11 @@ class _Tree:
             flow = self._guilds[key] = base.copy() if base else _GuildFlow()
         return flow
 
+    def _seen(self, key: object, level: str) -> _Flow:
+        """A flow for reading only: no copy in a fork."""
+        own = self._users if level == "user" else self._guilds
+        return own[key] if key in own or self._parent is None else self._parent._seen(key, level)
+
     def running(self, owner: int) -> int:
         if owner in self._running or self._parent is None:
             return self._running.get(owner, 0)
@@ -243,11 +247,11 @@ class _Tree:
 
     def peek(self) -> Job | None:
         """The job the scheduler would dispatch next."""
-        guild_key = self._top(self._heap, self._guild)
+        guild_key = self._top(self._heap, "guild")
         if guild_key is None:
             return None
-        user_key = self._top(self._guild(guild_key).heap, self._user)
-        return self._user(user_key).jobs[0]
+        user_key = self._top(self._guild(guild_key).heap, "user")
+        return self._seen(user_key, "user").jobs[0]
 
     def pop(self) -> Job | None:
         """Dispatch the next job in fair order."""
@@ -317,12 +321,11 @@ class _Tree:
         self._order += 1
         heapq.heappush(heap, (flow.start, self._order, flow.version, key))
 
-    @staticmethod
-    def _top(heap: list[_Entry], flow_of: Callable[[object], _Flow]) -> object | None:
+    def _top(self, heap: list[_Entry], level: str) -> object | None:
         """Key of the valid entry with the smallest start tag, dropping stale entries on the way."""
         while heap:
             _, _, version, key = heap[0]
-            flow = flow_of(key)
+            flow = self._seen(key, level)
             if flow.active and flow.version == version:
                 return key
             heapq.heappop(heap)
@@ -355,6 +358,7 @@ class FairQueue:
         self._tree = _Tree(settings.max_running_per_user)
         self._jobs: dict[str, Job] = {}
         self._queued = Counter[int]()
+        self._queued_total = 0
         self._seq = 0
         self._initial_throughput = initial_throughput
         self._throughput = {device: initial_throughput for device in devices}
@@ -399,13 +403,14 @@ class FairQueue:
                 f"you already have {self._queued[owner]} jobs queued (the limit is {cap}); "
                 "wait for one to finish or cancel one"
             )
-        if self._queued.total() >= total:
+        if self._queued_total >= total:
             return f"the queue is full ({total} jobs waiting, the limit); try again in a few minutes"
         return None
 
     def _enqueue(self, job: Job) -> None:
         self._jobs[job.id] = job
         self._queued[job.owner_id] += 1
+        self._queued_total += 1
         self._tree.add(job)
         self._changed.set()
 
@@ -443,6 +448,7 @@ class FairQueue:
         if job.state is JobState.QUEUED:
             self._tree.remove(job)
             self._queued[job.owner_id] -= 1
+            self._queued_total -= 1
             del self._jobs[job_id]
             job.state, job.cancel_reason = JobState.CANCELLED, reason
             self._changed.set()
@@ -497,6 +503,7 @@ class FairQueue:
                 batch.append(job)
                 images += job.request.count
         now = self._clock()
+        self._queued_total -= len(batch)
         for job in batch:
             self._queued[job.owner_id] -= 1
             job.state, job.device, job.started_at = JobState.RUNNING, device, now
@@ -533,7 +540,7 @@ class FairQueue:
 
     def __len__(self) -> int:
         """Jobs queued (not running)."""
-        return self._queued.total()
+        return self._queued_total
 
     def get(self, job_id: str) -> Job | None:
         return self._jobs.get(job_id)

@@ -440,3 +440,24 @@ def test_restore_keeps_submission_order_and_reruns_a_running_job_once():
     assert submit(queue, 1).seq == 8
     with pytest.raises(ValueError, match="only queued or running"):
         queue.restore([persisted(9, 1, JobState.DONE)])
+
+
+# -- the benchmark's own arithmetic ---------------------------------------------------------------
+
+def test_water_filling_gives_the_max_min_fair_split():
+    from generation.queue_bench import _jain, _water_fill
+
+    # 90 units, demands 10 / 50 / unbounded, weights 1 / 1 / 2: the first is satisfied, then the
+    # other two split the 80 left 1:2, which the second (50) does not exceed: 10, 26.67, 53.33.
+    shares = _water_fill(90.0, {1: 10.0, 2: 50.0, 3: float("inf")}, {1: 1.0, 2: 1.0, 3: 2.0})
+    assert shares == pytest.approx({1: 10.0, 2: 80 / 3, 3: 160 / 3})
+    assert _jain([1.0, 1.0, 1.0]) == pytest.approx(1.0)
+    assert _jain([1.0, 0.0, 0.0]) == pytest.approx(1 / 3)
+
+
+def test_the_queue_benchmark_runs(capsys):
+    from generation.queue_bench import main
+
+    assert main(["--jobs", "300", "--users", "30", "--rounds", "30", "--hours", "0.25"]) == 0
+    out = capsys.readouterr().out
+    assert "next_batch" in out and "fair queue (SFQ)" in out and "first come first served" in out
