@@ -7,6 +7,9 @@ Each subcommand is a small function; heavy imports (torch, discord) happen insid
 from __future__ import annotations
 
 import argparse
+import asyncio
+import importlib
+import json
 import os
 import sys
 from collections.abc import Callable, Sequence
@@ -22,7 +25,11 @@ EXIT_USAGE = 2
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
-    args = parser.parse_args(argv)
+    # Benchmarks parse their own options; every other command must use all of them.
+    args, rest = parser.parse_known_args(argv)
+    args.options = rest
+    if rest and not getattr(args, "passthrough", False):
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
     try:
         return args.handler(args)
     except ConfigError as exc:
@@ -66,8 +73,40 @@ def _models(args: argparse.Namespace) -> int:
 
 
 def _generate(args: argparse.Namespace) -> int:
-    print("atelier generate: the engine is not built yet (issue 3).", file=sys.stderr)
-    return EXIT_USAGE
+    from bot.local_generate import UsageError, generate
+    from models.loading import CheckpointError
+
+    config = _load(args)
+    try:
+        paths = generate(args, config)
+    except (UsageError, CheckpointError) as exc:
+        print(f"atelier generate: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    for path in paths:
+        print(path)
+    return 0
+
+
+def _db_check(args: argparse.Namespace) -> int:
+    from storage.maintenance import check, format_report
+
+    report = asyncio.run(check(_load(args).storage))
+    print(format_report(report))
+    return 0 if report.ok else EXIT_FAILED
+
+
+def _db_export(args: argparse.Namespace) -> int:
+    from storage.maintenance import export_user
+
+    print(json.dumps(asyncio.run(export_user(_load(args).storage, args.user)), indent=2))
+    return 0
+
+
+def _bench(module: str) -> Callable[[argparse.Namespace], int]:
+    def handler(args: argparse.Namespace) -> int:
+        return importlib.import_module(module).main(args.options)
+
+    return handler
 
 
 def _not_built(what: str, issue: int) -> Callable[[argparse.Namespace], int]:
@@ -105,22 +144,22 @@ def _parser() -> argparse.ArgumentParser:
 
     bench = commands.add_parser("bench", help="benchmarks that print figures (not tests)")
     benches = bench.add_subparsers(title="benchmarks", required=True, metavar="BENCH")
-    for name, issue, help in (
-        ("engine", 3, "UNet step time, image latency and VRAM, beside diffusers"),
-        ("storage", 5, "job inserts, state updates and history queries per second"),
-        ("queue", 6, "submit and dispatch cost, fairness and waits over a simulated day"),
+    for name, handler, help in (
+        ("engine", _not_built("bench engine", 3), "UNet step time, image latency and VRAM, beside diffusers"),
+        ("storage", _bench("storage.bench"), "job inserts, state updates and history queries per second"),
+        ("queue", _bench("generation.queue_bench"), "submit and dispatch cost, fairness and waits over a day"),
     ):
-        sub = benches.add_parser(name, parents=[common], help=help, description=help)
-        sub.set_defaults(handler=_not_built(f"bench {name}", issue))
+        # add_help=False: `atelier bench NAME --help` reaches the benchmark's own parser.
+        benches.add_parser(name, help=help, add_help=False).set_defaults(handler=handler, passthrough=True)
 
     db = commands.add_parser("db", help="database maintenance")
     dbs = db.add_subparsers(title="actions", required=True, metavar="ACTION")
     dbs.add_parser("check", parents=[common], help="integrity check, file reconciliation, counts").set_defaults(
-        handler=_not_built("db check", 5)
+        handler=_db_check
     )
-    export = dbs.add_parser("export", parents=[common], help="write a user's history as JSON")
+    export = dbs.add_parser("export", parents=[common], help="write a user's history as JSON to stdout")
     export.add_argument("--user", type=int, required=True, help="Discord user id")
-    export.set_defaults(handler=_not_built("db export", 5))
+    export.set_defaults(handler=_db_export)
     return parser
 
 
