@@ -75,22 +75,20 @@ class Upsample(nn.Module):
 
 
 class _Level(nn.Module):
-    """One resolution level (`down.N` / `up.N`): res blocks, their attention, the resampler."""
+    """One resolution level (`down.N` / `up.N`): res blocks, each followed by attention when the
+    level has it; the owner adds `downsample` / `upsample` to every level but the outermost."""
 
-    def __init__(self, blocks: list[ResnetBlock], attn: list[AttnBlock], resample: nn.Module | None, name: str) -> None:
+    def __init__(self, blocks: list[ResnetBlock], attn: list[AttnBlock]) -> None:
         super().__init__()
         self.block = nn.ModuleList(blocks)
         self.attn = nn.ModuleList(attn)
-        if resample is not None:
-            self.add_module(name, resample)
-        self.resample = name if resample is not None else None
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         for i, block in enumerate(self.block):
             h = block(h)
             if self.attn:
                 h = self.attn[i](h)
-        return getattr(self, self.resample)(h) if self.resample else h
+        return h
 
 
 class _Mid(nn.Module):
@@ -118,17 +116,20 @@ class Encoder(nn.Module):
                 blocks.append(ResnetBlock(block_in, block_out))
                 block_in = block_out
             attn = [AttnBlock(block_in) for _ in blocks] if res in c.attn_resolutions else []
-            last = level == len(c.ch_mult) - 1
-            self.down.append(_Level(blocks, attn, None if last else Downsample(block_in), "downsample"))
-            res //= 1 if last else 2
+            self.down.append(_Level(blocks, attn))
+            if level != len(c.ch_mult) - 1:
+                self.down[-1].downsample = Downsample(block_in)
+                res //= 2
         self.mid = _Mid(block_in)
         self.norm_out = _norm(block_in)
         self.conv_out = nn.Conv2d(block_in, 2 * c.z_channels if c.double_z else c.z_channels, 3, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.conv_in(x)
-        for level in self.down:
+        h = self.conv_in(x)  # (B, ch, H, W)
+        for i, level in enumerate(self.down):
             h = level(h)
+            if i != len(self.down) - 1:
+                h = level.downsample(h)
         return self.conv_out(F.silu(self.norm_out(self.mid(h))))
 
 
@@ -148,16 +149,20 @@ class Decoder(nn.Module):
                 blocks.append(ResnetBlock(block_in, block_out))
                 block_in = block_out
             attn = [AttnBlock(block_in) for _ in blocks] if res in c.attn_resolutions else []
-            levels.insert(0, _Level(blocks, attn, Upsample(block_in) if level else None, "upsample"))
-            res *= 2 if level else 1
+            levels.insert(0, _Level(blocks, attn))
+            if level != 0:
+                levels[0].upsample = Upsample(block_in)
+                res *= 2
         self.up = nn.ModuleList(levels)  # indexed by level, run from the deepest
         self.norm_out = _norm(block_in)
         self.conv_out = nn.Conv2d(block_in, c.out_ch, 3, padding=1)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
-        h = self.mid(self.conv_in(z))
-        for level in reversed(self.up):
-            h = level(h)
+        h = self.mid(self.conv_in(z))  # (B, ch * ch_mult[-1], h, w)
+        for i in reversed(range(len(self.up))):
+            h = self.up[i](h)
+            if i != 0:
+                h = self.up[i].upsample(h)
         return self.conv_out(F.silu(self.norm_out(h)))
 
 
