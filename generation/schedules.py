@@ -80,11 +80,15 @@ def _check_steps(steps: int, most: int) -> None:
 
 
 def ddim_timesteps(schedule: DiscreteSchedule, steps: int) -> Tensor:
-    """The original DDIM "uniform" discretization, increasing: c = T // steps; 1, 1 + c, 1 + 2c ...
-    (diffusers: timestep_spacing="leading", steps_offset=1)."""
-    _check_steps(steps, schedule.timesteps - 1)  # T steps would put the last timestep at T
-    c = schedule.timesteps // steps
-    return torch.arange(0, schedule.timesteps, c)[:steps] + 1  # (steps,)
+    """The original DDIM "uniform" discretization, increasing: c = T // steps, range(0, T, c) + 1.
+
+    Like the original this yields ceil(T / c) timesteps, more than `steps` when c does not divide T
+    (31 for 30 steps); where c divides T - 1 (3, 9, 27 steps...) the original indexes past the
+    schedule and crashes, and we drop that one timestep T. When c divides T this equals diffusers'
+    DDIM timestep_spacing="leading", steps_offset=1."""
+    _check_steps(steps, schedule.timesteps)
+    ts = torch.arange(0, schedule.timesteps, schedule.timesteps // steps) + 1
+    return ts[ts < schedule.timesteps]  # (about steps,)
 
 
 def ddim_sigmas(schedule: DiscreteSchedule, steps: int) -> Tensor:
@@ -92,7 +96,7 @@ def ddim_sigmas(schedule: DiscreteSchedule, steps: int) -> Tensor:
     alphas_cumprod[0], where the original's last step lands (alpha_prev of the first index)."""
     sigmas = schedule.sigmas
     ts = ddim_timesteps(schedule, steps).flip(0)
-    return torch.cat([sigmas[ts], sigmas[:1]])  # (steps + 1,)
+    return torch.cat([sigmas[ts], sigmas[:1]])  # (len(ts) + 1,)
 
 
 def discrete_sigmas(schedule: DiscreteSchedule, steps: int) -> Tensor:

@@ -51,7 +51,7 @@ def test_bad_schedule_parameters_are_refused() -> None:
         alphas_cumprod(0.012, 0.00085, 1000)
 
 
-@pytest.mark.parametrize("steps", [1, 7, 20, 50, 999])
+@pytest.mark.parametrize("steps", [1, 8, 20, 50, 100])
 def test_ddim_timesteps_and_alphas_match_diffusers_leading(schedule: DiscreteSchedule, steps: int) -> None:
     ref = DDIMScheduler(**SD, steps_offset=1, set_alpha_to_one=False, timestep_spacing="leading")
     ref.set_timesteps(steps)
@@ -62,7 +62,11 @@ def test_ddim_timesteps_and_alphas_match_diffusers_leading(schedule: DiscreteSch
 
 def test_ddim_timesteps_are_the_original_uniform_discretization(schedule: DiscreteSchedule) -> None:
     assert ddim_timesteps(schedule, 50).tolist() == list(range(1, 1000, 20))
+    # c = 33 does not divide 1000: the original runs 31 steps for 30
+    assert ddim_timesteps(schedule, 30).tolist() == list(range(1, 1000, 33))
+    # c = 333 divides 999: the original would index alphas_cumprod[1000]; that timestep is dropped
     assert ddim_timesteps(schedule, 3).tolist() == [1, 334, 667]
+    assert ddim_timesteps(schedule, 1000).tolist() == list(range(1, 1000))
 
 
 @pytest.mark.parametrize("steps", [10, 28, 38])
@@ -118,5 +122,5 @@ def test_training_sigmas_map_exactly_to_their_integer_timesteps(schedule: Discre
 def test_steps_out_of_range_are_refused(schedule: DiscreteSchedule) -> None:
     with pytest.raises(ValueError, match="steps must be between 1 and 1000"):
         karras_sigmas(schedule, 0)
-    with pytest.raises(ValueError, match="steps must be between 1 and 999"):
-        ddim_timesteps(schedule, 1000)  # the original would index alphas_cumprod[1000]
+    with pytest.raises(ValueError, match="steps must be between 1 and 1000"):
+        ddim_timesteps(schedule, 1001)
