@@ -119,10 +119,11 @@ class Database:
         """A read connection holding one consistent snapshot for the duration of the block."""
         connection = await self._readers.get()
         try:
-            await connection.execute("BEGIN")
             try:
+                await connection.execute("BEGIN")
                 yield connection
             finally:
+                # Queued after anything still pending on this connection, as in `writing`.
                 await connection.rollback()
         finally:
             self._readers.put_nowait(connection)

@@ -200,8 +200,12 @@ async def job_detail(db: Database, job_id: str) -> JobDetail | None:
         parents = await connection.execute_fetchall(_PARENTS, (job_id,))
         children = await connection.execute_fetchall(
             "SELECT * FROM jobs WHERE parent_job_id = ? ORDER BY seq", (job_id,))
-    return JobDetail(job_from_row(rows[0]), [image_from_row(row) for row in images],
-                     [job_from_row(row) for row in parents], [job_from_row(row) for row in children])
+    return JobDetail(
+        job=job_from_row(rows[0]),
+        images=[image_from_row(row) for row in images],
+        parents=[job_from_row(row) for row in parents],
+        children=[job_from_row(row) for row in children],
+    )
 
 
 # A parent always exists before its child (foreign key), so the chain cannot loop.

@@ -30,7 +30,7 @@ class BlockedWord:
     is_regex: bool
 
     def matches(self, prompt: str) -> bool:
-        """Words match whole words, case-insensitively; regexes match anywhere, case-insensitively."""
+        """Case-insensitive: a word matches whole words only, a regular expression anywhere."""
         regex = self.pattern if self.is_regex else rf"\b{re.escape(self.pattern)}\b"
         return re.search(regex, prompt, flags=re.IGNORECASE) is not None
 
@@ -123,7 +123,8 @@ async def block_word(
         try:
             re.compile(word.pattern)
         except re.error as error:
-            raise ValueError(f"{word.pattern!r} is not a valid regular expression: {error}") from None
+            raise ValueError(
+                f"{word.pattern!r} is not a valid regular expression: {error}") from None
     async with db.writing() as connection:
         cursor = await connection.execute(
             "INSERT OR IGNORE INTO blocked_words (guild_id, pattern, is_regex, added_by, at)"

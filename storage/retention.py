@@ -67,7 +67,8 @@ async def apply_retention(db: Database, *, protect_s: float = DEFAULT_PROTECT_S)
     if settings.max_bytes is not None:
         stored = await stored_bytes(db)
         while stored > settings.max_bytes:
-            batch = await _expire_oldest(db, now - protect_s, need_bytes=stored - settings.max_bytes)
+            over = stored - settings.max_bytes
+            batch = await _expire_oldest(db, now - protect_s, need_bytes=over)
             if not batch.expired_jobs:
                 report += RetentionReport(over_cap=True)
                 break

@@ -24,7 +24,9 @@ from storage.jobs import create_job, finish_job, start_job
 from storage.settings import StorageSettings
 
 
-def make_png(rng: random.Random, width: int = 32, height: int = 24, parameters: str = "a cat") -> bytes:
+def make_png(
+    rng: random.Random, width: int = 32, height: int = 24, parameters: str = "a cat"
+) -> bytes:
     """Random-pixel PNG with a `parameters` text chunk, as the pipeline hands it to storage."""
     image = Image.frombytes("RGB", (width, height), rng.randbytes(width * height * 3))
     info = PngInfo()

@@ -178,7 +178,8 @@ async def test_many_concurrent_writers_never_see_locked(tmp_path: Path) -> None:
             await finish_job(db, job.id)
 
         writers = [job_then_usage(bot, user) for user in range(100)]
-        writers += [ban(bot, actor_id=1, guild_id=5, user_id=1000 + n, reason="r") for n in range(50)]
+        writers += [ban(bot, actor_id=1, guild_id=5, user_id=1000 + n, reason="r")
+                    for n in range(50)]
         writers += [set_limits(other, actor_id=1, guild_id=5, scope=Scope.USER, target_id=n,
                                values={"daily_images": n}, defaults=limits) for n in range(50)]
         results = await asyncio.gather(*writers, return_exceptions=True)

@@ -39,7 +39,9 @@ def clock() -> ManualClock:
 
 
 @pytest.fixture
-def open_db(tmp_path: Path, clock: ManualClock) -> Callable[..., AbstractAsyncContextManager[Database]]:
+def open_db(
+    tmp_path: Path, clock: ManualClock
+) -> Callable[..., AbstractAsyncContextManager[Database]]:
     """Open the test database with storage settings of the test's choosing."""
     def opener(**settings: object) -> AbstractAsyncContextManager[Database]:
         return Database.open(StorageSettings(data_dir=tmp_path, **settings), clock=clock)
@@ -88,7 +90,9 @@ async def test_age_expires_old_jobs_but_keeps_parents_of_waiting_jobs(
         assert await _statuses(db, parent) == [ImageStatus.EXPIRED]
 
 
-async def test_a_file_shared_with_a_kept_image_survives(open_db: Callable, clock: ManualClock) -> None:
+async def test_a_file_shared_with_a_kept_image_survives(
+    open_db: Callable, clock: ManualClock
+) -> None:
     png = make_png(random.Random(1))
     async with open_db(max_age_days=1) as db:
         old = await _done_job(db, [png])

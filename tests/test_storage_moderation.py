@@ -52,7 +52,8 @@ def test_resolution_order_and_most_generous_role() -> None:
     assert resolved.max_count == 2                # the user's own override beats the guild
     assert resolved.daily_cost is None and resolved.window_hours == DEFAULTS.window_hours
     # A user override wins even against a more generous role.
-    assert resolve_limits(DEFAULTS, None, [{"daily_images": None}], {"daily_images": 3}).daily_images == 3
+    user_wins = resolve_limits(DEFAULTS, None, [{"daily_images": None}], {"daily_images": 3})
+    assert user_wins.daily_images == 3
     assert resolve_limits(DEFAULTS, None, [], None) == DEFAULTS
 
 
@@ -135,7 +136,8 @@ async def test_bans(db: Database, clock: ManualClock) -> None:
     assert await get_ban(db, GUILD, 7) is None
     assert [(e.action, e.before, e.after) for e in await audit_log(db, GUILD)] == [
         ("unban", {"reason": "more spam", "banned_by": MOD + 1}, None),
-        ("ban", {"reason": "spam", "banned_by": MOD}, {"reason": "more spam", "banned_by": MOD + 1}),
+        ("ban", {"reason": "spam", "banned_by": MOD},
+         {"reason": "more spam", "banned_by": MOD + 1}),
         ("ban", None, {"reason": "spam", "banned_by": MOD}),
     ]
 
