@@ -479,3 +479,17 @@ async def test_global_commands_work_in_dms_and_the_bot_can_open_one(
         assert reply.message.channel is dm and in_guild.original is not None
         assert in_guild.original.channel is world.channel
         assert [m.content for m in server.messages(dm)] == ["psst alice", "psst alice", "hello"]
+
+
+async def test_a_dropped_gateway_connection_is_refused_resumption_and_identifies_again(
+    world: World, caplog: pytest.LogCaptureFixture
+) -> None:
+    server = world.server
+    async with running(world, Seen(), caplog):
+        await server.disconnect_bot()
+        assert not server.bot_connected
+        await server.wait_for_bot()
+        assert [r for r in server.log.refusals if "RESUME" in r] != []
+        ping = await server.slash(world.alice, world.channel, "ping")
+        reply = await server.wait_for(lambda a: a.interaction is ping and a.kind == "message")
+        assert reply.content == "pong"

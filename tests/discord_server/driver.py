@@ -67,7 +67,7 @@ class DiscordServer:
         self._state = State(ids=ids, bot=bot, application_id=bot.id, bot_token=token)
         self._state.users[bot.id] = bot
         self.log = ActionLog()
-        self._gateway = Gateway(self._state)
+        self._gateway = Gateway(self._state, self.log)
         options = Options(upload_limit, reject_double_ack, response_deadline)
         self._rest = RestApi(self._state, self._gateway, self.log, options)
         self._upload_limit = upload_limit
@@ -91,7 +91,7 @@ class DiscordServer:
 
     async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                         tb: TracebackType | None) -> None:
-        await self._gateway.close()
+        await self._gateway.drop(1001, b"server shutting down")
         if self._runner is not None:
             await self._runner.cleanup()
 
@@ -116,6 +116,14 @@ class DiscordServer:
     def bot_connected(self) -> bool:
         """Whether a bot session has identified and is still open."""
         return self._gateway.connected()
+
+    async def disconnect_bot(self, code: int = 4000) -> None:
+        """Drop the gateway connection as Discord does now and then (4000: unknown error, resumable).
+
+        discord.py then tries to RESUME; this server refuses with INVALID_SESSION, so it identifies
+        afresh and gets READY and its guilds again. `wait_for_bot()` waits for that.
+        """
+        await self._gateway.drop(code, b"dropped by the test")
 
     async def wait_for_bot(self, timeout: float = 10.0) -> None:
         """Until a bot has identified on the gateway and received its guilds."""

@@ -17,6 +17,7 @@ from typing import Any
 from aiohttp import WSMsgType, web
 
 from . import payloads
+from .log import ActionLog
 from .state import Message, State
 
 DISPATCH, HEARTBEAT, IDENTIFY, RESUME, REQUEST_MEMBERS, INVALID_SESSION, HELLO, HEARTBEAT_ACK = 0, 1, 2, 6, 8, 9, 10, 11
@@ -35,8 +36,9 @@ class Session:
 
 
 class Gateway:
-    def __init__(self, state: State) -> None:
+    def __init__(self, state: State, log: ActionLog) -> None:
         self._state = state
+        self._log = log
         self._sessions: list[Session] = []
         self._identified = asyncio.Condition()
         self.url = ""  # set once the server listens
@@ -63,6 +65,7 @@ class Gateway:
         elif op == IDENTIFY:
             await self._identify(session, data)
         elif op == RESUME:
+            self._log.refusals.append(f"gateway RESUME of session {data.get('session_id')} -> INVALID_SESSION")
             await self._send(session, {"op": INVALID_SESSION, "d": False, "s": None, "t": None})
         elif op == REQUEST_MEMBERS:
             guild = self._state.guilds[int(data["guild_id"])]
@@ -72,6 +75,7 @@ class Gateway:
 
     async def _identify(self, session: Session, data: dict[str, Any]) -> None:
         if data.get("token") != self._state.bot_token:
+            self._log.refusals.append("gateway IDENTIFY with a wrong token -> close 4004")
             await session.ws.close(code=AUTHENTICATION_FAILED, message=b"Authentication failed.")
             return
         session.intents = int(data.get("intents", 0))
@@ -132,9 +136,11 @@ class Gateway:
             blanked = data if visible else data | {"content": "", "embeds": [], "attachments": [], "components": []}
             await self._dispatch_to(session, event, blanked)
 
-    async def close(self) -> None:
+    async def drop(self, code: int, message: bytes) -> None:
+        """Close every session (the bot decides from `code` whether to resume or give up)."""
         for session in list(self._sessions):
-            await session.ws.close(code=1001, message=b"server shutting down")
+            session.identified = False
+            await session.ws.close(code=code, message=message)
 
     def _live(self, intent: int | None) -> list[Session]:
         return [s for s in self._sessions if s.identified and (intent is None or s.intents & intent)]
