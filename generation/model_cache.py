@@ -16,7 +16,9 @@ M = TypeVar("M")
 class ModelCache(Generic[M]):
     """`load(name)` builds a model on the device; `size_of(model)` says how many bytes it holds."""
 
-    def __init__(self, load: Callable[[str], M], size_of: Callable[[M], int], budget_bytes: int) -> None:
+    def __init__(
+        self, load: Callable[[str], M], size_of: Callable[[M], int], budget_bytes: int
+    ) -> None:
         self._load = load
         self._size_of = size_of
         self._budget = budget_bytes

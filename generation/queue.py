@@ -17,7 +17,8 @@ so the two levels compose without knowing in advance which job a guild will send
 span four orders of magnitude (one 512x512 step up to four 2048x2048 images of 60 steps), and DRR
 needs a quantum as large as the biggest job to stay O(1), which makes its short-term unfairness
 as large as that job, while SFQ lets a newly active flow go next after at most the job in service.
-Submit, cancel and dispatch are O(log n) with heaps (stale entries are skipped lazily).
+Submit and dispatch are O(log n) with heaps (stale entries are skipped lazily); cancelling is
+O(log n) plus the length of its owner's queue.
 
 Position and ETA come from replaying the same scheduler on a copy-on-write fork of the tree,
 O(n log n) per call; batching looks a few picks ahead on such a fork. Nothing here imports torch.
@@ -109,7 +110,7 @@ class Job:
 
 @dataclass(frozen=True)
 class Estimate:
-    """Where a queued job stands: 1-based position in the dispatch order, seconds until it starts."""
+    """Where a queued job stands: 1-based place in the dispatch order, seconds until it starts."""
 
     position: int
     starts_in_s: float
@@ -186,7 +187,10 @@ class _GuildFlow(_Flow):
     eligible: int = 0
 
     def copy(self) -> _GuildFlow:
-        return _GuildFlow(self.start, self.finish, self.version, self.active, list(self.heap), self.v, self.eligible)
+        heap = list(self.heap)
+        return _GuildFlow(
+            self.start, self.finish, self.version, self.active, heap, self.v, self.eligible
+        )
 
 
 class _Tree:
@@ -348,9 +352,10 @@ class FairQueue:
         initial_throughput: float = 10.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        """`limits` returns a refusal reason or None (the moderator limits from storage); `persist`
-        stores an accepted job before `submit` returns; `initial_throughput` (cost units per
-        second) stands in for a device until the runner has measured it."""
+        """`devices` are the runner's (ETAs simulate one server each); `limits` returns a refusal
+        reason or None (the moderator limits from storage); `persist` stores an accepted job
+        before `submit` returns (if it raises, the job is not queued); `initial_throughput` (cost
+        units per second) stands in for a device until the runner has measured it."""
         self._settings = settings
         self._limits = limits
         self._persist = persist
@@ -371,7 +376,7 @@ class FairQueue:
     # -- submitting --
 
     async def submit(self, submission: Submission) -> Job:
-        """Accept a request or raise `Refused` with the reason; a refused request changes nothing."""
+        """Accept a request, or raise `Refused` with the reason (a refusal changes nothing)."""
         if submission.weight <= 0:
             raise ValueError(f"a fair-share weight must be > 0, got {submission.weight}")
         async with self._submit_lock:
@@ -404,7 +409,9 @@ class FairQueue:
                 "wait for one to finish or cancel one"
             )
         if self._queued_total >= total:
-            return f"the queue is full ({total} jobs waiting, the limit); try again in a few minutes"
+            return (
+                f"the queue is full ({total} jobs waiting, the limit); try again in a few minutes"
+            )
         return None
 
     def _enqueue(self, job: Job) -> None:
@@ -427,7 +434,8 @@ class FairQueue:
                 job.attempts += 1
             elif job.state is not JobState.QUEUED:
                 raise ValueError(f"job {job.id} is {job.state}; only queued or running jobs return")
-            job.state, job.device, job.started_at, job.cancel_reason = JobState.QUEUED, None, None, None
+            job.state, job.device, job.started_at = JobState.QUEUED, None, None
+            job.cancel_reason = None
             self._seq = max(self._seq, job.seq + 1)
             self._enqueue(job)
         return given_up
@@ -476,12 +484,14 @@ class FairQueue:
 
     # -- dispatching (the runner) --
 
-    def next_batch(self, device: str, max_images: int, max_pixels: float | None = None) -> list[Job]:
-        """The scheduler's next job plus compatible jobs (same `batch_key`) that are among its next
-        `BATCH_LOOKAHEAD` fair picks and each the head of its own flow, while the batch holds at most
-        `max_images` images and `max_pixels` image pixels (the head job always goes). Each job is
-        charged to its own flow, so batching moves a job at most a few picks early and the shares
-        stay as without batching. Empty when paused or nothing is eligible."""
+    def next_batch(
+        self, device: str, max_images: int, max_pixels: float | None = None
+    ) -> list[Job]:
+        """The scheduler's next job plus compatible jobs (same `batch_key`) that are among its
+        next `BATCH_LOOKAHEAD` fair picks and each the head of its own flow, while the batch holds
+        at most `max_images` images and `max_pixels` image pixels (the head job always goes).
+        Each job is charged to its own flow, so batching moves a job at most a few picks early
+        and the shares stay as without batching. Empty when paused or nothing is eligible."""
         head = None if self.paused else self._tree.pop()
         if head is None:
             return []
@@ -509,7 +519,9 @@ class FairQueue:
             job.state, job.device, job.started_at = JobState.RUNNING, device, now
         return batch
 
-    async def wait_batch(self, device: str, max_images: int, max_pixels: float | None = None) -> list[Job]:
+    async def wait_batch(
+        self, device: str, max_images: int, max_pixels: float | None = None
+    ) -> list[Job]:
         """`next_batch`, waiting until there is one."""
         while not (batch := self.next_batch(device, max_images, max_pixels)):
             self._changed.clear()
@@ -578,7 +590,8 @@ class FairQueue:
                 heapq.heappush(events, (events[0][0], order, device, []))
                 continue
             result[job.id] = Estimate(len(result) + 1, at - now)
-            heapq.heappush(events, (at + job.cost / self._throughput[device], order, device, [job.owner_id]))
+            end = at + job.cost / self._throughput[device]
+            heapq.heappush(events, (end, order, device, [job.owner_id]))
         return result
 
     def snapshot(self) -> Snapshot:
@@ -599,4 +612,5 @@ class FairQueue:
             (view(j) for j in self._jobs.values() if j.state is JobState.QUEUED),
             key=lambda v: v.position if v.position is not None else len(self._jobs),
         )
-        return Snapshot(self.paused, self.draining, tuple(running), tuple(queued), dict(self._throughput))
+        throughput = dict(self._throughput)
+        return Snapshot(self.paused, self.draining, tuple(running), tuple(queued), throughput)

@@ -102,7 +102,6 @@ class _DeviceThread:
     def __init__(self, name: str) -> None:
         self._inbox: SimpleQueue[_Call | None] = SimpleQueue()
         self.thread = threading.Thread(target=self._serve, name=name, daemon=True)
-        self.thread.start()
 
     def call(self, fn: Callable[[], Any]) -> asyncio.Future:
         loop = asyncio.get_running_loop()
@@ -150,9 +149,13 @@ class Runner(Generic[M]):
     """Workers for `devices`, fed by `queue`. Use `start()`, then `shutdown(grace_s)`.
 
     `load_model(name, device)` builds a model, `model_size(model)` gives its bytes, and each
-    device keeps loaded models by LRU under `model_budget_bytes`. The hooks are awaited on the
-    loop; an exception in a hook is logged and never stops a worker. `on_progress` gets the latest
-    step of a job (steps are skipped while the previous call for that job is still running)."""
+    device keeps loaded models by LRU under `model_budget_bytes`. `queue` must know the same
+    devices (its ETAs simulate one server per device). The hooks are awaited on the loop; an
+    exception in a hook is logged and never stops a worker. `on_progress` gets the latest step of
+    a job (steps are skipped while the previous call for that job is still running).
+
+    The worker thread reads `Job.cancel_reason` while the loop may set it: a single attribute
+    store, atomic under the GIL, so the next step sees it."""
 
     def __init__(
         self,
@@ -178,7 +181,7 @@ class Runner(Generic[M]):
             _Worker(
                 device,
                 _DeviceThread(f"atelier-{device}"),
-                ModelCache(lambda name, d=device: load_model(name, d), model_size, model_budget_bytes),
+                ModelCache(_on(device, load_model), model_size, model_budget_bytes),
             )
             for device in devices
         ]
@@ -190,6 +193,7 @@ class Runner(Generic[M]):
 
     def start(self) -> None:
         for worker in self._workers:
+            worker.thread.thread.start()
             worker.task = asyncio.create_task(self._serve(worker), name=f"runner {worker.device}")
 
     async def shutdown(self, grace_s: float) -> None:
@@ -205,7 +209,7 @@ class Runner(Generic[M]):
             self._aborting.set()
             _, stuck = await asyncio.wait(pending, timeout=ABORT_WAIT_S)
             for task in stuck:
-                log.error("a pipeline ignored cancellation at shutdown; leaving %s", task.get_name())
+                log.error("a pipeline ignored cancellation at shutdown: %s", task.get_name())
                 task.cancel()
         for worker in self._workers:
             worker.thread.close()
@@ -215,15 +219,17 @@ class Runner(Generic[M]):
     async def _serve(self, worker: _Worker[M]) -> None:
         settings, loop = self._settings, asyncio.get_running_loop()
         while not self._stopping:
-            batch = await self._queue.wait_batch(worker.device, settings.max_batch_images, worker.max_pixels)
+            batch = await self._queue.wait_batch(
+                worker.device, settings.max_batch_images, worker.max_pixels
+            )
             worker.busy = True
+            for job in batch:
+                await self._hook(self._on_started, job)
             try:
-                for job in batch:
-                    await self._hook(self._on_started, job)
                 report = await worker.thread.call(lambda: self._run(worker, batch, loop))
             except Exception:  # a bug of ours: fail the batch, keep serving
                 log.exception("runner %s crashed on batch %s", worker.device, [j.id for j in batch])
-                report = _Report([_Outcome(j, JobState.FAILED, JobResult(j.id, error=_INTERNAL)) for j in batch])
+                report = _Report([_failed(job, _INTERNAL) for job in batch])
             if report.oom_pixels is not None:
                 worker.max_pixels = min(worker.max_pixels or report.oom_pixels, report.oom_pixels)
             self._queue.record_throughput(worker.device, report.cost, report.seconds)
@@ -262,7 +268,9 @@ class Runner(Generic[M]):
 
     # -- the device thread side --
 
-    def _run(self, worker: _Worker[M], batch: list[Job], loop: asyncio.AbstractEventLoop) -> _Report:
+    def _run(
+        self, worker: _Worker[M], batch: list[Job], loop: asyncio.AbstractEventLoop
+    ) -> _Report:
         """Run `batch`, splitting a part that raised in halves, until every job has an outcome."""
         timeout = self._settings.job_timeout_s
         deadline = time.monotonic() + timeout
@@ -275,8 +283,9 @@ class Runner(Generic[M]):
             if job.cancel_reason is not None:
                 return _Outcome(job, JobState.CANCELLED, JobResult(job.id, error=job.cancel_reason))
             if time.monotonic() > deadline:
-                message = f"took longer than {timeout:g} s, the time limit, and was stopped"
-                return _Outcome(job, JobState.FAILED, JobResult(job.id, error=message))
+                return _failed(
+                    job, f"took longer than {timeout:g} s, the time limit, and was stopped"
+                )
             return None
 
         def cancelled(job_id: str) -> bool:
@@ -317,7 +326,7 @@ class Runner(Generic[M]):
                     half_pixels = _pixels(live) / 2
                     report.oom_pixels = min(report.oom_pixels or half_pixels, half_pixels)
             if len(live) == 1:
-                report.outcomes.append(stopped(live[0]) or _Outcome(live[0], JobState.FAILED, JobResult(live[0].id, error=error)))
+                report.outcomes.append(stopped(live[0]) or _failed(live[0], error))
             else:
                 half = (len(live) + 1) // 2
                 parts += [live[half:], live[:half]]  # the first half runs first
@@ -337,8 +346,8 @@ class Runner(Generic[M]):
                 report.outcomes.append(_Outcome(job, JobState.DONE, result))
                 report.cost += job.cost
             else:
-                failure = result or JobResult(job.id, error=_INTERNAL)
-                report.outcomes.append(stopped(job) or _Outcome(job, JobState.FAILED, failure))
+                failed = _Outcome(job, JobState.FAILED, result) if result else None
+                report.outcomes.append(stopped(job) or failed or _failed(job, _INTERNAL))
 
     @staticmethod
     def _free_memory(worker: _Worker[M], keep: str) -> None:
@@ -349,6 +358,15 @@ class Runner(Generic[M]):
 
 
 _INTERNAL = "an internal error stopped this job; it has been logged for the bot's operators"
+
+
+def _on(device: str, load_model: Callable[[str, str], M]) -> Callable[[str], M]:
+    """The loader of one device's cache."""
+    return lambda name: load_model(name, device)
+
+
+def _failed(job: Job, error: str) -> _Outcome:
+    return _Outcome(job, JobState.FAILED, JobResult(job.id, error=error))
 
 
 def _pixels(jobs: list[Job]) -> float:

@@ -186,6 +186,28 @@ async def test_an_exception_fails_only_its_job_and_the_thread_serves_on():
     assert len({t.ident for t in pipeline.threads}) == 1 and pipeline.threads[0].is_alive()
 
 
+async def test_a_crash_outside_the_pipeline_call_and_failing_hooks_leave_the_worker_serving():
+    class ReturnsGarbageOnce(Painter):
+        def run(self, model, device, batch, progress, cancelled):
+            results = super().run(model, device, batch, progress, cancelled)
+            return None if len(self.calls) == 1 else results  # the runner cannot read None
+
+    class FailingHooks(Recorder):
+        async def on_started(self, job: Job) -> None:
+            raise ConnectionError("Discord is down")
+
+    queue, pipeline, hooks = FairQueue(SETTINGS), ReturnsGarbageOnce(), FailingHooks()
+    first = await submit(queue, 1)
+    runner = start_runner(queue, pipeline, hooks)
+    await hooks.wait_for(1)
+    second = await submit(queue, 1)
+    await hooks.wait_for(2)
+    await runner.shutdown(1)
+    assert hooks.result(first)[0] is JobState.FAILED and "internal error" in hooks.result(first)[1].error
+    assert hooks.result(second)[0] is JobState.DONE
+    assert pipeline.threads[0] is pipeline.threads[1]
+
+
 async def test_a_failed_result_and_a_missing_result_fail_their_jobs_only():
     class Partial(Painter):
         def run(self, model, device, batch, progress, cancelled):
