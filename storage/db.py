@@ -45,7 +45,9 @@ class Migration:
 
 
 def load_migrations(directory: Path = MIGRATIONS_DIR) -> list[Migration]:
-    """Numbered `NNNN_name.sql` files, which must run 0001, 0002, ... without gaps."""
+    """Numbered `NNNN_name.sql` files, which must run 0001, 0002, ... without gaps.
+
+    A file holds plain statements, no BEGIN/COMMIT: all pending ones run in one transaction."""
     migrations = sorted(
         (Migration(int(m.group(1)), path) for path in directory.iterdir()
          if (m := _MIGRATION_NAME.match(path.name))),

@@ -44,7 +44,7 @@ class Usage:
     jobs: int
 
 
-def validate_override(values: Override, defaults: LimitsSettings) -> dict[str, Any]:
+def validate_override(values: Override, defaults: LimitsSettings) -> None:
     """Check a moderator's override; the error names the allowed fields and bounds."""
     unknown = sorted(set(values) - set(OVERRIDABLE))
     if unknown:
@@ -54,7 +54,6 @@ def validate_override(values: Override, defaults: LimitsSettings) -> dict[str, A
     except ValidationError as error:
         problems = "; ".join(f"{e['loc'][0]}: {e['msg']}" for e in error.errors())
         raise ValueError(f"invalid limit ({problems}); None means unlimited") from None
-    return dict(values)
 
 
 def resolve_limits(
@@ -92,21 +91,19 @@ async def effective_limits(
     """The limits that apply to `user_id` with `role_ids` in a guild (defaults in DMs)."""
     if guild_id is None:
         return defaults
-    roles = set(role_ids)
+    roles = sorted(set(role_ids))
     rows = await db.fetch_all(
-        "SELECT scope, target_id, limits_json FROM limits WHERE guild_id = ?", (guild_id,))
-    by_scope: dict[Scope, list[Override]] = {scope: [] for scope in Scope}
+        "SELECT scope, limits_json FROM limits WHERE guild_id = ? AND (scope = 'guild'"
+        f" OR (scope = 'role' AND target_id IN ({', '.join('?' * len(roles))}))"
+        " OR (scope = 'user' AND target_id = ?))",
+        (guild_id, *roles, user_id),
+    )
+    by_scope: dict[str, list[Override]] = {scope.value: [] for scope in Scope}
     for row in rows:
-        scope, target = Scope(row["scope"]), row["target_id"]
-        if (scope is Scope.GUILD or (scope is Scope.ROLE and target in roles)
-                or (scope is Scope.USER and target == user_id)):
-            by_scope[scope].append(json.loads(row["limits_json"]))
-    return resolve_limits(
-        defaults, _only(by_scope[Scope.GUILD]), by_scope[Scope.ROLE], _only(by_scope[Scope.USER]))
-
-
-def _only(overrides: list[Override]) -> Override | None:
-    return overrides[0] if overrides else None
+        by_scope[row["scope"]].append(json.loads(row["limits_json"]))
+    guild = by_scope["guild"][0] if by_scope["guild"] else None
+    user = by_scope["user"][0] if by_scope["user"] else None
+    return resolve_limits(defaults, guild, by_scope["role"], user)
 
 
 async def set_limits(
@@ -123,8 +120,7 @@ async def set_limits(
     validate_override(values, defaults)
     async with db.writing() as connection:
         before = await _override(connection, guild_id, scope, target_id)
-        after = {**(before or {}), **values}
-        validate_override(after, defaults)
+        after = {**(before or {}), **values}  # fields are checked one by one, so still valid
         await connection.execute(
             "INSERT INTO limits (guild_id, scope, target_id, limits_json) VALUES (?, ?, ?, ?)"
             " ON CONFLICT (guild_id, scope, target_id) DO UPDATE SET"

@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import shutil
 import sqlite3
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -18,6 +20,18 @@ from storage.settings import LimitsSettings, StorageSettings
 from tests.storage_crash_child import sample_request
 
 SHIPPED = len(load_migrations())
+
+
+def test_storage_imports_without_torch() -> None:
+    """Storage may use only generation/request.py of ours: no torch, no other room."""
+    root = Path(__file__).parents[1]
+    modules = ", ".join(f"storage.{m.stem}" for m in (root / "storage").glob("*.py"))
+    probe = (f"import sys, {modules}; "
+             "print(sorted(m for m in sys.modules if m == 'torch' or m.split('.')[0] in "
+             "('bot', 'models') or m.startswith('generation.') and m != 'generation.request'))")
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                            check=True, cwd=root)
+    assert result.stdout.strip() == "[]"
 
 
 def _version(path: Path) -> int:
