@@ -356,6 +356,7 @@ async def test_message_content_reaches_the_bot_only_when_it_is_mentioned(
                                             reference=image)
         reply = (await server.wait_for(lambda a: a.kind == "message" and a.message.reference is mention)).message
         assert reply.content == f"heard '{server.bot.mention} make it blue' about base.png"
+        assert reply.mentions == [server.bot, world.alice]  # the quoted mention, and the reply pings its author
         assert [m.content for m in seen.messages] == ["", f"{server.bot.mention} make it blue"]
 
 

@@ -18,13 +18,17 @@ arrive at the bot as gateway events shaped like Discord's.
 
 Driver API (`DiscordServer`; all gestures are async and return what they created)
 - lifetime: `async with DiscordServer(bot_name=, upload_limit=, reject_double_ack=, response_deadline=)`;
-  `url`, `gateway_url`, `token`, `bot` (User), `application_id`; `await wait_for_bot(timeout)`.
+  `url`, `gateway_url`, `token`, `bot` (User), `application_id`; `await wait_for_bot(timeout)`,
+  `bot_connected`; `await disconnect_bot(code=4000)` (RESUME is refused, the bot identifies again;
+  discord.py waits 5 s before re-identifying).
 - world: `create_user(name) -> User`; `await create_guild(name, owner=) -> Guild` (the bot is a member);
   `await create_channel(guild, name, nsfw=) -> Channel`; `await create_role(guild, name, permissions=int)
   -> Role`; `await add_member(guild, user, roles=, nick=) -> Member`; `await refuse_bot_messages(channel)`
-  (bot posts there get 403/50013); `dm_channel(user) -> Channel`. Events reach a connected bot.
+  (bot posts there get 403/50013); `dm_channel(user) -> Channel` (global commands work there).
+  Each change reaches a connected bot as its gateway event.
 - gestures: `slash(user, channel, "limits set", options) -> Interaction` (option types, choices and
-  ranges checked against the command the bot synced; `Upload(filename, data)` for attachment options);
+  ranges checked against the command the bot synced, as Discord's client does; `Upload(filename, data)`
+  for attachment options; `default_member_permissions` is not enforced, so the bot's own checks are);
   `autocomplete(user, channel, command, options, focused) -> choices`; `press_button(user, message,
   custom_id)`; `context_menu(user, message_or_user, name, channel=)`; `submit_modal(user,
   interaction_or_custom_id, values, channel=)`; `post_message(user, channel, content, attachments=,

@@ -414,13 +414,13 @@ class DiscordServer:
                 "guild_locale": "en-US",
                 "member": payloads.member(member, channel=channel),
                 "app_permissions": str(bot_member.permissions(channel)),
-                "authorizing_integration_owners": {"0": str(guild.id)},
+                "authorizing_integration_owners": payloads.integration_owners(channel),
                 "context": 0,
             }
             payload["channel"]["permissions"] = payload["member"]["permissions"]
         else:
             payload |= {"user": payloads.user(user), "app_permissions": str(EVERYONE_DEFAULT),
-                        "authorizing_integration_owners": {"0": "0"}, "context": 1}
+                        "authorizing_integration_owners": payloads.integration_owners(channel), "context": 1}
         if message is not None:
             payload["message"] = payloads.message(message)
         interaction = Interaction(interaction_id, token, kind, user, channel, payload)

@@ -191,12 +191,11 @@ def message(m: Message, *, referenced: bool = True) -> dict[str, Any]:
 
 
 def interaction_metadata(i: Interaction) -> dict[str, Any]:
-    owners = {"0": str(i.channel.guild.id)} if i.channel.guild is not None else {"1": str(i.user.id)}
     data: dict[str, Any] = {
         "id": str(i.id),
         "type": i.type,
         "user": user(i.user),
-        "authorizing_integration_owners": owners,
+        "authorizing_integration_owners": integration_owners(i.channel),
     }
     if i.original is not None:
         data["original_response_message_id"] = str(i.original.id)
@@ -205,6 +204,11 @@ def interaction_metadata(i: Interaction) -> dict[str, Any]:
     if i.type == 2 and "target_id" in i.payload["data"]:
         data["target_message_id"] = i.payload["data"]["target_id"]
     return data
+
+
+def integration_owners(c: Channel) -> dict[str, str]:
+    """The app is installed to guilds: keyed "0" by the guild's id, or "0" in the bot's DMs."""
+    return {"0": str(c.guild.id) if c.guild is not None else "0"}
 
 
 def _mentioned(u: User, guild: Guild | None) -> dict[str, Any]:

@@ -528,6 +528,10 @@ class RestApi:
         if not message.loading:
             _validate(message)
         message.mentions = self.mentions(message.content)
+        allowed = data.get("allowed_mentions")  # absent: Discord's defaults, which ping a reply's author
+        pings_author = allowed is None or allowed.get("replied_user", False)
+        if reference is not None and pings_author and reference.author not in message.mentions:
+            message.mentions.append(reference.author)
         return message
 
     async def _publish(self, message: Message) -> None:
