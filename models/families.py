@@ -128,7 +128,9 @@ SD1_INPAINT = Family(
     vae=_SD1_VAE,
     text=_CLIP_L14,
 )
-SD2 = Family(prediction="epsilon", conditioning="crossattn", unet=_SD2_UNET, vae=VAEConfig(), text=_OPEN_CLIP_H14)
+SD2 = Family(
+    prediction="epsilon", conditioning="crossattn", unet=_SD2_UNET, vae=VAEConfig(), text=_OPEN_CLIP_H14
+)
 SD2_V = Family(prediction="v", conditioning="crossattn", unet=_SD2_UNET, vae=VAEConfig(), text=_OPEN_CLIP_H14)
 SD2_INPAINT = Family(
     prediction="epsilon",

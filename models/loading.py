@@ -241,9 +241,13 @@ def family_from_yaml(path: Path, text: TextEncoderConfig) -> Family:
     kinds = {"FrozenCLIPEmbedder": "clip", "FrozenOpenCLIPEmbedder": "open_clip"}
     kind = kinds.get(str(cond.get("target", "")).rsplit(".", 1)[-1])
     if kind is None:
-        raise CheckpointError(f"{path}: cond_stage_config target {cond.get('target')!r}; allowed: {', '.join(kinds)}")
+        raise CheckpointError(
+            f"{path}: cond_stage_config target {cond.get('target')!r}; allowed: {', '.join(kinds)}"
+        )
     if kind != text.kind:
-        raise CheckpointError(f"{path}: the YAML names text encoder {kind!r} but the checkpoint holds {text.kind!r}")
+        raise CheckpointError(
+            f"{path}: the YAML names text encoder {kind!r} but the checkpoint holds {text.kind!r}"
+        )
     parameterization = params.get("parameterization", "eps")
     predictions = {"eps": "epsilon", "v": "v"}
     conditioning = params.get("conditioning_key", "crossattn")
@@ -334,7 +338,9 @@ def _resolve(
     return weights, family, source
 
 
-def _build(family: Family, weights: dict[str, torch.Tensor], path: Path, config_yaml: Path | None) -> StableDiffusion:
+def _build(
+    family: Family, weights: dict[str, torch.Tensor], path: Path, config_yaml: Path | None
+) -> StableDiffusion:
     """Construct without initialising (meta device), then adopt the checkpoint's tensors."""
     with torch.device("meta"):
         model = StableDiffusion(family)

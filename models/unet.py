@@ -153,7 +153,9 @@ class BasicTransformerBlock(nn.Module):
 class SpatialTransformer(nn.Module):
     """Attention over the pixels of a feature map; 1x1 conv projections (SD 1.x) or linear (SD 2.x)."""
 
-    def __init__(self, channels: int, heads: int, dim_head: int, depth: int, context_dim: int, linear: bool) -> None:
+    def __init__(
+        self, channels: int, heads: int, dim_head: int, depth: int, context_dim: int, linear: bool
+    ) -> None:
         super().__init__()
         inner = heads * dim_head
         self.linear = linear
@@ -234,7 +236,9 @@ class UNetModel(nn.Module):
                     ds //= 2
                 self.output_blocks.append(TimestepEmbedSequential(*layers))
 
-        self.out = nn.Sequential(normalization(ch), nn.SiLU(), nn.Conv2d(mc, config.out_channels, 3, padding=1))
+        self.out = nn.Sequential(
+            normalization(ch), nn.SiLU(), nn.Conv2d(mc, config.out_channels, 3, padding=1)
+        )
 
     def forward(self, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         t_emb = timestep_embedding(timesteps, self.config.model_channels).to(x.dtype)  # (B, mc)

@@ -24,14 +24,17 @@ from models.loading import (
     read_state_dict,
 )
 from models.stable_diffusion import StableDiffusion
-from tests.fixtures.checkpoints import TinyCheckpoints, tiny_checkpoints, tiny_family, write_checkpoint  # noqa: F401
+from tests.fixtures.checkpoints import tiny_checkpoints  # noqa: F401
+from tests.fixtures.checkpoints import TinyCheckpoints, tiny_family, write_checkpoint
 
 FAMILIES = ["sd1", "sd2-v", "sd1-inpaint"]
 
 
 @pytest.mark.parametrize("fmt", ["safetensors", "ckpt"])
 @pytest.mark.parametrize("family", FAMILIES)
-def test_loads_strictly_by_yaml_and_by_detection(tiny_checkpoints: TinyCheckpoints, family: str, fmt: str) -> None:
+def test_loads_strictly_by_yaml_and_by_detection(
+    tiny_checkpoints: TinyCheckpoints, family: str, fmt: str
+) -> None:
     path, yaml_path = tiny_checkpoints.get(family, fmt)
     by_yaml = load_checkpoint(path, yaml_path)
     detected = load_checkpoint(path)
@@ -306,7 +309,8 @@ class _CreatesFile:
 def test_malicious_pickle_is_refused_and_never_run(tmp_path: Path) -> None:
     marker = tmp_path / "pwned"
     path = tmp_path / "evil.ckpt"
-    torch.save({"state_dict": {"model.diffusion_model.x": torch.zeros(1)}, "payload": _CreatesFile(marker)}, path)
+    payload = {"state_dict": {"model.diffusion_model.x": torch.zeros(1)}, "extra": _CreatesFile(marker)}
+    torch.save(payload, path)
     assert not marker.exists()
     with pytest.raises(CheckpointError, match="refused to load"):
         load_checkpoint(path)
@@ -347,7 +351,10 @@ def test_unknown_family_says_what_was_found(tmp_path: Path) -> None:
 
 def test_unsupported_text_encoder_says_what_was_found(tiny_checkpoints: TinyCheckpoints, tmp_path: Path) -> None:
     weights = read_state_dict(tiny_checkpoints.get("sd1")[0])
-    sdxl_like = {k.replace("cond_stage_model.transformer.", "conditioner.embedders.0.transformer."): v for k, v in weights.items()}
+    sdxl_like = {
+        k.replace("cond_stage_model.transformer.", "conditioner.embedders.0.transformer."): v
+        for k, v in weights.items()
+    }
     with pytest.raises(CheckpointError, match="unrecognised text encoder.*conditioner.embedders.0"):
         model_weights(sdxl_like, tmp_path / "x.safetensors")
 

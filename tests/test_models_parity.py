@@ -35,7 +35,9 @@ def assert_same(ours: torch.Tensor, reference: torch.Tensor) -> None:
     assert error <= 1e-5 * scale, f"max abs error {error:.3g} vs output scale {scale:.3g}"
 
 
-def _original(checkpoints: TinyCheckpoints, family: str) -> tuple[dict[str, torch.Tensor], dict, StableDiffusion]:
+def _original(
+    checkpoints: TinyCheckpoints, family: str
+) -> tuple[dict[str, torch.Tensor], dict, StableDiffusion]:
     path, yaml_path = checkpoints.get(family)
     weights = {k: v.float() for k, v in read_state_dict(path).items()}
     return weights, yaml.safe_load(yaml_path.read_text()), load_checkpoint(path, yaml_path)
@@ -45,7 +47,8 @@ def test_timestep_embedding_is_cos_then_sin_like_the_original() -> None:
     t = torch.tensor([0.0, 1.0, 37.5, 999.0])
     ours = timestep_embedding(t, 32)
     freqs = torch.exp(-torch.log(torch.tensor(10000.0)) * torch.arange(16) / 16)
-    torch.testing.assert_close(ours, torch.cat([torch.cos(t[:, None] * freqs), torch.sin(t[:, None] * freqs)], -1))
+    args = t[:, None] * freqs  # (B, 16)
+    torch.testing.assert_close(ours, torch.cat([torch.cos(args), torch.sin(args)], -1))
     reference = get_timestep_embedding(t, 32, flip_sin_to_cos=True, downscale_freq_shift=0)
     torch.testing.assert_close(ours, reference, rtol=0, atol=1e-5)
 
@@ -82,6 +85,11 @@ def test_vae_matches_diffusers(tiny_checkpoints: TinyCheckpoints) -> None:
         assert_same(posterior.logvar, expected.logvar)
         assert posterior.mean.shape[-2:] == (24 // model.vae_scale, 32 // model.vae_scale)
         assert_same(model.vae.decode(posterior.mean), reference.decode(expected.mean).sample)
+
+    # Sampling is mean + std * noise, the noise drawn from the caller's CPU generator.
+    noise = torch.randn(posterior.mean.shape, generator=torch.Generator().manual_seed(7))
+    sample = posterior.sample(torch.Generator().manual_seed(7))
+    torch.testing.assert_close(sample, expected.mean + expected.std * noise)
 
 
 def _tokens(model: StableDiffusion, prompts: list[str]) -> torch.Tensor:
@@ -123,7 +131,8 @@ def test_sd2_text_encoder_is_penultimate_layer_like_diffusers(tiny_checkpoints: 
             projection_dim=text.projection_dim,
         )
     ).eval()
-    converted = {k.removeprefix("text_model."): v for k, v in convert_open_clip_checkpoint(reference, weights).items()}
+    converted = convert_open_clip_checkpoint(reference, weights)
+    converted = {k.removeprefix("text_model."): v for k, v in converted.items()}
     last = f"encoder.layers.{text.layers - 1}."
     missing, unexpected = reference.load_state_dict(converted, strict=False)
     assert missing == [] and all(k.startswith(last) or k == "text_projection" for k in unexpected), unexpected
