@@ -120,6 +120,7 @@ async def job_images(db: Database, job_id: str) -> list[ImageRecord]:
 
 
 def image_file(db: Database, image: ImageRecord) -> Path:
+    """Where a result image's file lives (to attach it to a reply)."""
     return db.images_dir / image.path
 
 

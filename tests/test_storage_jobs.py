@@ -11,7 +11,9 @@ from pathlib import Path
 import pytest
 
 from storage.db import Database
-from storage.images import ImageStatus, TEMP_PREFIX, input_path, job_images, put_input, save_image
+from storage.images import (
+    TEMP_PREFIX, ImageStatus, image_file, input_path, job_images, put_input, save_image,
+)
 from storage.jobs import (
     IllegalTransition, JobState, UnknownJob, cancel_job, create_job, fail_job, finish_job,
     get_job, history, job_detail, jobs_by_state, requeue_job, set_message, start_job,
@@ -184,7 +186,7 @@ async def test_saved_image_is_named_by_content_and_complete(db: Database) -> Non
     image = await save_image(db, job.id, 0, 42, png)
     sha = hashlib.sha256(png).hexdigest()
     assert image.path == f"{sha[:2]}/{sha}.png"
-    assert (db.images_dir / image.path).read_bytes() == png  # stored as given, chunk and all
+    assert image_file(db, image).read_bytes() == png  # stored as given, chunk and all
     assert (image.width, image.height, image.bytes) == (40, 16, len(png))
     assert image.status is ImageStatus.OK
     assert not list(db.images_dir.rglob(f"{TEMP_PREFIX}*"))
