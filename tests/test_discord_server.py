@@ -8,7 +8,7 @@ import hashlib
 import io
 import logging
 import re
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
@@ -16,8 +16,8 @@ import aiohttp
 import discord
 import pytest
 from discord import app_commands
-from PIL import Image
 from discord.ext import commands
+from PIL import Image
 
 from tests.discord_server import (
     Action,
@@ -203,6 +203,12 @@ class ExampleBot(commands.Bot):
             await message.reply(f"heard {message.content!r} about {about}")
 
 
+async def eventually(condition: Callable[[], object], timeout: float = 5.0) -> None:
+    async with asyncio.timeout(timeout):
+        while not condition():
+            await asyncio.sleep(0.01)
+
+
 def png(width: int, height: int) -> bytes:
     buffer = io.BytesIO()
     Image.new("RGB", (width, height), (200, 10, 10)).save(buffer, format="PNG")
@@ -253,8 +259,8 @@ async def running(world: World, seen: Seen, caplog: pytest.LogCaptureFixture) ->
     assert complaints == []
 
 
-def pressed(message: Message, content: str):
-    def predicate(action) -> bool:
+def pressed(message: Message, content: str) -> Callable[[Action], bool]:
+    def predicate(action: Action) -> bool:
         return action.kind == "edit" and action.message is message and action.content == content
 
     predicate.__doc__ = f"an edit of message {message.id} to {content!r}"
@@ -427,8 +433,7 @@ async def test_upload_limit_and_double_acknowledgement_are_refused(
     server, seen = world.server, Seen()
     async with running(world, seen, caplog):
         ping = await server.slash(world.alice, world.channel, "ping")  # its 14-byte file is over the limit
-        while not seen.errors:
-            await asyncio.sleep(0.01)
+        await eventually(lambda: seen.errors)
         [too_large] = seen.errors
         assert (too_large.status, too_large.code) == (413, 40005)
         assert ping.callback_types == [] and server.messages(world.channel) == []
@@ -451,8 +456,7 @@ async def test_a_late_interaction_response_is_unknown(world: World, caplog: pyte
     async with running(world, seen, caplog):
         late = await server.slash(world.alice, world.channel, "announce", {"channel": world.channel})
         await server.wait_for(lambda a: a.kind == "message" and a.content == "announcement")
-        while not seen.errors:
-            await asyncio.sleep(0.01)
+        await eventually(lambda: seen.errors)
         [unknown] = seen.errors
         assert isinstance(unknown, discord.NotFound) and unknown.code == 10062
         assert late.callback_types == []
