@@ -303,12 +303,14 @@ def family_from_yaml(path: Path, text: TextEncoderConfig) -> Family:
 
 @torch.no_grad()
 def predicts_v(unet: UNetModel) -> bool:
-    """Whether an SD 2.x UNet was trained for v-prediction (the heuristic the popular web UIs use).
+    """Whether an SD 2.x UNet was trained for v-prediction: the check of AUTOMATIC1111's web UI
+    (`is_using_v_parameterization_for_sd2`), run in the model's own device and dtype.
 
-    At t = 999 the input is almost pure noise, so an epsilon model returns roughly its input and
-    (output - input) averages near 0; a v model (v = sqrt(a) eps - sqrt(1 - a) x0) returns about
-    -x0's estimate and the mean falls well below -1 on a constant 0.5 input. The threshold was
-    calibrated on the released 512-base and 768-v weights; it means nothing for random weights."""
+    At t = 999 (alpha_bar ~ 0.005) the input is almost pure noise, so an epsilon model returns
+    roughly its input and mean(output - input) stays near 0, while a v model returns
+    v ~ 0.07 eps - x0, a different quantity; on the released 512-base and 768-v weights the v
+    model's mean lands below -1. The threshold is empirical: it means nothing for random weights,
+    hence the YAML and the `prediction` override take precedence."""
     param = next(unet.parameters())
     side = max(8, 2 ** (len(unet.config.channel_mult) - 1))
     x = torch.full((1, unet.config.in_channels, side, side), 0.5, device=param.device, dtype=param.dtype)
