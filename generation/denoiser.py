@@ -1,0 +1,93 @@
+"""The UNet as a sampler's `Denoiser`: VE input scaling, sigma -> timestep, classifier-free guidance
+in one batched UNet call, and the model's epsilon or v output turned into an x0 prediction."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal, Protocol
+
+import torch
+from torch import Tensor
+
+from generation.schedules import DiscreteSchedule
+
+Prediction = Literal["epsilon", "v"]
+
+#: Linear latent -> RGB in [-1, 1] for SD 1.x / 2.x latents: the web UIs' "cheap approximation"
+#: of the VAE decoder, rows per latent channel.
+_LATENT_RGB = ((0.298, 0.207, 0.208), (0.187, 0.286, 0.173), (-0.158, 0.189, 0.264), (-0.184, -0.271, -0.473))
+
+
+class UNet(Protocol):
+    def __call__(self, x: Tensor, timesteps: Tensor, context: Tensor, **extra: Tensor) -> Tensor:
+        """(N, C_in, h, w) VP-scaled latents, (N,) float timesteps, (N, T, D) text -> (N, 4, h, w)."""
+        ...
+
+
+@dataclass(frozen=True, eq=False)
+class GuidedDenoiser:
+    """out = uncond + g * (cond - uncond) on the model output, per image, in one UNet call of 2B.
+
+    When every g is 1 only the conditional half runs, when every g is 0 only the unconditional one:
+    the formula then equals that half exactly, at half the cost. cond and uncond must have the
+    same token length: encode them together with `generation.prompts.encode_prompts`, which pads
+    every prompt to a common number of 77-token chunks with the empty prompt's chunk."""
+
+    unet: UNet
+    schedule: DiscreteSchedule
+    cond: Tensor  # (B, T, D)
+    uncond: Tensor  # (B, T, D)
+    guidance: Tensor  # (B,)
+    prediction: Prediction = "epsilon"
+    #: Extra input channels concatenated after the scaled latent, unscaled (inpainting: mask and
+    #: masked-image latent, (B, 5, h, w)), the same for both halves.
+    concat: Tensor | None = None
+
+    def __post_init__(self) -> None:
+        if self.cond.shape != self.uncond.shape:
+            raise ValueError(
+                f"cond {tuple(self.cond.shape)} and uncond {tuple(self.uncond.shape)} differ; "
+                "encode prompts and negative prompts together so they share a chunk count"
+            )
+        if self.guidance.shape != self.cond.shape[:1]:
+            raise ValueError(f"need one guidance value per image ({self.cond.shape[0]}), got {tuple(self.guidance.shape)}")
+        if self.prediction not in ("epsilon", "v"):
+            raise ValueError(f"prediction must be 'epsilon' or 'v', got {self.prediction!r}")
+
+    def __call__(self, x: Tensor, sigma: Tensor) -> Tensor:
+        """x (B, C, h, w) at noise levels sigma (B,) -> guided x0 prediction (B, C, h, w)."""
+        if bool((self.guidance == 1).all()):
+            out = self._run(x, sigma, self.cond)
+        elif bool((self.guidance == 0).all()):
+            out = self._run(x, sigma, self.uncond)
+        else:
+            out_uncond, out_cond = self._run(x, sigma, torch.cat([self.uncond, self.cond])).chunk(2)
+            g = self.guidance.to(out_cond.dtype).view(-1, 1, 1, 1)
+            out = out_uncond + g * (out_cond - out_uncond)
+        return self._x0(x, sigma.view(-1, 1, 1, 1), out)
+
+    def _run(self, x: Tensor, sigma: Tensor, context: Tensor) -> Tensor:
+        """One UNet call on as many copies of (x, sigma) as context has rows."""
+        copies = context.shape[0] // x.shape[0]
+        c_in = (sigma**2 + 1) ** -0.5  # (B,)
+        x_in = (x * c_in.view(-1, 1, 1, 1)).repeat(copies, 1, 1, 1)  # (copies * B, C, h, w)
+        if self.concat is not None:
+            x_in = torch.cat([x_in, self.concat.to(x_in.dtype).repeat(copies, 1, 1, 1)], dim=1)
+        t = self.schedule.sigma_to_t(sigma).repeat(copies)  # (copies * B,)
+        return self.unet(x_in, t, context).to(x.dtype)
+
+    def _x0(self, x: Tensor, sigma: Tensor, out: Tensor) -> Tensor:
+        if self.prediction == "epsilon":
+            return x - sigma * out
+        # v = alpha * eps - sigma_vp * x0 (Salimans & Ho); k-diffusion's VDenoiser, sigma_data 1
+        c_skip, c_out = 1 / (sigma**2 + 1), -sigma / (sigma**2 + 1) ** 0.5
+        return c_skip * x + c_out * out
+
+
+def latent_preview(x0: Tensor) -> Tensor:
+    """A cheap RGB preview of one latent (4, h, w) -> uint8 (h, w, 3) on the CPU; no VAE."""
+    if x0.dim() != 3 or x0.shape[0] != len(_LATENT_RGB):
+        raise ValueError(f"need one latent of shape (4, h, w), got {tuple(x0.shape)}")
+    factors = torch.tensor(_LATENT_RGB, dtype=torch.float32, device=x0.device)  # (4, 3)
+    rgb = torch.einsum("chw,cr->hwr", x0.float(), factors)
+    return ((rgb + 1) / 2).clamp(0, 1).mul(255).round().to(torch.uint8).cpu()
