@@ -127,15 +127,18 @@ def _indices(weights: dict[str, torch.Tensor], pattern: str) -> list[int]:
 def detect_family(weights: dict[str, torch.Tensor]) -> Family:
     """The family and sizes of a checkpoint from key names and shapes alone (prediction: the
     family's default; SD 2.x v-prediction is settled by `predicts_v`)."""
-    text = _detect_text(weights)
-    base = SD1 if text.kind == "clip" else SD2
-    unet = _detect_unet(weights, base.unet, text.width)
+    try:
+        text = _detect_text(weights)
+        base = SD1 if text.kind == "clip" else SD2
+        unet = _detect_unet(weights, base.unet, text.width)
+        vae = _detect_vae(weights, base.vae.resolution)
+    except KeyError as exc:
+        raise CheckpointError(f"incomplete checkpoint: no tensor {exc.args[0]}") from exc
     conditioning = {4: "crossattn", 9: "hybrid"}.get(unet.in_channels)
     if conditioning is None:
         raise CheckpointError(
             f"UNet takes {unet.in_channels} input channels; supported: 4 (txt2img) or 9 (inpainting)"
         )
-    vae = _detect_vae(weights, base.vae.resolution)
     return replace(base, conditioning=conditioning, unet=unet, vae=vae, text=text)
 
 
@@ -360,13 +363,19 @@ def load_checkpoint(
     prediction: Prediction | None = None,
     device: torch.device | str = "cpu",
     dtype: torch.dtype = torch.float32,
+    vae_dtype: torch.dtype | None = None,
 ) -> StableDiffusion:
     """A ready model: the YAML (when given) or detection decides the family, `prediction`
-    overrides both, and SD 2.x txt2img checkpoints without either are probed with `predicts_v`."""
+    overrides both, and SD 2.x txt2img checkpoints without either are probed with `predicts_v`.
+    `vae_dtype` (default: `dtype`) lets the VAE stay float32 under float16 weights without a
+    lossy round trip through float16."""
     path = Path(path)
     config_yaml = Path(config_yaml) if config_yaml is not None else None
     weights, family, source = _resolve(path, config_yaml, prediction)
-    model = _build(family, weights, path, config_yaml).to(device=device, dtype=dtype)
+    model = _build(family, weights, path, config_yaml)
+    model.model.to(device=device, dtype=dtype)
+    model.cond_stage_model.to(device=device, dtype=dtype)
+    model.first_stage_model.to(device=device, dtype=vae_dtype or dtype)
     if source == "probe" and predicts_v(model.unet):
         model.family = replace(family, prediction="v")
     return model

@@ -63,10 +63,26 @@ def test_tiny_latents_are_half_the_image(tiny_checkpoints: TinyCheckpoints) -> N
     assert latents.shape == (1, 4, 16, 24)
 
 
-def test_load_converts_dtype(tiny_checkpoints: TinyCheckpoints) -> None:
-    model = load_checkpoint(tiny_checkpoints.get("sd1")[0], dtype=torch.bfloat16)
+def test_load_converts_dtype(tmp_path: Path) -> None:
+    path, _ = write_checkpoint(tmp_path, "sd1", with_yaml=False, dtype=torch.float32)
+    model = load_checkpoint(path, dtype=torch.bfloat16)
     assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
     assert not any(p.requires_grad for p in model.parameters()) and not model.training
+
+    model = load_checkpoint(path, dtype=torch.float16, vae_dtype=torch.float32)
+    assert {p.dtype for p in model.unet.parameters()} == {p.dtype for p in model.text_encoder.parameters()}
+    assert {p.dtype for p in model.unet.parameters()} == {torch.float16}
+    stored = read_state_dict(path)["first_stage_model.decoder.conv_out.weight"]
+    assert torch.equal(model.vae.decoder.conv_out.weight, stored)  # float32, not rounded to float16
+
+
+def test_missing_tensor_is_named(tiny_checkpoints: TinyCheckpoints, tmp_path: Path) -> None:
+    weights = read_state_dict(tiny_checkpoints.get("sd2-v")[0])
+    del weights["cond_stage_model.model.text_projection"]
+    path = tmp_path / "incomplete.safetensors"
+    safetensors.torch.save_file(weights, path)
+    with pytest.raises(CheckpointError, match="incomplete checkpoint: no tensor cond_stage_model.model.text_projection"):
+        inspect_checkpoint(path)
 
 
 def test_inspect_reports_counts_and_stored_dtype(tiny_checkpoints: TinyCheckpoints) -> None:
