@@ -251,7 +251,7 @@ def _report_day(name: str, result: dict, users: list[_User]) -> None:
     ratio = {u.id: served[u.id] / fair[u.id] for u in users if fair[u.id] > 0}
     heavy = [ratio[u.id] for u in users if u.kind == "heavy"]
     print(
-        f"{name:<24} Jain {_jain(list(ratio.values())):.3f} (all users), {_jain(heavy):.3f} (heavy users);"
+        f"{name:<24} Jain {_jain(list(ratio.values())):.4f} (all users), {_jain(heavy):.4f} (heavy users);"
         f" GPU utilisation {result['utilisation']:.1%}"
     )
     for kind in ("light", "moderator", "heavy"):

@@ -274,7 +274,7 @@ async def test_shutdown_after_the_grace_period_leaves_the_batch_running_for_rest
     assert hooks.finished == []
     assert running.state is JobState.RUNNING and queued.state is JobState.QUEUED and len(queue) == 1
     assert pipeline.saw_cancel == {running.id}
-    assert not pipeline.threads[0].is_alive() or await _thread_exits(pipeline.threads[0])
+    assert await _thread_exits(pipeline.threads[0])
 
 
 async def _thread_exits(thread: threading.Thread) -> bool:
@@ -354,3 +354,26 @@ async def test_the_event_loop_stays_responsive_during_a_cpu_generation():
     assert hooks.result(job)[0] is JobState.DONE
     assert time.monotonic() - began >= 1.0 and len(lateness) >= 25  # the timer kept firing
     assert max(lateness) < 0.2, f"the loop stalled for {max(lateness):.3f} s"
+
+
+@pytest.mark.gpu
+async def test_a_real_cuda_out_of_memory_error_splits_the_batch():
+    """Each job holds 30% of the free GPU memory: four at once cannot fit, two can."""
+    free, _ = torch.cuda.mem_get_info()
+    per_job = int(0.3 * free)
+
+    class Hungry(Painter):
+        def paint(self, batch):
+            torch.empty(per_job * len(batch), dtype=torch.uint8, device="cuda")
+
+    queue, pipeline, hooks = FairQueue(SETTINGS, devices=("cuda",)), Hungry(), Recorder()
+    jobs = [await submit(queue, owner) for owner in range(4)]
+    runner = Runner(
+        queue, pipeline, ["cuda"], SETTINGS, load_model=FakeModel, model_size=lambda model: 1,
+        model_budget_bytes=10, on_finished=hooks.on_finished,
+    )
+    runner.start()
+    await hooks.wait_for(4, timeout=60)
+    await runner.shutdown(1)
+    assert [len(c) for c in pipeline.calls] == [4, 2, 2]
+    assert all(hooks.result(j)[0] is JobState.DONE for j in jobs)
