@@ -37,9 +37,10 @@ Driver API (`DiscordServer`; all gestures are async and return what they created
 - tokens: `expire_token(interaction_or_token)`, `expire_all_tokens()`: webhooks then answer 401/50027
   and callbacks 404/10062.
 - inspection: `actions` (the ordered `Action` log: kind "callback" | "message" | "edit" | "delete",
-  with `message`, `interaction`, `callback_type`, `content` at that moment); `await wait_for(predicate,
-  timeout, since=)` fails listing everything the bot did and every refused request; `messages(channel)`;
-  `responses(interaction)`; `commands(guild=None)`; `log.refusals` / `log.server_errors`.
+  with `message`, `interaction`, `callback_type`, `content` at that moment and `at`, a monotonic
+  time); `await wait_for(predicate, timeout, since=)` fails listing everything the bot did and every
+  refused request; `messages(channel)`; `responses(interaction)`; `commands(guild=None)`;
+  `log.refusals` / `log.server_errors` (a route this server lacks: fail the test).
 - stored objects: `Message` (`content`, `components`, `buttons()`, `custom_ids()`, `attachments`
   of `Attachment` with `data` bytes, `filename`, `content_type`, `url`; `ephemeral`, `reference`,
   `interaction`), `Interaction` (`original`, `followups`, `modal`, `choices`, `callback_types`, `token`).

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 from .state import Interaction, Message
@@ -26,6 +27,7 @@ class Action:
 
     `message` is the live stored message (later edits show through); `content` is its text when the
     action happened. `interaction` is set when the action answered one (responses, followups).
+    `at` (time.monotonic()) lets tests check pacing, e.g. how often progress is edited.
     """
 
     kind: ActionKind
@@ -33,6 +35,7 @@ class Action:
     interaction: Interaction | None = None
     callback_type: int | None = None
     content: str | None = None
+    at: float = field(default_factory=time.monotonic)
 
     def __str__(self) -> str:
         parts = [self.kind]

@@ -251,23 +251,22 @@ class RestApi:
             interaction.modal = data
         if request.query.get("with_response") not in ("1", "true", "True"):
             return web.Response(status=204)
+        info: dict[str, Any] = {"id": str(interaction.id), "type": interaction.type}
         resource: dict[str, Any] = {"type": kind}
         if message is not None:
-            resource["message"] = payloads.message(message)
-        response_info: dict[str, Any] = {"id": str(interaction.id), "type": interaction.type}
-        if message is not None:
-            response_info |= {
+            info |= {
                 "response_message_id": str(message.id),
                 "response_message_loading": message.loading,
                 "response_message_ephemeral": message.ephemeral,
             }
-        return _json({"interaction": response_info, "resource": resource})
+            resource["message"] = payloads.message(message)
+        return _json({"interaction": info, "resource": resource})
 
     @staticmethod
     def _check_callback_type(interaction: Interaction, kind: int) -> None:
         allowed = {2: {4, 5, 9}, 3: {4, 5, 6, 7, 9}, 4: {8}, 5: {4, 5, 6, 7}}[interaction.type]
-        if kind == 6 or kind == 7:
-            allowed = allowed if "message" in interaction.payload else allowed - {6, 7}
+        if "message" not in interaction.payload:  # nothing to update, e.g. a modal a command opened
+            allowed -= {6, 7}
         if kind not in allowed:
             raise ApiError(400, 50035, f"Invalid Form Body: callback type {kind} is not valid for interaction type "
                                        f"{interaction.type}; allowed: {sorted(allowed)}")

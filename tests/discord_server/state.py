@@ -20,7 +20,6 @@ DISCORD_EPOCH_MS = 1_420_070_400_000
 
 # Permission bits this server reasons about (Discord's values).
 ADMINISTRATOR = 1 << 3
-MANAGE_GUILD = 1 << 5
 VIEW_CHANNEL = 1 << 10
 SEND_MESSAGES = 1 << 11
 EMBED_LINKS = 1 << 14
