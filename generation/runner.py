@@ -317,8 +317,10 @@ class Runner(Generic[M]):
                 log.exception("jobs %s failed on %s", [j.id for j in live], worker.device)
                 error = f"generation failed ({type(exc).__name__}: {exc})"
             else:
+                cost_before = report.cost
                 self._collect(live, {r.job_id: r for r in results}, stopped, report)
-                report.seconds += time.monotonic() - began
+                if report.cost > cost_before:  # time spent on cancelled work says nothing of speed
+                    report.seconds += time.monotonic() - began
                 continue
             if out_of_memory:  # outside the except block, so the traceback no longer pins tensors
                 self._free_memory(worker, model_name)
