@@ -49,6 +49,9 @@ class DiscordServer:
     response_deadline: seconds after which a callback fails with 10062 Unknown interaction (Discord's
         3-second rule; None, the default, never expires: test machines are slow).
     upload_limit: bytes per file; larger uploads fail with 413/40005.
+
+    Close the bot before leaving the context: a bot still connected sees the gateway go away (1001)
+    and keeps trying to reconnect.
     """
 
     def __init__(
