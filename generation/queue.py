@@ -579,8 +579,8 @@ class FairQueue:
         order = len(events)
         result: dict[str, Estimate] = {}
         while events and len(result) < len(self):
-            at, _, device, owners = heapq.heappop(events)
-            for owner in owners:
+            at, _, device, freed = heapq.heappop(events)
+            for owner in freed:
                 tree.release(owner)
             job = tree.pop()
             order += 1
