@@ -28,14 +28,12 @@ from __future__ import annotations
 
 import asyncio
 import heapq
-import secrets
 import time
 from collections import Counter, deque
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from enum import StrEnum
 
-from generation.request import GenerationRequest, Kind
+from generation.request import GenerationRequest, JobState, Kind, new_job_id
 from generation.settings import QueueSettings
 
 #: A running job interrupted by a restart is re-run this many times, then given up.
@@ -48,14 +46,6 @@ THROUGHPUT_ALPHA = 0.2
 FlowKey = tuple[int | None, int]  # (guild id, user id)
 #: Jobs with equal keys can share one pipeline batch.
 BatchKey = tuple[str, Kind, int, int, int, str, float | None]
-
-
-class JobState(StrEnum):
-    QUEUED = "queued"
-    RUNNING = "running"
-    DONE = "done"
-    FAILED = "failed"
-    CANCELLED = "cancelled"
 
 
 class Refused(Exception):
@@ -148,11 +138,6 @@ Persist = Callable[[Job], Awaitable[None]]
 def role_weight(role_weights: Mapping[str, float], roles: Iterable[str]) -> float:
     """A member's fair-share weight: the largest weight among their roles, 1 if none is listed."""
     return max((role_weights[role] for role in roles if role in role_weights), default=1.0)
-
-
-def new_job_id() -> str:
-    """12 URL-safe characters (72 random bits): short enough for button custom ids."""
-    return secrets.token_urlsafe(9)
 
 
 # ---------------------------------------------------------------------------------------------

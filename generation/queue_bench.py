@@ -22,7 +22,8 @@ from collections import Counter, defaultdict, deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from generation.queue import FairQueue, Job, JobState, Submission
+from generation.queue import FairQueue, Job, Submission
+from generation.request import JobState
 from generation.request import GenerationRequest
 from generation.settings import QueueSettings
 

@@ -7,7 +7,10 @@ limits and moderator limits are narrower and are enforced at submit time.
 
 from __future__ import annotations
 
+import base64
 import math
+import re
+import secrets
 from enum import StrEnum
 from typing import Literal
 
@@ -33,6 +36,25 @@ MAX_SEED = 2**32 - 1
 
 #: One cost unit is one 512x512 image denoised for one step.
 _UNIT_PIXELS = 512 * 512
+
+
+#: Job ids: 12 lower-case base32 characters (60 random bits), short enough for button custom ids.
+JOB_ID_PATTERN = re.compile(r"^[a-z2-7]{12}$")
+
+
+def new_job_id() -> str:
+    """A fresh unguessable job id matching `JOB_ID_PATTERN`."""
+    return base64.b32encode(secrets.token_bytes(8)).decode("ascii")[:12].lower()
+
+
+class JobState(StrEnum):
+    """Where a job is in its life; the queue, the runner and storage share these names."""
+
+    QUEUED = "queued"
+    RUNNING = "running"
+    DONE = "done"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
 
 
 class Kind(StrEnum):

@@ -22,7 +22,8 @@ from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar
 import torch
 
 from generation.model_cache import ModelCache
-from generation.queue import FairQueue, Job, JobState
+from generation.queue import FairQueue, Job
+from generation.request import JobState
 from generation.settings import QueueSettings
 
 if TYPE_CHECKING:

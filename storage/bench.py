@@ -17,9 +17,9 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from generation.request import GenerationRequest
+from generation.request import GenerationRequest, new_job_id
 from storage.db import Database
-from storage.jobs import create_job, finish_job, history, new_job_id, start_job
+from storage.jobs import create_job, finish_job, history, start_job
 from storage.settings import StorageSettings
 
 _REQUEST = GenerationRequest(prompt="a lighthouse at dusk, oil painting", model="sd15", steps=25,

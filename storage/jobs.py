@@ -12,30 +12,17 @@ disagree with the jobs that are done.
 
 from __future__ import annotations
 
-import base64
-import re
-import secrets
 import sqlite3
 from dataclasses import dataclass
-from enum import StrEnum
 
 import aiosqlite
 
-from generation.request import GenerationRequest
+from generation.request import JOB_ID_PATTERN, GenerationRequest, JobState, new_job_id
 from storage.db import Database
 from storage.images import ImageRecord, image_from_row
 
 #: Job ids as they appear in button custom ids (part of the schema: see migrations/0001).
-JOB_ID_PATTERN = re.compile(r"^[a-z2-7]{12}$")
 _HISTORY_PAGE_MAX = 100
-
-
-class JobState(StrEnum):
-    QUEUED = "queued"
-    RUNNING = "running"
-    DONE = "done"
-    FAILED = "failed"
-    CANCELLED = "cancelled"
 
 
 _TRANSITIONS: dict[JobState, frozenset[JobState]] = {
@@ -80,11 +67,6 @@ class Job:
     attempts: int
     parent_job_id: str | None
     parent_index: int | None
-
-
-def new_job_id() -> str:
-    """12 random base32 characters (60 bits): short enough for a custom id, unguessable."""
-    return base64.b32encode(secrets.token_bytes(8)).decode("ascii")[:12].lower()
 
 
 def job_from_row(row: sqlite3.Row) -> Job:

@@ -15,12 +15,11 @@ from generation.queue import (
     MAX_RERUNS,
     FairQueue,
     Job,
-    JobState,
     Refused,
     Submission,
     role_weight,
 )
-from generation.request import GenerationRequest
+from generation.request import GenerationRequest, JobState
 from generation.settings import QueueSettings
 
 ROOMY = QueueSettings(max_queued_per_user=10_000, max_queued_total=100_000)

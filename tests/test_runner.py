@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from generation.model_cache import ModelCache
-from generation.queue import FairQueue, Job, JobState, Submission
+from generation.queue import FairQueue, Job, Submission
+from generation.request import JobState
 from generation.request import GenerationRequest
 from generation.runner import JobResult, Runner
 from generation.settings import QueueSettings

@@ -10,7 +10,8 @@ from pathlib import Path
 
 from storage.db import Database
 from storage.images import TEMP_PREFIX
-from storage.jobs import JobState, job_detail
+from generation.request import JobState
+from storage.jobs import job_detail
 from storage.maintenance import reconcile
 from storage.settings import StorageSettings
 

@@ -13,7 +13,8 @@ import pytest
 
 from storage.db import MIGRATIONS_DIR, Database, SchemaError, load_migrations
 from storage.audit import audit_log
-from storage.jobs import JobState, create_job, finish_job, jobs_by_state, start_job
+from generation.request import JobState
+from storage.jobs import create_job, finish_job, jobs_by_state, start_job
 from storage.limits import Scope, set_limits, usage
 from storage.moderation import ban
 from storage.settings import LimitsSettings, StorageSettings

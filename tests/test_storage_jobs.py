@@ -14,8 +14,9 @@ from storage.db import Database
 from storage.images import (
     TEMP_PREFIX, ImageStatus, image_file, input_path, job_images, put_input, save_image,
 )
+from generation.request import JobState
 from storage.jobs import (
-    IllegalTransition, JobState, UnknownJob, cancel_job, create_job, fail_job, finish_job,
+    IllegalTransition, UnknownJob, cancel_job, create_job, fail_job, finish_job,
     get_job, history, job_detail, jobs_by_state, requeue_job, set_message, start_job,
 )
 from storage.limits import usage
