@@ -13,10 +13,10 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
-import torch
-from torch import Tensor
+if TYPE_CHECKING:
+    from torch import Tensor
 
 _ROUND = 1.1
 #: The piece `parse_emphasis` emits for BREAK.
@@ -151,9 +151,11 @@ def chunk_prompt(encoder: TextEncoder, text: str) -> list[Chunk]:
     return chunks
 
 
-def encode_prompts(encoder: TextEncoder, texts: list[str], device: torch.device | str = "cpu") -> Tensor:
+def encode_prompts(encoder: TextEncoder, texts: list[str], device: str = "cpu") -> Tensor:
     """Encode prompts (positive and negative together) in one encoder call -> (N, 77 * k, D),
     every prompt padded to the longest one's k chunks with the empty prompt's chunk."""
+    import torch  # here only: parsing and chunking stay importable without torch (bot, queue)
+
     if not texts:
         raise ValueError("need at least one prompt to encode")
     chunked = [chunk_prompt(encoder, text) for text in texts]
