@@ -50,7 +50,9 @@ class GuidedDenoiser:
                 "encode prompts and negative prompts together so they share a chunk count"
             )
         if self.guidance.shape != self.cond.shape[:1]:
-            raise ValueError(f"need one guidance value per image ({self.cond.shape[0]}), got {tuple(self.guidance.shape)}")
+            raise ValueError(
+                f"need one guidance value per image ({self.cond.shape[0]}), got {tuple(self.guidance.shape)}"
+            )
         if self.prediction not in ("epsilon", "v"):
             raise ValueError(f"prediction must be 'epsilon' or 'v', got {self.prediction!r}")
 

@@ -14,8 +14,9 @@ timesteps, started from VP noise; PLMS is the same ODE with Adams-Bashforth step
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from types import MappingProxyType
 from typing import Protocol
 
 import torch
@@ -45,7 +46,9 @@ class BatchNoise:
     """Gaussian noise for a batch where image i draws only from its own CPU generator seeded with
     seeds[i], so an image depends on its seed alone: not on the device, nor on its batch-mates."""
 
-    def __init__(self, seeds: list[int], shape: tuple[int, int, int], device: torch.device | str, dtype: torch.dtype) -> None:
+    def __init__(
+        self, seeds: list[int], shape: tuple[int, int, int], device: torch.device | str, dtype: torch.dtype
+    ) -> None:
         self._generators = [torch.Generator("cpu").manual_seed(seed) for seed in seeds]
         self._shape = (1, *shape)
         self._device, self._dtype = torch.device(device), dtype
@@ -302,8 +305,8 @@ class Sampler:
         return x / math.sqrt(1 + float(sigmas[-1]) ** 2)
 
 
-#: Every sampler users may pick, by `generation.request.SAMPLER_NAMES`.
-SAMPLERS: dict[str, Sampler] = {
+#: Every sampler users may pick, by `generation.request.SAMPLER_NAMES` (read-only).
+SAMPLERS: Mapping[str, Sampler] = MappingProxyType({
     "ddim": Sampler(euler, ddim_sigmas, vp_start=True),
     "plms": Sampler(plms, ddim_sigmas, vp_start=True),
     "euler": Sampler(euler, discrete_sigmas),
@@ -314,4 +317,4 @@ SAMPLERS: dict[str, Sampler] = {
     "dpmpp_2m_karras": Sampler(dpmpp_2m, karras_sigmas),
     "dpmpp_sde_karras": Sampler(dpmpp_sde, karras_sigmas),
     "unipc": Sampler(unipc, uniform_sigmas, vp_start=True),
-}
+})

@@ -36,7 +36,9 @@ class DiscreteSchedule:
     alphas_cumprod: Tensor  # (T,) float32
 
     @classmethod
-    def linear(cls, linear_start: float = 0.00085, linear_end: float = 0.012, timesteps: int = 1000) -> DiscreteSchedule:
+    def linear(
+        cls, linear_start: float = 0.00085, linear_end: float = 0.012, timesteps: int = 1000
+    ) -> DiscreteSchedule:
         """The schedule of the original SD 1.x / 2.x inference YAMLs (their defaults)."""
         return cls(alphas_cumprod(linear_start, linear_end, timesteps))
 

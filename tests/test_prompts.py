@@ -93,7 +93,8 @@ def content(chunk, encoder: FakeEncoder) -> list[int]:
 def test_long_prompts_split_into_chunks_of_75() -> None:
     encoder = FakeEncoder()
     chunks = chunk_prompt(encoder, words(100, 160))
-    assert [content(c, encoder) for c in chunks] == [list(range(100, 175)), list(range(175, 250)), list(range(250, 260))]
+    expected = [list(range(100, 175)), list(range(175, 250)), list(range(250, 260))]
+    assert [content(c, encoder) for c in chunks] == expected
     assert chunks[0].tokens[-1] == encoder.eos_id
     assert chunks[2].tokens[11:] == (encoder.eos_id,) * 66
 

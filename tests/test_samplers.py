@@ -125,7 +125,8 @@ def test_ddim_and_plms_equal_the_original_loops(name: str, steps: int) -> None:
     x_T = BatchNoise([3, 4], SHAPE, "cpu", torch.float32).initial()  # VP noise, as the original starts
     sampler = SAMPLERS[name]
     sigmas = sampler.sigmas(SCHEDULE, steps)
-    ours = sampler.sample(ve_denoiser(fake_eps, SCHEDULE), x_T * sampler.start_scale(float(sigmas[0])), sigmas, noise=no_noise)
+    x = x_T * sampler.start_scale(float(sigmas[0]))
+    ours = sampler.sample(ve_denoiser(fake_eps, SCHEDULE), x, sigmas, noise=no_noise)
     assert rel_err(ours, original_loop(x_T, steps, plms=name == "plms")) < 2e-6
 
 

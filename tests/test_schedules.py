@@ -105,7 +105,8 @@ def test_uniform_sigmas_match_diffusers_unipc_default(schedule: DiscreteSchedule
 
 
 def test_sigma_to_t_matches_diffusers_log_interpolation(schedule: DiscreteSchedule) -> None:
-    sigmas = torch.exp(torch.empty(200).uniform_(np.log(0.03), np.log(14.6), generator=torch.Generator().manual_seed(0)))
+    uniform = torch.rand(200, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    sigmas = torch.exp(np.log(0.03) + uniform * np.log(14.6 / 0.03)).float()
     log_sigmas = np.log(schedule.sigmas.numpy())
     expected = EulerDiscreteScheduler(**SD)._sigma_to_t(sigmas.numpy(), log_sigmas)
     assert np.abs(schedule.sigma_to_t(sigmas).numpy() - expected).max() < 1e-3  # t in [0, 999]
