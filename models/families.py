@@ -10,7 +10,9 @@ from dataclasses import dataclass
 from typing import Literal
 
 Prediction = Literal["epsilon", "v"]
-Conditioning = Literal["crossattn", "hybrid"]
+#: crossattn: text only; hybrid: + concatenated mask and masked-image latents (inpainting);
+#: hybrid-adm: + concatenated low-resolution image and a noise-level class (x4 upscaler).
+Conditioning = Literal["crossattn", "hybrid", "hybrid-adm"]
 TextKind = Literal["clip", "open_clip"]
 
 
@@ -21,7 +23,8 @@ class UNetConfig:
     in_channels: int = 4
     out_channels: int = 4
     model_channels: int = 320
-    #: Downsampling factors (1, 2, 4...) at which blocks get a SpatialTransformer.
+    #: Downsampling factors (1, 2, 4...) at which blocks get a SpatialTransformer (a set: kept
+    #: sorted, largest first).
     attention_resolutions: tuple[int, ...] = (4, 2, 1)
     num_res_blocks: int = 2
     channel_mult: tuple[int, ...] = (1, 2, 4, 4)
@@ -31,6 +34,13 @@ class UNetConfig:
     context_dim: int = 768
     use_linear_in_transformer: bool = False
     transformer_depth: int = 1
+    #: Size of `label_emb`, the x4 upscaler's noise-level embedding; None: no class input.
+    num_classes: int | None = None
+    #: Per level: attn1 attends to the context instead of the pixels (x4 upscaler). Levels without
+    #: attention have nothing to disable and are normalised to False, so that a config read from
+    #: a YAML and one read from tensor shapes compare equal.
+    disable_self_attentions: tuple[bool, ...] = ()
+    disable_middle_self_attn: bool = False
 
     def __post_init__(self) -> None:
         if (self.num_heads > 0) == (self.num_head_channels > 0):
@@ -38,6 +48,21 @@ class UNetConfig:
                 f"set exactly one of num_heads ({self.num_heads}) and num_head_channels "
                 f"({self.num_head_channels}) to a positive value"
             )
+        object.__setattr__(self, "attention_resolutions", tuple(sorted(set(self.attention_resolutions), reverse=True)))
+        if self.disable_self_attentions:
+            if len(self.disable_self_attentions) != len(self.channel_mult):
+                raise ValueError(
+                    f"disable_self_attentions {self.disable_self_attentions} needs one entry per "
+                    f"level of channel_mult {self.channel_mult}"
+                )
+            normalised = tuple(
+                bool(disabled) and 2**level in self.attention_resolutions
+                for level, disabled in enumerate(self.disable_self_attentions)
+            )
+            object.__setattr__(self, "disable_self_attentions", normalised)
+
+    def self_attention_disabled(self, level: int) -> bool:
+        return bool(self.disable_self_attentions) and self.disable_self_attentions[level]
 
     def heads(self, channels: int) -> tuple[int, int]:
         """(number of heads, head width) of a SpatialTransformer with `channels` channels."""
@@ -90,6 +115,15 @@ class TextEncoderConfig:
 
 
 @dataclass(frozen=True)
+class LowScaleConfig:
+    """The x4 upscaler's noise augmentation of its low-resolution input (`low_scale_config`)."""
+
+    linear_start: float = 0.0001
+    linear_end: float = 0.02
+    max_noise_level: int = 350
+
+
+@dataclass(frozen=True)
 class Family:
     """Everything needed to build and sample one checkpoint."""
 
@@ -102,10 +136,14 @@ class Family:
     linear_start: float = 0.00085
     linear_end: float = 0.0120
     timesteps: int = 1000
+    low_scale: LowScaleConfig | None = None
 
     @property
     def name(self) -> str:
-        """sd1, sd1-inpaint, sd2, sd2-v, sd2-inpaint (and e.g. sd1-v for unusual fine-tunes)."""
+        """sd1, sd1-inpaint, sd2, sd2-v, sd2-inpaint, x4-upscaler (and e.g. sd1-v for unusual
+        fine-tunes)."""
+        if self.conditioning == "hybrid-adm":
+            return "x4-upscaler"
         base = "sd1" if self.text.kind == "clip" else "sd2"
         inpaint = "-inpaint" if self.conditioning == "hybrid" else ""
         v = "-v" if self.prediction == "v" else ""
@@ -142,4 +180,26 @@ SD2_INPAINT = Family(
     text=_OPEN_CLIP_H14,
 )
 
-KNOWN_FAMILIES: tuple[Family, ...] = (SD1, SD1_INPAINT, SD2, SD2_V, SD2_INPAINT)
+X4_UPSCALER = Family(
+    prediction="v",
+    conditioning="hybrid-adm",
+    unet=UNetConfig(
+        in_channels=7,
+        model_channels=256,
+        attention_resolutions=(8, 4, 2),
+        channel_mult=(1, 2, 2, 4),
+        num_heads=8,
+        context_dim=1024,
+        use_linear_in_transformer=True,
+        num_classes=1000,
+        disable_self_attentions=(True, True, True, False),
+    ),
+    vae=VAEConfig(ch_mult=(1, 2, 4)),  # latent = image / 4
+    text=_OPEN_CLIP_H14,
+    scale_factor=0.08333,
+    linear_start=0.0001,
+    linear_end=0.02,
+    low_scale=LowScaleConfig(),
+)
+
+KNOWN_FAMILIES: tuple[Family, ...] = (SD1, SD1_INPAINT, SD2, SD2_V, SD2_INPAINT, X4_UPSCALER)

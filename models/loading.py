@@ -20,6 +20,8 @@ import yaml
 from models.families import (
     SD1,
     SD2,
+    X4_UPSCALER,
+    LowScaleConfig,
     Family,
     Prediction,
     TextEncoderConfig,
@@ -129,15 +131,22 @@ def detect_family(weights: dict[str, torch.Tensor]) -> Family:
     family's default; SD 2.x v-prediction is settled by `predicts_v`)."""
     try:
         text = _detect_text(weights)
-        base = SD1 if text.kind == "clip" else SD2
+        if UNET + "label_emb.weight" in weights:
+            base = X4_UPSCALER
+        else:
+            base = SD1 if text.kind == "clip" else SD2
         unet = _detect_unet(weights, base.unet, text.width)
         vae = _detect_vae(weights, base.vae.resolution)
     except KeyError as exc:
         raise CheckpointError(f"incomplete checkpoint: no tensor {exc.args[0]}") from exc
-    conditioning = {4: "crossattn", 9: "hybrid"}.get(unet.in_channels)
+    if base is X4_UPSCALER:
+        conditioning = "hybrid-adm"
+    else:
+        conditioning = {4: "crossattn", 9: "hybrid"}.get(unet.in_channels)
     if conditioning is None:
         raise CheckpointError(
-            f"UNet takes {unet.in_channels} input channels; supported: 4 (txt2img) or 9 (inpainting)"
+            f"UNet takes {unet.in_channels} input channels; supported: 4 (txt2img), 9 (inpainting), "
+            f"or a noise-level embedding (label_emb) for the x4 upscaler"
         )
     return replace(base, conditioning=conditioning, unet=unet, vae=vae, text=text)
 
@@ -167,23 +176,33 @@ def _detect_text(weights: dict[str, torch.Tensor]) -> TextEncoderConfig:
     )
 
 
+def _attends_to_context(weights: dict[str, torch.Tensor], transformer: str) -> bool:
+    """Whether a SpatialTransformer's attn1 reads the context (keys wider or narrower than the
+    queries' input); when context and pixel widths are equal it cannot tell, and says no."""
+    attn1 = transformer + "transformer_blocks.0.attn1."
+    return weights[attn1 + "to_k.weight"].shape[1] != weights[attn1 + "to_q.weight"].shape[1]
+
+
 def _detect_unet(weights: dict[str, torch.Tensor], base: UNetConfig, context_dim: int) -> UNetConfig:
     """Walk `input_blocks`: a block with `.0.op` is a downsample ending a level, any other holds a
     ResBlock whose width gives the level's channel multiplier; `.1.proj_in` marks attention."""
     conv_in = weights[UNET + "input_blocks.0.0.weight"]  # (mc, C_in, 3, 3)
     mc = conv_in.shape[0]
     levels: list[list[int]] = [[]]  # per level: output widths of its ResBlocks
+    no_self_attention: list[bool] = [False]  # per level
     attention: set[int] = set()
     proj_in_ndim = 4
     for i in _indices(weights, re.escape(UNET) + r"input_blocks\.(\d+)\.")[1:]:
         block = f"{UNET}input_blocks.{i}."
         if block + "0.op.weight" in weights:
             levels.append([])
+            no_self_attention.append(False)
             continue
         levels[-1].append(weights[block + "0.out_layers.3.weight"].shape[0])
         if block + "1.proj_in.weight" in weights:
             attention.add(2 ** (len(levels) - 1))
             proj_in_ndim = weights[block + "1.proj_in.weight"].ndim
+            no_self_attention[-1] = _attends_to_context(weights, block + "1.")
     res_blocks = {len(widths) for widths in levels}
     if len(res_blocks) != 1 or any(len(set(widths)) != 1 for widths in levels):
         raise CheckpointError(f"UNet levels have uneven blocks {levels}; only uniform levels are supported")
@@ -199,6 +218,9 @@ def _detect_unet(weights: dict[str, torch.Tensor], base: UNetConfig, context_dim
         context_dim=context_dim,
         use_linear_in_transformer=proj_in_ndim == 2 if attention else base.use_linear_in_transformer,
         transformer_depth=depth,
+        num_classes=weights[UNET + "label_emb.weight"].shape[0] if UNET + "label_emb.weight" in weights else None,
+        disable_self_attentions=tuple(no_self_attention) if any(no_self_attention) else (),
+        disable_middle_self_attn=_attends_to_context(weights, UNET + "middle_block.1."),
     )
 
 
@@ -254,11 +276,14 @@ def family_from_yaml(path: Path, text: TextEncoderConfig) -> Family:
     parameterization = params.get("parameterization", "eps")
     predictions = {"eps": "epsilon", "v": "v"}
     conditioning = params.get("conditioning_key", "crossattn")
-    if parameterization not in predictions or conditioning not in ("crossattn", "hybrid"):
+    if parameterization not in predictions or conditioning not in ("crossattn", "hybrid", "hybrid-adm"):
         raise CheckpointError(
             f"{path}: parameterization {parameterization!r} / conditioning_key {conditioning!r}; "
-            f"allowed: eps or v / crossattn or hybrid"
+            f"allowed: eps or v / crossattn, hybrid or hybrid-adm"
         )
+    num_classes = unet_p.get("num_classes")
+    if num_classes is not None and not isinstance(num_classes, int):
+        raise CheckpointError(f"{path}: num_classes {num_classes!r}; allowed: an integer (x4 upscaler)")
     head_channels = unet_p.get("num_head_channels", -1)
     try:
         unet = UNetConfig(
@@ -273,6 +298,9 @@ def family_from_yaml(path: Path, text: TextEncoderConfig) -> Family:
             context_dim=unet_p["context_dim"],
             use_linear_in_transformer=unet_p.get("use_linear_in_transformer", False),
             transformer_depth=unet_p.get("transformer_depth", 1),
+            num_classes=num_classes,
+            disable_self_attentions=tuple(unet_p.get("disable_self_attentions") or ()),
+            disable_middle_self_attn=unet_p.get("disable_middle_self_attn", False),
         )
         vae = VAEConfig(
             embed_dim=vae_p["embed_dim"],
@@ -298,6 +326,20 @@ def family_from_yaml(path: Path, text: TextEncoderConfig) -> Family:
         linear_start=params["linear_start"],
         linear_end=params["linear_end"],
         timesteps=params.get("timesteps", 1000),
+        low_scale=_low_scale(params.get("low_scale_config")),
+    )
+
+
+def _low_scale(config: dict | None) -> LowScaleConfig | None:
+    if config is None:
+        return None
+    p = config.get("params", {})
+    schedule = p.get("noise_schedule_config", {})
+    default = LowScaleConfig()
+    return LowScaleConfig(
+        linear_start=schedule.get("linear_start", default.linear_start),
+        linear_end=schedule.get("linear_end", default.linear_end),
+        max_noise_level=p.get("max_noise_level", default.max_noise_level),
     )
 
 

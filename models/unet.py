@@ -135,9 +135,13 @@ class FeedForward(nn.Module):
 
 
 class BasicTransformerBlock(nn.Module):
-    def __init__(self, dim: int, heads: int, dim_head: int, context_dim: int) -> None:
+    """attn1 attends to the pixels (or, with `disable_self_attn`, to the context too), attn2 to
+    the context, then a GEGLU feed-forward; pre-norm residuals."""
+
+    def __init__(self, dim: int, heads: int, dim_head: int, context_dim: int, disable_self_attn: bool) -> None:
         super().__init__()
-        self.attn1 = CrossAttention(dim, dim, heads, dim_head)
+        self.disable_self_attn = disable_self_attn
+        self.attn1 = CrossAttention(dim, context_dim if disable_self_attn else dim, heads, dim_head)
         self.ff = FeedForward(dim)
         self.attn2 = CrossAttention(dim, context_dim, heads, dim_head)
         self.norm1 = nn.LayerNorm(dim)
@@ -145,7 +149,7 @@ class BasicTransformerBlock(nn.Module):
         self.norm3 = nn.LayerNorm(dim)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn1(self.norm1(x))
+        x = x + self.attn1(self.norm1(x), context if self.disable_self_attn else None)
         x = x + self.attn2(self.norm2(x), context)
         return x + self.ff(self.norm3(x))
 
@@ -154,7 +158,14 @@ class SpatialTransformer(nn.Module):
     """Attention over the pixels of a feature map; 1x1 conv projections (SD 1.x) or linear (SD 2.x)."""
 
     def __init__(
-        self, channels: int, heads: int, dim_head: int, depth: int, context_dim: int, linear: bool
+        self,
+        channels: int,
+        heads: int,
+        dim_head: int,
+        depth: int,
+        context_dim: int,
+        linear: bool,
+        disable_self_attn: bool,
     ) -> None:
         super().__init__()
         inner = heads * dim_head
@@ -162,7 +173,7 @@ class SpatialTransformer(nn.Module):
         self.norm = nn.GroupNorm(32, channels, eps=1e-6)
         self.proj_in = nn.Linear(channels, inner) if linear else nn.Conv2d(channels, inner, 1)
         self.transformer_blocks = nn.ModuleList(
-            BasicTransformerBlock(inner, heads, dim_head, context_dim) for _ in range(depth)
+            BasicTransformerBlock(inner, heads, dim_head, context_dim, disable_self_attn) for _ in range(depth)
         )
         self.proj_out = nn.Linear(inner, channels) if linear else nn.Conv2d(inner, channels, 1)
 
@@ -186,7 +197,8 @@ class SpatialTransformer(nn.Module):
 
 
 class UNetModel(nn.Module):
-    """forward(x (B, C_in, H, W), timesteps (B,), context (B, T, D)) -> (B, C_out, H, W)."""
+    """forward(x (B, C_in, H, W), timesteps (B,), context (B, T, D), y (B,) noise-level classes
+    of the x4 upscaler) -> (B, C_out, H, W)."""
 
     def __init__(self, config: UNetConfig) -> None:
         super().__init__()
@@ -194,12 +206,14 @@ class UNetModel(nn.Module):
         mc = config.model_channels
         emb_dim = mc * 4
         self.time_embed = nn.Sequential(nn.Linear(mc, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
+        if config.num_classes is not None:
+            self.label_emb = nn.Embedding(config.num_classes, emb_dim)
 
-        def transformer(channels: int) -> SpatialTransformer:
+        def transformer(channels: int, disable_self_attn: bool) -> SpatialTransformer:
             heads, dim_head = config.heads(channels)
             return SpatialTransformer(
                 channels, heads, dim_head, config.transformer_depth, config.context_dim,
-                config.use_linear_in_transformer,
+                config.use_linear_in_transformer, disable_self_attn,
             )
 
         self.input_blocks = nn.ModuleList(
@@ -212,7 +226,7 @@ class UNetModel(nn.Module):
                 layers: list[nn.Module] = [ResBlock(ch, emb_dim, mult * mc)]
                 ch = mult * mc
                 if ds in config.attention_resolutions:
-                    layers.append(transformer(ch))
+                    layers.append(transformer(ch, config.self_attention_disabled(level)))
                 self.input_blocks.append(TimestepEmbedSequential(*layers))
                 skip_channels.append(ch)
             if level != len(config.channel_mult) - 1:
@@ -221,7 +235,9 @@ class UNetModel(nn.Module):
                 ds *= 2
 
         self.middle_block = TimestepEmbedSequential(
-            ResBlock(ch, emb_dim, ch), transformer(ch), ResBlock(ch, emb_dim, ch)
+            ResBlock(ch, emb_dim, ch),
+            transformer(ch, config.disable_middle_self_attn),
+            ResBlock(ch, emb_dim, ch),
         )
 
         self.output_blocks = nn.ModuleList()
@@ -230,7 +246,7 @@ class UNetModel(nn.Module):
                 layers = [ResBlock(ch + skip_channels.pop(), emb_dim, mult * mc)]
                 ch = mult * mc
                 if ds in config.attention_resolutions:
-                    layers.append(transformer(ch))
+                    layers.append(transformer(ch, config.self_attention_disabled(level)))
                 if level and i == config.num_res_blocks:
                     layers.append(Upsample(ch))
                     ds //= 2
@@ -240,9 +256,15 @@ class UNetModel(nn.Module):
             normalization(ch), nn.SiLU(), nn.Conv2d(mc, config.out_channels, 3, padding=1)
         )
 
-    def forward(self, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor, y: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        if (y is None) != (self.config.num_classes is None):
+            raise ValueError("y (noise-level classes) is required by, and only by, a UNet with num_classes")
         t_emb = timestep_embedding(timesteps, self.config.model_channels).to(x.dtype)  # (B, mc)
         emb = self.time_embed(t_emb)  # (B, 4 mc)
+        if y is not None:
+            emb = emb + self.label_emb(y)
         h = x
         skips = []
         for block in self.input_blocks:

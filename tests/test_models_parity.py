@@ -53,7 +53,7 @@ def test_timestep_embedding_is_cos_then_sin_like_the_original() -> None:
     torch.testing.assert_close(ours, reference, rtol=0, atol=1e-5)
 
 
-@pytest.mark.parametrize("family", ["sd1", "sd2-v", "sd1-inpaint"])
+@pytest.mark.parametrize("family", ["sd1", "sd2-v", "sd1-inpaint", "x4-upscaler"])
 def test_unet_matches_diffusers(tiny_checkpoints: TinyCheckpoints, family: str) -> None:
     weights, original_config, model = _original(tiny_checkpoints, family)
     config = create_unet_diffusers_config_from_ldm(original_config, weights)
@@ -68,8 +68,10 @@ def test_unet_matches_diffusers(tiny_checkpoints: TinyCheckpoints, family: str) 
     x = torch.randn(2, model.family.unet.in_channels, 16, 16, generator=g)  # (B, C, H, W)
     t = torch.tensor([3.0, 999.0])
     context = torch.randn(2, 77, model.family.unet.context_dim, generator=g)  # (B, T, D)
+    noise_level = torch.tensor([20, 350]) if model.family.unet.num_classes else None  # x4 upscaler
     with torch.no_grad():
-        assert_same(model.unet(x, t, context), reference(x, t, encoder_hidden_states=context).sample)
+        expected = reference(x, t, encoder_hidden_states=context, class_labels=noise_level).sample
+        assert_same(model.unet(x, t, context, noise_level), expected)
 
 
 def test_vae_matches_diffusers(tiny_checkpoints: TinyCheckpoints) -> None:
