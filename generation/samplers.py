@@ -62,6 +62,7 @@ class BatchNoise:
         return torch.cat(draws).to(self._device, self._dtype)  # (B, C, H, W)
 
 
+#: A sampling method: (model, x at sigmas[0], sigmas, noise, report) -> x at sigmas[-1].
 Method = Callable[[Denoiser, Tensor, Tensor, NoiseSource, Report], Tensor]
 
 
@@ -77,6 +78,7 @@ def _ancestral_step(sigma: float, sigma_next: float) -> tuple[float, float]:
 
 
 def euler(model: Denoiser, x: Tensor, sigmas: Tensor, noise: NoiseSource, report: Report) -> Tensor:
+    """Euler steps of the probability-flow ODE (and, on the original timesteps, DDIM with eta 0)."""
     s = sigmas.tolist()
     for i in range(len(s) - 1):
         denoised = model(x, _at(x, s[i]))
@@ -86,6 +88,7 @@ def euler(model: Denoiser, x: Tensor, sigmas: Tensor, noise: NoiseSource, report
 
 
 def euler_ancestral(model: Denoiser, x: Tensor, sigmas: Tensor, noise: NoiseSource, report: Report) -> Tensor:
+    """An Euler step down to sigma_down, then fresh noise up to sigma_next (k-diffusion, eta 1)."""
     s = sigmas.tolist()
     for i in range(len(s) - 1):
         denoised = model(x, _at(x, s[i]))
