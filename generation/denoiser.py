@@ -64,7 +64,7 @@ class GuidedDenoiser:
             out = self._run(x, sigma, self.uncond)
         else:
             out_uncond, out_cond = self._run(x, sigma, torch.cat([self.uncond, self.cond])).chunk(2)
-            g = self.guidance.to(out_cond.dtype).view(-1, 1, 1, 1)
+            g = self.guidance.to(out_cond).view(-1, 1, 1, 1)  # the output's device and dtype
             out = out_uncond + g * (out_cond - out_uncond)
         return self._x0(x, sigma.view(-1, 1, 1, 1), out)
 
@@ -74,7 +74,7 @@ class GuidedDenoiser:
         c_in = (sigma**2 + 1) ** -0.5  # (B,)
         x_in = (x * c_in.view(-1, 1, 1, 1)).repeat(copies, 1, 1, 1)  # (copies * B, C, h, w)
         if self.concat is not None:
-            x_in = torch.cat([x_in, self.concat.to(x_in.dtype).repeat(copies, 1, 1, 1)], dim=1)
+            x_in = torch.cat([x_in, self.concat.to(x_in).repeat(copies, 1, 1, 1)], dim=1)
         t = self.schedule.sigma_to_t(sigma).repeat(copies)  # (copies * B,)
         return self.unet(x_in, t, context).to(x.dtype)
 
