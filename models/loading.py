@@ -11,7 +11,7 @@ import re
 from collections import Counter
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 import safetensors.torch
 import torch
@@ -80,10 +80,13 @@ def _read_torch_pickle(path: Path) -> dict[str, torch.Tensor]:
     try:
         data = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
+        wanted = re.search(r"Unsupported global: GLOBAL (\S+)", str(exc))
         raise CheckpointError(
-            f"{path}: refused to load: the pickle asks for more than plain tensors and containers, "
-            f"and running it could execute arbitrary code. Convert it to .safetensors with a tool "
-            f"you trust. Details: {str(exc).splitlines()[0]}"
+            f"{path}: refused to load: the pickle asks for "
+            f"{wanted.group(1) if wanted else 'more than plain tensors and containers'}, and running "
+            f"it could execute arbitrary code. Only tensors, numbers, strings and containers are "
+            f"allowed; use the .safetensors release of this model, or convert the file with a tool "
+            f"you trust."
         ) from exc
     except Exception as exc:
         raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({exc})") from exc
@@ -104,7 +107,7 @@ def model_weights(weights: dict[str, torch.Tensor], path: Path) -> dict[str, tor
             f"(SD 2.x) keys; found {_sample_keys(weights, TEXT) or _sample_keys(weights)}"
         )
     if not any(k.startswith(VAE) for k in weights):
-        raise CheckpointError(f"{path}: no {VAE}* keys (is the VAE baked in?); found {_sample_keys(weights)}")
+        raise CheckpointError(f"{path}: no {VAE}* keys, so no VAE; found {_sample_keys(weights)}")
     return {
         k: v for k, v in weights.items() if k.startswith((UNET, VAE, TEXT)) and k != _CLIP_POSITION_IDS
     }
