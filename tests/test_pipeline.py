@@ -1,0 +1,141 @@
+"""generation/pipeline.py end to end on tiny checkpoints, against diffusers' UNet and schedulers
+as an independent oracle: same weights (through diffusers' own single-file converter), same noise,
+same text conditioning, the reference loop written here the way diffusers' pipelines run it."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from diffusers import DDIMScheduler, EulerDiscreteScheduler, UNet2DConditionModel
+from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint, create_unet_diffusers_config_from_ldm
+
+from bot.cli import main
+from generation.pipeline import LoadedModel, encode_conditioning, load_model, sample_latents, txt2img
+from generation.request import GenerationRequest
+from generation.samplers import Cancelled
+from generation.settings import ModelSettings
+from models.loading import read_state_dict
+from tests.fixtures.checkpoints import TinyCheckpoints, tiny_checkpoints  # noqa: F401
+
+SCHEDULE = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
+
+
+def tiny_model(checkpoints: TinyCheckpoints, family: str) -> LoadedModel:
+    path, yaml_path = checkpoints.get(family)
+    return load_model(ModelSettings(name=family, checkpoint=path, config=yaml_path), torch.device("cpu"), torch.float32)
+
+
+def reference_unet(checkpoints: TinyCheckpoints, family: str) -> UNet2DConditionModel:
+    path, yaml_path = checkpoints.get(family)
+    weights = {k: v.float() for k, v in read_state_dict(path).items()}
+    config = create_unet_diffusers_config_from_ldm(yaml.safe_load(yaml_path.read_text()), weights)
+    if "sd2" in family:  # tiny SD 2.x blocks have one 64-wide head or fewer; see test_models_parity
+        config["attention_head_dim"] = [max(1, c // 64) for c in config["block_out_channels"]]
+    unet = UNet2DConditionModel(**config).eval()
+    unet.load_state_dict(convert_ldm_unet_checkpoint(weights, config), strict=True)
+    return unet
+
+
+def request(**changes) -> GenerationRequest:
+    values = dict(prompt="a (red:1.3) fox in the snow", negative_prompt="blurry", model="tiny", sampler="ddim",
+                  steps=6, guidance=5.0, seed=3, width=96, height=64, count=2)
+    return GenerationRequest(**values | changes)
+
+
+def start_noise(seeds: list[int], shape: tuple[int, ...]) -> torch.Tensor:
+    """The engine contract, written out independently."""
+    return torch.cat([torch.randn((1, *shape), generator=torch.Generator("cpu").manual_seed(s)) for s in seeds])
+
+
+@torch.no_grad()
+def diffusers_loop(unet, scheduler, model: LoadedModel, req: GenerationRequest, start: torch.Tensor) -> torch.Tensor:
+    cond, uncond = encode_conditioning(model.network, [req] * req.count, torch.device("cpu"))
+    latents = start
+    for t in scheduler.timesteps:
+        x_in = scheduler.scale_model_input(torch.cat([latents, latents]), t)
+        out = unet(x_in, t, encoder_hidden_states=torch.cat([uncond, cond])).sample
+        out_uncond, out_cond = out.chunk(2)
+        latents = scheduler.step(out_uncond + req.guidance * (out_cond - out_uncond), t, latents).prev_sample
+    return latents
+
+
+def assert_same(ours: torch.Tensor, reference: torch.Tensor, tolerance: float = 2e-5) -> None:
+    scale = reference.abs().max().item()
+    error = (ours - reference).abs().max().item()
+    assert scale > 0.1, "degenerate output proves nothing"
+    assert error <= tolerance * scale, f"max abs error {error:.3g} vs scale {scale:.3g}"
+
+
+@pytest.mark.parametrize(("family", "prediction"), [("sd1", "epsilon"), ("sd2-v", "v_prediction")])
+def test_ddim_equals_the_original_ddim_through_diffusers(
+    tiny_checkpoints: TinyCheckpoints, family: str, prediction: str
+) -> None:
+    # 5 steps: c = 200 divides 1000, where diffusers' "leading" spacing equals the original's
+    # range(0, 1000, c) + 1 (for other counts the original runs ceil(1000 / c) steps).
+    model, req = tiny_model(tiny_checkpoints, family), request(steps=5)
+    # DDIMScheduler configured as the original DDIMSampler: timesteps 1, 1+c, ... and a last step
+    # to alphas_cumprod[0]; it starts from unit noise.
+    scheduler = DDIMScheduler(**SCHEDULE, steps_offset=1, set_alpha_to_one=False, timestep_spacing="leading",
+                              clip_sample=False, prediction_type=prediction)
+    scheduler.set_timesteps(req.steps)
+    expected = diffusers_loop(reference_unet(tiny_checkpoints, family), scheduler, model, req,
+                              start_noise(req.seeds(), (4, 32, 48)))
+    assert_same(sample_latents(model, [req]), expected)
+
+
+def test_euler_equals_diffusers_euler(tiny_checkpoints: TinyCheckpoints) -> None:
+    model, req = tiny_model(tiny_checkpoints, "sd1"), request(sampler="euler", steps=8)
+    scheduler = EulerDiscreteScheduler(**SCHEDULE, timestep_spacing="linspace")
+    scheduler.set_timesteps(req.steps)
+    # k-diffusion and the web UIs start at noise * sigma_max (diffusers' pipelines would use
+    # init_noise_sigma = sqrt(sigma_max^2 + 1)); the loop above takes the start latent as given.
+    start = start_noise(req.seeds(), (4, 32, 48)) * scheduler.sigmas[0].item()
+    expected = diffusers_loop(reference_unet(tiny_checkpoints, "sd1"), scheduler, model, req, start)
+    assert_same(sample_latents(model, [req]), expected)
+
+
+def test_an_image_depends_on_its_seed_not_on_its_batch(tiny_checkpoints: TinyCheckpoints) -> None:
+    model = tiny_model(tiny_checkpoints, "sd1")
+    alone = request(count=1, sampler="euler_a", seed=11)
+    other = request(prompt="a lighthouse", negative_prompt="", guidance=9.0, seed=90, count=2, sampler="euler_a")
+    solo = sample_latents(model, [alone])
+    batched = sample_latents(model, [other, alone])
+    assert_same(batched[2:], solo, tolerance=1e-5)
+    assert (batched[:1] - solo).abs().max() > 0.1  # different seeds give different images
+
+
+def test_progress_cancel_and_batch_rules(tiny_checkpoints: TinyCheckpoints) -> None:
+    model, req = tiny_model(tiny_checkpoints, "sd1"), request(steps=4, count=1)
+    seen = []
+    images = txt2img(model, [req], progress=lambda step, total, x0: seen.append((step, total, tuple(x0.shape))))
+    assert seen == [(i, 4, (1, 4, 32, 48)) for i in range(1, 5)]
+    assert [image.size for image in images[0]] == [(96, 64)]
+
+    calls = []
+    with pytest.raises(Cancelled):
+        sample_latents(model, [req], cancelled=lambda: calls.append(1) or len(calls) > 2)
+    assert len(calls) == 3
+    with pytest.raises(ValueError, match="differ in width"):
+        sample_latents(model, [req, request(width=64)])
+
+
+def test_generate_command_same_seed_same_png(tiny_checkpoints: TinyCheckpoints, tmp_path: Path) -> None:
+    checkpoint, _ = tiny_checkpoints.get("sd2-v")
+    atelier = Path(sys.executable).with_name("atelier")
+    common = ["generate", "--checkpoint", str(checkpoint), "--prompt", "a red fox", "--steps", "3",
+              "--width", "64", "--height", "64", "--count", "2", "--device", "cpu", "--config", "/dev/null"]
+    runs = [subprocess.run([str(atelier), *common, "--seed", seed, "--out", str(tmp_path / f"{name}.png")],
+                           capture_output=True, text=True, timeout=300)
+            for name, seed in (("a", "7"), ("b", "7"))]  # two processes: nothing carries over
+    for run in runs:
+        assert run.returncode == 0, run.stderr
+    assert runs[0].stdout.split() == [str(tmp_path / "a-1.png"), str(tmp_path / "a-2.png")]
+    assert main([*common, "--seed", "8", "--out", str(tmp_path / "c.png")]) == 0
+    a1, a2, b1, c1 = ((tmp_path / n).read_bytes() for n in ("a-1.png", "a-2.png", "b-1.png", "c-1.png"))
+    assert a1 == b1 and a1 != a2
+    assert c1 == a2  # image 2 of seed 7 is made from seed 8
