@@ -48,7 +48,8 @@ class UNetConfig:
                 f"set exactly one of num_heads ({self.num_heads}) and num_head_channels "
                 f"({self.num_head_channels}) to a positive value"
             )
-        object.__setattr__(self, "attention_resolutions", tuple(sorted(set(self.attention_resolutions), reverse=True)))
+        resolutions = tuple(sorted(set(self.attention_resolutions), reverse=True))
+        object.__setattr__(self, "attention_resolutions", resolutions)
         if self.disable_self_attentions:
             if len(self.disable_self_attentions) != len(self.channel_mult):
                 raise ValueError(

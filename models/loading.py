@@ -210,18 +210,19 @@ def _detect_unet(weights: dict[str, torch.Tensor], base: UNetConfig, context_dim
     if len(res_blocks) != 1 or any(len(set(widths)) != 1 for widths in levels):
         raise CheckpointError(f"UNet levels have uneven blocks {levels}; only uniform levels are supported")
     depth = len(_indices(weights, re.escape(UNET) + r"middle_block\.1\.transformer_blocks\.(\d+)\."))
+    label_emb = weights.get(UNET + "label_emb.weight")  # (num_classes, 4 mc), x4 upscaler only
     return replace(
         base,
         in_channels=conv_in.shape[1],
         out_channels=weights[UNET + "out.2.weight"].shape[0],
         model_channels=mc,
-        attention_resolutions=tuple(sorted(attention, reverse=True)),
+        attention_resolutions=tuple(attention),
         num_res_blocks=res_blocks.pop(),
         channel_mult=tuple(widths[0] // mc for widths in levels),
         context_dim=context_dim,
         use_linear_in_transformer=proj_in_ndim == 2 if attention else base.use_linear_in_transformer,
         transformer_depth=depth,
-        num_classes=weights[UNET + "label_emb.weight"].shape[0] if UNET + "label_emb.weight" in weights else None,
+        num_classes=None if label_emb is None else label_emb.shape[0],
         disable_self_attentions=tuple(no_self_attention) if any(no_self_attention) else (),
         disable_middle_self_attn=_attends_to_context(weights, UNET + "middle_block.1."),
     )

@@ -138,7 +138,9 @@ class BasicTransformerBlock(nn.Module):
     """attn1 attends to the pixels (or, with `disable_self_attn`, to the context too), attn2 to
     the context, then a GEGLU feed-forward; pre-norm residuals."""
 
-    def __init__(self, dim: int, heads: int, dim_head: int, context_dim: int, disable_self_attn: bool) -> None:
+    def __init__(
+        self, dim: int, heads: int, dim_head: int, context_dim: int, disable_self_attn: bool
+    ) -> None:
         super().__init__()
         self.disable_self_attn = disable_self_attn
         self.attn1 = CrossAttention(dim, context_dim if disable_self_attn else dim, heads, dim_head)
@@ -173,7 +175,8 @@ class SpatialTransformer(nn.Module):
         self.norm = nn.GroupNorm(32, channels, eps=1e-6)
         self.proj_in = nn.Linear(channels, inner) if linear else nn.Conv2d(channels, inner, 1)
         self.transformer_blocks = nn.ModuleList(
-            BasicTransformerBlock(inner, heads, dim_head, context_dim, disable_self_attn) for _ in range(depth)
+            BasicTransformerBlock(inner, heads, dim_head, context_dim, disable_self_attn)
+            for _ in range(depth)
         )
         self.proj_out = nn.Linear(inner, channels) if linear else nn.Conv2d(inner, channels, 1)
 
