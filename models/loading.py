@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import pickle
 import re
+import zipfile
 from collections import Counter
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -60,7 +61,8 @@ class CheckpointInfo:
 
 
 def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    """All tensors of a `.safetensors` (memory-mapped) or `.ckpt`/`.pt` file (plain tensors only)."""
+    """All tensors of a `.safetensors` or `.ckpt`/`.pt` file (plain tensors only), memory-mapped:
+    tensors nobody touches (EMA copies, or all data when only shapes are inspected) stay on disk."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: no such file")
@@ -78,7 +80,8 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
 
 def _read_torch_pickle(path: Path) -> dict[str, torch.Tensor]:
     try:
-        data = torch.load(path, map_location="cpu", weights_only=True)
+        # Every SD-era .ckpt is a zip archive, which torch can memory-map; older formats cannot be.
+        data = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
     except pickle.UnpicklingError as exc:
         wanted = re.search(r"Unsupported global: GLOBAL (\S+)", str(exc))
         raise CheckpointError(

@@ -57,6 +57,14 @@ def test_loads_strictly_by_yaml_and_by_detection(
         assert torch.equal(tensor, stored[key].float()), key
 
 
+def test_legacy_non_zip_ckpt_loads(tiny_checkpoints: TinyCheckpoints, tmp_path: Path) -> None:
+    """Pre-1.6 torch.save files cannot be memory-mapped; they are read whole instead."""
+    weights = read_state_dict(tiny_checkpoints.get("sd1")[0])
+    path = tmp_path / "legacy.ckpt"
+    torch.save({"state_dict": weights}, path, _use_new_zipfile_serialization=False)
+    assert inspect_checkpoint(path).family == "sd1"
+
+
 def test_tiny_latents_are_half_the_image(tiny_checkpoints: TinyCheckpoints) -> None:
     model = load_checkpoint(tiny_checkpoints.get("sd1-inpaint")[0])
     assert model.vae_scale == 2 and model.latent_channels == 4 and model.family.unet.in_channels == 9
