@@ -77,6 +77,8 @@ def test_load_converts_dtype(tmp_path: Path) -> None:
     model = load_checkpoint(path, dtype=torch.bfloat16)
     assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
     assert not any(p.requires_grad for p in model.parameters()) and not model.training
+    # Built on the meta device: every tensor must have been replaced by the file's.
+    assert list(model.buffers()) == [] and not any(p.is_meta for p in model.parameters())
 
     model = load_checkpoint(path, dtype=torch.float16, vae_dtype=torch.float32)
     assert {p.dtype for p in model.unet.parameters()} == {p.dtype for p in model.text_encoder.parameters()}
