@@ -143,3 +143,24 @@ def test_sd2_text_encoder_is_penultimate_layer_like_diffusers(tiny_checkpoints: 
     assert (tokens[:, -1] == 0).all()  # open_clip pads with 0
     with torch.no_grad():
         assert_same(model.text_encoder(tokens), reference(input_ids=tokens).last_hidden_state)
+
+
+@pytest.mark.parametrize("family", ["sd1", "sd2-v", "x4-upscaler"])
+def test_bfloat16_weights_run_end_to_end(tiny_checkpoints: TinyCheckpoints, family: str) -> None:
+    """Dtype plumbing (float32 timestep embedding and GroupNorm, masks, noise levels) under
+    half-precision weights; bfloat16 keeps ~3 significant digits, so this checks closeness only."""
+    path, yaml_path = tiny_checkpoints.get(family)
+    full, half = load_checkpoint(path, yaml_path), load_checkpoint(path, yaml_path, dtype=torch.bfloat16)
+    tokens = _tokens(full, ["a photo of a cat"])
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(1, full.family.unet.in_channels, 8, 8, generator=g)
+    y = torch.tensor([100]) if full.family.unet.num_classes else None
+    with torch.no_grad():
+        context = full.text_encoder(tokens)
+        half_context = half.text_encoder(tokens)
+        assert half_context.dtype == torch.bfloat16
+        out = full.unet(x, torch.tensor([500.0]), context, y)
+        half_out = half.unet(x.bfloat16(), torch.tensor([500.0]), half_context, y)
+        image = half.vae.decode(torch.randn(1, 4, 8, 8, generator=g).bfloat16())
+    assert half_out.dtype == image.dtype == torch.bfloat16
+    assert (half_out.float() - out).abs().max() < 0.1 * out.abs().max()
