@@ -132,19 +132,23 @@ def _indices(weights: dict[str, torch.Tensor], pattern: str) -> list[int]:
     return sorted({int(m.group(1)) for k in weights if (m := regex.match(k))})
 
 
+def _shape(weights: dict[str, torch.Tensor], key: str) -> torch.Size:
+    """A tensor's shape, or an error naming the tensor the layout needs and the file lacks."""
+    if key not in weights:
+        raise CheckpointError(f"incomplete checkpoint: no tensor {key}")
+    return weights[key].shape
+
+
 def detect_family(weights: dict[str, torch.Tensor]) -> Family:
     """The family and sizes of a checkpoint from key names and shapes alone (prediction: the
     family's default; SD 2.x v-prediction is settled by `predicts_v`)."""
-    try:
-        text = _detect_text(weights)
-        if UNET + "label_emb.weight" in weights:
-            base = X4_UPSCALER
-        else:
-            base = SD1 if text.kind == "clip" else SD2
-        unet = _detect_unet(weights, base.unet, text.width)
-        vae = _detect_vae(weights, base.vae.resolution)
-    except KeyError as exc:
-        raise CheckpointError(f"incomplete checkpoint: no tensor {exc.args[0]}") from exc
+    text = _detect_text(weights)
+    if UNET + "label_emb.weight" in weights:
+        base = X4_UPSCALER
+    else:
+        base = SD1 if text.kind == "clip" else SD2
+    unet = _detect_unet(weights, base.unet, text.width)
+    vae = _detect_vae(weights, base.vae.resolution)
     if base is X4_UPSCALER:
         conditioning = "hybrid-adm"
     else:
@@ -159,25 +163,25 @@ def detect_family(weights: dict[str, torch.Tensor]) -> Family:
 
 def _detect_text(weights: dict[str, torch.Tensor]) -> TextEncoderConfig:
     if _CLIP + "embeddings.token_embedding.weight" in weights:
-        vocab, width = weights[_CLIP + "embeddings.token_embedding.weight"].shape
+        vocab, width = _shape(weights, _CLIP + "embeddings.token_embedding.weight")
         return TextEncoderConfig(
             kind="clip",
             vocab_size=vocab,
             width=width,
             layers=len(_indices(weights, re.escape(_CLIP) + r"encoder\.layers\.(\d+)\.")),
-            max_length=weights[_CLIP + "embeddings.position_embedding.weight"].shape[0],
-            mlp_width=weights[_CLIP + "encoder.layers.0.mlp.fc1.weight"].shape[0],
+            max_length=_shape(weights, _CLIP + "embeddings.position_embedding.weight")[0],
+            mlp_width=_shape(weights, _CLIP + "encoder.layers.0.mlp.fc1.weight")[0],
             layer="last",
         )
-    vocab, width = weights[_OPEN_CLIP + "token_embedding.weight"].shape
+    vocab, width = _shape(weights, _OPEN_CLIP + "token_embedding.weight")
     return TextEncoderConfig(
         kind="open_clip",
         vocab_size=vocab,
         width=width,
         layers=len(_indices(weights, re.escape(_OPEN_CLIP) + r"transformer\.resblocks\.(\d+)\.")),
-        max_length=weights[_OPEN_CLIP + "positional_embedding"].shape[0],
-        mlp_width=weights[_OPEN_CLIP + "transformer.resblocks.0.mlp.c_fc.weight"].shape[0],
-        projection_dim=weights[_OPEN_CLIP + "text_projection"].shape[1],
+        max_length=_shape(weights, _OPEN_CLIP + "positional_embedding")[0],
+        mlp_width=_shape(weights, _OPEN_CLIP + "transformer.resblocks.0.mlp.c_fc.weight")[0],
+        projection_dim=_shape(weights, _OPEN_CLIP + "text_projection")[1],
         layer="penultimate",
     )
 
@@ -186,14 +190,14 @@ def _attends_to_context(weights: dict[str, torch.Tensor], transformer: str) -> b
     """Whether a SpatialTransformer's attn1 reads the context (keys wider or narrower than the
     queries' input); when context and pixel widths are equal it cannot tell, and says no."""
     attn1 = transformer + "transformer_blocks.0.attn1."
-    return weights[attn1 + "to_k.weight"].shape[1] != weights[attn1 + "to_q.weight"].shape[1]
+    return _shape(weights, attn1 + "to_k.weight")[1] != _shape(weights, attn1 + "to_q.weight")[1]
 
 
 def _detect_unet(weights: dict[str, torch.Tensor], base: UNetConfig, context_dim: int) -> UNetConfig:
     """Walk `input_blocks`: a block with `.0.op` is a downsample ending a level, any other holds a
     ResBlock whose width gives the level's channel multiplier; `.1.proj_in` marks attention."""
-    conv_in = weights[UNET + "input_blocks.0.0.weight"]  # (mc, C_in, 3, 3)
-    mc = conv_in.shape[0]
+    conv_in = _shape(weights, UNET + "input_blocks.0.0.weight")  # (mc, C_in, 3, 3)
+    mc = conv_in[0]
     levels: list[list[int]] = [[]]  # per level: output widths of its ResBlocks
     no_self_attention: list[bool] = [False]  # per level
     attention: set[int] = set()
@@ -204,10 +208,10 @@ def _detect_unet(weights: dict[str, torch.Tensor], base: UNetConfig, context_dim
             levels.append([])
             no_self_attention.append(False)
             continue
-        levels[-1].append(weights[block + "0.out_layers.3.weight"].shape[0])
+        levels[-1].append(_shape(weights, block + "0.out_layers.3.weight")[0])
         if block + "1.proj_in.weight" in weights:
             attention.add(2 ** (len(levels) - 1))
-            proj_in_ndim = weights[block + "1.proj_in.weight"].ndim
+            proj_in_ndim = len(_shape(weights, block + "1.proj_in.weight"))
             no_self_attention[-1] = _attends_to_context(weights, block + "1.")
     res_blocks = {len(widths) for widths in levels}
     if len(res_blocks) != 1 or any(len(set(widths)) != 1 for widths in levels):
@@ -216,8 +220,8 @@ def _detect_unet(weights: dict[str, torch.Tensor], base: UNetConfig, context_dim
     label_emb = weights.get(UNET + "label_emb.weight")  # (num_classes, 4 mc), x4 upscaler only
     return replace(
         base,
-        in_channels=conv_in.shape[1],
-        out_channels=weights[UNET + "out.2.weight"].shape[0],
+        in_channels=conv_in[1],
+        out_channels=_shape(weights, UNET + "out.2.weight")[0],
         model_channels=mc,
         attention_resolutions=tuple(attention),
         num_res_blocks=res_blocks.pop(),
@@ -234,22 +238,22 @@ def _detect_unet(weights: dict[str, torch.Tensor], base: UNetConfig, context_dim
 def _detect_vae(weights: dict[str, torch.Tensor], resolution: int) -> VAEConfig:
     """Sizes from shapes; `resolution` (not in the weights) only says where attention levels sit."""
     enc = VAE + "encoder."
-    ch = weights[enc + "conv_in.weight"].shape[0]
+    ch = _shape(weights, enc + "conv_in.weight")[0]
     levels = _indices(weights, re.escape(enc) + r"down\.(\d+)\.")
-    z_channels = weights[VAE + "decoder.conv_in.weight"].shape[1]
+    z_channels = _shape(weights, VAE + "decoder.conv_in.weight")[1]
     return VAEConfig(
-        embed_dim=weights[VAE + "post_quant_conv.weight"].shape[1],
+        embed_dim=_shape(weights, VAE + "post_quant_conv.weight")[1],
         z_channels=z_channels,
-        in_channels=weights[enc + "conv_in.weight"].shape[1],
-        out_ch=weights[VAE + "decoder.conv_out.weight"].shape[0],
+        in_channels=_shape(weights, enc + "conv_in.weight")[1],
+        out_ch=_shape(weights, VAE + "decoder.conv_out.weight")[0],
         ch=ch,
-        ch_mult=tuple(weights[f"{enc}down.{n}.block.0.conv2.weight"].shape[0] // ch for n in levels),
+        ch_mult=tuple(_shape(weights, f"{enc}down.{n}.block.0.conv2.weight")[0] // ch for n in levels),
         num_res_blocks=len(_indices(weights, re.escape(enc) + r"down\.0\.block\.(\d+)\.")),
         attn_resolutions=tuple(
             resolution // 2**n for n in levels if f"{enc}down.{n}.attn.0.q.weight" in weights
         ),
         resolution=resolution,
-        double_z=weights[enc + "conv_out.weight"].shape[0] == 2 * z_channels,
+        double_z=_shape(weights, enc + "conv_out.weight")[0] == 2 * z_channels,
     )
 
 
@@ -379,12 +383,15 @@ def _resolve(
 ) -> tuple[dict[str, torch.Tensor], Family, PredictionSource]:
     """Weights and family; source "probe" means `predicts_v` must still settle the prediction."""
     weights = model_weights(read_state_dict(path), Path(path))
-    detected = detect_family(weights)
-    if config_yaml is not None:
-        family, source = family_from_yaml(config_yaml, detected.text), "yaml"
-    else:
-        probe = detected.text.kind == "open_clip" and detected.conditioning == "crossattn"
-        family, source = detected, "probe" if probe else "family default"
+    try:
+        if config_yaml is not None:
+            family, source = family_from_yaml(config_yaml, _detect_text(weights)), "yaml"
+        else:
+            family = detect_family(weights)
+            probe = family.text.kind == "open_clip" and family.conditioning == "crossattn"
+            source = "probe" if probe else "family default"
+    except CheckpointError as exc:
+        raise CheckpointError(f"{path}: {exc}") from exc
     if prediction is not None:
         if prediction not in ("epsilon", "v"):
             raise CheckpointError(f"prediction {prediction!r}; allowed: epsilon, v")
