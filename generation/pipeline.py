@@ -5,29 +5,39 @@ float32), moved to the device; uncond is the negative prompt ("" when none) and 
 uncond + g * (cond - uncond) in one batched UNet call; decoding is VAE.decode(z / scale_factor)
 and pixels = round(clamp((x + 1) / 2, 0, 1) * 255). Latents stay float32 whatever the weights'
 precision, so a seed gives the same image in any batch and on any device up to kernel rounding.
+
+`denoise` is the one sampling core every pipeline shares (txt2img here; img2img, inpaint, outpaint,
+variations and upscale in their own modules); `run_batch` is the one entry point the runner calls.
 """
 
 from __future__ import annotations
 
 import hashlib
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from PIL import Image
 
 from generation.denoiser import GuidedDenoiser
 from generation.prompts import encode_prompts
 from generation.request import GenerationRequest, Kind
-from generation.samplers import SAMPLERS, BatchNoise
+from generation.samplers import SAMPLERS, BatchNoise, Denoiser, Sampler
 from generation.schedules import DiscreteSchedule
 from generation.settings import ModelSettings
+from generation.variations import variation_noise
 from models.loading import load_checkpoint
 from models.stable_diffusion import StableDiffusion
 
 #: progress(step, total, x0 prediction (B, C, h, w)) after each sampler step.
 Progress = Callable[[int, int, torch.Tensor], None]
+#: inputs(sha256) -> the stored bytes of a request's `init_image` / `mask_image`.
+Inputs = Callable[[str], bytes]
+#: Wraps the guided denoiser of a run (latent blending, tiling), given the run's start noise.
+Wrap = Callable[[GuidedDenoiser, torch.Tensor], Denoiser]
 
 
 @dataclass(frozen=True)
@@ -85,12 +95,46 @@ def _short_hash(path: Path) -> str:
 
 
 def check_batch(requests: Sequence[GenerationRequest]) -> None:
-    """One batch is one model, kind, size, sampler and step count (the queue's batch key)."""
+    """One batch is one model, kind, size, sampler, step count and strength (the queue's batch key,
+    plus strength: it decides where in the schedule sampling starts)."""
     first = requests[0]
     for request in requests[1:]:
-        for field in ("model", "kind", "width", "height", "sampler", "steps"):
+        for field in ("model", "kind", "width", "height", "sampler", "steps", "strength"):
             if getattr(request, field) != getattr(first, field):
                 raise ValueError(f"requests of one batch differ in {field}")
+
+
+def run_batch(
+    model: LoadedModel,
+    requests: Sequence[GenerationRequest],
+    inputs: Inputs,
+    progress: Progress | None = None,
+    cancelled: Callable[[], bool] | None = None,
+) -> list[list[Image.Image]]:
+    """THE entry point for the runner: the images of each request, in order, for any `Kind`.
+
+    All requests must pass `check_batch` (same model, kind, width, height, sampler, steps and
+    strength); they run as one UNet batch. `inputs(sha256)` returns the stored bytes of each
+    request's `init_image` / `mask_image`. Sizes: img2img, variation and inpaint return
+    width x height; outpaint's width x height is the extended canvas; upscale's width x height
+    is the input size and the result is larger (x4 upscaler: vae_scale times; other checkpoints:
+    twice). Raises `generation.images.ImageInputError` (its message is for the user, as is) for
+    bad input images, `generation.samplers.Cancelled` when `cancelled()` turns true."""
+    check_batch(requests)
+    kind = requests[0].kind
+    if kind is Kind.TXT2IMG:
+        return txt2img(model, requests, progress, cancelled)
+    # Imported here: these modules build on this one.
+    from generation import img2img, inpaint, outpaint, upscale
+
+    run = {
+        Kind.IMG2IMG: img2img.img2img,
+        Kind.VARIATION: img2img.img2img,
+        Kind.INPAINT: inpaint.inpaint,
+        Kind.OUTPAINT: outpaint.outpaint,
+        Kind.UPSCALE: upscale.upscale,
+    }[kind]
+    return run(model, requests, inputs, progress, cancelled)
 
 
 @torch.inference_mode()
@@ -101,7 +145,11 @@ def txt2img(
     cancelled: Callable[[], bool] | None = None,
 ) -> list[list[Image.Image]]:
     """The images of each request, in order; all requests run as one UNet batch."""
-    images = decode(model.network, sample_latents(model, requests, progress, cancelled))
+    return group(requests, decode(model.network, sample_latents(model, requests, progress, cancelled)))
+
+
+def group(requests: Sequence[GenerationRequest], images: list[Image.Image]) -> list[list[Image.Image]]:
+    """Split a batch's images, in order, into one list per request."""
     grouped, start = [], 0
     for request in requests:
         grouped.append(images[start : start + request.count])
@@ -116,27 +164,79 @@ def sample_latents(
     progress: Progress | None = None,
     cancelled: Callable[[], bool] | None = None,
 ) -> torch.Tensor:
-    """The final latents (B, C, h, w), float32, of every image of every request, in order."""
-    check_batch(requests)
+    """The final txt2img latents (B, C, h, w), float32, of every image of every request, in order."""
     first = requests[0]
     if first.kind is not Kind.TXT2IMG:
         raise ValueError(f"txt2img cannot run a {first.kind} request")
-    network, f = model.network, model.network.vae_scale
+    f = model.network.vae_scale
     if first.width % f or first.height % f:
         raise ValueError(f"width and height must be multiples of {f} for this model")
+    return denoise(model, requests, (first.height // f, first.width // f), progress=progress, cancelled=cancelled)
 
+
+def denoise(
+    model: LoadedModel,
+    requests: Sequence[GenerationRequest],
+    latent_size: tuple[int, int],
+    *,
+    init: torch.Tensor | None = None,
+    strength: float = 1.0,
+    concat: torch.Tensor | None = None,
+    labels: torch.Tensor | None = None,
+    wrap: Wrap | None = None,
+    progress: Progress | None = None,
+    cancelled: Callable[[], bool] | None = None,
+) -> torch.Tensor:
+    """The sampling core of every pipeline: final latents (B, C, h, w), float32, one per image.
+
+    init (B, C, h, w): clean latents x0 to start from at `strength` (img2img, see `start`);
+    without it sampling starts from the seeds' noise. concat (B, c, h, w): extra UNet input
+    channels (inpainting mask + masked latent, the upscaler's low-res image); labels (B,): the
+    UNet's class input (the upscaler's noise level). wrap: replaces the guided denoiser."""
+    check_batch(requests)
+    first, network = requests[0], model.network
     per_image = [r for r in requests for _ in range(r.count)]
     seeds = [seed for r in requests for seed in r.seeds()]
     cond, uncond = encode_conditioning(network, per_image, model.device)
     guidance = torch.tensor([r.guidance for r in per_image], device=model.device)
     sampler = SAMPLERS[first.sampler]
-    sigmas = sampler.sigmas(model.schedule, first.steps)
-    noise = BatchNoise(seeds, (network.latent_channels, first.height // f, first.width // f), model.device, torch.float32)
-    x = noise.initial() * sampler.start_scale(float(sigmas[0]))
-    denoiser = GuidedDenoiser(_unet_in(model), model.schedule, cond, uncond, guidance, network.family.prediction)
+    noise = BatchNoise(seeds, (network.latent_channels, *latent_size), model.device, torch.float32)
+    initial = variation_noise(per_image, noise.initial())  # (B, C, h, w)
+    sigmas, x = start(sampler, sampler.sigmas(model.schedule, first.steps), first.steps, initial, init, strength)
+    guided = GuidedDenoiser(
+        _unet_in(model, labels), model.schedule, cond, uncond, guidance, network.family.prediction, concat
+    )
+    denoiser = guided if wrap is None else wrap(guided, initial)
     return sampler.sample(denoiser, x, sigmas, noise=noise, progress=progress, cancelled=cancelled)
 
 
+def start(
+    sampler: Sampler,
+    sigmas: torch.Tensor,
+    steps: int,
+    noise: torch.Tensor,
+    init: torch.Tensor | None = None,
+    strength: float = 1.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(the sigmas to sample, the VE start latent at their first level).
+
+    Without init (or when strength leaves no schedule level above the sampled part): the seeds'
+    noise at the top of the schedule, as txt2img. With init, the img2img contract of issue 4,
+    off-by-one of the original img2img script included so results match it: t_enc =
+    max(1, int(strength * steps)); the latent is the original DDIMSampler.stochastic_encode of x0,
+    sqrt(a) x0 + sqrt(1 - a) noise at the level ONE ABOVE the last t_enc + 1 levels
+    (the original's ddim_timesteps[t_enc]), and is then sampled along those last levels as if it
+    were at the first of them (the original denoises from ddim_timesteps[t_enc - 1]). Every sampler
+    does this on its own schedule; for `ddim` it is exactly the original."""
+    if not 0.0 < strength <= 1.0:
+        raise ValueError(f"strength must be in (0, 1], got {strength}")
+    t_enc = max(1, int(strength * steps))
+    if init is None or t_enc + 1 >= len(sigmas):
+        return sigmas, noise * sampler.start_scale(float(sigmas[0]))
+    tail = sigmas[-(t_enc + 1) :]
+    encode_sigma, first = float(sigmas[-(t_enc + 2)]), float(tail[0])
+    vp = (init + encode_sigma * noise) / math.sqrt(1 + encode_sigma**2)  # stochastic_encode
+    return tail, vp * math.sqrt(1 + first**2)
 def encode_conditioning(
     network: StableDiffusion, per_image: Sequence[GenerationRequest], device: torch.device
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -150,14 +250,27 @@ def encode_conditioning(
     return cond, uncond
 
 
-def _unet_in(model: LoadedModel) -> Callable[..., torch.Tensor]:
-    """The UNet taking float32 latents: inputs cast to the weights' dtype, output back to float32."""
+def _unet_in(model: LoadedModel, labels: torch.Tensor | None = None) -> Callable[..., torch.Tensor]:
+    """The UNet taking float32 latents: inputs cast to the weights' dtype, output back to float32.
+    labels (B,): class input per image, repeated for the guidance halves of the UNet batch."""
     unet = model.network.unet
 
     def run(x: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        return unet(x.to(model.dtype), t, context.to(model.dtype)).float()
+        y = None if labels is None else labels.repeat(x.shape[0] // labels.shape[0])  # (N,)
+        return unet(x.to(model.dtype), t, context.to(model.dtype), y=y).float()
 
     return run
+
+
+def to_pixels(images: Sequence[Image.Image], device: torch.device) -> torch.Tensor:
+    """RGB images of one size -> (B, 3, H, W) float32 in [-1, 1], as the original scripts scale them."""
+    arrays = [torch.from_numpy(np.asarray(image.convert("RGB"))) for image in images]
+    return (torch.stack(arrays).permute(0, 3, 1, 2).float() / 127.5 - 1.0).to(device)
+
+
+def encode(network: StableDiffusion, pixels: torch.Tensor) -> torch.Tensor:
+    """(B, 3, H, W) in [-1, 1] -> scale_factor * the VAE posterior's mean (B, C, H/f, W/f)."""
+    return network.vae.encode(pixels.float()).mean * network.family.scale_factor
 
 
 def decode(network: StableDiffusion, latents: torch.Tensor) -> list[Image.Image]:

@@ -93,6 +93,19 @@ class GenerationRequest(BaseModel):
     mask_image: str | None = Field(default=None, pattern=r"^[0-9a-f]{64}$")
     #: img2img strength in (0, 1]: the fraction of the schedule that is re-run.
     strength: float | None = Field(default=None, gt=0.0, le=1.0)
+    #: Inpaint/outpaint: radius in pixels of the Gaussian blur that feathers the mask's seam.
+    mask_blur: int = Field(default=4, ge=0, le=64)
+    #: Inpaint: repaint only a crop around the mask (plus `inpaint_padding` pixels) at full size.
+    inpaint_only_masked: bool = False
+    inpaint_padding: int = Field(default=32, ge=0, le=512)
+    #: Outpaint: the sides to extend ("zoom out" = all four, "pan" = one) and by how many pixels.
+    outpaint_directions: tuple[Literal["left", "right", "up", "down"], ...] = ()
+    outpaint_pixels: int = Field(default=128, ge=8, le=1024, multiple_of=8)
+    #: The web UIs' variation seed: start noise = slerp(seed noise, variation-seed noise, strength).
+    variation_seed: int | None = Field(default=None, ge=0, le=MAX_SEED)
+    variation_strength: float = Field(default=0.0, ge=0.0, le=1.0)
+    #: x4 upscaler: noise level (0..350) added to the low-resolution image, as the original's.
+    upscale_noise_level: int = Field(default=20, ge=0, le=350)
 
     @model_validator(mode="after")
     def _image_matches_kind(self) -> GenerationRequest:
@@ -102,6 +115,10 @@ class GenerationRequest(BaseModel):
             raise ValueError("a txt2img request takes no input image; use img2img or inpaint")
         if self.mask_image is not None and self.kind is not Kind.INPAINT:
             raise ValueError(f"a mask is only used by inpaint, not by {self.kind}")
+        if self.kind is Kind.OUTPAINT and not self.outpaint_directions:
+            raise ValueError("an outpaint request needs at least one direction: left, right, up, down")
+        if len(set(self.outpaint_directions)) != len(self.outpaint_directions):
+            raise ValueError("outpaint directions must not repeat")
         return self
 
     @property

@@ -36,6 +36,12 @@ class GenerationSettings(_Settings):
     max_count: int = Field(default=4, ge=1, le=16)
     #: Decode latents in tiles above this many pixels, to bound VAE memory.
     vae_tile_above_pixels: int = Field(default=1024 * 1024, ge=64 * 64)
+    #: img2img strength of the V buttons' "subtle" and "strong" variations.
+    variation_subtle_strength: float = Field(default=0.35, gt=0.0, le=1.0)
+    variation_strong_strength: float = Field(default=0.75, gt=0.0, le=1.0)
+    #: Upscale without an x4 upscaler checkpoint: img2img strength of the "hires" pass over the
+    #: Lanczos 2x image (low: add detail, keep the picture).
+    hires_strength: float = Field(default=0.3, gt=0.0, le=1.0)
 
     @field_validator("device")
     @classmethod
