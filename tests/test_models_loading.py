@@ -92,7 +92,8 @@ def test_missing_tensor_is_named(tiny_checkpoints: TinyCheckpoints, tmp_path: Pa
     del weights["cond_stage_model.model.text_projection"]
     path = tmp_path / "incomplete.safetensors"
     safetensors.torch.save_file(weights, path)
-    with pytest.raises(CheckpointError, match=f"{path}: incomplete checkpoint: no tensor cond_stage_model.model.text_projection"):
+    expected = f"{path}: incomplete checkpoint: no tensor cond_stage_model.model.text_projection"
+    with pytest.raises(CheckpointError, match=expected):
         inspect_checkpoint(path)
 
 
