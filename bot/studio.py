@@ -1,0 +1,229 @@
+"""The studio: storage, the fair queue, the runner and the engine wired together for the bot.
+
+Storage is the source of truth. A job is stored before `submit` returns (so before the user is
+told "queued"), every state change is written as it happens, and results are delivered from the
+stored job (its channel, interaction token and message), so a restart loses nothing: at start-up
+queued jobs re-enter the queue in their submission order and running ones are re-run once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Mapping
+from contextlib import asynccontextmanager
+from contextvars import ContextVar
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from bot.config import AppConfig
+from bot.policy import Requester
+from generation.engine import Engine
+from generation.queue import Estimate, FairQueue, Job, LimitCheck, Submission, role_weight
+from generation.request import GenerationRequest, JobState
+from generation.runner import JobResult, Runner
+from storage import jobs as stored
+from storage.db import Database
+from storage.images import ImageRecord, job_images, save_image
+from storage.maintenance import reconcile
+from storage.retention import apply_retention
+
+log = logging.getLogger(__name__)
+
+#: Seconds between two retention passes while the bot runs.
+RETENTION_EVERY_S = 3600.0
+#: What the owner of a job is told when restarts interrupted it more often than it may re-run.
+GAVE_UP = "restarts interrupted this job twice, so it was not run again; please ask once more"
+
+
+@dataclass(frozen=True)
+class Origin:
+    """Where a request came from and where its answer goes; stored with the job."""
+
+    channel_id: int
+    interaction_id: int | None = None
+    interaction_token: str | None = None
+    token_expires_at: float | None = None
+    parent_job_id: str | None = None
+    parent_index: int | None = None
+
+
+class Listener(Protocol):
+    """The Discord side: told about every change a user should see."""
+
+    async def queue_moved(self, estimates: Mapping[str, Estimate]) -> None: ...
+
+    async def started(self, job: stored.Job) -> None: ...
+
+    async def progressed(self, job_id: str, step: int, total: int, preview: Any) -> None: ...
+
+    async def finished(self, job: stored.Job, images: list[ImageRecord]) -> None:
+        """`job.state` is done, failed (`job.error` says why) or cancelled."""
+
+
+class Studio:
+    """Open with `async with Studio.open(config, engine, devices) as studio`, then `start(listener)`;
+    leaving the block drains the queue and gives the running batch the configured grace period."""
+
+    def __init__(
+        self,
+        config: AppConfig,
+        db: Database,
+        engine: Engine,
+        devices: tuple[str, ...],
+        model_budget_bytes: int,
+        limits: LimitCheck | None = None,
+    ) -> None:
+        self.config = config
+        self.db = db
+        self.queue = FairQueue(config.queue, devices, limits=limits, persist=self._persist)
+        self._runner = Runner(
+            self.queue, engine, devices, config.queue,
+            load_model=engine.load, model_size=engine.size, model_budget_bytes=model_budget_bytes,
+            on_started=self._started, on_progress=self._progressed, on_finished=self._finished,
+        )
+        #: The origin of the submission in flight, read by the persist hook in the same task.
+        self._origin: ContextVar[Origin] = ContextVar("origin")
+        self._listener: Listener | None = None
+        self._given_up: list[str] = []
+        self._tasks: list[asyncio.Task] = []
+        self._running = False
+
+    @classmethod
+    @asynccontextmanager
+    async def open(
+        cls,
+        config: AppConfig,
+        engine: Engine,
+        devices: tuple[str, ...],
+        model_budget_bytes: int,
+        limits: LimitCheck | None = None,
+    ) -> AsyncIterator[Studio]:
+        """Open the database, tidy it and restore unfinished jobs into the queue."""
+        async with Database.open(config.storage) as db:
+            studio = cls(config, db, engine, devices, model_budget_bytes, limits)
+            await reconcile(db)
+            await apply_retention(db)
+            await studio._restore()
+            try:
+                yield studio
+            finally:
+                await studio.shutdown()
+
+    def start(self, listener: Listener) -> None:
+        """Start generating; `listener` hears of every change from now on."""
+        self._listener = listener
+        self._runner.start()
+        self._running = True
+        self._tasks = [asyncio.create_task(self._retain(), name="retention")]
+        if self._given_up:
+            self._tasks.append(asyncio.create_task(self._tell_given_up(), name="given up"))
+
+    async def shutdown(self) -> None:
+        """Take no new jobs, give the running batch the grace period, keep the rest for restart."""
+        if not self._running:
+            return
+        self._running = False
+        self.queue.drain()
+        for task in self._tasks:
+            task.cancel()
+        await self._runner.shutdown(self.config.queue.shutdown_grace_s)
+
+    # -- what the commands call --
+
+    async def submit(self, request: GenerationRequest, requester: Requester, origin: Origin) -> Job:
+        """Queue a request (stored before this returns); raises `Refused` with the reason."""
+        weight = role_weight(self.config.queue.role_weights, requester.role_names)
+        submission = Submission(request, requester.user_id, requester.guild_id, weight, requester.role_ids)
+        token = self._origin.set(origin)
+        try:
+            job = await self.queue.submit(submission)
+        finally:
+            self._origin.reset(token)
+        await self._moved()
+        return job
+
+    async def cancel(self, job_id: str, *, by: int, moderator: bool = False) -> Job:
+        """Cancel a queued job at once, or a running one at its next step; raises `Refused`."""
+        job = self.queue.cancel(job_id, by=by, moderator=moderator)
+        if job.state is JobState.CANCELLED:  # it was queued: the runner will never see it
+            await stored.cancel_job(self.db, job.id)
+            await self._tell_finished(job.id)
+            await self._moved()
+        return job
+
+    # -- the queue's and the runner's hooks --
+
+    async def _persist(self, job: Job) -> None:
+        origin = self._origin.get()
+        await stored.create_job(
+            self.db, job.request, job_id=job.id, owner_id=job.owner_id, guild_id=job.guild_id,
+            channel_id=origin.channel_id, interaction_id=origin.interaction_id,
+            interaction_token=origin.interaction_token, token_expires_at=origin.token_expires_at,
+            parent_job_id=origin.parent_job_id, parent_index=origin.parent_index,
+        )
+
+    async def _started(self, job: Job) -> None:
+        row = await stored.start_job(self.db, job.id, device=job.device or "")
+        await self._moved()
+        if self._listener is not None:
+            await self._listener.started(row)
+
+    async def _progressed(self, job: Job, step: int, total: int, preview: Any) -> None:
+        if self._listener is not None:
+            await self._listener.progressed(job.id, step, total, preview)
+
+    async def _finished(self, job: Job, result: JobResult) -> None:
+        if job.state is JobState.DONE:
+            try:
+                for index, (png, seed) in enumerate(zip(result.images, result.seeds, strict=True)):
+                    await save_image(self.db, job.id, index, seed, png)
+                await stored.finish_job(self.db, job.id)
+            except Exception:
+                log.exception("could not store the images of job %s", job.id)
+                await stored.fail_job(self.db, job.id, "the images could not be saved; an operator was told")
+        elif job.state is JobState.CANCELLED:
+            await stored.cancel_job(self.db, job.id)
+        else:
+            await stored.fail_job(self.db, job.id, result.error or "generation failed")
+        await self._tell_finished(job.id)
+
+    async def _tell_finished(self, job_id: str) -> None:
+        row = await stored.get_job(self.db, job_id)
+        if self._listener is not None and row is not None:
+            await self._listener.finished(row, await job_images(self.db, job_id))
+
+    async def _moved(self) -> None:
+        if self._listener is not None:
+            await self._listener.queue_moved(self.queue.estimates())
+
+    # -- start-up and housekeeping --
+
+    async def _restore(self) -> None:
+        """Queued and running jobs back into the queue in submission order; running ones once."""
+        rows = await stored.jobs_by_state(self.db, JobState.QUEUED, JobState.RUNNING)
+        jobs = [
+            Job(row.id, row.request, row.owner_id, row.guild_id, 1.0, row.seq, row.attempts, row.state)
+            for row in rows
+        ]
+        given_up = {job.id for job in self.queue.restore(jobs)}
+        for row in rows:
+            if row.id in given_up:
+                await stored.fail_job(self.db, row.id, GAVE_UP)
+                self._given_up.append(row.id)
+            elif row.state is JobState.RUNNING:
+                await stored.requeue_job(self.db, row.id)
+        if rows:
+            log.info("restored %d jobs, gave up on %d", len(rows) - len(given_up), len(given_up))
+
+    async def _tell_given_up(self) -> None:
+        for job_id in self._given_up:
+            await self._tell_finished(job_id)
+
+    async def _retain(self) -> None:
+        while True:
+            await asyncio.sleep(RETENTION_EVERY_S)
+            try:
+                await apply_retention(self.db)
+            except Exception:
+                log.exception("retention failed; it runs again in %g s", RETENTION_EVERY_S)

@@ -1,0 +1,97 @@
+"""The runner's `Pipeline`: a batch of queue jobs in, one `JobResult` per job out, with PNG bytes that
+carry the web UIs' `parameters` chunk, so every stored or posted image says how it was made.
+
+Everything here runs on a device thread: encoding PNGs and building previews included, so the
+event loop never pays for them.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+
+import torch
+from PIL import Image
+
+from generation.denoiser import latent_preview
+from generation.metadata import parameters_text, png_bytes
+from generation.pipeline import LoadedModel, load_model, resolve_device, resolve_dtype, txt2img
+from generation.queue import Job
+from generation.request import Kind
+from generation.runner import JobResult, Progress
+from generation.samplers import Cancelled
+from generation.settings import ModelSettings
+
+#: Kinds this engine can run today; the bot refuses the others before anything is queued.
+AVAILABLE_KINDS: frozenset[Kind] = frozenset({Kind.TXT2IMG})
+
+
+def not_available(kind: Kind) -> str:
+    """What a user is told when they ask for a kind the engine cannot run yet."""
+    return f"{kind} is not available on this bot yet; only {', '.join(sorted(AVAILABLE_KINDS))} is"
+
+
+class Engine:
+    """Loads the configured checkpoints and runs batches of jobs on them (see the runner's
+    `Pipeline` protocol). `preview` adds a cheap latent-to-RGB image to each progress report."""
+
+    def __init__(self, models: Sequence[ModelSettings], dtype: str = "auto", *, preview: bool = False) -> None:
+        self._models = {m.name: m for m in models}
+        self._dtype = dtype
+        self._preview = preview
+
+    def load(self, name: str, device: str) -> LoadedModel:
+        """The checkpoint configured as `name`, on `device` (the runner's `load_model`)."""
+        settings = self._models.get(name)
+        if settings is None:
+            raise KeyError(f"unknown model {name!r}; configured: {', '.join(self._models)}")
+        torch_device = resolve_device(device)
+        return load_model(settings, torch_device, resolve_dtype(self._dtype, torch_device))
+
+    @staticmethod
+    def size(model: LoadedModel) -> int:
+        """Bytes the model's weights hold (the runner's `model_size`)."""
+        return sum(t.numel() * t.element_size() for t in model.network.state_dict().values())
+
+    def run(
+        self,
+        model: LoadedModel,
+        device: str,
+        batch: list[Job],
+        progress: Progress,
+        cancelled: Callable[[str], bool],
+    ) -> list[JobResult]:
+        kind = batch[0].request.kind
+        if kind not in AVAILABLE_KINDS:
+            return [JobResult(job.id, error=not_available(kind)) for job in batch]
+        requests = [job.request for job in batch]
+        # Image index in the whole batch where each job's images start, for its preview.
+        starts = [sum(r.count for r in requests[:i]) for i in range(len(requests))]
+
+        def report(step: int, total: int, x0: torch.Tensor) -> None:  # x0: (B, C, h, w)
+            for job, start in zip(batch, starts, strict=True):
+                preview = Image.fromarray(latent_preview(x0[start]).numpy()) if self._preview else None
+                progress(job.id, step, total, preview)
+
+        try:
+            grouped = txt2img(model, requests, report, lambda: all(cancelled(j.id) for j in batch))
+        except Cancelled:
+            return []  # every job was cancelled: the runner records each one
+        results = []
+        for job, images in zip(batch, grouped, strict=True):
+            seeds = job.request.seeds()
+            pngs = tuple(
+                png_bytes(image, parameters_text(job.request, seed, model.short_hash))
+                for image, seed in zip(images, seeds, strict=True)
+            )
+            results.append(JobResult(job.id, pngs, tuple(seeds)))
+        return results
+
+
+def memory_budget(device: str) -> int:
+    """Bytes of weights one device may keep loaded: 70% of a GPU's memory, half the RAM on a CPU
+    (the rest is for activations, and on a CPU for everything else on the machine)."""
+    torch_device = resolve_device(device)
+    if torch_device.type == "cuda":
+        return int(0.7 * torch.cuda.get_device_properties(torch_device).total_memory)
+    return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // 2

@@ -1,0 +1,85 @@
+"""generation/engine.py: queue jobs in, PNGs with their parameters out, the same pixels as the
+txt2img pipeline (checked against diffusers in test_pipeline) whatever the batch."""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Iterator
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from generation.engine import Engine, not_available
+from generation.metadata import parameters_text
+from generation.pipeline import txt2img
+from generation.queue import Job
+from generation.request import GenerationRequest, Kind
+from generation.settings import ModelSettings
+from tests.fixtures.checkpoints import TinyCheckpoints, tiny_checkpoints  # noqa: F401
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread() -> Iterator[None]:
+    """Tiny models run fastest on one thread, above all on a shared test machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_checkpoints: TinyCheckpoints) -> Engine:  # noqa: F811
+    path, yaml_path = tiny_checkpoints.get("sd1")
+    return Engine([ModelSettings(name="tiny", checkpoint=path, config=yaml_path)], "float32", preview=True)
+
+
+def job(job_id: str, **changes: object) -> Job:
+    values = dict(prompt="a red fox", negative_prompt="blurry", model="tiny", sampler="euler", steps=3,
+                  guidance=5.0, seed=7, width=64, height=64, count=2)
+    return Job(job_id, GenerationRequest(**values | changes), owner_id=1, guild_id=None, weight=1.0, seq=0)
+
+
+def decoded(png: bytes) -> tuple[np.ndarray, str]:
+    image = Image.open(io.BytesIO(png))
+    return np.asarray(image.convert("RGB")), image.info["parameters"]
+
+
+def test_batch_gives_each_job_the_pipelines_pixels_and_its_parameters(engine: Engine) -> None:
+    model = engine.load("tiny", "cpu")
+    first, second = job("aaaaaaaaaaaa"), job("bbbbbbbbbbbb", prompt="a blue bird", seed=100, count=1)
+    steps: list[tuple[str, int, int, tuple[int, int]]] = []
+    results = engine.run(model, "cpu", [first, second],
+                         lambda j, s, t, p: steps.append((j, s, t, p.size)), lambda _: False)
+
+    assert [r.job_id for r in results] == [first.id, second.id]
+    assert [r.seeds for r in results] == [(7, 8), (100,)]
+    for result, queued in zip(results, (first, second), strict=True):
+        (alone,) = txt2img(model, [queued.request])  # the job run by itself
+        assert result.error is None and len(result.images) == queued.request.count
+        for png, image, seed in zip(result.images, alone, result.seeds, strict=True):
+            pixels, parameters = decoded(png)
+            assert np.abs(pixels.astype(int) - np.asarray(image).astype(int)).max() <= 1
+            assert parameters == parameters_text(queued.request, seed, model.short_hash)
+    # Latent previews (64 px / the tiny VAE's factor 2) after every step, for both jobs.
+    assert steps == [(j, s, 3, (32, 32)) for s in (1, 2, 3) for j in (first.id, second.id)]
+
+
+def test_cancelled_batch_stops_and_other_kinds_are_refused_clearly(engine: Engine) -> None:
+    model = engine.load("tiny", "cpu")
+    calls: list[int] = []
+    results = engine.run(model, "cpu", [job("cccccccccccc")], lambda *a: calls.append(a[1]), lambda _: True)
+    assert results == [] and calls == []
+
+    variation = job("dddddddddddd", kind=Kind.VARIATION, init_image="0" * 64)
+    (result,) = engine.run(model, "cpu", [variation], lambda *a: None, lambda _: False)
+    assert result.error == not_available(Kind.VARIATION) and "txt2img" in result.error
+
+
+def test_size_counts_every_weight_byte_and_unknown_models_are_named(engine: Engine) -> None:
+    model = engine.load("tiny", "cpu")
+    expected = sum(p.numel() * 4 for p in model.network.state_dict().values() if p.dtype == torch.float32)
+    assert Engine.size(model) >= expected > 0
+    with pytest.raises(KeyError, match="unknown model 'nope'; configured: tiny"):
+        engine.load("nope", "cpu")

@@ -1,0 +1,184 @@
+"""bot/studio.py with a real SQLite file, the real queue and runner, and a tiny checkpoint on the CPU:
+jobs are stored before they are queued, finish exactly once, and survive restarts."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import time
+from collections import Counter
+from collections.abc import AsyncIterator, Iterator, Mapping
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from PIL import Image
+
+from bot.config import AppConfig
+from bot.policy import Requester
+from bot.studio import GAVE_UP, Origin, Studio
+from generation.engine import Engine
+from generation.queue import Estimate, Refused
+from generation.request import GenerationRequest, JobState
+from generation.settings import GenerationSettings, ModelSettings, QueueSettings
+from storage import jobs as stored
+from storage.images import ImageRecord, image_file
+from storage.limits import usage
+from storage.settings import StorageSettings
+from tests.fixtures.checkpoints import TinyCheckpoints, tiny_checkpoints  # noqa: F401
+
+ALICE, BOB = Requester(1, 10, 100), Requester(2, 10, 100)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread() -> Iterator[None]:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def config(tmp_path: Path, tiny_checkpoints: TinyCheckpoints) -> AppConfig:  # noqa: F811
+    path, yaml_path = tiny_checkpoints.get("sd1")
+    return AppConfig(
+        generation=GenerationSettings(device="cpu", dtype="float32"),
+        models=(ModelSettings(name="tiny", checkpoint=path, config=yaml_path),),
+        queue=QueueSettings(shutdown_grace_s=0.0, max_queued_per_user=10),
+        storage=StorageSettings(data_dir=tmp_path / "data"),
+    )
+
+
+def request(steps: int = 2, **changes: Any) -> GenerationRequest:
+    values = dict(prompt="a lighthouse", model="tiny", sampler="euler", steps=steps, guidance=4.0, seed=5,
+                  width=64, height=64, count=1)
+    return GenerationRequest(**values | changes)
+
+
+class Recorder:
+    """A listener that remembers everything it is told."""
+
+    def __init__(self) -> None:
+        self.began: list[str] = []
+        self.done: list[tuple[stored.Job, list[ImageRecord]]] = []
+        self.moves: list[Mapping[str, Estimate]] = []
+        self.steps: list[tuple[str, int, int]] = []
+        self.any_started = asyncio.Event()
+
+    async def queue_moved(self, estimates: Mapping[str, Estimate]) -> None:
+        self.moves.append(estimates)
+
+    async def started(self, job: stored.Job) -> None:
+        assert job.state is JobState.RUNNING
+        self.began.append(job.id)
+        self.any_started.set()
+
+    async def progressed(self, job_id: str, step: int, total: int, preview: Any) -> None:
+        self.steps.append((job_id, step, total))
+
+    async def finished(self, job: stored.Job, images: list[ImageRecord]) -> None:
+        self.done.append((job, images))
+
+    async def wait_finished(self, count: int, timeout: float = 60.0) -> None:
+        async with asyncio.timeout(timeout):
+            while len(self.done) < count:
+                await asyncio.sleep(0.02)
+
+
+@asynccontextmanager
+async def studio(config: AppConfig) -> AsyncIterator[Studio]:
+    engine = Engine(config.models, "float32")
+    async with Studio.open(config, engine, ("cpu",), 2**30) as opened:
+        yield opened
+
+
+def origin(channel: int = 100) -> Origin:
+    return Origin(channel_id=channel, interaction_id=555, interaction_token="tok", token_expires_at=9e9)
+
+
+async def test_job_is_stored_before_queued_then_runs_and_finishes_once_with_its_images(config: AppConfig) -> None:
+    recorder = Recorder()
+    async with studio(config) as opened:
+        job = await opened.submit(request(count=2), ALICE, origin())
+        row = await stored.get_job(opened.db, job.id)  # stored before submit returned, not yet started
+        assert row is not None and row.state is JobState.QUEUED
+        assert (row.owner_id, row.guild_id, row.channel_id, row.interaction_token) == (1, 10, 100, "tok")
+        assert recorder.moves == []
+        opened.start(recorder)
+        await recorder.wait_finished(1)
+        await asyncio.sleep(0.2)  # nothing else arrives late
+
+        ((done, images),) = recorder.done
+        assert done.id == job.id and done.state is JobState.DONE and recorder.began == [job.id]
+        assert [(i.index, i.seed, i.width, i.height) for i in images] == [(0, 5, 64, 64), (1, 6, 64, 64)]
+        for image in images:
+            with Image.open(io.BytesIO(image_file(opened.db, image).read_bytes())) as png:
+                assert "Seed: %d" % image.seed in png.info["parameters"]
+        assert recorder.steps[-1] == (job.id, 2, 2)
+        spent = await usage(opened.db, 1, 10, 24)
+        assert (spent.images, spent.cost) == (2, job.cost)
+
+
+async def test_restart_restores_queued_jobs_in_order_and_reruns_a_running_one_once(config: AppConfig) -> None:
+    first = Recorder()
+    async with studio(config) as opened:
+        ids = [(await opened.submit(request(steps=40), ALICE, origin())).id]
+        ids += [(await opened.submit(request(seed=s), ALICE, origin())).id for s in (1, 2)]
+        opened.start(first)
+        await asyncio.wait_for(first.any_started.wait(), 30)
+    # Left without finishing: the first job was running, the others queued.
+    assert first.done == [] and first.began == ids[:1]
+
+    second = Recorder()
+    async with studio(config) as opened:
+        rows = {r.id: r for r in await stored.jobs_by_state(opened.db, JobState.QUEUED)}
+        assert set(rows) == set(ids) and rows[ids[0]].attempts == 1
+        opened.start(second)
+        await asyncio.wait_for(second.any_started.wait(), 30)
+    assert second.began == ids[:1]  # the interrupted job re-runs first, in submission order
+
+    third = Recorder()
+    async with studio(config) as opened:
+        opened.start(third)
+        await third.wait_finished(3)
+        await asyncio.sleep(0.2)
+        states = {job.id: (job.state, job.error) for job, _ in third.done}
+        assert [job.id for job, _ in third.done] == ids  # the given-up job is reported first
+        assert states[ids[0]] == (JobState.FAILED, GAVE_UP)
+        assert states[ids[1]][0] is states[ids[2]][0] is JobState.DONE
+        assert Counter(job.id for job, _ in first.done + second.done + third.done) == Counter(ids)
+        assert third.began == ids[1:]
+
+
+async def test_cancel_a_queued_job_and_refusals_change_nothing(config: AppConfig) -> None:
+    recorder = Recorder()
+    limited = config.model_copy(update={"queue": QueueSettings(max_queued_per_user=1, shutdown_grace_s=0.0)})
+    async with studio(limited) as opened:
+        opened.start(recorder)
+        opened.queue.pause()
+        job = await opened.submit(request(), ALICE, origin())
+        with pytest.raises(Refused, match="limit is 1"):
+            await opened.submit(request(), ALICE, origin())
+        assert len(await stored.jobs_by_state(opened.db, JobState.QUEUED)) == 1
+        assert recorder.moves[-1][job.id].position == 1
+        with pytest.raises(Refused, match="only the member who asked"):
+            await opened.cancel(job.id, by=BOB.user_id)
+        await opened.cancel(job.id, by=ALICE.user_id)
+        assert [(j.id, j.state) for j, _ in recorder.done] == [(job.id, JobState.CANCELLED)]
+        assert (await stored.get_job(opened.db, job.id)).state is JobState.CANCELLED
+
+
+async def test_the_event_loop_keeps_ticking_while_the_cpu_generates(config: AppConfig) -> None:
+    recorder = Recorder()
+    async with studio(config) as opened:
+        opened.start(recorder)
+        await opened.submit(request(steps=30), ALICE, origin())
+        ticks, began = [], time.monotonic()
+        while not recorder.done:
+            ticks.append(time.monotonic())
+            await asyncio.sleep(0.01)
+        took = time.monotonic() - began
+        gaps = [b - a for a, b in zip(ticks, ticks[1:])]
+        assert took > 0.5 and max(gaps) < min(0.4, took / 2)
