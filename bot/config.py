@@ -45,6 +45,10 @@ class DiscordSettings(BaseModel):
     moderator_roles: tuple[str, ...] = ()
     #: Whether users may use the bot in direct messages.
     allow_dms: bool = False
+    #: Words (whole words, any case) whose prompts run only in age-restricted channels.
+    nsfw_words: tuple[str, ...] = (
+        "nsfw", "nude", "nudity", "naked", "porn", "hentai", "topless", "explicit",
+    )
     #: Least seconds between two progress edits of one message.
     progress_interval_s: float = Field(default=1.5, ge=0.5)
 

@@ -1,11 +1,25 @@
 """Who is asking, and whether they may: bans, blocked words, age-restricted prompts, DMs and the
-moderators' usage limits, checked on the bot's side before anything is queued."""
+moderators' usage limits, checked on the bot's side before anything is queued.
+
+`refusal` runs inside the queue's submit lock (its `limits` hook), so it only reads: a refused
+request writes nothing and costs nothing."""
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import discord
+
+from bot.config import AppConfig, DiscordSettings
+from generation.request import GenerationRequest, JobState
+from storage.db import Database
+from storage.jobs import jobs_by_state
+from storage.limits import Usage, effective_limits, usage
+from storage.moderation import BlockedWord, blocked_words, first_blocked, get_ban
+from storage.settings import LimitsSettings
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -38,3 +52,161 @@ class Requester:
             manage_guild=bool(permissions and permissions.manage_guild),
             channel_nsfw=bool(getattr(channel, "is_nsfw", lambda: False)()),
         )
+
+
+def is_moderator(requester: Requester, settings: DiscordSettings) -> bool:
+    """Members with Manage Server, or with a role named in `[discord] moderator_roles`; nobody in DMs."""
+    if requester.guild_id is None:
+        return False
+    return requester.manage_guild or any(r in settings.moderator_roles for r in requester.role_names)
+
+
+@dataclass(frozen=True)
+class Allowance:
+    """A requester's limits in one place and what they spent of them in the rolling window."""
+
+    limits: LimitsSettings
+    used: Usage
+
+    @property
+    def images_left(self) -> int | None:
+        """Images left in the window; None when unlimited."""
+        limit = self.limits.daily_images
+        return None if limit is None else max(0, limit - self.used.images)
+
+    @property
+    def cost_left(self) -> float | None:
+        limit = self.limits.daily_cost
+        return None if limit is None else max(0.0, limit - self.used.cost)
+
+
+async def allowance(db: Database, config: AppConfig, requester: Requester) -> Allowance:
+    """The effective limits (user, then roles, then server, then defaults) and the window's usage."""
+    limits = await effective_limits(
+        db, requester.guild_id, requester.user_id, requester.role_ids, config.limits)
+    used = await usage(db, requester.user_id, requester.guild_id, limits.window_hours)
+    return Allowance(limits, used)
+
+
+async def frees_at(
+    db: Database, requester: Requester, window_hours: float, *, images: int = 0, cost: float = 0.0
+) -> float | None:
+    """When enough past usage leaves the window to free `images` images and `cost` units (Unix
+    time), or None if the window holds less than that (the request is larger than the limit)."""
+    rows = await db.fetch_all(
+        "SELECT at, cost, images FROM usage WHERE user_id = ? AND guild_id IS ? AND at > ?"
+        " ORDER BY at",
+        (requester.user_id, requester.guild_id, db.now() - window_hours * 3600),
+    )
+    freed_images, freed_cost = 0, 0.0
+    for row in rows:
+        freed_images += row["images"]
+        freed_cost += row["cost"]
+        if freed_images >= images and freed_cost >= cost:
+            return row["at"] + window_hours * 3600
+    return None
+
+
+async def refusal(
+    db: Database, config: AppConfig, requester: Requester, request: GenerationRequest
+) -> str | None:
+    """Why `requester` may not run `request` here, written for them; None if they may.
+
+    Order: where (DMs), who (bans), what the engine allows, what the prompt says, then the
+    moderators' limits, so the most fundamental reason is the one given."""
+    if requester.guild_id is None and not config.discord.allow_dms:
+        return "Atelier does not work in direct messages here; use it in a server channel."
+    if requester.guild_id is not None:
+        ban = await get_ban(db, requester.guild_id, requester.user_id)
+        if ban is not None:
+            return f"You are banned from using Atelier in this server (reason: {ban.reason})."
+    reason = hard_limit_refusal(config, request)
+    if reason is None:
+        reason = await _prompt_refusal(db, config.discord, requester, request)
+    if reason is None:
+        reason = await _limits_refusal(db, config, requester, request)
+    return reason
+
+
+def hard_limit_refusal(config: AppConfig, request: GenerationRequest) -> str | None:
+    """The engine's limits from `[generation]`, which no moderator can raise."""
+    g = config.generation
+    size = f"{request.width}x{request.height}"
+    if request.steps > g.max_steps:
+        return f"Steps must be between 1 and {g.max_steps}; you asked for {request.steps}."
+    if request.width * request.height > g.max_pixels:
+        return (f"An image may have at most {g.max_pixels} pixels (width x height); "
+                f"{size} has {request.width * request.height}.")
+    if max(request.width, request.height) > g.max_side:
+        return f"Each side of an image must be at most {g.max_side} pixels; you asked for {size}."
+    if request.count > g.max_count:
+        return f"Count must be between 1 and {g.max_count}; you asked for {request.count}."
+    if request.guidance > g.max_guidance:
+        return f"Guidance must be between 0 and {g.max_guidance:g}; you asked for {request.guidance:g}."
+    return None
+
+
+async def _prompt_refusal(
+    db: Database, settings: DiscordSettings, requester: Requester, request: GenerationRequest
+) -> str | None:
+    """Blocked words (the server's list) and NSFW words (config) in the prompt. The negative
+    prompt is not checked: naming what to avoid is exactly what it is for."""
+    if requester.guild_id is not None:
+        word = first_blocked(await blocked_words(db, requester.guild_id), request.prompt)
+        if word is not None:
+            log.warning("refused a prompt of user %s in guild %s, channel %s: blocked %s %r",
+                        requester.user_id, requester.guild_id, requester.channel_id,
+                        "pattern" if word.is_regex else "word", word.pattern)
+            what = "matches the blocked pattern" if word.is_regex else "contains the blocked word"
+            return f"Your prompt {what} `{word.pattern}` in this server; please rephrase it."
+    if not requester.channel_nsfw:
+        nsfw = first_blocked([BlockedWord(w, is_regex=False) for w in settings.nsfw_words],
+                             request.prompt)
+        if nsfw is not None:
+            return (f"Your prompt contains `{nsfw.pattern}`, which runs only in age-restricted "
+                    "channels; try it in one.")
+    return None
+
+
+async def _limits_refusal(
+    db: Database, config: AppConfig, requester: Requester, request: GenerationRequest
+) -> str | None:
+    """The moderators' limits for this member: per-request maxima, queued jobs, the window."""
+    mine = await allowance(db, config, requester)
+    limits = mine.limits
+    if limits.max_steps is not None and request.steps > limits.max_steps:
+        return f"Your limit here is {limits.max_steps} steps; you asked for {request.steps}."
+    pixels = request.width * request.height
+    if limits.max_pixels is not None and pixels > limits.max_pixels:
+        return (f"Your limit here is {limits.max_pixels} pixels per image; "
+                f"{request.width}x{request.height} has {pixels}.")
+    if limits.max_count is not None and request.count > limits.max_count:
+        return f"Your limit here is {limits.max_count} images per request; you asked for {request.count}."
+    if limits.max_queued is not None:
+        queued = [j for j in await jobs_by_state(db, JobState.QUEUED)
+                  if j.owner_id == requester.user_id and j.guild_id == requester.guild_id]
+        if len(queued) >= limits.max_queued:
+            return (f"You already have {len(queued)} jobs waiting here (your limit is "
+                    f"{limits.max_queued}); wait for one to start or cancel one.")
+    window = f"{limits.window_hours:g} hours"
+    left = mine.images_left
+    if left is not None and request.count > left:
+        when = await frees_at(db, requester, limits.window_hours,
+                              images=mine.used.images + request.count - limits.daily_images)
+        return (f"This request makes {request.count} images but you have {left} left of your "
+                f"{limits.daily_images} per {window}{_freed(when)}")
+    budget = mine.cost_left
+    if budget is not None and request.cost > budget:
+        when = await frees_at(db, requester, limits.window_hours,
+                              cost=mine.used.cost + request.cost - limits.daily_cost)
+        return (f"This request costs {request.cost:.1f} units but you have {budget:.1f} left of "
+                f"your {limits.daily_cost:g} per {window} (fewer images, steps or pixels cost "
+                f"less){_freed(when)}")
+    return None
+
+
+def _freed(when: float | None) -> str:
+    """The end of a window refusal: when it frees up, or that the request is over the limit."""
+    if when is None:
+        return "; the request is larger than your whole allowance, so ask for less."
+    return f"; more frees up <t:{int(when) + 1}:R>."
