@@ -24,7 +24,7 @@ from generation.request import GenerationRequest, JobState
 from generation.runner import JobResult, Runner
 from storage import jobs as stored
 from storage.db import Database
-from storage.images import ImageRecord, job_images, save_image
+from storage.images import ImageRecord, input_path, job_images, save_image
 from storage.maintenance import reconcile
 from storage.retention import apply_retention
 
@@ -62,20 +62,20 @@ class Listener(Protocol):
 
 
 class Studio:
-    """Open with `async with Studio.open(config, engine, devices) as studio`, then `start(listener)`;
+    """Open with `async with Studio.open(config, devices, budget) as studio`, then `start(listener)`;
     leaving the block drains the queue and gives the running batch the configured grace period."""
 
     def __init__(
         self,
         config: AppConfig,
         db: Database,
-        engine: Engine,
         devices: tuple[str, ...],
         model_budget_bytes: int,
         limits: LimitCheck | None = None,
     ) -> None:
         self.config = config
         self.db = db
+        engine = Engine(config.models, config.generation.dtype, self._read_input)
         self.queue = FairQueue(config.queue, devices, limits=limits, persist=self._persist)
         self._runner = Runner(
             self.queue, engine, devices, config.queue,
@@ -88,20 +88,21 @@ class Studio:
         self._given_up: list[str] = []
         self._tasks: list[asyncio.Task] = []
         self._running = False
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     @classmethod
     @asynccontextmanager
     async def open(
         cls,
         config: AppConfig,
-        engine: Engine,
         devices: tuple[str, ...],
         model_budget_bytes: int,
         limits: LimitCheck | None = None,
     ) -> AsyncIterator[Studio]:
-        """Open the database, tidy it and restore unfinished jobs into the queue."""
+        """Open the database, tidy it and restore unfinished jobs into the queue. `devices` are
+        concrete ("cpu", "cuda:0"); `limits` is the queue's refusal hook."""
         async with Database.open(config.storage) as db:
-            studio = cls(config, db, engine, devices, model_budget_bytes, limits)
+            studio = cls(config, db, devices, model_budget_bytes, limits)
             await reconcile(db)
             await apply_retention(db)
             await studio._restore()
@@ -113,6 +114,7 @@ class Studio:
     def start(self, listener: Listener) -> None:
         """Start generating; `listener` hears of every change from now on."""
         self._listener = listener
+        self._loop = asyncio.get_running_loop()
         self._runner.start()
         self._running = True
         self._tasks = [asyncio.create_task(self._retain(), name="retention")]
@@ -196,6 +198,12 @@ class Studio:
     async def _moved(self) -> None:
         if self._listener is not None:
             await self._listener.queue_moved(self.queue.estimates())
+
+    def _read_input(self, sha256: str) -> bytes:
+        """A stored input image, for the engine on a device thread: storage answers on the loop."""
+        assert self._loop is not None, "the engine runs only after start()"
+        path = asyncio.run_coroutine_threadsafe(input_path(self.db, sha256), self._loop).result()
+        return path.read_bytes()
 
     # -- start-up and housekeeping --
 

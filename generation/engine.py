@@ -15,29 +15,23 @@ from PIL import Image
 
 from generation.denoiser import latent_preview
 from generation.metadata import parameters_text, png_bytes
-from generation.pipeline import LoadedModel, load_model, resolve_device, resolve_dtype, txt2img
+from generation.pipeline import Inputs, LoadedModel, load_model, resolve_device, resolve_dtype, run_batch
 from generation.queue import Job
-from generation.request import Kind
 from generation.runner import JobResult, Progress
 from generation.samplers import Cancelled
 from generation.settings import ModelSettings
 
-#: Kinds this engine can run today; the bot refuses the others before anything is queued.
-AVAILABLE_KINDS: frozenset[Kind] = frozenset({Kind.TXT2IMG})
-
-
-def not_available(kind: Kind) -> str:
-    """What a user is told when they ask for a kind the engine cannot run yet."""
-    return f"{kind} is not available on this bot yet; only {', '.join(sorted(AVAILABLE_KINDS))} is"
-
-
 class Engine:
     """Loads the configured checkpoints and runs batches of jobs on them (see the runner's
-    `Pipeline` protocol). `preview` adds a cheap latent-to-RGB image to each progress report."""
+    `Pipeline` protocol). `inputs(sha256)` returns a stored input image's bytes (img2img, inpaint,
+    variations, upscales); `preview` adds a cheap latent-to-RGB image to each progress report."""
 
-    def __init__(self, models: Sequence[ModelSettings], dtype: str = "auto", *, preview: bool = False) -> None:
+    def __init__(
+        self, models: Sequence[ModelSettings], dtype: str, inputs: Inputs, *, preview: bool = False
+    ) -> None:
         self._models = {m.name: m for m in models}
         self._dtype = dtype
+        self._inputs = inputs
         self._preview = preview
 
     def load(self, name: str, device: str) -> LoadedModel:
@@ -61,9 +55,6 @@ class Engine:
         progress: Progress,
         cancelled: Callable[[str], bool],
     ) -> list[JobResult]:
-        kind = batch[0].request.kind
-        if kind not in AVAILABLE_KINDS:
-            return [JobResult(job.id, error=not_available(kind)) for job in batch]
         requests = [job.request for job in batch]
         # Image index in the whole batch where each job's images start, for its preview.
         starts = [sum(r.count for r in requests[:i]) for i in range(len(requests))]
@@ -74,7 +65,7 @@ class Engine:
                 progress(job.id, step, total, preview)
 
         try:
-            grouped = txt2img(model, requests, report, lambda: all(cancelled(j.id) for j in batch))
+            grouped = run_batch(model, requests, self._inputs, report, lambda: all(cancelled(j.id) for j in batch))
         except Cancelled:
             return []  # every job was cancelled: the runner records each one
         results = []

@@ -3,6 +3,7 @@ txt2img pipeline (checked against diffusers in test_pipeline) whatever the batch
 
 from __future__ import annotations
 
+import hashlib
 import io
 from collections.abc import Iterator
 
@@ -11,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from generation.engine import Engine, not_available
+from generation.engine import Engine
 from generation.metadata import parameters_text
 from generation.pipeline import txt2img
 from generation.queue import Job
@@ -32,7 +33,19 @@ def one_thread() -> Iterator[None]:
 @pytest.fixture(scope="module")
 def engine(tiny_checkpoints: TinyCheckpoints) -> Engine:  # noqa: F811
     path, yaml_path = tiny_checkpoints.get("sd1")
-    return Engine([ModelSettings(name="tiny", checkpoint=path, config=yaml_path)], "float32", preview=True)
+    settings = ModelSettings(name="tiny", checkpoint=path, config=yaml_path)
+    return Engine([settings], "float32", INPUTS.__getitem__, preview=True)
+
+
+def png_of(color: tuple[int, int, int]) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", (64, 64), color).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+#: Stored input images by sha256, as storage hands them to the engine.
+SOURCE = png_of((30, 120, 200))
+INPUTS = {hashlib.sha256(SOURCE).hexdigest(): SOURCE}
 
 
 def job(job_id: str, **changes: object) -> Job:
@@ -66,15 +79,19 @@ def test_batch_gives_each_job_the_pipelines_pixels_and_its_parameters(engine: En
     assert steps == [(j, s, 3, (32, 32)) for s in (1, 2, 3) for j in (first.id, second.id)]
 
 
-def test_cancelled_batch_stops_and_other_kinds_are_refused_clearly(engine: Engine) -> None:
+def test_cancelled_batch_stops_and_img2img_reads_its_stored_input(engine: Engine) -> None:
     model = engine.load("tiny", "cpu")
     calls: list[int] = []
     results = engine.run(model, "cpu", [job("cccccccccccc")], lambda *a: calls.append(a[1]), lambda _: True)
     assert results == [] and calls == []
 
-    variation = job("dddddddddddd", kind=Kind.VARIATION, init_image="0" * 64)
-    (result,) = engine.run(model, "cpu", [variation], lambda *a: None, lambda _: False)
-    assert result.error == not_available(Kind.VARIATION) and "txt2img" in result.error
+    sha = next(iter(INPUTS))
+    remix = job("dddddddddddd", kind=Kind.IMG2IMG, init_image=sha, strength=0.5, steps=4, count=1)
+    (result,) = engine.run(model, "cpu", [remix], lambda *a: None, lambda _: False)
+    pixels, parameters = decoded(result.images[0])
+    assert result.error is None and pixels.shape == (64, 64, 3)
+    assert parameters == parameters_text(remix.request, 7, model.short_hash)
+    assert "Denoising strength: 0.5" in parameters
 
 
 def test_size_counts_every_weight_byte_and_unknown_models_are_named(engine: Engine) -> None:

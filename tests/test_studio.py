@@ -19,7 +19,6 @@ from PIL import Image
 from bot.config import AppConfig
 from bot.policy import Requester
 from bot.studio import GAVE_UP, Origin, Studio
-from generation.engine import Engine
 from generation.queue import Estimate, Refused
 from generation.request import GenerationRequest, JobState
 from generation.settings import GenerationSettings, ModelSettings, QueueSettings
@@ -89,8 +88,7 @@ class Recorder:
 
 @asynccontextmanager
 async def studio(config: AppConfig) -> AsyncIterator[Studio]:
-    engine = Engine(config.models, "float32")
-    async with Studio.open(config, engine, ("cpu",), 2**30) as opened:
+    async with Studio.open(config, ("cpu",), 2**30) as opened:
         yield opened
 
 
