@@ -109,14 +109,6 @@ def _bench(module: str) -> Callable[[argparse.Namespace], int]:
     return handler
 
 
-def _not_built(what: str, issue: int) -> Callable[[argparse.Namespace], int]:
-    def handler(args: argparse.Namespace) -> int:
-        print(f"atelier {what}: not built yet (issue {issue}).", file=sys.stderr)
-        return EXIT_USAGE
-
-    return handler
-
-
 def _parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument(
@@ -145,7 +137,7 @@ def _parser() -> argparse.ArgumentParser:
     bench = commands.add_parser("bench", help="benchmarks that print figures (not tests)")
     benches = bench.add_subparsers(title="benchmarks", required=True, metavar="BENCH")
     for name, handler, help in (
-        ("engine", _not_built("bench engine", 3), "UNet step time, image latency and VRAM, beside diffusers"),
+        ("engine", _bench("generation.engine_bench"), "UNet step time, image latency and VRAM, beside diffusers"),
         ("storage", _bench("storage.bench"), "job inserts, state updates and history queries per second"),
         ("queue", _bench("generation.queue_bench"), "submit and dispatch cost, fairness and waits over a day"),
     ):

@@ -63,10 +63,12 @@ def test_config_from_environment_variable(tmp_path: Path, monkeypatch: pytest.Mo
     assert "queue.max_batch_images" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("bench", ["engine"])
-def test_unbuilt_benchmarks_say_so(bench: str, capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["bench", bench]) == 2
-    assert "not built yet" in capsys.readouterr().err
+@pytest.mark.parametrize("bench", ["engine", "storage", "queue"])
+def test_benchmarks_take_their_own_options(bench: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit:
+        main(["bench", bench, "--help"])
+    assert exit.value.code == 0
+    assert capsys.readouterr().out.startswith(f"usage: atelier bench {bench} ")
 
 
 def config_with_models(tmp_path: Path, models: str) -> Path:
