@@ -264,7 +264,7 @@ def _unet_in(model: LoadedModel, labels: torch.Tensor | None = None) -> Callable
 
 def to_pixels(images: Sequence[Image.Image], device: torch.device) -> torch.Tensor:
     """RGB images of one size -> (B, 3, H, W) float32 in [-1, 1], as the original scripts scale them."""
-    arrays = [torch.from_numpy(np.asarray(image.convert("RGB"))) for image in images]
+    arrays = [torch.from_numpy(np.array(image.convert("RGB"))) for image in images]
     return (torch.stack(arrays).permute(0, 3, 1, 2).float() / 127.5 - 1.0).to(device)
 
 
@@ -275,6 +275,10 @@ def encode(network: StableDiffusion, pixels: torch.Tensor) -> torch.Tensor:
 
 def decode(network: StableDiffusion, latents: torch.Tensor) -> list[Image.Image]:
     """VAE.decode(z / scale_factor), then round(clamp((x + 1) / 2, 0, 1) * 255) per pixel."""
-    x = network.vae.decode(latents.float() / network.family.scale_factor)  # (B, 3, H, W)
+    return to_images(network.vae.decode(latents.float() / network.family.scale_factor))
+
+
+def to_images(x: torch.Tensor) -> list[Image.Image]:
+    """Decoded images (B, 3, H, W) in about [-1, 1] -> PIL: round(clamp((x + 1) / 2, 0, 1) * 255)."""
     pixels = ((x + 1) / 2).clamp(0, 1).mul(255).round().to(torch.uint8)
     return [Image.fromarray(p.permute(1, 2, 0).cpu().numpy()) for p in pixels]

@@ -1,0 +1,176 @@
+"""Upscale: at least twice the input in each dimension, in bounded memory.
+
+With an x4 upscaler checkpoint (family "x4-upscaler"), the original text-guided latent upscaler:
+the low-resolution image in [-1, 1] is noise-augmented to `upscale_noise_level` on its own schedule
+(sqrt(a) x + sqrt(1 - a) n), concatenated to the latent, the level is the UNet's class input, and
+a latent of the image's own size is sampled from noise and decoded to vae_scale times that size.
+Without one, "hires": Lanczos 2x, then img2img at a low strength with the source checkpoint.
+
+Large sizes are tiled: the denoiser runs on overlapping latent tiles whose x0 predictions are
+blended with linear ramps over the overlap (the prediction is per pixel, so a blend of them is a
+prediction too), and the VAE encodes and decodes tile by tile the same way. A request's
+width x height is the INPUT size."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+
+import torch
+from PIL import Image
+from torch import Tensor
+
+from generation.denoiser import GuidedDenoiser
+from generation.images import ImageInputError, resize
+from generation.img2img import input_images, repeat_counts
+from generation.pipeline import Inputs, LoadedModel, Progress, denoise, group, to_images, to_pixels
+from generation.request import GenerationRequest
+from generation.schedules import alphas_cumprod
+from generation.settings import GenerationSettings
+from models.stable_diffusion import StableDiffusion
+
+#: Latent tile side and overlap: 128 latents are 512 pixels through an 8x VAE (the x4 upscaler's
+#: 4x VAE: a 512-pixel output tile), small enough for any GPU, large enough for little overhead.
+TILE, OVERLAP = 128, 32
+#: The x4 upscaler's noise augmentation draws from CPU generators seeded seed + i + this offset, a
+#: stream apart from the start noise of seed + i (the engine contract).
+AUGMENTATION_SEED_OFFSET = 2**32
+
+
+def tile_starts(size: int, tile: int, overlap: int) -> list[int]:
+    """Starts of tiles of side `tile` covering [0, size), neighbours overlapping >= `overlap`."""
+    if size <= tile:
+        return [0]
+    starts = list(range(0, size - tile, tile - overlap))
+    return [*starts, size - tile]
+
+
+def _ramp(length: int, overlap: int, device: torch.device) -> Tensor:
+    """Weights along one side of a tile: rising over the first `overlap`, falling over the last."""
+    i = torch.arange(length, device=device, dtype=torch.float32)
+    return torch.minimum((i + 1) / (overlap + 1), (length - i) / (overlap + 1)).clamp(max=1.0)  # (length,)
+
+
+def tiled(fn: Callable[[slice, slice], Tensor], size: tuple[int, int], tile: int, overlap: int, scale: float) -> Tensor:
+    """fn over overlapping tiles of an input of `size` (h, w), outputs (B, C, th * scale, tw *
+    scale) blended with linear ramps into one (B, C, h * scale, w * scale). A pointwise fn gives
+    exactly its untiled result (the weights are normalized)."""
+    out = weight = None
+    for top in tile_starts(size[0], tile, overlap):
+        for left in tile_starts(size[1], tile, overlap):
+            rows, cols = slice(top, top + tile), slice(left, left + tile)
+            piece = fn(rows, cols)  # (B, C, th', tw')
+            if out is None:
+                shape = (*piece.shape[:2], round(size[0] * scale), round(size[1] * scale))
+                out, weight = piece.new_zeros(shape), piece.new_zeros((1, 1, *shape[2:]))
+            o = round(overlap * scale)
+            w = _ramp(piece.shape[2], o, piece.device)[:, None] * _ramp(piece.shape[3], o, piece.device)[None]
+            y, x = round(top * scale), round(left * scale)
+            out[..., y : y + piece.shape[2], x : x + piece.shape[3]] += piece * w
+            weight[..., y : y + piece.shape[2], x : x + piece.shape[3]] += w
+    return out / weight
+
+
+@dataclass(frozen=True, eq=False)
+class TiledDenoiser:
+    """A guided denoiser run tile by tile (its concat channels cut to the same tile)."""
+
+    guided: GuidedDenoiser
+    tile: int
+    overlap: int
+
+    def __call__(self, x: Tensor, sigma: Tensor) -> Tensor:
+        def piece(rows: slice, cols: slice) -> Tensor:
+            concat = self.guided.concat
+            guided = self.guided if concat is None else replace(self.guided, concat=concat[..., rows, cols])
+            return guided(x[..., rows, cols], sigma)
+
+        return tiled(piece, x.shape[-2:], self.tile, self.overlap, 1.0)
+
+
+def decode_tiled(network: StableDiffusion, latents: Tensor, tile: int, overlap: int) -> Tensor:
+    """VAE.decode(z / scale_factor) (B, 3, H, W), in latent tiles when larger than one tile."""
+    z = latents.float() / network.family.scale_factor
+    return tiled(lambda r, c: network.vae.decode(z[..., r, c]), z.shape[-2:], tile, overlap, network.vae_scale)
+
+
+def encode_tiled(network: StableDiffusion, pixels: Tensor, tile: int, overlap: int) -> Tensor:
+    """scale_factor * posterior mean (B, C, H/f, W/f), in pixel tiles when larger than one tile;
+    tile and overlap in latents."""
+    f = network.vae_scale
+
+    def piece(rows: slice, cols: slice) -> Tensor:
+        return network.vae.encode(pixels[..., rows, cols]).mean * network.family.scale_factor
+
+    return tiled(piece, pixels.shape[-2:], tile * f, overlap * f, 1 / f)
+
+
+@torch.inference_mode()
+def upscale(
+    model: LoadedModel,
+    requests: Sequence[GenerationRequest],
+    inputs: Inputs,
+    progress: Progress | None = None,
+    cancelled: Callable[[], bool] | None = None,
+    tile: int = TILE,
+    overlap: int = OVERLAP,
+) -> list[list[Image.Image]]:
+    """The upscaled images of each request: x4 upscaler when `model` is one, else hires 2x."""
+    if model.network.family.conditioning == "hybrid-adm":
+        return x4_upscale(model, requests, inputs, progress, cancelled, tile, overlap)
+    return hires(model, requests, inputs, progress, cancelled, tile, overlap)
+
+
+def _wrap(tile: int, overlap: int) -> Callable[[GuidedDenoiser, Tensor], TiledDenoiser]:
+    return lambda guided, _noise: TiledDenoiser(guided, tile, overlap)
+
+
+def x4_upscale(
+    model: LoadedModel,
+    requests: Sequence[GenerationRequest],
+    inputs: Inputs,
+    progress: Progress | None = None,
+    cancelled: Callable[[], bool] | None = None,
+    tile: int = TILE,
+    overlap: int = OVERLAP,
+) -> list[list[Image.Image]]:
+    """The original superresolution script's sampling, tiled; output vae_scale x the input."""
+    first, network = requests[0], model.network
+    low = network.family.low_scale
+    size = (first.height, first.width)  # the latent is the low-res image's size
+    pixels = repeat_counts(requests, to_pixels(input_images(requests, inputs), model.device))  # (B, 3, h, w)
+    levels = torch.tensor([r.upscale_noise_level for r in requests for _ in range(r.count)], device=model.device)
+    a = alphas_cumprod(low.linear_start, low.linear_end, 1000).to(model.device)[levels].view(-1, 1, 1, 1)
+    seeds = [seed + AUGMENTATION_SEED_OFFSET for r in requests for seed in r.seeds()]
+    noise = torch.cat([torch.randn((1, 3, *size), generator=torch.Generator("cpu").manual_seed(s)) for s in seeds])
+    augmented = a.sqrt() * pixels + (1 - a).sqrt() * noise.to(model.device)  # (B, 3, h, w)
+    latents = denoise(model, requests, size, concat=augmented, labels=levels, wrap=_wrap(tile, overlap),
+                      progress=progress, cancelled=cancelled)
+    return group(requests, to_images(decode_tiled(network, latents, tile, overlap)))
+
+
+def hires(
+    model: LoadedModel,
+    requests: Sequence[GenerationRequest],
+    inputs: Inputs,
+    progress: Progress | None = None,
+    cancelled: Callable[[], bool] | None = None,
+    tile: int = TILE,
+    overlap: int = OVERLAP,
+) -> list[list[Image.Image]]:
+    """Lanczos 2x, then img2img at the request's strength (default: `hires_strength`), tiled."""
+    first, network = requests[0], model.network
+    if network.family.conditioning != "crossattn":
+        raise ImageInputError(
+            f"upscaling needs an x4 upscaler or an ordinary checkpoint; {first.model} is a "
+            f"{network.family.name} checkpoint"
+        )
+    f, size = network.vae_scale, (2 * first.width, 2 * first.height)
+    if size[0] % f or size[1] % f:
+        raise ImageInputError(f"width and height must be multiples of {f // 2} for this model")
+    images = [resize(image, *size) for image in input_images(requests, inputs)]
+    init = encode_tiled(network, to_pixels(images, model.device), tile, overlap)  # (R, C, h, w)
+    strength = first.strength or GenerationSettings.model_fields["hires_strength"].default
+    latents = denoise(model, requests, (size[1] // f, size[0] // f), init=repeat_counts(requests, init),
+                      strength=strength, wrap=_wrap(tile, overlap), progress=progress, cancelled=cancelled)
+    return group(requests, to_images(decode_tiled(network, latents, tile, overlap)))
