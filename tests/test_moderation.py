@@ -1,0 +1,346 @@
+"""bot/moderation.py end to end: a real discord.py bot with the moderator commands, against the
+loopback Discord server, a real SQLite database and a real FairQueue the test submits to."""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import logging
+from collections.abc import AsyncIterator, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import discord
+import pytest
+from discord import app_commands
+from discord.ext import commands
+
+from bot.config import AppConfig, DiscordSettings
+from bot.moderation import moderation_commands, regex_refusal
+from bot.policy import Requester, refusal
+from generation.queue import FairQueue, Job, Refused, Submission
+from generation.request import GenerationRequest, JobState
+from storage.audit import audit_log
+from storage.db import Database
+from storage.jobs import create_job, get_job
+from storage.limits import effective_limits
+from storage.moderation import blocked_words, get_ban
+from storage.settings import LimitsSettings, StorageSettings
+from tests.discord_server import Channel, DiscordServer, Guild, Role, User, point_discord_py_at
+
+MANAGE_GUILD = discord.Permissions(manage_guild=True).value
+
+
+class StudioBot(commands.Bot):
+    """The smallest bot that serves given commands to one guild."""
+
+    def __init__(self, guild_id: int, served: Iterable[app_commands.Command | app_commands.Group]):
+        intents = discord.Intents.none()
+        intents.guilds = True
+        super().__init__(command_prefix=commands.when_mentioned, intents=intents,
+                         guild_ready_timeout=0.05)
+        self._home = discord.Object(guild_id)
+        self._served = list(served)
+
+    async def setup_hook(self) -> None:
+        for command in self._served:
+            self.tree.add_command(command, guild=self._home)
+        await self.tree.sync(guild=self._home)
+
+
+@dataclass
+class Studio:
+    """A guild with #art, a plain member (alice), a Manage Server member (boss), a member of the
+    configured moderator role (curator), another member (bob), and the bot's database and queue."""
+
+    server: DiscordServer
+    guild: Guild
+    channel: Channel
+    alice: User
+    bob: User
+    boss: User
+    curator: User
+    artists: Role
+    db: Database
+    queue: FairQueue
+    config: AppConfig
+
+    async def ask(self, user: User, command: str, options: dict[str, Any] | None = None,
+                  channel: Channel | None = None) -> str:
+        """Run a slash command as `user` and return the bot's (ephemeral) answer."""
+        interaction = await self.server.slash(user, channel or self.channel, command, options)
+        action = await self.server.wait_for(
+            lambda a: a.interaction is interaction and a.kind in ("message", "edit")
+            and a.message is not None and not a.message.loading)
+        assert action.message.ephemeral
+        return action.content
+
+    async def submit(self, user: User, prompt: str = "a lighthouse", *, guild_id: int | None = None,
+                     **fields: Any) -> Job:
+        values = dict(prompt=prompt, model="sd15", steps=20, guidance=7.0, seed=1, width=512,
+                      height=512, count=1)
+        request = GenerationRequest(**(values | fields))
+        guild = self.guild.id if guild_id is None else guild_id
+        return await self.queue.submit(Submission(request, user.id, guild))
+
+    async def audit(self) -> list[tuple[str, str, int]]:
+        """(action, target, actor) of the guild's audit log, oldest first."""
+        return [(e.action, e.target, e.actor_id) for e in reversed(await audit_log(self.db, self.guild.id))]
+
+
+@pytest.fixture
+async def studio(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> AsyncIterator[Studio]:
+    config = AppConfig(discord=DiscordSettings(moderator_roles=("Curators",)),
+                       storage=StorageSettings(data_dir=tmp_path),
+                       limits=LimitsSettings(daily_images=None))
+    async with DiscordServer() as server, Database.open(config.storage) as db:
+        guild = await server.create_guild("studio")
+        channel = await server.create_channel(guild, "art")
+        managers = await server.create_role(guild, "Managers", permissions=MANAGE_GUILD)
+        curators = await server.create_role(guild, "Curators")
+        artists = await server.create_role(guild, "Artists")
+        alice, bob, boss, curator = (server.create_user(n) for n in ("alice", "bob", "boss", "curator"))
+        await server.add_member(guild, alice, roles=[artists])
+        await server.add_member(guild, bob)
+        await server.add_member(guild, boss, roles=[managers])
+        await server.add_member(guild, curator, roles=[curators])
+
+        async def persist(job: Job) -> None:
+            await create_job(db, job.request, owner_id=job.owner_id, channel_id=channel.id,
+                             job_id=job.id, guild_id=job.guild_id)
+
+        async def limits(submission: Submission) -> str | None:
+            requester = Requester(submission.owner_id, submission.guild_id, channel.id,
+                                  submission.role_ids)
+            return await refusal(db, config, requester, submission.request)
+
+        queue = FairQueue(config.queue, ("cpu",), limits=limits, persist=persist)
+        bot = StudioBot(guild.id, moderation_commands(db, queue, config))
+        with point_discord_py_at(server):
+            connection: asyncio.Task[None] | None = None
+            try:
+                await bot.login(server.token)
+                connection = asyncio.create_task(bot.connect(reconnect=False))
+                await asyncio.wait_for(bot.wait_until_ready(), 10)
+                yield Studio(server, guild, channel, alice, bob, boss, curator, artists, db,
+                             queue, config)
+            finally:
+                await bot.close()
+                if connection is not None:
+                    await connection
+        assert server.log.server_errors == []
+    gc.collect()
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []
+
+
+async def test_only_moderators_may_moderate_and_nothing_changes_for_others(studio: Studio) -> None:
+    job = await studio.submit(studio.bob)
+    attempts = [
+        ("limits show", {}), ("limits set", {"scope": "server", "daily_images": 1}),
+        ("limits reset", {"scope": "server"}), ("queue show", {}), ("queue cancel", {"job": job.id}),
+        ("queue pause", {}), ("queue resume", {}), ("ban", {"user": studio.bob, "reason": "x"}),
+        ("unban", {"user": studio.bob}), ("blocklist add", {"pattern": "cat"}),
+        ("blocklist remove", {"pattern": "cat"}), ("blocklist list", {}),
+    ]
+    expected = ("Only moderators (members with the Manage Server permission or a role among "
+                "Curators) can use /{} in this server.")
+    for command, options in attempts:
+        assert await studio.ask(studio.alice, command, options) == expected.format(command)
+    assert await studio.audit() == []
+    assert studio.queue.get(job.id).state is JobState.QUEUED and not studio.queue.paused
+    assert await get_ban(studio.db, studio.guild.id, studio.bob.id) is None
+
+    for moderator in (studio.boss, studio.curator):
+        said = await studio.ask(moderator, "blocklist add", {"pattern": f"word{moderator.name}"})
+        assert said == f"Blocked the word `word{moderator.name}`: prompts with it are refused in this server."
+    assert await studio.audit() == [
+        ("blocklist.add", "word:wordboss", studio.boss.id),
+        ("blocklist.add", "word:wordcurator", studio.curator.id),
+    ]
+
+
+async def test_limits_set_show_and_reset_per_scope(studio: Studio) -> None:
+    s, db = studio, studio.db
+    assert await s.ask(s.boss, "limits set", {"scope": "server", "daily_images": 20, "max_steps": 25}) == (
+        "Limits of the server are now: daily_images 20, max_steps 25.")
+    assert await s.ask(s.boss, "limits set", {"scope": "role", "target": s.artists, "max_steps": 40}) == (
+        f"Limits of <@&{s.artists.id}> are now: max_steps 40.")
+    said = await s.ask(s.curator, "limits set",
+                       {"scope": "user", "target": s.alice, "daily_images": -1, "max_count": 2})
+    assert said == f"Limits of <@{s.alice.id}> are now: daily_images unlimited, max_count 2."
+
+    limits = await effective_limits(db, s.guild.id, s.alice.id, [s.artists.id], s.config.limits)
+    assert (limits.daily_images, limits.max_steps, limits.max_count) == (None, 40, 2)
+    limits = await effective_limits(db, s.guild.id, s.bob.id, [], s.config.limits)
+    assert (limits.daily_images, limits.max_steps, limits.max_count) == (20, 25, None)
+    with pytest.raises(Refused, match="Your limit here is 25 steps; you asked for 30."):
+        await s.submit(s.bob, steps=30)
+
+    shown = await s.ask(s.boss, "limits show")
+    assert shown.splitlines()[1:] == [
+        "the server: daily_images 20, max_steps 25",
+        f"<@&{s.artists.id}>: max_steps 40",
+        f"<@{s.alice.id}>: daily_images unlimited, max_count 2",
+    ]
+    shown = await s.ask(s.boss, "limits show", {"target": s.alice})
+    assert shown.splitlines()[1:] == [
+        f"<@{s.alice.id}>: daily_images unlimited, max_count 2",
+        f"In effect for <@{s.alice.id}> (1 roles): daily_images unlimited, daily_cost unlimited, "
+        "max_queued unlimited, max_steps 40, max_pixels unlimited, max_count 2; used 0 images and "
+        "0.0 units in the last 24 hours",
+    ]
+
+    refusals = {
+        ("role", None): "scope:role needs a role as target.",
+        ("server", s.artists): "scope:server applies to everyone; give no target.",
+        ("user", s.artists): "scope:user needs a member as target.",
+        ("role", s.guild.everyone): "@everyone is the whole server: use scope:server.",
+    }
+    for (scope, target), expected in refusals.items():
+        options = {"scope": scope, "max_steps": 10} | ({"target": target} if target else {})
+        assert await s.ask(s.boss, "limits set", options) == expected
+    assert await s.ask(s.boss, "limits set", {"scope": "server", "max_steps": 61}) == (
+        "max_steps can be at most 60, the engine's limit in [generation]; -1 means no limit of "
+        "its own (the engine's limit still holds).")
+    assert await s.ask(s.boss, "limits set", {"scope": "server", "max_steps": 0}) == (
+        "Nothing was changed: invalid limit (max_steps: Input should be greater than or equal to "
+        "1); -1 means no limit of its own.")
+    said = await s.ask(s.boss, "limits set", {"scope": "server"})
+    assert said.startswith("Give at least one limit to set: daily_images, daily_cost,")
+
+    assert await s.ask(s.boss, "limits reset", {"scope": "user", "target": s.alice}) == (
+        f"Removed the limits of <@{s.alice.id}>; it now follows the server's limits.")
+    assert await s.ask(s.boss, "limits reset", {"scope": "user", "target": s.alice}) == (
+        f"<@{s.alice.id}> had no limits of its own; nothing was changed.")
+    limits = await effective_limits(db, s.guild.id, s.alice.id, [s.artists.id], s.config.limits)
+    assert (limits.daily_images, limits.max_steps, limits.max_count) == (20, 40, None)
+    assert await s.audit() == [
+        ("limits.set", f"guild:{s.guild.id}", s.boss.id),
+        ("limits.set", f"role:{s.artists.id}", s.boss.id),
+        ("limits.set", f"user:{s.alice.id}", s.curator.id),
+        ("limits.clear", f"user:{s.alice.id}", s.boss.id),
+    ]
+
+
+async def test_queue_show_cancel_pause_and_resume(studio: Studio) -> None:
+    s, queue = studio, studio.queue
+    first = await s.submit(s.alice, "a *red* lighthouse")
+    second = await s.submit(s.alice, "x" * 50, count=2)
+    third = await s.submit(s.bob, "a boat")
+    elsewhere = await s.submit(s.bob, "not here", guild_id=s.guild.id + 1)
+    [running] = queue.next_batch("cpu", max_images=1)
+    assert running is first
+
+    shown = (await s.ask(s.boss, "queue show")).splitlines()
+    # At 10 units/s: first (20 units) ends at 2 s; then the other server's turn (2..4 s), then
+    # bob (4..6 s), then alice's second job, held back while her first one ran.
+    assert shown == [
+        "The queue is running. Positions count every server this bot serves.",
+        f"`{first.id}` running on cpu · <@{s.alice.id}> · cost 20.0 · \"a \\*red\\* lighthouse\"",
+        f"`{third.id}` #2, starts in ~4 s · <@{s.bob.id}> · cost 20.0 · \"a boat\"",
+        f"`{second.id}` #3, starts in ~6 s · <@{s.alice.id}> · cost 40.0 · \"{'x' * 39}…\"",
+    ]
+
+    assert await s.ask(s.curator, "queue cancel", {"job": elsewhere.id}) == (
+        f"There is no queued or running job `{elsewhere.id}` in this server; /queue show lists them.")
+    assert await s.ask(s.curator, "queue cancel", {"job": second.id}) == (
+        f"Cancelled `{second.id}` of <@{s.alice.id}>.")
+    assert queue.get(second.id) is None and len(queue) == 2
+    assert (await get_job(s.db, second.id)).state is JobState.CANCELLED
+    assert await s.ask(s.curator, "queue cancel", {"job": first.id}) == (
+        f"`{first.id}` of <@{s.alice.id}> stops at its next step.")
+    assert first.cancel_reason == "cancelled by a moderator" and first.state is JobState.RUNNING
+
+    assert await s.ask(s.boss, "queue pause") == (
+        "Paused: no new job starts, in any server this bot serves, until /queue resume. "
+        "Running jobs finish.")
+    queue.finish(first, JobState.CANCELLED)
+    assert queue.paused and queue.next_batch("cpu", max_images=8) == []
+    assert await s.ask(s.boss, "queue pause") == "The queue is already paused; /queue resume starts it."
+    shown = await s.ask(s.boss, "queue show")
+    assert shown.startswith("The queue is paused (nothing starts; /queue resume).")
+    assert await s.ask(s.boss, "queue resume") == "Resumed: queued jobs start again."
+    assert await s.ask(s.boss, "queue resume") == "The queue is not paused."
+    assert queue.next_batch("cpu", max_images=8) == [elsewhere]  # dispatching again
+    assert await s.audit() == [
+        ("queue.cancel", f"job:{second.id}", s.curator.id),
+        ("queue.cancel", f"job:{first.id}", s.curator.id),
+        ("queue.pause", "queue", s.boss.id),
+        ("queue.resume", "queue", s.boss.id),
+    ]
+
+
+async def test_ban_refuses_submissions_and_cancels_queued_jobs_until_unban(studio: Studio) -> None:
+    s = studio
+    waiting = [await s.submit(s.bob), await s.submit(s.bob)]
+    kept = await s.submit(s.alice)
+    said = await s.ask(s.boss, "ban", {"user": s.bob, "reason": "flooding the queue"})
+    assert said == (f"Banned <@{s.bob.id}> from Atelier in this server (reason: flooding the "
+                    "queue). 2 queued jobs of theirs were cancelled.")
+    assert [s.queue.get(j.id) for j in waiting] == [None, None] and s.queue.get(kept.id) is kept
+    assert [(await get_job(s.db, j.id)).state for j in waiting] == [JobState.CANCELLED] * 2
+    with pytest.raises(Refused, match=r"^You are banned from using Atelier in this server "
+                                      r"\(reason: flooding the queue\)\.$"):
+        await s.submit(s.bob)
+    await s.submit(s.bob, guild_id=s.guild.id + 1)  # other servers are theirs to moderate
+
+    assert await s.ask(s.curator, "unban", {"user": s.bob}) == (
+        f"<@{s.bob.id}> may use Atelier in this server again.")
+    assert await s.ask(s.curator, "unban", {"user": s.bob}) == (
+        f"<@{s.bob.id}> is not banned here; nothing was changed.")
+    await s.submit(s.bob)
+    assert [a for a, _, _ in await s.audit()] == ["ban", "queue.cancel", "queue.cancel", "unban"]
+
+
+async def test_blocklist_add_list_remove_and_bad_patterns(studio: Studio) -> None:
+    s = studio
+    assert await s.ask(s.boss, "blocklist list") == "Nothing is blocked in this server."
+    assert await s.ask(s.boss, "blocklist add", {"pattern": " Gore "}) == (
+        "Blocked the word `gore`: prompts with it are refused in this server.")
+    assert await s.ask(s.boss, "blocklist add", {"pattern": r"bl[o0]+d", "regex": True}) == (
+        "Blocked the pattern `bl[o0]+d`: prompts with it are refused in this server.")
+    assert await s.ask(s.boss, "blocklist add", {"pattern": "(a+)+$", "regex": True}) == (
+        "Not added: a repeated group may not contain repeats or alternatives (that backtracks "
+        "exponentially); use a character class such as [ab]+ or a bounded `?`.")
+    assert await s.ask(s.boss, "blocklist add", {"pattern": "[oops", "regex": True}) == (
+        "Not added: `[oops` is not a valid regular expression: unterminated character set at "
+        "position 0.")
+    assert await s.ask(s.boss, "blocklist list") == (
+        "Blocked in this server:\nword `gore`\npattern `bl[o0]+d`")
+    with pytest.raises(Refused, match="matches the blocked pattern `bl\\[o0\\]\\+d`"):
+        await s.submit(s.alice, "a bl00dy moon")
+
+    assert await s.ask(s.boss, "blocklist remove", {"pattern": "GORE"}) == "Unblocked the word `GORE`."
+    assert await s.ask(s.boss, "blocklist remove", {"pattern": "gore"}) == (
+        "The word `gore` is not blocked here; /blocklist list shows what is.")
+    assert [w.pattern for w in await blocked_words(s.db, s.guild.id)] == ["bl[o0]+d"]
+    await s.submit(s.alice, "gore")
+    assert await s.audit() == [
+        ("blocklist.add", "word:gore", s.boss.id),
+        ("blocklist.add", "regex:bl[o0]+d", s.boss.id),
+        ("blocklist.remove", "word:gore", s.boss.id),
+    ]
+
+
+@pytest.mark.parametrize("pattern", [
+    r"n[s5]fw", r"\bkill(s|ed|ing)?\b", r"bl[o0]+d", r"foo|bar|baz", r"x{0,3}y{0,3}z",
+    r"[]a]+b", r"\w+",
+])
+def test_cheap_patterns_are_admitted(pattern: str) -> None:
+    assert regex_refusal(pattern) is None
+
+
+@pytest.mark.parametrize(("pattern", "why"), [
+    (r"(a+)+$", "repeated group may not contain repeats"),
+    (r"(?:a|b)*c", "repeated group may not contain repeats or alternatives"),
+    (r"a.*b.*c", "at most one unbounded repeat"),  # cubic in the prompt length
+    (r"\w*\w*x", "at most one unbounded repeat"),
+    (r"(x|y).*z", "only in a pattern without other choices"),
+    ("a?" * 13 + "b", "small bounded repeats"),  # 2**13 ways at each place
+    (r"(a)\1", "escape `\\1` is not supported"),
+    (r"(?=x)y", "only plain groups"),
+    ("a" * 101, "at most 100 characters"),
+])
+def test_costly_or_unboundable_patterns_are_refused(pattern: str, why: str) -> None:
+    assert why in regex_refusal(pattern)
