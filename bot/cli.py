@@ -10,6 +10,7 @@ import argparse
 import asyncio
 import importlib
 import json
+import logging
 import os
 import sys
 from collections.abc import Callable, Sequence
@@ -51,8 +52,18 @@ def _run(args: argparse.Namespace) -> int:
 
         print(setup_guide(config.discord), file=sys.stderr)
         return EXIT_FAILED
-    print("atelier run: the Discord frontend is not built yet (issue 7).", file=sys.stderr)
-    return EXIT_USAGE
+    import discord
+
+    from bot.client import run_bot
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        asyncio.run(run_bot(config, os.environ[TOKEN_ENV]))
+    except discord.LoginFailure:
+        print(f"atelier run: Discord refused the token in ${TOKEN_ENV}; reset it in the Developer Portal",
+              file=sys.stderr)
+        return EXIT_FAILED
+    return 0
 
 
 def _doctor(args: argparse.Namespace) -> int:
@@ -170,6 +181,13 @@ def _generate_arguments(sub: argparse.ArgumentParser) -> None:
     sub.add_argument("--init-image", type=Path, help="img2img / inpaint source image")
     sub.add_argument("--strength", type=float, help="img2img strength in (0, 1]")
     sub.add_argument("--mask", type=Path, help="inpaint mask (white = repaint)")
+    sub.add_argument("--mask-blur", type=int, default=4, help="inpaint seam feather radius in pixels")
+    sub.add_argument("--only-masked", action="store_true", help="inpaint a crop around the mask at full size")
+    sub.add_argument("--outpaint", help="extend --init-image on these sides: left,right,up,down (any of them)")
+    sub.add_argument("--by", type=int, default=128, help="pixels --outpaint adds on each side (multiple of 8)")
+    sub.add_argument("--upscale", action="store_true", help="upscale --init-image (x4 upscaler or hires 2x)")
+    sub.add_argument("--variation-seed", type=int, help="txt2img: blend in this seed's noise")
+    sub.add_argument("--variation-strength", type=float, default=0.0, help="how much of --variation-seed")
     sub.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
     sub.add_argument("--dtype", choices=("float32", "float16", "bfloat16"))
     sub.add_argument("--out", type=Path, required=True, help="output PNG (PATH-1.png ... with --count)")

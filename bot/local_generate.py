@@ -4,16 +4,19 @@ its PNGs can be compared with the original repositories' scripts for the same se
 from __future__ import annotations
 
 import argparse
+import hashlib
 import sys
 from pathlib import Path
 
 from pydantic import ValidationError
 
 from bot.config import AppConfig
+from generation.images import ImageInputError, fit_size, load_image, prepare_mask, split_alpha
 from generation.metadata import parameters_text, png_bytes
-from generation.pipeline import load_model, resolve_device, resolve_dtype, txt2img
-from generation.request import GenerationRequest
-from generation.settings import ModelSettings, default_model
+from generation.outpaint import outpaint_size
+from generation.pipeline import load_model, resolve_device, resolve_dtype, run_batch
+from generation.request import GenerationRequest, Kind
+from generation.settings import GenerationSettings, ModelSettings, default_model
 
 
 class UsageError(Exception):
@@ -29,13 +32,14 @@ def output_paths(out: Path, count: int) -> list[Path]:
 
 def generate(args: argparse.Namespace, config: AppConfig) -> list[Path]:
     """Run the generation described by `args` and write its PNGs; return their paths."""
-    if args.init_image is not None or args.mask is not None:
-        raise UsageError("--init-image, --strength and --mask are not built yet (issue 4)")
     settings = _model_settings(args, config)
     device = resolve_device(args.device)
     model = load_model(settings, device, resolve_dtype(args.dtype or config.generation.dtype, device))
     defaults = config.generation
+    stored = {}  # sha256 -> bytes of the input files, as storage would hand them to the runner
     try:
+        fields = _image_fields(args, defaults, stored)
+        width, height = fields.pop("width", model.native_size), fields.pop("height", model.native_size)
         request = GenerationRequest(
             prompt=args.prompt,
             negative_prompt=args.negative_prompt,
@@ -44,24 +48,79 @@ def generate(args: argparse.Namespace, config: AppConfig) -> list[Path]:
             steps=args.steps or defaults.default_steps,
             guidance=defaults.default_guidance if args.guidance is None else args.guidance,
             seed=args.seed,
-            width=args.width or model.native_size,
-            height=args.height or model.native_size,
+            width=args.width or width,
+            height=args.height or height,
             count=args.count,
+            mask_blur=args.mask_blur,
+            inpaint_only_masked=args.only_masked,
+            variation_seed=args.variation_seed,
+            variation_strength=args.variation_strength,
+            **fields,
         )
     except ValidationError as exc:
         raise UsageError("; ".join(_option_error(e) for e in exc.errors())) from None
+    except ImageInputError as exc:
+        raise UsageError(str(exc)) from None
     if request.width % model.network.vae_scale or request.height % model.network.vae_scale:
         raise UsageError(f"--width and --height must be multiples of {model.network.vae_scale}")
 
     def show_progress(step: int, total: int, _preview: object) -> None:
         print(f"\rstep {step}/{total}", end="" if step < total else "\n", file=sys.stderr, flush=True)
 
-    (images,) = txt2img(model, [request], progress=show_progress)
+    try:
+        (images_out,) = run_batch(model, [request], stored.__getitem__, progress=show_progress)
+    except ImageInputError as exc:
+        raise UsageError(str(exc)) from None
     paths = output_paths(args.out, request.count)
-    for path, image, seed in zip(paths, images, request.seeds(), strict=True):
+    for path, image, seed in zip(paths, images_out, request.seeds(), strict=True):
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(png_bytes(image, parameters_text(request, seed, model.short_hash)))
     return paths
+
+
+def _image_fields(args: argparse.Namespace, limits: GenerationSettings, stored: dict[str, bytes]) -> dict:
+    """The request fields of --init-image, --mask, --strength, --outpaint and --upscale, with the
+    default size taken from the image (its own size, rounded to multiples of 64, within limits).
+    Notes about adjustments go to stderr."""
+    if args.init_image is None:
+        if args.mask is not None or args.strength is not None or args.outpaint or args.upscale:
+            raise UsageError("--mask, --strength, --outpaint and --upscale need --init-image")
+        return {}
+    image = _store(args.init_image, stored)
+    rgb, alpha_mask = split_alpha(load_image(stored[image], limits.max_side**2))
+    width, height, notes = fit_size(rgb.width, rgb.height, limits.max_pixels, limits.max_side)
+    fields: dict = dict(init_image=image, strength=args.strength, width=width, height=height)
+    if args.upscale:
+        fields["kind"] = Kind.UPSCALE
+    elif args.outpaint:
+        directions = tuple(d.strip() for d in args.outpaint.split(","))
+        width, height, more = outpaint_size(width, height, directions, args.by, limits.max_pixels, limits.max_side)
+        notes += more
+        fields |= dict(kind=Kind.OUTPAINT, outpaint_directions=directions, outpaint_pixels=args.by,
+                       width=width, height=height)
+    elif args.mask is not None or alpha_mask is not None:
+        fields["kind"] = Kind.INPAINT
+        if args.mask is not None:
+            fields["mask_image"] = _store(args.mask, stored)
+            mask = load_image(stored[fields["mask_image"]], limits.max_side**2, what="mask")
+            notes += prepare_mask(mask, rgb.size)[1]
+    else:
+        if args.strength is None:
+            raise UsageError("--init-image without --mask needs --strength in (0, 1]")
+        fields["kind"] = Kind.IMG2IMG
+    for note in notes:
+        print(f"note: {note}", file=sys.stderr)
+    return fields
+
+
+def _store(path: Path, stored: dict[str, bytes]) -> str:
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise UsageError(f"cannot read {path}: {exc.strerror}") from None
+    digest = hashlib.sha256(data).hexdigest()
+    stored[digest] = data
+    return digest
 
 
 def _model_settings(args: argparse.Namespace, config: AppConfig) -> ModelSettings:

@@ -100,7 +100,8 @@ def inpaint_images(
     ]
     work_images = [resize(image.crop(box), *size) for image, box in zip(images, boxes, strict=True)]
     work_masks = [prepare_mask(mask.crop(box), size)[0] for mask, box in zip(masks, boxes, strict=True)]
-    generated = group(requests, repaint(model, requests, work_images, work_masks, progress, cancelled))
+    latents = repaint_latents(model, requests, work_images, work_masks, progress, cancelled)
+    generated = group(requests, decode(model.network, latents))
     results = []
     for request, image, mask, box, outputs in zip(requests, images, masks, boxes, generated, strict=True):
         feather = blur_mask(mask, request.mask_blur)
@@ -113,15 +114,16 @@ def inpaint_images(
     return results
 
 
-def repaint(
+def repaint_latents(
     model: LoadedModel,
     requests: Sequence[GenerationRequest],
     images: Sequence[Image.Image],
     masks: Sequence[Image.Image],
     progress: Progress | None = None,
     cancelled: Callable[[], bool] | None = None,
-) -> list[Image.Image]:
-    """The raw decoded images of every image of every request (before compositing)."""
+) -> Tensor:
+    """The final latents (B, C, h, w) of every image of every request, before decoding and
+    compositing; images RGB and masks binary L, one per request, at the request's size."""
     first, network = requests[0], model.network
     f = network.vae_scale
     if first.width % f or first.height % f:
@@ -143,4 +145,4 @@ def repaint(
                           wrap=lambda guided, noise: KnownRegion(guided, init, noise, keep),
                           progress=progress, cancelled=cancelled)
         latents = keep * init + (1 - keep) * latents
-    return decode(network, latents)
+    return latents

@@ -135,18 +135,31 @@ def x4_upscale(
     overlap: int = OVERLAP,
 ) -> list[list[Image.Image]]:
     """The original superresolution script's sampling, tiled; output vae_scale x the input."""
+    latents = x4_latents(model, requests, input_images(requests, inputs), progress, cancelled, tile, overlap)
+    return group(requests, to_images(decode_tiled(model.network, latents, tile, overlap)))
+
+
+def x4_latents(
+    model: LoadedModel,
+    requests: Sequence[GenerationRequest],
+    images: Sequence[Image.Image],
+    progress: Progress | None = None,
+    cancelled: Callable[[], bool] | None = None,
+    tile: int = TILE,
+    overlap: int = OVERLAP,
+) -> Tensor:
+    """The x4 upscaler's final latents (B, 4, h, w) for one RGB image per request at its size."""
     first, network = requests[0], model.network
     low = network.family.low_scale
     size = (first.height, first.width)  # the latent is the low-res image's size
-    pixels = repeat_counts(requests, to_pixels(input_images(requests, inputs), model.device))  # (B, 3, h, w)
+    pixels = repeat_counts(requests, to_pixels(images, model.device))  # (B, 3, h, w)
     levels = torch.tensor([r.upscale_noise_level for r in requests for _ in range(r.count)], device=model.device)
     a = alphas_cumprod(low.linear_start, low.linear_end, 1000).to(model.device)[levels].view(-1, 1, 1, 1)
     seeds = [seed + AUGMENTATION_SEED_OFFSET for r in requests for seed in r.seeds()]
     noise = torch.cat([torch.randn((1, 3, *size), generator=torch.Generator("cpu").manual_seed(s)) for s in seeds])
     augmented = a.sqrt() * pixels + (1 - a).sqrt() * noise.to(model.device)  # (B, 3, h, w)
-    latents = denoise(model, requests, size, concat=augmented, labels=levels, wrap=_wrap(tile, overlap),
-                      progress=progress, cancelled=cancelled)
-    return group(requests, to_images(decode_tiled(network, latents, tile, overlap)))
+    return denoise(model, requests, size, concat=augmented, labels=levels, wrap=_wrap(tile, overlap),
+                   progress=progress, cancelled=cancelled)
 
 
 def hires(
