@@ -16,6 +16,7 @@ import pytest
 from discord import app_commands
 from discord.ext import commands
 
+from bot.account import account_commands
 from bot.config import AppConfig, DiscordSettings
 from bot.moderation import moderation_commands, regex_refusal
 from bot.policy import Requester, refusal
@@ -27,7 +28,15 @@ from storage.jobs import create_job, get_job
 from storage.limits import effective_limits
 from storage.moderation import blocked_words, get_ban
 from storage.settings import LimitsSettings, StorageSettings
-from tests.discord_server import Channel, DiscordServer, Guild, Role, User, point_discord_py_at
+from tests.discord_server import (
+    Channel,
+    DiscordServer,
+    Guild,
+    Message,
+    Role,
+    User,
+    point_discord_py_at,
+)
 
 MANAGE_GUILD = discord.Permissions(manage_guild=True).value
 
@@ -52,7 +61,8 @@ class StudioBot(commands.Bot):
 @dataclass
 class Studio:
     """A guild with #art, a plain member (alice), a Manage Server member (boss), a member of the
-    configured moderator role (curator), another member (bob), and the bot's database and queue."""
+    configured moderator role (curator), another member (bob), and the bot's database and queue;
+    the bot serves the moderation and the account commands (tests/test_account.py uses it too)."""
 
     server: DiscordServer
     guild: Guild
@@ -66,15 +76,18 @@ class Studio:
     queue: FairQueue
     config: AppConfig
 
-    async def ask(self, user: User, command: str, options: dict[str, Any] | None = None,
-                  channel: Channel | None = None) -> str:
+    async def ask(self, user: User, command: str, options: dict[str, Any] | None = None) -> str:
+        """Run a slash command as `user` and return the text of the bot's (ephemeral) answer."""
+        return (await self.reply(user, command, options)).content
+
+    async def reply(self, user: User, command: str, options: dict[str, Any] | None = None) -> Message:
         """Run a slash command as `user` and return the bot's (ephemeral) answer."""
-        interaction = await self.server.slash(user, channel or self.channel, command, options)
+        interaction = await self.server.slash(user, self.channel, command, options)
         action = await self.server.wait_for(
             lambda a: a.interaction is interaction and a.kind in ("message", "edit")
             and a.message is not None and not a.message.loading)
         assert action.message.ephemeral
-        return action.content
+        return action.message
 
     async def submit(self, user: User, prompt: str = "a lighthouse", *, guild_id: int | None = None,
                      **fields: Any) -> Job:
@@ -116,7 +129,8 @@ async def studio(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> AsyncItera
             return await refusal(db, config, requester, submission.request)
 
         queue = FairQueue(config.queue, ("cpu",), limits=limits, persist=persist)
-        bot = StudioBot(guild.id, moderation_commands(db, queue, config))
+        served = [*moderation_commands(db, queue, config), *account_commands(db, queue, config)]
+        bot = StudioBot(guild.id, served)
         with point_discord_py_at(server):
             connection: asyncio.Task[None] | None = None
             try:
