@@ -112,13 +112,15 @@ async def _files(db: Database, detail: JobDetail, limit: int) -> tuple[list[disc
             data = await asyncio.to_thread(image_file(db, image).read_bytes)
         except FileNotFoundError:  # retention or a lost disk got there first
             continue
-        files.append(discord.File(io.BytesIO(data), filename=f"{detail.job.id}-{image.index + 1}.png"))
+        name = f"{detail.job.id}-{image.index + 1}.png"
+        files.append(discord.File(io.BytesIO(data), filename=name))
     return files, len(detail.images) - len(files)
 
 
 def _describe_job(detail: JobDetail, queue: FairQueue) -> str:
     job, r = detail.job, detail.job.request
-    lines = [f"**Job `{job.id}`** by <@{job.owner_id}> · {job.state} · <t:{int(job.created_at)}:f>"]
+    lines = [f"**Job `{job.id}`** by <@{job.owner_id}> · {job.state} · "
+             f"<t:{int(job.created_at)}:f>"]
     if job.state is JobState.QUEUED and (estimate := queue.estimates().get(job.id)):
         lines.append(f"Queued at #{estimate.position}, starting in about "
                      f"{max(1, round(estimate.starts_in_s))} s.")
@@ -160,7 +162,8 @@ async def _usage_lines(db: Database, config: AppConfig, requester: Requester) ->
     if requester.guild_id is not None:
         ban = await get_ban(db, requester.guild_id, requester.user_id)
         if ban is not None:
-            lines.append(f"You are banned from using Atelier in this server (reason: {ban.reason}).")
+            lines.append("You are banned from using Atelier in this server "
+                         f"(reason: {ban.reason}).")
     lines.append(_left("Images", used.images, limits.daily_images, mine.images_left))
     lines.append(_left("Cost units", used.cost, limits.daily_cost, mine.cost_left))
 

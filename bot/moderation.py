@@ -20,7 +20,7 @@ from discord import app_commands
 
 from bot.config import AppConfig, DiscordSettings
 from bot.policy import Requester, allowance, is_moderator
-from generation.queue import FairQueue, JobView, Refused
+from generation.queue import FairQueue, JobView
 from generation.request import GenerationRequest, JobState
 from storage.audit import write_audit
 from storage.db import Database
@@ -71,7 +71,9 @@ async def _only_moderators(interaction: discord.Interaction, settings: DiscordSe
             Requester.of(interaction.user, interaction.channel), settings):
         return True
     roles = ", ".join(settings.moderator_roles)
-    who = "members with the Manage Server permission" + (f" or a role among {roles}" if roles else "")
+    who = "members with the Manage Server permission"
+    if roles:
+        who += f" or a role among {roles}"
     name = interaction.command.qualified_name if interaction.command else "this command"
     await interaction.response.send_message(
         f"Only moderators ({who}) can use /{name} in this server.", ephemeral=True)
@@ -154,8 +156,9 @@ class LimitsCommands(_ModeratorGroup, name="limits",
             if target is None or target.id == target_id:
                 lines.append(f"{_name(scope, target_id)}: {_describe(values)}")
         if isinstance(target, discord.Member):
-            mine = await allowance(self._db, self._config, Requester.of(target, interaction.channel))
-            lines.append(f"In effect for {target.mention} ({len(target.roles) - 1} roles): "
+            member = Requester.of(target, interaction.channel)
+            mine = await allowance(self._db, self._config, member)
+            lines.append(f"In effect for {target.mention}: "
                          f"{_describe(mine.limits.model_dump())}; used {mine.used.images} images "
                          f"and {mine.used.cost:.1f} units in the last "
                          f"{mine.limits.window_hours:g} hours")
@@ -290,15 +293,14 @@ class QueueCommands(_ModeratorGroup, name="queue", description="This server's ge
                                                    "in the order they will run")
     async def show(self, interaction: discord.Interaction) -> None:
         snapshot = self._queue.snapshot()
-        mine = [v for v in (*snapshot.running, *snapshot.queued)
-                if v.guild_id == interaction.guild_id]
+        running = [v for v in snapshot.running if v.guild_id == interaction.guild_id]
+        queued = [v for v in snapshot.queued if v.guild_id == interaction.guild_id]
         state = "paused (nothing starts; /queue resume)" if snapshot.paused else "running"
         lines = [f"The queue is {state}. Positions count every server this bot serves."]
-        lines += [self._line(view) for view in mine[:len(snapshot.running) + _QUEUE_LINES]]
-        hidden = len(mine) - (len(lines) - 1)
-        if hidden > 0:
-            lines.append(f"... and {hidden} more queued")
-        if not mine:
+        lines += [self._line(view) for view in (*running, *queued[:_QUEUE_LINES])]
+        if len(queued) > _QUEUE_LINES:
+            lines.append(f"... and {len(queued) - _QUEUE_LINES} more queued")
+        if not running and not queued:
             lines.append("Nothing is queued or running in this server.")
         await _answer(interaction, _fit(lines), allowed_mentions=discord.AllowedMentions.none())
 
@@ -455,7 +457,8 @@ class BlocklistCommands(_ModeratorGroup, name="blocklist",
                                    "refused in this server.")
 
     @app_commands.command(name="remove", description="Allow a blocked word or pattern again")
-    @app_commands.describe(pattern="As /blocklist list shows it", regex="It is a regular expression")
+    @app_commands.describe(pattern="As /blocklist list shows it",
+                           regex="It is a regular expression")
     async def remove(self, interaction: discord.Interaction,
                      pattern: app_commands.Range[str, 1, 200], regex: bool = False) -> None:
         removed = await unblock_word(self._db, actor_id=interaction.user.id,
@@ -487,7 +490,8 @@ def regex_refusal(pattern: str) -> str | None:
     this count cannot bound, are refused. This is decided once, when the pattern is added,
     instead of timing every match (which `re` cannot interrupt)."""
     if len(pattern) > MAX_REGEX_LENGTH:
-        return f"a pattern may be at most {MAX_REGEX_LENGTH} characters; this one has {len(pattern)}."
+        return (f"a pattern may be at most {MAX_REGEX_LENGTH} characters; "
+                f"this one has {len(pattern)}.")
     try:
         re.compile(pattern)
         ways = _Ways(pattern).total()

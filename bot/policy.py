@@ -55,10 +55,11 @@ class Requester:
 
 
 def is_moderator(requester: Requester, settings: DiscordSettings) -> bool:
-    """Members with Manage Server, or with a role named in `[discord] moderator_roles`; nobody in DMs."""
+    """Members with Manage Server or a role named in `[discord] moderator_roles`; nobody in DMs."""
     if requester.guild_id is None:
         return False
-    return requester.manage_guild or any(r in settings.moderator_roles for r in requester.role_names)
+    roles = settings.moderator_roles
+    return requester.manage_guild or any(role in roles for role in requester.role_names)
 
 
 @dataclass(frozen=True)
@@ -81,7 +82,7 @@ class Allowance:
 
 
 async def allowance(db: Database, config: AppConfig, requester: Requester) -> Allowance:
-    """The effective limits (user, then roles, then server, then defaults) and the window's usage."""
+    """The effective limits (user, roles, server, defaults) and the usage in their window."""
     limits = await effective_limits(
         db, requester.guild_id, requester.user_id, requester.role_ids, config.limits)
     used = await usage(db, requester.user_id, requester.guild_id, limits.window_hours)
@@ -142,7 +143,8 @@ def hard_limit_refusal(config: AppConfig, request: GenerationRequest) -> str | N
     if request.count > g.max_count:
         return f"Count must be between 1 and {g.max_count}; you asked for {request.count}."
     if request.guidance > g.max_guidance:
-        return f"Guidance must be between 0 and {g.max_guidance:g}; you asked for {request.guidance:g}."
+        return (f"Guidance must be between 0 and {g.max_guidance:g}; "
+                f"you asked for {request.guidance:g}.")
     return None
 
 
@@ -181,7 +183,8 @@ async def _limits_refusal(
         return (f"Your limit here is {limits.max_pixels} pixels per image; "
                 f"{request.width}x{request.height} has {pixels}.")
     if limits.max_count is not None and request.count > limits.max_count:
-        return f"Your limit here is {limits.max_count} images per request; you asked for {request.count}."
+        return (f"Your limit here is {limits.max_count} images per request; "
+                f"you asked for {request.count}.")
     if limits.max_queued is not None:
         queued = [j for j in await jobs_by_state(db, JobState.QUEUED)
                   if j.owner_id == requester.user_id and j.guild_id == requester.guild_id]
