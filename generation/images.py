@@ -25,8 +25,12 @@ def load_image(data: bytes, max_pixels: int, what: str = "image") -> Image.Image
     `max_pixels` from the header's size BEFORE the pixels are decoded (decompression bombs)."""
     try:
         image = Image.open(io.BytesIO(data), formats=FORMATS)  # reads the header only
-    except (UnidentifiedImageError, Image.DecompressionBombError):
-        raise ImageInputError(f"the {what} is not a PNG, JPEG or WebP image (or is far too large)") from None
+    except UnidentifiedImageError:
+        raise ImageInputError(f"the {what} is not a PNG, JPEG or WebP image") from None
+    except Image.DecompressionBombError:
+        raise ImageInputError(f"the {what} is far too large to open; the most allowed is {max_pixels} pixels") from None
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise ImageInputError(f"the {what} is damaged and cannot be read ({exc})") from None
     width, height = image.size
     if width * height > max_pixels:
         raise ImageInputError(
