@@ -65,6 +65,14 @@ def account_commands(
         await interaction.followup.send(text[:2000], files=files, ephemeral=True,
                                         allowed_mentions=discord.AllowedMentions.none())
 
+    @show_command.autocomplete("job")
+    async def your_jobs(interaction: discord.Interaction,
+                        current: str) -> list[app_commands.Choice[str]]:
+        jobs = await history(db, interaction.user.id, limit=25)
+        return [app_commands.Choice(name=f"{j.id} · {j.state} · {_plain(j.request.prompt)}"[:100],
+                                    value=j.id)
+                for j in jobs if j.id.startswith(current.strip().lower())]
+
     @app_commands.command(name="usage", description="What you used in the current window, and "
                                                     "what is left")
     async def usage_command(interaction: discord.Interaction) -> None:
@@ -82,10 +90,14 @@ def _message_link(job: Job) -> str | None:
     return f"https://discord.com/channels/{job.guild_id or '@me'}/{job.channel_id}/{job.message_id}"
 
 
-def _short(prompt: str) -> str:
+def _plain(prompt: str) -> str:
+    """A prompt on one line, cut to `_PROMPT_CHARS`."""
     prompt = " ".join(prompt.split())
-    prompt = prompt if len(prompt) <= _PROMPT_CHARS else prompt[:_PROMPT_CHARS - 1] + "…"
-    return discord.utils.escape_markdown(prompt)
+    return prompt if len(prompt) <= _PROMPT_CHARS else prompt[:_PROMPT_CHARS - 1] + "…"
+
+
+def _short(prompt: str) -> str:
+    return discord.utils.escape_markdown(_plain(prompt))
 
 
 def _history_line(job: Job) -> str:

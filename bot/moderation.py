@@ -305,17 +305,13 @@ class QueueCommands(_ModeratorGroup, name="queue", description="This server's ge
         await _answer(interaction, _fit(lines), allowed_mentions=discord.AllowedMentions.none())
 
     def _line(self, view: JobView) -> str:
+        return (f"`{view.id}` {_where(view)} · <@{view.owner_id}> · cost {view.cost:.1f} · "
+                f"\"{discord.utils.escape_markdown(self._prompt(view))}\"")
+
+    def _prompt(self, view: JobView) -> str:
         job = self._queue.get(view.id)
         prompt = job.request.prompt if job is not None else ""
-        prompt = prompt if len(prompt) <= 40 else prompt[:39] + "…"
-        if view.state is JobState.RUNNING:
-            where = f"running on {view.device}"
-        elif view.position is None:
-            where = "waiting"
-        else:
-            where = f"#{view.position}, starts in {_duration(view.starts_in_s or 0.0)}"
-        return (f"`{view.id}` {where} · <@{view.owner_id}> · cost {view.cost:.1f} · "
-                f"\"{discord.utils.escape_markdown(prompt)}\"")
+        return prompt if len(prompt) <= 40 else prompt[:39] + "…"
 
     @app_commands.command(name="cancel", description="Cancel a queued or running job")
     @app_commands.describe(job="The job id, as /queue show lists it")
@@ -331,6 +327,20 @@ class QueueCommands(_ModeratorGroup, name="queue", description="This server's ge
         content = (f"Cancelled `{job_id}` of <@{found.owner_id}>." if was is JobState.QUEUED
                    else f"`{job_id}` of <@{found.owner_id}> stops at its next step.")
         await _answer(interaction, content, allowed_mentions=discord.AllowedMentions.none())
+
+    @cancel.autocomplete("job")
+    async def _jobs_here(self, interaction: discord.Interaction,
+                         current: str) -> list[app_commands.Choice[str]]:
+        """This server's jobs in queue order; none for non-moderators (autocomplete skips
+        `interaction_check`, and prompts are not theirs to browse)."""
+        if not is_moderator(Requester.of(interaction.user, interaction.channel), self._settings):
+            return []
+        snapshot = self._queue.snapshot()
+        views = [v for v in (*snapshot.running, *snapshot.queued)
+                 if v.guild_id == interaction.guild_id and v.id.startswith(current.lower())]
+        return [app_commands.Choice(name=f"{v.id} {_where(v)} · {self._prompt(v)}"[:100],
+                                    value=v.id)
+                for v in views[:25]]
 
     @app_commands.command(name="pause", description="Stop starting jobs (running ones finish, "
                                                     "new ones still queue); for every server")
@@ -371,6 +381,14 @@ async def _cancel(db: Database, queue: FairQueue, interaction: discord.Interacti
                  {"owner": job.owner_id, "state": "queued" if job.state is JobState.CANCELLED
                   else "running"},
                  {"state": "cancelled", "reason": job.cancel_reason})
+
+
+def _where(view: JobView) -> str:
+    if view.state is JobState.RUNNING:
+        return f"running on {view.device}"
+    if view.position is None:
+        return "waiting"
+    return f"#{view.position}, starts in {_duration(view.starts_in_s or 0.0)}"
 
 
 def _duration(seconds: float) -> str:

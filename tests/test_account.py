@@ -56,6 +56,11 @@ async def test_history_lists_your_jobs_newest_first_with_links(studio: Studio) -
         f"[result](https://discord.com/channels/{s.guild.id}/{s.channel.id}/777)")
     assert f"`{first.id}`" in lines[1]
     assert (await s.ask(s.alice, "history", {"count": 1})).splitlines() == lines[:1]
+    offered = await s.server.autocomplete(s.alice, s.channel, "show", {"job": ""}, "job")
+    assert offered == [{"name": f"{queued.id} · queued · a *blue* whale", "value": queued.id},
+                       {"name": f"{first.id} · done · a red fox", "value": first.id}]
+    typed = await s.server.autocomplete(s.alice, s.channel, "show", {"job": first.id[:5]}, "job")
+    assert [c["value"] for c in typed] == [first.id]
     assert (await s.ask(s.curator, "history")) == "You have no jobs yet; /imagine makes some."
 
 

@@ -256,6 +256,13 @@ async def test_queue_show_cancel_pause_and_resume(studio: Studio) -> None:
         f"`{second.id}` #3, starts in ~6 s · <@{s.alice.id}> · cost 40.0 · \"{'x' * 39}…\"",
     ]
 
+    offered = await s.server.autocomplete(s.curator, s.channel, "queue cancel", {"job": ""}, "job")
+    assert [c["value"] for c in offered] == [first.id, third.id, second.id]
+    assert offered[1]["name"] == f"{third.id} #2, starts in ~4 s · a boat"
+    typed = await s.server.autocomplete(s.curator, s.channel, "queue cancel", {"job": second.id[:9]}, "job")
+    assert [c["value"] for c in typed] == [second.id]
+    assert await s.server.autocomplete(s.alice, s.channel, "queue cancel", {"job": ""}, "job") == []
+
     assert await s.ask(s.curator, "queue cancel", {"job": elsewhere.id}) == (
         f"There is no queued or running job `{elsewhere.id}` in this server; /queue show lists them.")
     assert await s.ask(s.curator, "queue cancel", {"job": second.id}) == (
