@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
@@ -19,7 +19,7 @@ from typing import Any, Protocol
 from bot.config import AppConfig
 from bot.policy import Requester
 from generation.engine import Engine
-from generation.queue import Estimate, FairQueue, Job, LimitCheck, Submission, role_weight
+from generation.queue import Estimate, FairQueue, Job, Submission, role_weight
 from generation.request import GenerationRequest, JobState
 from generation.runner import JobResult, Runner
 from storage import jobs as stored
@@ -61,6 +61,10 @@ class Listener(Protocol):
         """`job.state` is done, failed (`job.error` says why) or cancelled."""
 
 
+#: The moderators' checks: why a requester may not run a request, or None (`bot.policy.refusal`).
+Refusal = Callable[[Database, AppConfig, Requester, GenerationRequest], Awaitable[str | None]]
+
+
 class Studio:
     """Open with `async with Studio.open(config, devices, budget) as studio`, then `start(listener)`;
     leaving the block drains the queue and gives the running batch the configured grace period."""
@@ -71,19 +75,20 @@ class Studio:
         db: Database,
         devices: tuple[str, ...],
         model_budget_bytes: int,
-        limits: LimitCheck | None = None,
+        refusal: Refusal | None = None,
     ) -> None:
         self.config = config
         self.db = db
         engine = Engine(config.models, config.generation.dtype, self._read_input)
-        self.queue = FairQueue(config.queue, devices, limits=limits, persist=self._persist)
+        self._refusal = refusal
+        self.queue = FairQueue(config.queue, devices, limits=self._limits, persist=self._persist)
         self._runner = Runner(
             self.queue, engine, devices, config.queue,
             load_model=engine.load, model_size=engine.size, model_budget_bytes=model_budget_bytes,
             on_started=self._started, on_progress=self._progressed, on_finished=self._finished,
         )
-        #: The origin of the submission in flight, read by the persist hook in the same task.
-        self._origin: ContextVar[Origin] = ContextVar("origin")
+        #: Who submits and from where, for the queue's hooks, which run in the submitting task.
+        self._submitting: ContextVar[tuple[Requester, Origin]] = ContextVar("submitting")
         self._listener: Listener | None = None
         self._given_up: list[str] = []
         self._tasks: list[asyncio.Task] = []
@@ -97,12 +102,12 @@ class Studio:
         config: AppConfig,
         devices: tuple[str, ...],
         model_budget_bytes: int,
-        limits: LimitCheck | None = None,
+        refusal: Refusal | None = None,
     ) -> AsyncIterator[Studio]:
         """Open the database, tidy it and restore unfinished jobs into the queue. `devices` are
-        concrete ("cpu", "cuda:0"); `limits` is the queue's refusal hook."""
+        concrete ("cpu", "cuda:0"); `refusal` runs at submit, inside the queue's lock."""
         async with Database.open(config.storage) as db:
-            studio = cls(config, db, devices, model_budget_bytes, limits)
+            studio = cls(config, db, devices, model_budget_bytes, refusal)
             await reconcile(db)
             await apply_retention(db)
             await studio._restore()
@@ -137,11 +142,11 @@ class Studio:
         """Queue a request (stored before this returns); raises `Refused` with the reason."""
         weight = role_weight(self.config.queue.role_weights, requester.role_names)
         submission = Submission(request, requester.user_id, requester.guild_id, weight, requester.role_ids)
-        token = self._origin.set(origin)
+        token = self._submitting.set((requester, origin))
         try:
             job = await self.queue.submit(submission)
         finally:
-            self._origin.reset(token)
+            self._submitting.reset(token)
         await self._moved()
         return job
 
@@ -156,8 +161,14 @@ class Studio:
 
     # -- the queue's and the runner's hooks --
 
+    async def _limits(self, submission: Submission) -> str | None:
+        if self._refusal is None:
+            return None
+        requester, _ = self._submitting.get()
+        return await self._refusal(self.db, self.config, requester, submission.request)
+
     async def _persist(self, job: Job) -> None:
-        origin = self._origin.get()
+        _, origin = self._submitting.get()
         await stored.create_job(
             self.db, job.request, job_id=job.id, owner_id=job.owner_id, guild_id=job.guild_id,
             channel_id=origin.channel_id, interaction_id=origin.interaction_id,

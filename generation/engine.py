@@ -20,6 +20,7 @@ from generation.queue import Job
 from generation.runner import JobResult, Progress
 from generation.samplers import Cancelled
 from generation.settings import ModelSettings
+from models.loading import detect_family, inspect_checkpoint, read_state_dict
 
 class Engine:
     """Loads the configured checkpoints and runs batches of jobs on them (see the runner's
@@ -86,3 +87,13 @@ def memory_budget(device: str) -> int:
     if torch_device.type == "cuda":
         return int(0.7 * torch.cuda.get_device_properties(torch_device).total_memory)
     return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // 2
+
+
+def native_size(settings: ModelSettings) -> int:
+    """The side a configured checkpoint was trained at (what `LoadedModel.native_size` says once
+    loaded), read from its file without building the model: the bot needs it to turn an aspect
+    ratio into a size before anything is queued."""
+    info = inspect_checkpoint(settings.checkpoint, settings.config, settings.prediction)
+    family = detect_family(read_state_dict(settings.checkpoint))
+    side = 768 if info.prediction == "v" and family.text.kind == "open_clip" else 512
+    return side * family.vae.downscale // 8

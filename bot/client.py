@@ -1,0 +1,113 @@
+"""The discord.py client: opens the studio in `setup_hook`, registers the persistent buttons and the
+commands, and closes the studio gracefully (drain, grace period) in `close`."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+
+import discord
+import yarl
+from discord.ext import commands
+
+from bot import policy
+from bot.account import account_commands
+from bot.commands import Gestures
+from bot.config import AppConfig
+from bot.discord_setup import intents, invite_url
+from bot.moderation import moderation_commands
+from bot.replies import Delivery
+from bot.studio import Studio
+from bot.views import CancelButton, JobButton
+from generation.engine import memory_budget
+from generation.pipeline import resolve_device
+
+log = logging.getLogger(__name__)
+
+
+class AtelierBot(commands.Bot):
+    """`await bot.start(token)`; `await bot.close()` shuts the studio down gracefully."""
+
+    def __init__(self, config: AppConfig, *, guild_ready_timeout: float = 2.0) -> None:
+        super().__init__(command_prefix=commands.when_mentioned, intents=intents(config.discord),
+                         help_command=None, guild_ready_timeout=guild_ready_timeout)
+        self.config = config
+        self._stack = contextlib.AsyncExitStack()
+        self.studio: Studio | None = None
+        self.gestures: Gestures | None = None
+        self._saved_urls: tuple[str, yarl.URL] | None = None
+
+    async def login(self, token: str) -> None:
+        """Point discord.py at `[discord] api_base` / `gateway_url` first: it keeps both URLs on
+        classes. With only `api_base`, the gateway URL comes from that server's GET /gateway/bot."""
+        settings = self.config.discord
+        self._saved_urls = discord.http.Route.BASE, discord.gateway.DiscordWebSocket.DEFAULT_GATEWAY
+        if settings.api_base is not None:
+            discord.http.Route.BASE = settings.api_base.rstrip("/")
+        await super().login(token)
+        gateway = settings.gateway_url
+        if gateway is None and settings.api_base is not None:
+            _, gateway, _ = await self.http.get_bot_gateway()
+        if gateway is not None:
+            discord.gateway.DiscordWebSocket.DEFAULT_GATEWAY = yarl.URL(gateway)
+
+    async def setup_hook(self) -> None:
+        config = self.config
+        devices = tuple(str(resolve_device(d)) for d in config.generation.devices)
+        budget = min(memory_budget(d) for d in devices)
+        studio = await self._stack.enter_async_context(
+            Studio.open(config, devices, budget, refusal=policy.refusal))
+        delivery = Delivery(self, studio.db, config.discord)
+        self.studio, self.gestures = studio, Gestures(self, studio, delivery)
+        self.add_dynamic_items(JobButton, CancelButton)
+        home = discord.Object(config.discord.guild_id) if config.discord.guild_id else None
+        for command in (
+            self.gestures.imagine_command(),
+            self.gestures.remix_menu(),
+            *moderation_commands(studio.db, studio.queue, config),
+            *account_commands(studio.db, studio.queue, config),
+        ):
+            self.tree.add_command(command, guild=home)
+        await self.tree.sync(guild=home)
+        studio.start(delivery)
+
+    async def on_ready(self) -> None:
+        log.info("logged in as %s; invite: %s", self.user, invite_url(self.application_id or 0))
+        print(f"Atelier is online as {self.user}. Invite it with:\n  {invite_url(self.application_id or 0)}",
+              flush=True)
+
+    async def on_message(self, message: discord.Message) -> None:
+        if self.gestures is not None:
+            await self.gestures.on_message(message)
+
+    async def close(self) -> None:
+        """Stop taking jobs, give the running batch its grace period, then disconnect."""
+        await self._stack.aclose()
+        await super().close()
+        if self._saved_urls is not None:
+            discord.http.Route.BASE, discord.gateway.DiscordWebSocket.DEFAULT_GATEWAY = self._saved_urls
+
+
+async def run_bot(config: AppConfig, token: str) -> None:
+    """Run until the connection ends for good or SIGTERM / Ctrl-C arrives, then shut down
+    gracefully: no new jobs, the running batch gets `[queue] shutdown_grace_s`, the rest is
+    persisted for the next start. Raises `discord.LoginFailure` for a refused token."""
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    bot = AtelierBot(config)
+    running = asyncio.create_task(bot.start(token), name="discord")
+    stopping = asyncio.create_task(stop.wait(), name="signals")
+    try:
+        await asyncio.wait([running, stopping], return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        stopping.cancel()
+        await bot.close()
+        await asyncio.wait([running], timeout=10)  # start() returns once the bot is closed
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(signum)
+    if running.done() and not running.cancelled():
+        running.result()  # a refused token or a connection that could not be made

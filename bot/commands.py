@@ -1,0 +1,465 @@
+"""The gestures users make and the requests they become: `/imagine`, a reply to an image that
+mentions the bot, the `Remix` context menu, and the result buttons.
+
+Every value is checked here on the bot's side (Discord's own option ranges can be bypassed), and
+every problem a user can cause is answered with what was wrong and what is allowed.
+
+No `from __future__ import annotations` here: discord.py reads the command signatures' annotations
+at definition time, and the option ranges come from the configuration.
+"""
+
+import asyncio
+import io
+import logging
+import math
+import re
+import secrets
+import time
+from dataclasses import dataclass
+from typing import Literal
+
+import discord
+from discord import app_commands
+from pydantic import ValidationError
+
+from bot.config import AppConfig
+from bot.policy import Requester, is_moderator
+from bot.replies import DEFAULT_UPLOAD_LIMIT, Delivery
+from bot.studio import Origin, Studio
+from bot.styles import STYLES
+from bot.views import Action, status_view
+from generation.engine import native_size
+from generation.images import ImageInputError, fit_size, load_image, split_alpha
+from generation.queue import Job, Refused
+from generation.request import MAX_SEED, SAMPLER_NAMES, GenerationRequest, Kind, round_to_multiple
+from generation.variations import variation_request
+from storage import jobs as stored
+from storage.images import ImageStatus, image_file, job_images, put_input
+
+log = logging.getLogger(__name__)
+
+ASPECTS = ("1:1", "2:3", "3:2", "3:4", "4:3", "9:16", "16:9")
+#: Longest prompt a user may type (styles add their own words around it).
+MAX_PROMPT = 1000
+#: Largest upload read, and largest decoded image, before anything is resized.
+MAX_INPUT_BYTES = 20 * 1024 * 1024
+MAX_INPUT_PIXELS = 4096 * 4096
+#: img2img strength when the user gives none.
+DEFAULT_STRENGTH = 0.6
+#: Flags a reply may carry, `--name value`; `--no` is the negative prompt.
+_FLAG = re.compile(r"(?:^|\s)--([a-z]+)(?=\s|$)")
+_FLAGS = {"no": "negative", "strength": "strength", "seed": "seed", "steps": "steps", "guidance": "guidance",
+          "cfg": "guidance", "sampler": "sampler", "model": "model", "count": "count", "ar": "aspect",
+          "aspect": "aspect", "style": "style"}
+
+
+class UserError(Exception):
+    """Something the user asked for cannot be done; the message says what and what is allowed."""
+
+
+@dataclass(frozen=True)
+class Options:
+    """What a user typed, before it is checked."""
+
+    prompt: str
+    negative: str = ""
+    count: int | None = None
+    aspect: str = "1:1"
+    steps: int | None = None
+    guidance: float | None = None
+    seed: int | None = None
+    sampler: str | None = None
+    model: str | None = None
+    style: str | None = None
+    strength: float | None = None
+
+
+def size_for(aspect: str, native: int) -> tuple[int, int]:
+    """Width and height of `aspect` with about the pixels of a native x native image, multiples of 64."""
+    if aspect not in ASPECTS:
+        raise UserError(f"unknown aspect {aspect!r}; allowed: {', '.join(ASPECTS)}")
+    a, b = (int(part) for part in aspect.split(":"))
+    return round_to_multiple(native * math.sqrt(a / b)), round_to_multiple(native * math.sqrt(b / a))
+
+
+def parse_flags(text: str) -> Options:
+    """`a castle --no fog --strength 0.5 --seed 3` -> Options; the prompt is the text before the
+    first flag."""
+    parts = _FLAG.split(text)
+    prompt, values = parts[0].strip(), {}
+    for name, value in zip(parts[1::2], parts[2::2], strict=True):
+        field = _FLAGS.get(name)
+        if field is None:
+            raise UserError(f"unknown flag --{name}; allowed: {', '.join('--' + f for f in _FLAGS)}")
+        values[field] = value.strip()
+    converters = {"strength": float, "seed": int, "steps": int, "guidance": float, "count": int}
+    typed: dict[str, object] = {}
+    for field, value in values.items():
+        try:
+            typed[field] = converters.get(field, str)(value)
+        except ValueError:
+            raise UserError(f"--{field} needs a number, not {value!r}") from None
+    return Options(prompt=prompt, **typed)
+
+
+def _check(name: str, value: float, low: float, high: float) -> None:
+    if not low <= value <= high:
+        raise UserError(f"{name} must be between {low:g} and {high:g}; you gave {value:g}")
+
+
+class Gestures:
+    """Turns gestures into jobs: builds and checks requests, submits them, and acknowledges."""
+
+    def __init__(self, client: discord.Client, studio: Studio, delivery: Delivery) -> None:
+        self._client = client
+        self._studio = studio
+        self._delivery = delivery
+        self._config: AppConfig = studio.config
+        #: Native side of each model, read from its file on first use.
+        self._native: dict[str, int] = {}
+
+    async def native_size(self, model: str) -> int:
+        if model not in self._native:
+            settings = next(m for m in self._config.models if m.name == model)
+            self._native[model] = await asyncio.to_thread(native_size, settings)
+        return self._native[model]
+
+    # -- requests --
+
+    async def request(self, options: Options, *, kind: Kind = Kind.TXT2IMG, size: tuple[int, int] | None = None,
+                init_image: str | None = None, mask_image: str | None = None) -> GenerationRequest:
+        """A checked request; `size` (an input image's) replaces the aspect's."""
+        g = self._config.generation
+        names = [m.name for m in self._config.models]
+        if not names:
+            raise UserError("no models are configured on this bot; ask its operator")
+        model = options.model or next((m.name for m in self._config.models if m.default), names[0])
+        if model not in names:
+            raise UserError(f"unknown model {model!r}; available: {', '.join(names)}")
+        prompt = options.prompt.strip()
+        if not prompt:
+            raise UserError("the prompt is empty; describe what to draw")
+        if len(prompt) > MAX_PROMPT:
+            raise UserError(f"the prompt is {len(prompt)} characters long; the most allowed is {MAX_PROMPT}")
+        negative = options.negative
+        if options.style is not None:
+            if options.style not in STYLES:
+                raise UserError(f"unknown style {options.style!r}; allowed: {', '.join(STYLES)}")
+            prompt, negative = STYLES[options.style].apply(prompt, negative)
+        sampler = options.sampler or g.default_sampler
+        if sampler not in SAMPLER_NAMES:
+            raise UserError(f"unknown sampler {sampler!r}; allowed: {', '.join(SAMPLER_NAMES)}")
+        count = g.default_count if options.count is None else options.count
+        steps = g.default_steps if options.steps is None else options.steps
+        guidance = g.default_guidance if options.guidance is None else options.guidance
+        _check("count", count, 1, g.max_count)
+        _check("steps", steps, 1, g.max_steps)
+        _check("guidance", guidance, 0, g.max_guidance)
+        seed = secrets.randbelow(MAX_SEED - count + 2) if options.seed is None else options.seed
+        _check("seed", seed, 0, MAX_SEED - count + 1)
+        strength = None
+        if kind is not Kind.TXT2IMG:
+            strength = DEFAULT_STRENGTH if options.strength is None else options.strength
+            _check("strength", strength, 0.01, 1.0)
+        width, height = size or size_for(options.aspect, await self.native_size(model))
+        try:
+            return GenerationRequest(
+                kind=kind, prompt=prompt, negative_prompt=negative, model=model, sampler=sampler, steps=steps,
+                guidance=guidance, seed=seed, width=width, height=height, count=count, init_image=init_image,
+                mask_image=mask_image, strength=strength)
+        except ValidationError as error:
+            raise UserError("; ".join(e["msg"] for e in error.errors())) from None
+
+    async def from_image(self, options: Options, source: bytes, mask: bytes | None) -> GenerationRequest:
+        """img2img of `source`; inpaint when a mask is given or the source has transparent pixels."""
+        g = self._config.generation
+        try:
+            image = load_image(source, MAX_INPUT_PIXELS)
+            rgb, alpha_mask = split_alpha(image)
+            mask_image = load_image(mask, MAX_INPUT_PIXELS, "mask") if mask is not None else alpha_mask
+        except ImageInputError as error:
+            raise UserError(str(error)) from None
+        width, height, _ = fit_size(*rgb.size, g.max_pixels, g.max_side)
+        init = await put_input(self._studio.db, _png(rgb))
+        mask_sha = await put_input(self._studio.db, _png(mask_image)) if mask_image is not None else None
+        kind = Kind.INPAINT if mask_sha is not None else Kind.IMG2IMG
+        return await self.request(options, kind=kind, size=(width, height), init_image=init, mask_image=mask_sha)
+
+    # -- submitting and acknowledging --
+
+    async def submit_interaction(self, interaction: discord.Interaction, request: GenerationRequest,
+                                 parent: tuple[str, int] | None = None) -> Job | None:
+        """Queue `request` for the interaction's user and answer with the status message."""
+        requester = Requester.of(interaction.user, interaction.channel)
+        origin = Origin(
+            channel_id=interaction.channel_id or 0, interaction_id=interaction.id,
+            interaction_token=interaction.token, token_expires_at=interaction.expires_at.timestamp(),
+            parent_job_id=parent[0] if parent else None, parent_index=parent[1] if parent else None)
+        try:
+            job = await self._studio.submit(request, requester, origin)
+        except Refused as refused:
+            await _say(interaction, str(refused))
+            return None
+        self._delivery.expect(job.id, requester.user_id, interaction.edit_original_response, interaction.filesize_limit)
+        text = self._delivery.queued_text(job.id, requester.user_id, self._studio.queue.estimates().get(job.id))
+        callback = await interaction.response.send_message(text, view=status_view(job.id))
+        self._delivery.acknowledged(job.id, text)
+        if callback.message_id is not None:
+            await stored.set_message(self._studio.db, job.id, callback.message_id)
+        return job
+
+    async def submit_message(self, message: discord.Message, request: GenerationRequest) -> Job | None:
+        """Queue `request` for the author of `message` and reply to it with the status message."""
+        requester = Requester.of(message.author, message.channel)
+        try:
+            job = await self._studio.submit(request, requester, Origin(channel_id=message.channel.id))
+        except Refused as refused:
+            await message.reply(str(refused), mention_author=False)
+            return None
+        holder: list[discord.Message] = []
+
+        async def edit(**fields: object) -> None:
+            await holder[0].edit(**fields)
+
+        limit = message.guild.filesize_limit if message.guild else DEFAULT_UPLOAD_LIMIT
+        self._delivery.expect(job.id, requester.user_id, edit, limit)
+        text = self._delivery.queued_text(job.id, requester.user_id, self._studio.queue.estimates().get(job.id))
+        holder.append(await message.reply(text, view=status_view(job.id), mention_author=False))
+        self._delivery.acknowledged(job.id, text)
+        await stored.set_message(self._studio.db, job.id, holder[0].id)
+        return job
+
+    # -- /imagine --
+
+    def imagine_command(self) -> app_commands.Command:
+        g = self._config.generation
+        models = [m.name for m in self._config.models]
+
+        @app_commands.command(name="imagine", description="Draw images from a prompt")
+        @app_commands.describe(
+            prompt="What to draw", negative="What to keep out of the image", count="How many images",
+            aspect="Width:height", steps="Denoising steps (more: slower, finer)", guidance="How closely to follow "
+            "the prompt", seed="Start from this seed (same seed, same image)", sampler="Sampling method",
+            model="Checkpoint", style="A style preset", image="An image to start from (img2img)",
+            mask="White where the image should be repainted (inpaint)", strength="How much of the image to "
+            "change, 0.01-1 (img2img)")
+        @app_commands.choices(
+            aspect=[app_commands.Choice(name=a, value=a) for a in ASPECTS],
+            sampler=[app_commands.Choice(name=s, value=s) for s in SAMPLER_NAMES],
+            style=[app_commands.Choice(name=s.label, value=key) for key, s in STYLES.items()])
+        async def imagine(
+            interaction: discord.Interaction,
+            prompt: app_commands.Range[str, 1, MAX_PROMPT],
+            negative: app_commands.Range[str, 1, MAX_PROMPT] | None = None,
+            count: app_commands.Range[int, 1, g.max_count] | None = None,
+            aspect: str = "1:1",
+            steps: app_commands.Range[int, 1, g.max_steps] | None = None,
+            guidance: app_commands.Range[float, 0.0, g.max_guidance] | None = None,
+            seed: app_commands.Range[int, 0, MAX_SEED] | None = None,
+            sampler: str | None = None,
+            model: str | None = None,
+            style: str | None = None,
+            image: discord.Attachment | None = None,
+            mask: discord.Attachment | None = None,
+            strength: app_commands.Range[float, 0.01, 1.0] | None = None,
+        ) -> None:
+            if (missing := _missing_permissions(interaction)) is not None:
+                await _say(interaction, missing)
+                return
+            options = Options(prompt, negative or "", count, aspect, steps, guidance, seed, sampler, model, style,
+                              strength)
+            try:
+                if mask is not None and image is None:
+                    raise UserError("a mask needs an image to repaint: add the image option too")
+                if image is None:
+                    request = await self.request(options)
+                else:
+                    source = await _read(image, "image")
+                    request = await self.from_image(options, source, await _read(mask, "mask") if mask else None)
+            except UserError as error:
+                await _say(interaction, str(error))
+                return
+            await self.submit_interaction(interaction, request)
+
+        @imagine.autocomplete("model")
+        async def complete_model(interaction: discord.Interaction, current: str) -> list[app_commands.Choice[str]]:
+            return [app_commands.Choice(name=m, value=m) for m in models if current.lower() in m.lower()][:25]
+
+        return imagine
+
+    # -- reply to an image, and Remix --
+
+    async def on_message(self, message: discord.Message) -> None:
+        """A reply that mentions the bot: img2img (or inpaint) of the replied-to image."""
+        me = self._client.user
+        if message.author.bot or me is None or me not in message.mentions:
+            return
+        if message.reference is None or message.reference.message_id is None:
+            await message.reply("Reply to a message with an image and mention me with a prompt, e.g. "
+                                f"`{me.mention} a watercolour city --strength 0.5`.", mention_author=False)
+            return
+        try:
+            target = message.reference.resolved
+            if not isinstance(target, discord.Message):
+                target = await message.channel.fetch_message(message.reference.message_id)
+            source = _first_image(target)
+            if source is None:
+                raise UserError("the message you replied to has no image; reply to a message with a PNG, JPEG or "
+                                "WebP image")
+            text = re.sub(rf"<@!?{me.id}>", "", message.content)
+            options = parse_flags(text)
+            mask = _first_image(message)
+            request = await self.from_image(options, await _read(source, "image"),
+                                            await _read(mask, "mask") if mask else None)
+        except UserError as error:
+            await message.reply(str(error), mention_author=False)
+            return
+        except discord.HTTPException:
+            await message.reply("I could not read the message you replied to; do I have Read Message History "
+                                "there?", mention_author=False)
+            return
+        await self.submit_message(message, request)
+
+    def remix_menu(self) -> app_commands.ContextMenu:
+        async def remix(interaction: discord.Interaction, message: discord.Message) -> None:
+            source = _first_image(message)
+            if source is None:
+                await _say(interaction, "That message has no image to remix; use Remix on a message with an image.")
+                return
+            await interaction.response.send_modal(RemixModal(self, source))
+
+        return app_commands.ContextMenu(name="Remix", callback=remix)
+
+    # -- buttons --
+
+    async def press(self, interaction: discord.Interaction, action: Action, job_id: str, index: int) -> None:
+        db = self._studio.db
+        job = await stored.get_job(db, job_id)
+        if job is None:
+            await _say(interaction, f"Job `{job_id}` no longer exists (it was deleted), so its buttons no longer "
+                                    "work. Start again with /imagine.")
+            return
+        images = await job_images(db, job_id)
+        if index >= len(images):
+            await _say(interaction, f"Job `{job_id}` has no image {index + 1}.")
+            return
+        if any(image.status is not ImageStatus.OK for image in images):
+            await _say(interaction, f"The images of job `{job_id}` have expired and are no longer stored, so its "
+                                    "buttons no longer work. Start again with /imagine.")
+            return
+        source = job.request
+        try:
+            if action == "rerun":
+                request = source.model_copy(update={"seed": secrets.randbelow(MAX_SEED - source.count + 2)})
+            else:
+                image = images[index]
+                sha = await put_input(db, image_file(db, image).read_bytes())
+                request = self._derived(action, source, sha, (image.width, image.height))
+        except (UserError, ImageInputError) as error:
+            await _say(interaction, str(error))
+            return
+        await self.submit_interaction(interaction, request, parent=(job_id, index))
+
+    def _derived(self, action: Action, source: GenerationRequest, sha: str, size: tuple[int, int]) -> GenerationRequest:
+        """The request a button makes from one result image (stored as input `sha`, `size` pixels)."""
+        g = self._config.generation
+        seed = secrets.randbelow(MAX_SEED - source.count + 2)
+        width, height = size
+        count = 1 if action == "upscale" else source.count
+        base = source.model_copy(update={"width": width, "height": height, "count": count})
+        if action in ("vary", "subtle", "strong"):
+            amount: Literal["subtle", "strong"] = "subtle" if action == "subtle" else "strong"
+            return variation_request(base, sha, amount, seed, g)
+        common = dict(init_image=sha, mask_image=None, seed=seed, variation_seed=None, variation_strength=0.0)
+        if action == "upscale":
+            changes = dict(kind=Kind.UPSCALE, strength=g.hires_strength, **common)
+        else:  # zoom out: extend every side by a quarter of the shorter one
+            pixels = max(8, min(width, height) // 4 // 8 * 8)
+            changes = dict(kind=Kind.OUTPAINT, strength=1.0, outpaint_directions=("left", "right", "up", "down"),
+                           outpaint_pixels=pixels, width=width + 2 * pixels, height=height + 2 * pixels, **common)
+        try:
+            return GenerationRequest.model_validate(base.model_dump() | changes)
+        except ValidationError as error:
+            raise UserError("; ".join(e["msg"] for e in error.errors())) from None
+
+    async def cancel(self, interaction: discord.Interaction, job_id: str) -> None:
+        requester = Requester.of(interaction.user, interaction.channel)
+        moderator = is_moderator(requester, self._config.discord)
+        try:
+            job = await self._studio.cancel(job_id, by=requester.user_id, moderator=moderator)
+        except Refused as refused:
+            await _say(interaction, str(refused))
+            return
+        done = "cancelled" if job.state.value == "cancelled" else "stops at its next step"
+        await _say(interaction, f"Job `{job_id}` {done}.")
+
+
+class RemixModal(discord.ui.Modal, title="Remix"):
+    """Prompt, negative prompt and strength for an img2img (or inpaint) of a message's image."""
+
+    prompt = discord.ui.TextInput(label="Prompt", custom_id="prompt", max_length=MAX_PROMPT)
+    negative = discord.ui.TextInput(label="Negative prompt", custom_id="negative", required=False,
+                                    max_length=MAX_PROMPT)
+    strength = discord.ui.TextInput(label="Strength (0.01-1: how much to change)", custom_id="strength",
+                                    required=False, default=str(DEFAULT_STRENGTH), max_length=5)
+
+    def __init__(self, gestures: Gestures, source: discord.Attachment) -> None:
+        super().__init__(custom_id=f"atelier:v1:remix:{int(time.time())}")
+        self._gestures = gestures
+        self._source = source
+
+    async def on_submit(self, interaction: discord.Interaction) -> None:
+        try:
+            try:
+                strength = float(self.strength.value) if self.strength.value else None
+            except ValueError:
+                raise UserError(f"strength must be a number between 0.01 and 1, not {self.strength.value!r}") from None
+            options = Options(prompt=self.prompt.value, negative=self.negative.value, strength=strength)
+            request = await self._gestures.from_image(options, await _read(self._source, "image"), None)
+        except UserError as error:
+            await _say(interaction, str(error))
+            return
+        await self._gestures.submit_interaction(interaction, request)
+
+
+def _first_image(message: discord.Message) -> discord.Attachment | None:
+    return next((a for a in message.attachments if (a.content_type or "").startswith("image/")
+                 or a.filename.lower().endswith((".png", ".jpg", ".jpeg", ".webp"))), None)
+
+
+async def _read(attachment: discord.Attachment, what: str) -> bytes:
+    """The attachment's bytes, from the URL the API server gave (no host is hard-coded)."""
+    if attachment.size > MAX_INPUT_BYTES:
+        raise UserError(f"the {what} is {attachment.size / 2**20:.1f} MB; the most allowed is "
+                        f"{MAX_INPUT_BYTES // 2**20} MB")
+    try:
+        return await attachment.read()
+    except discord.HTTPException as error:
+        raise UserError(f"I could not download the {what} ({error.status}); try uploading it again") from None
+
+
+def _png(image: object) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")  # type: ignore[attr-defined]
+    return buffer.getvalue()
+
+
+def _missing_permissions(interaction: discord.Interaction) -> str | None:
+    """Why results could not be posted in this channel, if they could not."""
+    if interaction.guild is None:
+        return None
+    have = interaction.app_permissions
+    missing = [name for name, ok in (("View Channel", have.view_channel), ("Send Messages", have.send_messages),
+                                     ("Attach Files", have.attach_files)) if not ok]
+    if not missing:
+        return None
+    return (f"I cannot post in this channel: I am missing {', '.join(missing)}. Ask a moderator to allow it, or use "
+            "me in another channel.")
+
+
+async def _say(interaction: discord.Interaction, text: str) -> None:
+    """An ephemeral answer, as the response or as a followup when the response was already sent."""
+    if interaction.response.is_done():
+        await interaction.followup.send(text, ephemeral=True)
+    else:
+        await interaction.response.send_message(text, ephemeral=True)

@@ -1,0 +1,348 @@
+"""The whole bot end to end: the real discord.py client (AtelierBot) against the loopback Discord
+server, with the real studio, a SQLite file and a tiny checkpoint on the CPU.
+
+Sizes: the tiny checkpoint's VAE halves (not eighths) the image, so its native side is 128 and
+/imagine's 1:1 is 128x128; few steps keep every generation well under a second."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import discord
+import pytest
+import torch
+from PIL import Image
+
+from bot.client import AtelierBot
+from bot.config import AppConfig, DiscordSettings
+from generation.request import Kind
+from generation.settings import GenerationSettings, ModelSettings, QueueSettings
+from storage import jobs as stored
+from storage.moderation import ban
+from storage.settings import StorageSettings
+from tests.discord_server import Action, Channel, DiscordServer, Guild, Interaction, Message, Upload, User
+from tests.fixtures.checkpoints import TinyCheckpoints, tiny_checkpoints  # noqa: F401
+
+TIMEOUT = 60.0
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread() -> Iterator[None]:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@dataclass
+class World:
+    server: DiscordServer
+    config: AppConfig
+    guild: Guild
+    channel: Channel
+    alice: User
+    bob: User
+    carol: User
+    mod: User
+
+
+def make_config(server: DiscordServer, data: Path, checkpoints: TinyCheckpoints, guild: Guild, **queue: object) -> AppConfig:
+    path, yaml_path = checkpoints.get("sd1")
+    return AppConfig(
+        discord=DiscordSettings(api_base=f"{server.url}/api/v10", guild_id=guild.id, progress_interval_s=0.5),
+        generation=GenerationSettings(device="cpu", dtype="float32", default_steps=2, max_steps=10,
+                                      default_count=1, default_sampler="euler"),
+        models=(ModelSettings(name="tiny", checkpoint=path, config=yaml_path),),
+        queue=QueueSettings(shutdown_grace_s=0.0, **queue),
+        storage=StorageSettings(data_dir=data),
+    )
+
+
+@pytest.fixture
+async def world(request: pytest.FixtureRequest, tmp_path: Path, tiny_checkpoints: TinyCheckpoints  # noqa: F811
+                ) -> AsyncIterator[World]:
+    async with DiscordServer(**getattr(request, "param", {})) as server:
+        guild = await server.create_guild("studio")
+        channel = await server.create_channel(guild, "art")
+        users = [server.create_user(name) for name in ("alice", "bob", "carol", "mod")]
+        moderators = await server.create_role(guild, "moderators",
+                                              permissions=discord.Permissions(manage_guild=True).value)
+        for user in users[:3]:
+            await server.add_member(guild, user)
+        await server.add_member(guild, users[3], roles=[moderators])
+        config = make_config(server, tmp_path / "data", tiny_checkpoints, guild)
+        yield World(server, config, guild, channel, *users)
+        assert server.log.server_errors == []
+
+
+@asynccontextmanager
+async def running(config: AppConfig, server: DiscordServer) -> AsyncIterator[AtelierBot]:
+    bot = AtelierBot(config, guild_ready_timeout=0.05)
+    connection = None
+    try:
+        await bot.login(server.token)
+        connection = asyncio.create_task(bot.connect(reconnect=False))
+        await asyncio.wait_for(bot.wait_until_ready(), 15)
+        yield bot
+    finally:
+        await bot.close()
+        if connection is not None:
+            await connection
+
+
+def message_for(interaction: Interaction, *, files: bool) -> Callable[[Action], bool]:
+    def predicate(action: Action) -> bool:
+        return (action.kind == "message" and action.interaction is interaction
+                and bool(action.message.attachments) == files)
+
+    return predicate
+
+
+def png_info(data: bytes) -> tuple[tuple[int, int], str]:
+    with Image.open(io.BytesIO(data)) as image:
+        return image.size, image.info.get("parameters", "")
+
+
+def labels(message: Message) -> list[str]:
+    return [b.get("label") or b.get("emoji", {}).get("name") for b in message.buttons()]
+
+
+def png_upload(name: str) -> Upload:
+    buffer = io.BytesIO()
+    Image.new("RGB", (64, 64), (40, 90, 160)).save(buffer, format="PNG")
+    return Upload(name, buffer.getvalue())
+
+
+async def test_imagine_acknowledges_shows_progress_and_delivers_images_with_buttons(world: World) -> None:
+    server = world.server
+    async with running(world.config, server):
+        synced = {(c["name"], c["type"]) for c in server.commands(world.guild)}
+        assert {("imagine", 1), ("Remix", 3)} <= synced
+        imagine = next(c for c in server.commands(world.guild) if c["name"] == "imagine")
+        options = {o["name"]: o for o in imagine["options"]}
+        assert [c["value"] for c in options["aspect"]["choices"]] == ["1:1", "2:3", "3:2", "3:4", "4:3", "9:16", "16:9"]
+        assert options["steps"]["max_value"] == 10 and options["count"]["max_value"] == 4
+        assert options["model"]["autocomplete"] and options["image"]["type"] == 11
+        assert [c["value"] for c in await server.autocomplete(world.alice, world.channel, "imagine",
+                                                              {"prompt": "x", "model": "ti"}, "model")] == ["tiny"]
+
+        asked = await server.slash(world.alice, world.channel, "imagine",
+                                   {"prompt": "a lighthouse", "count": 2, "steps": 3, "seed": 11})
+        ack = (await server.wait_for(lambda a: a.interaction is asked and a.kind == "message")).message
+        assert asked.callback_types == [4] and f"<@{world.alice.id}>" in ack.content
+        assert "position 1" in ack.content or "starting" in ack.content
+        assert [b["custom_id"].split(":")[2] for b in ack.buttons()] == ["cancel"]
+
+        result = (await server.wait_for(message_for(asked, files=True), TIMEOUT)).message
+        job_id = result.buttons()[0]["custom_id"].split(":")[3]
+        assert f"<@{world.alice.id}>" in result.content and "a lighthouse" in result.content
+        assert [a.filename for a in result.attachments] == [f"{job_id}-1.png", f"{job_id}-2.png"]
+        for attachment, seed in zip(result.attachments, (11, 12), strict=True):
+            size, parameters = png_info(attachment.data)
+            assert size == (128, 128) and parameters.startswith("a lighthouse\nSteps: 3, Sampler: Euler")
+            assert f"Seed: {seed}," in parameters
+        assert labels(result) == ["U1", "U2", "V1", "V2", "🔄"]
+        assert [b["custom_id"] for b in result.buttons()][:2] == [f"atelier:v1:upscale:{job_id}:0",
+                                                                   f"atelier:v1:upscale:{job_id}:1"]
+        edits = [a.content for a in server.responses(asked) if a.kind == "edit"]
+        assert any("being drawn" in text for text in edits)
+        await server.wait_for(lambda a: a.kind == "edit" and a.message is ack and "finished" in a.content)
+        assert ack.buttons() == []  # the Cancel button is gone
+
+
+async def test_buttons_rerun_vary_upscale_work_after_a_restart_and_expired_jobs_say_so(world: World) -> None:
+    server, config = world.server, world.config
+    async with running(config, server):
+        asked = await server.slash(world.alice, world.channel, "imagine", {"prompt": "a fox", "seed": 5})
+        first = (await server.wait_for(message_for(asked, files=True), TIMEOUT)).message
+        job_id = first.buttons()[0]["custom_id"].split(":")[3]
+
+        rerun = await server.press_button(world.bob, first, f"atelier:v1:rerun:{job_id}:0")
+        again = (await server.wait_for(message_for(rerun, files=True), TIMEOUT)).message
+        assert f"<@{world.bob.id}>" in again.content
+        assert png_info(again.attachments[0].data)[1] != png_info(first.attachments[0].data)[1]  # a new seed
+
+    async with running(config, server) as bot:  # a new process: only the custom ids and the database remain
+        vary = await server.press_button(world.carol, first, f"atelier:v1:vary:{job_id}:0")
+        varied = (await server.wait_for(message_for(vary, files=True), TIMEOUT)).message
+        assert f"<@{world.carol.id}>" in varied.content and "variation" in varied.content
+
+        upscale = await server.press_button(world.alice, first, f"atelier:v1:upscale:{job_id}:0")
+        upscaled = (await server.wait_for(message_for(upscale, files=True), TIMEOUT)).message
+        assert png_info(upscaled.attachments[0].data)[0] == (256, 256)
+        assert labels(upscaled) == ["Vary (Subtle)", "Vary (Strong)", "Zoom Out", "🔄"]
+        children = (await stored.job_detail(bot.studio.db, job_id)).children
+        assert sorted(c.request.kind for c in children) == [Kind.TXT2IMG, Kind.UPSCALE, Kind.VARIATION]
+        assert {c.owner_id for c in children} == {world.alice.id, world.bob.id, world.carol.id}
+
+        async with bot.studio.db.writing() as connection:  # retention expired the first job's images
+            await connection.execute("UPDATE images SET status = 'expired' WHERE job_id = ?", (job_id,))
+        late = await server.press_button(world.bob, first, f"atelier:v1:vary:{job_id}:0")
+        answer = (await server.wait_for(lambda a: a.interaction is late and a.kind == "message")).message
+        assert answer.ephemeral and "expired" in answer.content
+
+
+@pytest.mark.parametrize("world", [{"upload_limit": 12_000}], indirect=True)
+async def test_expired_token_falls_back_to_a_channel_reply_and_large_files_are_reencoded(world: World) -> None:
+    server = world.server
+    async with running(world.config, server) as bot:
+        bot.studio.queue.pause()
+        asked = await server.slash(world.alice, world.channel, "imagine", {"prompt": "a storm at sea", "count": 2})
+        ack = (await server.wait_for(lambda a: a.interaction is asked and a.kind == "message")).message
+        server.expire_token(asked)
+        bot.studio.queue.resume()
+
+        result = (await server.wait_for(lambda a: a.kind == "message" and bool(a.message.attachments)
+                                        and a.interaction is None, TIMEOUT)).message
+        assert result.reference is ack and f"<@{world.alice.id}>" in result.content
+        assert world.alice in result.mentions
+        assert all(len(a.data) <= 12_000 for a in result.attachments) and len(result.attachments) == 2
+        assert all(a.filename.endswith((".webp", ".jpg")) for a in result.attachments)
+        assert result.content.count("to fit the upload limit") == 2
+
+
+async def test_missing_permissions_bad_inputs_and_bans_get_clear_answers(world: World) -> None:
+    server = world.server
+    closed = await server.create_channel(world.guild, "closed")
+    await server.refuse_bot_messages(closed)
+    async with running(world.config, server) as bot:
+        async def answer(user: User, channel: Channel, options: dict) -> Message:
+            asked = await server.slash(user, channel, "imagine", options)
+            found = await server.wait_for(lambda a: a.interaction is asked and a.kind == "message")
+            assert found.message.ephemeral
+            return found.message
+
+        assert "I cannot post in this channel" in (await answer(world.alice, closed, {"prompt": "x"})).content
+        text = (await answer(world.alice, world.channel, {"prompt": "x", "image": Upload("a.png", b"not an image")}))
+        assert "not a PNG, JPEG or WebP" in text.content
+        mask_only = await answer(world.alice, world.channel, {"prompt": "x", "mask": png_upload("m.png")})
+        assert "a mask needs an image" in mask_only.content
+        unknown = await answer(world.alice, world.channel, {"prompt": "x", "model": "sdxl"})
+        assert "unknown model 'sdxl'; available: tiny" in unknown.content
+
+        await ban(bot.studio.db, actor_id=world.mod.id, guild_id=world.guild.id, user_id=world.bob.id, reason="spam")
+        banned = await answer(world.bob, world.channel, {"prompt": "a cat"})
+        assert "banned" in banned.content and "spam" in banned.content
+
+        plain = await server.post_message(world.alice, world.channel, "no picture here")
+        reply = await server.post_message(world.bob, world.channel, f"{server.bot.mention} a cat", reference=plain)
+        said = await server.wait_for(lambda a: a.kind == "message" and a.message.reference is reply)
+        assert "has no image" in said.message.content
+        assert await bot.studio.db.fetch_all("SELECT id FROM jobs") == []  # nothing was queued
+
+
+async def test_reply_to_an_image_and_remix_run_img2img_and_inpaint(world: World) -> None:
+    server = world.server
+    async with running(world.config, server):
+        picture = await server.post_message(world.alice, world.channel, "my photo",
+                                            attachments=[png_upload("photo.png")])
+        reply = await server.post_message(world.bob, world.channel,
+                                          f"{server.bot.mention} a watercolour --strength 0.5 --seed 3 --no text",
+                                          reference=picture)
+        status = await server.wait_for(lambda a: a.kind == "message" and a.message.reference is reply)
+        result = (await server.wait_for(lambda a: a.kind == "message" and a.message.reference is reply
+                                        and bool(a.message.attachments), TIMEOUT)).message
+        assert "queued" in status.content or "starting" in status.content
+        size, parameters = png_info(result.attachments[0].data)
+        assert size == (64, 64) and f"<@{world.bob.id}>" in result.content and "img2img" in result.content
+        assert "Negative prompt: text" in parameters and "Seed: 3," in parameters
+        assert "Denoising strength: 0.5" in parameters
+
+        holed = await server.post_message(world.alice, world.channel, "with a hole",
+                                          attachments=[Upload("hole.png", _with_transparent_corner())])
+        menu = await server.context_menu(world.carol, holed, "Remix")
+        await server.wait_for(lambda a: a.interaction is menu and a.callback_type == 9)
+        submitted = await server.submit_modal(world.carol, menu, {"prompt": "a window", "strength": "0.8"})
+        remixed = (await server.wait_for(message_for(submitted, files=True), TIMEOUT)).message
+        assert "inpaint" in remixed.content and f"<@{world.carol.id}>" in remixed.content
+
+
+def _with_transparent_corner() -> bytes:
+    """An opaque 64x64 PNG whose top-left quarter is transparent: an inpaint mask for Remix."""
+    rgba = Image.new("RGBA", (64, 64), (200, 150, 60, 255))
+    rgba.paste((0, 0, 0, 0), (0, 0, 32, 32))
+    buffer = io.BytesIO()
+    rgba.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+async def test_three_users_are_interleaved_fairly(world: World, tiny_checkpoints: TinyCheckpoints  # noqa: F811
+                                                  ) -> None:
+    server = world.server
+    config = world.config.model_copy(update={"queue": QueueSettings(shutdown_grace_s=0.0, max_batch_images=1)})
+    async with running(config, server) as bot:
+        bot.studio.queue.pause()
+        asked = []
+        for user, count in ((world.alice, 3), (world.bob, 1), (world.carol, 1)):
+            for _ in range(count):
+                asked.append((user, await server.slash(user, world.channel, "imagine", {"prompt": "a tree", "steps": 1})))
+                await server.wait_for(lambda a, i=asked[-1][1]: a.interaction is i and a.kind == "message")
+        bot.studio.queue.resume()
+        owners = []
+        for _ in asked:
+            action = await server.wait_for(
+                lambda a: a.kind == "message" and bool(a.message.attachments)
+                and a.message.id not in [m.id for m in owners], TIMEOUT)
+            owners.append(action.message)
+        order = [next(u.name for u, i in asked if i is m.interaction) for m in owners]
+        assert order == ["alice", "bob", "carol", "alice", "alice"]
+
+
+def test_atelier_run_serves_imagine_and_stops_gracefully_on_sigterm(tmp_path: Path,
+                                                                     tiny_checkpoints: TinyCheckpoints  # noqa: F811
+                                                                     ) -> None:
+    asyncio.run(_atelier_run(tmp_path, tiny_checkpoints))
+
+
+async def _atelier_run(tmp_path: Path, checkpoints: TinyCheckpoints) -> None:
+    async with DiscordServer() as server:
+        guild = await server.create_guild("studio")
+        channel = await server.create_channel(guild, "art")
+        alice = server.create_user("alice")
+        await server.add_member(guild, alice)
+        path, yaml_path = checkpoints.get("sd1")
+        config = tmp_path / "config.toml"
+        config.write_text(f"""
+[discord]
+api_base = "{server.url}/api/v10"
+guild_id = {guild.id}
+[generation]
+device = "cpu"
+default_steps = 2
+default_count = 1
+[[models]]
+name = "tiny"
+checkpoint = "{path}"
+config = "{yaml_path}"
+[queue]
+shutdown_grace_s = 5.0
+[storage]
+data_dir = "data"
+""")
+        env = os.environ | {"DISCORD_TOKEN": server.token, "OMP_NUM_THREADS": "1"}
+        process = await asyncio.create_subprocess_exec(
+            sys.executable, "-c", "from bot.cli import main; raise SystemExit(main())", "run", "--config", str(config),
+            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=Path(__file__).parent.parent)
+        try:
+            await server.wait_for_bot(TIMEOUT)
+            await asyncio.sleep(1.0)  # commands are synced after the gateway connects
+            asked = await server.slash(alice, channel, "imagine", {"prompt": "a lighthouse", "seed": 2})
+            result = (await server.wait_for(message_for(asked, files=True), TIMEOUT)).message
+            assert "Seed: 2," in png_info(result.attachments[0].data)[1]
+            process.send_signal(signal.SIGTERM)
+            output, _ = await asyncio.wait_for(process.communicate(), TIMEOUT)
+        finally:
+            if process.returncode is None:
+                process.kill()
+                await process.wait()
+        assert process.returncode == 0, output.decode()
+        assert b"Invite it with" in output
