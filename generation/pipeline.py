@@ -77,8 +77,9 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
 def load_model(settings: ModelSettings, device: torch.device, dtype: torch.dtype) -> LoadedModel:
     """Load the checkpoint of `settings` onto `device`. The VAE stays float32: SD's VAE overflows
     float16 on some images and decodes them black."""
-    network = load_checkpoint(settings.checkpoint, settings.config, settings.prediction, device, dtype)
-    network.first_stage_model.float()
+    network = load_checkpoint(
+        settings.checkpoint, settings.config, settings.prediction, device, dtype, vae_dtype=torch.float32
+    )
     if device.type == "cuda":
         network.model.to(memory_format=torch.channels_last)
     family = network.family
