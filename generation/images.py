@@ -58,11 +58,13 @@ def split_alpha(image: Image.Image) -> tuple[Image.Image, Image.Image | None]:
 def fit_size(
     width: int, height: int, max_pixels: int, max_side: int, multiple: int = 64
 ) -> tuple[int, int, list[str]]:
-    """A working size for an image of width x height: the same aspect ratio, each side a multiple
-    of `multiple`, within max_pixels and max_side (scaled down when over; a note says so)."""
+    """A working size for an image of width x height: the same aspect ratio, each side rounded to
+    the nearest multiple of `multiple` (down where nearest would break a limit), within max_pixels
+    and max_side (scaled down when over; a note says so)."""
     scale = min(1.0, math.sqrt(max_pixels / (width * height)), max_side / max(width, height))
-    w = max(multiple, int(width * scale) // multiple * multiple)
-    h = max(multiple, int(height * scale) // multiple * multiple)
+    w, h = (max(multiple, round(side * scale / multiple) * multiple) for side in (width, height))
+    if w * h > max_pixels or max(w, h) > max_side:
+        w, h = (max(multiple, int(side * scale) // multiple * multiple) for side in (width, height))
     notes = []
     if scale < 1.0:
         notes.append(f"the image is {width}x{height}, over the limit ({max_pixels} pixels, {max_side} a side): "

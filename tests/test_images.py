@@ -83,7 +83,9 @@ def test_exif_orientation_is_applied() -> None:
 
 
 def test_sizes_are_rounded_and_shrunk_with_a_note() -> None:
-    assert fit_size(500, 300, max_pixels=1 << 20, max_side=2048) == (448, 256, [])
+    assert fit_size(500, 300, max_pixels=1 << 20, max_side=2048) == (512, 320, [])
+    # Within the limit as it is, but the nearest multiples (1024x1024) are not: rounded down instead.
+    assert fit_size(1000, 1040, max_pixels=1_040_000, max_side=2048) == (960, 1024, [])
     width, height, notes = fit_size(4000, 3000, max_pixels=1 << 20, max_side=2048)
     assert width * height <= 1 << 20 and width % 64 == height % 64 == 0
     assert abs(width / height - 4 / 3) < 0.1

@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import hashlib
 import io
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
+from bot.cli import main
 from generation.images import ImageInputError
 from generation.img2img import img2img
 from generation.pipeline import (
@@ -160,3 +162,27 @@ def test_missing_strength_is_a_clear_error(sd1: LoadedModel) -> None:
         img2img(sd1, [req], store.__getitem__)
     with pytest.raises(ValueError, match="less than or equal to 1"):
         request(strength=1.5)
+
+
+def test_generate_command_img2img_end_to_end(
+    tiny_checkpoints: TinyCheckpoints, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    checkpoint, _ = tiny_checkpoints.get("sd1")
+    picture(5, (100, 70)).save(tmp_path / "in.png")
+    common = ["generate", "--checkpoint", str(checkpoint), "--prompt", "a red fox", "--steps", "2", "--sampler",
+              "ddim", "--seed", "3", "--device", "cpu", "--config", "/dev/null", "--init-image", str(tmp_path / "in.png")]
+    assert main([*common, "--strength", "0.5", "--out", str(tmp_path / "a.png")]) == 0
+    assert main([*common, "--strength", "0.5", "--out", str(tmp_path / "b.png")]) == 0
+    out = Image.open(tmp_path / "a.png")
+    assert out.size == (128, 64)  # no size given: the image's own, rounded to multiples of 64
+    assert "Denoising strength: 0.5" in out.info["parameters"]
+    assert (tmp_path / "a.png").read_bytes() == (tmp_path / "b.png").read_bytes()
+    capsys.readouterr()
+    assert main([*common, "--strength", "1.5", "--out", str(tmp_path / "c.png")]) == 2
+    assert "--strength: Input should be less than or equal to 1 (got 1.5)" in capsys.readouterr().err
+    assert main([*common, "--out", str(tmp_path / "c.png")]) == 2
+    assert "--init-image without --mask needs --strength in (0, 1]" in capsys.readouterr().err
+    (tmp_path / "bad.png").write_bytes(b"not an image")
+    assert main([*common[:-1], str(tmp_path / "bad.png"), "--strength", "0.5", "--out", str(tmp_path / "c.png")]) == 2
+    assert "the image is not a PNG, JPEG or WebP image" in capsys.readouterr().err
+    assert not (tmp_path / "c.png").exists()

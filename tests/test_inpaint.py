@@ -4,12 +4,15 @@ bad masks."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 from PIL import Image, ImageFilter
 
+from bot.cli import main
 from generation.images import ImageInputError
 from generation.inpaint import NO_MASK, inpaint, repaint_latents
 from generation.pipeline import LoadedModel, encode_conditioning, run_batch
@@ -145,3 +148,22 @@ def test_masks_that_leave_nothing_to_do_are_refused(sd1: LoadedModel) -> None:
     with pytest.raises(ImageInputError) as error:
         inpaint(sd1, [make_request(init_image=source, mask_image=None)], store.__getitem__)
     assert str(error.value) == NO_MASK
+
+
+def test_generate_command_inpaint_end_to_end(
+    tiny_checkpoints: TinyCheckpoints, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    checkpoint, _ = tiny_checkpoints.get("sd1-inpaint")
+    source = picture(17)
+    source.save(tmp_path / "in.png")
+    box_mask((8, 8, 24, 24), size=(32, 32)).save(tmp_path / "mask.png")  # half size: resized, said so
+    args = ["generate", "--checkpoint", str(checkpoint), "--prompt", "a cat", "--steps", "2", "--seed", "1",
+            "--device", "cpu", "--config", "/dev/null", "--init-image", str(tmp_path / "in.png"),
+            "--mask", str(tmp_path / "mask.png"), "--mask-blur", "2", "--out", str(tmp_path / "out.png")]
+    assert main(args) == 0
+    assert "note: the mask is 32x32 but the image is 64x64: the mask was resized to fit" in capsys.readouterr().err
+    assert_unchanged_outside(Image.open(tmp_path / "out.png"), source, box_mask((16, 16, 48, 48)), 2)
+    Image.new("L", (64, 64), 0).save(tmp_path / "black.png")
+    args[args.index(str(tmp_path / "mask.png"))] = str(tmp_path / "black.png")
+    assert main(args) == 2
+    assert "the mask is all black, so there is nothing to repaint" in capsys.readouterr().err
