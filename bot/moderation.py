@@ -9,7 +9,6 @@ only and every change leaves an audit row through storage. Answers are ephemeral
 
 from __future__ import annotations
 
-import json
 import logging
 import re
 from collections.abc import Mapping
@@ -25,7 +24,7 @@ from generation.request import GenerationRequest, JobState
 from storage.audit import write_audit
 from storage.db import Database
 from storage.jobs import IllegalTransition, UnknownJob, cancel_job
-from storage.limits import OVERRIDABLE, Scope, clear_limits, set_limits
+from storage.limits import OVERRIDABLE, Scope, clear_limits, guild_overrides, set_limits
 from storage.moderation import ban, block_word, blocked_words, unban, unblock_word
 
 log = logging.getLogger(__name__)
@@ -150,7 +149,7 @@ class LimitsCommands(_ModeratorGroup, name="limits",
                                   "empty for all")
     async def show(self, interaction: discord.Interaction, target: Target | None = None) -> None:
         assert interaction.guild_id is not None
-        overrides = await _overrides(self._db, interaction.guild_id)
+        overrides = await guild_overrides(self._db, interaction.guild_id)
         lines = [f"Defaults from the configuration: {_describe(self._config.limits.model_dump())}"]
         for (scope, target_id), values in sorted(overrides.items()):
             if target is None or target.id == target_id:
@@ -205,7 +204,7 @@ class LimitsCommands(_ModeratorGroup, name="limits",
             await _answer(interaction, f"Nothing was changed: {reason}; {UNLIMITED} means no "
                                        "limit of its own.")
             return
-        now = (await _overrides(self._db, interaction.guild_id))[(_SCOPES[scope], target_id)]
+        now = (await guild_overrides(self._db, interaction.guild_id))[(_SCOPES[scope], target_id)]
         await _answer(interaction, f"Limits of {_name(_SCOPES[scope], target_id)} are now: "
                                    f"{_describe(now)}.",
                       allowed_mentions=discord.AllowedMentions.none())
@@ -270,13 +269,6 @@ def _describe(values: Mapping[str, Any]) -> str:
     shown = [f"{field} {'unlimited' if values[field] is None else f'{values[field]:g}'}"
              for field in OVERRIDABLE if field in values]
     return ", ".join(shown) or "nothing set"
-
-
-async def _overrides(db: Database, guild_id: int) -> dict[tuple[Scope, int], dict[str, Any]]:
-    """Every override in one guild (storage only reads them one user at a time)."""
-    rows = await db.fetch_all(
-        "SELECT scope, target_id, limits_json FROM limits WHERE guild_id = ?", (guild_id,))
-    return {(Scope(r["scope"]), r["target_id"]): json.loads(r["limits_json"]) for r in rows}
 
 
 # ---------------------------------------------------------------------------------------------

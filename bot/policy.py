@@ -15,7 +15,7 @@ from bot.config import AppConfig, DiscordSettings
 from generation.request import GenerationRequest, JobState
 from storage.db import Database
 from storage.jobs import jobs_by_state
-from storage.limits import Usage, effective_limits, usage
+from storage.limits import Usage, effective_limits, usage, usage_times
 from storage.moderation import BlockedWord, blocked_words, first_blocked, get_ban
 from storage.settings import LimitsSettings
 
@@ -94,17 +94,12 @@ async def frees_at(
 ) -> float | None:
     """When enough past usage leaves the window to free `images` images and `cost` units (Unix
     time), or None if the window holds less than that (the request is larger than the limit)."""
-    rows = await db.fetch_all(
-        "SELECT at, cost, images FROM usage WHERE user_id = ? AND guild_id IS ? AND at > ?"
-        " ORDER BY at",
-        (requester.user_id, requester.guild_id, db.now() - window_hours * 3600),
-    )
     freed_images, freed_cost = 0, 0.0
-    for row in rows:
-        freed_images += row["images"]
-        freed_cost += row["cost"]
+    for at, row_cost, row_images in await usage_times(db, requester.user_id, requester.guild_id, window_hours):
+        freed_images += row_images
+        freed_cost += row_cost
         if freed_images >= images and freed_cost >= cost:
-            return row["at"] + window_hours * 3600
+            return at + window_hours * 3600
     return None
 
 

@@ -166,3 +166,21 @@ async def usage(db: Database, user_id: int, guild_id: int | None, window_hours: 
     )
     assert row is not None  # an aggregate always yields one row
     return Usage(cost=row["cost"], images=row["images"], jobs=row["jobs"])
+
+
+async def guild_overrides(db: Database, guild_id: int) -> dict[tuple[Scope, int], Override]:
+    """Every override in one guild, by (scope, target id), for the moderators' /limits show."""
+    rows = await db.fetch_all(
+        "SELECT scope, target_id, limits_json FROM limits WHERE guild_id = ?", (guild_id,))
+    return {(Scope(r["scope"]), r["target_id"]): json.loads(r["limits_json"]) for r in rows}
+
+
+async def usage_times(
+    db: Database, user_id: int, guild_id: int | None, window_hours: float
+) -> list[tuple[float, float, int]]:
+    """(when, cost, images) of each usage row in the window, oldest first: when each frees up."""
+    rows = await db.fetch_all(
+        "SELECT at, cost, images FROM usage WHERE user_id = ? AND guild_id IS ? AND at > ? ORDER BY at",
+        (user_id, guild_id, db.now() - window_hours * 3600),
+    )
+    return [(row["at"], row["cost"], row["images"]) for row in rows]
