@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import io
 import logging
-from collections.abc import AsyncIterator
-from pathlib import Path
 
 import pytest
 from PIL import Image
@@ -18,29 +16,11 @@ from storage.images import save_image
 from storage.jobs import create_job, finish_job, start_job
 from storage.limits import Scope, set_limits
 from storage.moderation import ban, block_word, unban
-from storage.settings import LimitsSettings, StorageSettings
+from storage.settings import LimitsSettings
+from tests.fixtures.storage import ManualClock, clock, db  # noqa: F401
 
 GUILD, OTHER_GUILD, CHANNEL, ALICE, BOB, MOD, ARTISTS = 10, 11, 20, 1, 2, 3, 40
 HOUR = 3600.0
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1_000_000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
-@pytest.fixture
-def clock() -> Clock:
-    return Clock()
-
-
-@pytest.fixture
-async def db(tmp_path: Path, clock: Clock) -> AsyncIterator[Database]:
-    async with Database.open(StorageSettings(data_dir=tmp_path), clock=clock) as database:
-        yield database
 
 
 def config(**limits: object) -> AppConfig:
@@ -182,7 +162,7 @@ async def test_max_queued_counts_this_members_waiting_jobs_here(db: Database) ->
 
 
 async def test_daily_images_say_what_is_left_and_when_it_frees_up(
-    db: Database, clock: Clock
+    db: Database, clock: ManualClock
 ) -> None:
     limited = config(daily_images=5, window_hours=24)
     first_at = clock.now
@@ -209,7 +189,7 @@ async def test_a_request_over_the_whole_allowance_says_to_ask_for_less(db: Datab
                     "the request is larger than your whole allowance, so ask for less.")
 
 
-async def test_daily_cost_counts_pixels_steps_and_images(db: Database, clock: Clock) -> None:
+async def test_daily_cost_counts_pixels_steps_and_images(db: Database, clock: ManualClock) -> None:
     limited = config(daily_images=None, daily_cost=100.0, window_hours=1)
     at = clock.now
     await finished(db, ALICE, 2, steps=20)  # 2 x 20 steps of 512x512: 40 units

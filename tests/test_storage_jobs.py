@@ -5,8 +5,6 @@ from __future__ import annotations
 import hashlib
 import random
 import sqlite3
-from collections.abc import AsyncIterator
-from pathlib import Path
 
 import pytest
 
@@ -20,27 +18,8 @@ from storage.jobs import (
     get_job, history, job_detail, jobs_by_state, requeue_job, set_message, start_job,
 )
 from storage.limits import usage
-from storage.settings import StorageSettings
+from tests.fixtures.storage import ManualClock, clock, db  # noqa: F401
 from tests.storage_crash_child import make_png, sample_request
-
-
-class ManualClock:
-    def __init__(self, now: float = 1_000_000.0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-
-@pytest.fixture
-def clock() -> ManualClock:
-    return ManualClock()
-
-
-@pytest.fixture
-async def db(tmp_path: Path, clock: ManualClock) -> AsyncIterator[Database]:
-    async with Database.open(StorageSettings(data_dir=tmp_path), clock=clock) as database:
-        yield database
 
 
 async def test_created_job_round_trips(db: Database, clock: ManualClock) -> None:

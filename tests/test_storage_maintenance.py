@@ -19,23 +19,10 @@ from storage.maintenance import check, export_user, format_report, reconcile
 from storage.moderation import ban
 from storage.retention import apply_retention, stored_bytes
 from storage.settings import StorageSettings
+from tests.fixtures.storage import T0, ManualClock, clock  # noqa: F401
 from tests.storage_crash_child import make_png, sample_request
 
 HOUR, DAY = 3600.0, 86400.0
-T0 = 1_000_000.0
-
-
-class ManualClock:
-    def __init__(self, now: float = T0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-
-@pytest.fixture
-def clock() -> ManualClock:
-    return ManualClock()
 
 
 @pytest.fixture

@@ -4,8 +4,6 @@ and the audit row each moderator action writes in its own transaction."""
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import AsyncIterator
-from pathlib import Path
 
 import pytest
 
@@ -17,30 +15,12 @@ from storage.moderation import (
     BlockedWord, ban, block_word, blocked_words, first_blocked, get_ban, get_guild_settings,
     list_bans, set_guild_setting, unban, unblock_word,
 )
-from storage.settings import LimitsSettings, StorageSettings
+from storage.settings import LimitsSettings
+from tests.fixtures.storage import ManualClock, clock, db  # noqa: F401
 from tests.storage_crash_child import sample_request
 
 GUILD, MOD = 500, 900
 DEFAULTS = LimitsSettings(daily_images=100, daily_cost=None, max_steps=50)
-
-
-class ManualClock:
-    def __init__(self, now: float = 1_000_000.0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-
-@pytest.fixture
-def clock() -> ManualClock:
-    return ManualClock()
-
-
-@pytest.fixture
-async def db(tmp_path: Path, clock: ManualClock) -> AsyncIterator[Database]:
-    async with Database.open(StorageSettings(data_dir=tmp_path), clock=clock) as database:
-        yield database
 
 
 def test_resolution_order_and_most_generous_role() -> None:
