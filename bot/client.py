@@ -37,6 +37,7 @@ class AtelierBot(commands.Bot):
         self._stack = contextlib.AsyncExitStack()
         self.studio: Studio | None = None
         self.gestures: Gestures | None = None
+        self.delivery: Delivery | None = None
         self._saved_urls: tuple[str, yarl.URL] | None = None
 
     async def login(self, token: str) -> None:
@@ -59,8 +60,8 @@ class AtelierBot(commands.Bot):
         budget = min(memory_budget(d) for d in devices)
         studio = await self._stack.enter_async_context(
             Studio.open(config, devices, budget, refusal=policy.refusal))
-        delivery = Delivery(self, studio.db, config.discord)
-        self.studio, self.gestures = studio, Gestures(self, studio, delivery)
+        self.delivery = Delivery(self, studio.db, config.discord)
+        self.studio, self.gestures = studio, Gestures(self, studio, self.delivery)
         self.add_dynamic_items(JobButton, CancelButton)
         home = discord.Object(config.discord.guild_id) if config.discord.guild_id else None
         for command in (
@@ -71,7 +72,7 @@ class AtelierBot(commands.Bot):
         ):
             self.tree.add_command(command, guild=home)
         await self.tree.sync(guild=home)
-        studio.start(delivery)
+        studio.start(self.delivery)
 
     async def on_ready(self) -> None:
         log.info("logged in as %s; invite: %s", self.user, invite_url(self.application_id or 0))
@@ -85,6 +86,8 @@ class AtelierBot(commands.Bot):
     async def close(self) -> None:
         """Stop taking jobs, give the running batch its grace period, then disconnect."""
         await self._stack.aclose()
+        if self.delivery is not None:
+            await self.delivery.aclose()
         await super().close()
         if self._saved_urls is not None:
             discord.http.Route.BASE, discord.gateway.DiscordWebSocket.DEFAULT_GATEWAY = self._saved_urls

@@ -51,6 +51,8 @@ class DiscordSettings(BaseModel):
     )
     #: Least seconds between two progress edits of one message.
     progress_interval_s: float = Field(default=1.5, ge=0.5)
+    #: Attach a small preview (a cheap latent-to-RGB image, no VAE) to progress edits.
+    preview: bool = False
 
 
 class AppConfig(BaseModel):

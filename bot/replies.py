@@ -14,7 +14,7 @@ import asyncio
 import io
 import logging
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -54,6 +54,9 @@ class _Status:
     acknowledged: asyncio.Event = field(default_factory=asyncio.Event)
     last_edit: float = float("-inf")
     text: str = ""
+    #: The latest text (and preview PNG) not shown yet, and the task that will show it.
+    pending: tuple[str, bytes | None] | None = None
+    flush: asyncio.Task | None = None
 
 
 @dataclass(frozen=True)
@@ -110,7 +113,7 @@ class Delivery:
         self._settings = settings
         self._clock = clock
         self._status: dict[str, _Status] = {}
-        self._edits: set[asyncio.Task] = set()
+        self._tasks: set[asyncio.Task] = set()
 
     # -- acknowledgements, called by the commands right after a job was queued --
 
@@ -132,28 +135,36 @@ class Delivery:
     # -- the studio's events --
 
     async def queue_moved(self, estimates: Mapping[str, Estimate]) -> None:
-        """Update waiting jobs' positions; the edits run as tasks so a submit never waits on them."""
         for job_id, estimate in estimates.items():
-            status = self._status.get(job_id)
-            if status is not None:
-                self._spawn(self._edit(job_id, self.queued_text(job_id, status.owner_id, estimate)))
+            if (status := self._status.get(job_id)) is not None:
+                self._show(job_id, self.queued_text(job_id, status.owner_id, estimate))
 
     async def started(self, job: stored.Job) -> None:
-        await self._edit(job.id, f"<@{job.owner_id}> `{job.id}` is being drawn… 0%", force=True)
+        self._show(job.id, f"<@{job.owner_id}> `{job.id}` is being drawn… 0%")
 
     async def progressed(self, job_id: str, step: int, total: int, preview: Any) -> None:
-        status = self._status.get(job_id)
-        if status is None or step >= total:
-            return
-        await self._edit(job_id, f"<@{status.owner_id}> `{job_id}` is being drawn… {100 * step // total}%")
+        if (status := self._status.get(job_id)) is not None and step < total:
+            png = await asyncio.to_thread(_png, preview) if preview is not None else None
+            self._show(job_id, f"<@{status.owner_id}> `{job_id}` is being drawn… {100 * step // total}%", png)
 
     async def finished(self, job: stored.Job, images: list[ImageRecord]) -> None:
+        """Deliver in the background: the runner's worker must not wait on uploads."""
+        self._spawn(self._finish(job, images))
+
+    async def aclose(self, timeout: float = 30.0) -> None:
+        """Wait for deliveries still under way (before the HTTP session closes)."""
+        if self._tasks:
+            await asyncio.wait(set(self._tasks), timeout=timeout)
+
+    async def _finish(self, job: stored.Job, images: list[ImageRecord]) -> None:
         status = self._status.get(job.id)
         if status is not None:
             try:
                 await asyncio.wait_for(status.acknowledged.wait(), ACK_WAIT_S)
             except TimeoutError:
                 log.warning("job %s finished before its acknowledgement was sent", job.id)
+            if status.flush is not None:
+                status.flush.cancel()
         try:
             if job.state is JobState.CANCELLED:
                 await self._close_status(job, f"`{job.id}` was cancelled.")
@@ -237,10 +248,11 @@ class Delivery:
         status = self._status.get(job.id)
         try:
             if status is not None:
-                await status.edit(content=f"<@{job.owner_id}> {text}", view=None)
+                await status.edit(content=f"<@{job.owner_id}> {text}", view=None, attachments=[])
             elif job.message_id is not None:
                 channel = self._client.get_partial_messageable(job.channel_id, guild_id=job.guild_id)
-                await channel.get_partial_message(job.message_id).edit(content=f"<@{job.owner_id}> {text}", view=None)
+                await channel.get_partial_message(job.message_id).edit(content=f"<@{job.owner_id}> {text}", view=None,
+                                                                         attachments=[])
         except discord.HTTPException as error:
             log.info("could not update the status of job %s: %s", job.id, error)
 
@@ -250,24 +262,41 @@ class Delivery:
 
     # -- edits --
 
-    async def _edit(self, job_id: str, text: str, *, force: bool = False) -> None:
-        """Edit the status message, at most once per `progress_interval_s` unless forced."""
+    def _show(self, job_id: str, text: str, preview: bytes | None = None) -> None:
+        """Show `text` on the job's status message: at once if the last edit is older than
+        `progress_interval_s`, else when it is; in between only the latest text is kept."""
         status = self._status.get(job_id)
-        now = self._clock()
-        if status is None or text == status.text or not status.acknowledged.is_set():
+        if status is None or (text == status.text and preview is None):
             return
-        if not force and now - status.last_edit < self._settings.progress_interval_s:
-            return
-        status.text, status.last_edit = text, now
-        try:
-            await status.edit(content=text)
-        except discord.HTTPException as error:
-            log.info("could not edit the status of job %s: %s", job_id, error)
+        status.pending = (text, preview)
+        if status.flush is None:
+            status.flush = asyncio.create_task(self._flush(status), name=f"status {job_id}")
 
-    def _spawn(self, coroutine: Awaitable[None]) -> None:
-        task = asyncio.ensure_future(coroutine)
-        self._edits.add(task)
-        task.add_done_callback(self._edits.discard)
+    async def _flush(self, status: _Status) -> None:
+        try:
+            await status.acknowledged.wait()
+            while status.pending is not None:
+                await asyncio.sleep(status.last_edit + self._settings.progress_interval_s - self._clock())
+                (text, preview), status.pending = status.pending, None
+                status.text, status.last_edit = text, self._clock()
+                files = [discord.File(io.BytesIO(preview), filename="preview.png")] if preview else []
+                try:
+                    await status.edit(content=text, **({"attachments": files} if files else {}))
+                except discord.HTTPException as error:
+                    log.info("could not edit a status message: %s", error)
+        finally:
+            status.flush = None
+
+    def _spawn(self, coroutine: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.create_task(coroutine)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+
+def _png(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
 
 
 def result_text(job: stored.Job, images: list[ImageRecord], uploads: list[Upload | None]) -> str:

@@ -79,7 +79,7 @@ class Studio:
     ) -> None:
         self.config = config
         self.db = db
-        engine = Engine(config.models, config.generation.dtype, self._read_input)
+        engine = Engine(config.models, config.generation.dtype, self._read_input, preview=config.discord.preview)
         self._refusal = refusal
         self.queue = FairQueue(config.queue, devices, limits=self._limits, persist=self._persist)
         self._runner = Runner(

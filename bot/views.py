@@ -15,6 +15,7 @@ if TYPE_CHECKING:
 Action = Literal["upscale", "vary", "rerun", "subtle", "strong", "zoom"]
 
 _JOB = r"(?P<job>[a-z2-7]{12})"
+_PER_ROW = 5
 _LABELS: dict[str, tuple[str, str | None]] = {  # action -> (label, emoji)
     "upscale": ("U{n}", None),
     "vary": ("V{n}", None),
@@ -40,12 +41,12 @@ class JobButton(
 ):
     """A new job made from image `index` of job `job_id` (or from its request, for a rerun)."""
 
-    def __init__(self, action: Action, job_id: str, index: int) -> None:
+    def __init__(self, action: Action, job_id: str, index: int, row: int | None = None) -> None:
         label, emoji = _LABELS[action]
         style = discord.ButtonStyle.primary if action == "rerun" else discord.ButtonStyle.secondary
         super().__init__(discord.ui.Button(
             label=label.format(n=index + 1) or None, emoji=emoji, style=style,
-            custom_id=f"atelier:v1:{action}:{job_id}:{index}",
+            custom_id=f"atelier:v1:{action}:{job_id}:{index}", row=row,
         ))
         self.action: Action = action
         self.job_id = job_id
@@ -80,17 +81,18 @@ class CancelButton(discord.ui.DynamicItem[discord.ui.Button], template=rf"atelie
 
 
 def result_view(job_id: str, count: int, *, upscaled: bool) -> discord.ui.View:
-    """U1..Un, V1..Vn and 🔄 under a result; Vary (Subtle), Vary (Strong), Zoom Out and 🔄 under an
-    upscale."""
+    """U1..Un and 🔄 on one row and V1..Vn on the next under a result (Discord fits five buttons a
+    row, so images past the fourth get none); Vary (Subtle), Vary (Strong), Zoom Out and 🔄 under
+    an upscale."""
     view = discord.ui.View(timeout=None)
     if upscaled:
         for action in ("subtle", "strong", "zoom"):
-            view.add_item(JobButton(action, job_id, 0))
+            view.add_item(JobButton(action, job_id, 0, row=0))
     else:
-        for action in ("upscale", "vary"):
-            for index in range(count):
-                view.add_item(JobButton(action, job_id, index))
-    view.add_item(JobButton("rerun", job_id, 0))
+        for row, action in enumerate(("upscale", "vary")):
+            for index in range(min(count, _PER_ROW - 1)):
+                view.add_item(JobButton(action, job_id, index, row=row))
+    view.add_item(JobButton("rerun", job_id, 0, row=0))
     return view
 
 

@@ -150,7 +150,7 @@ async def test_imagine_acknowledges_shows_progress_and_delivers_images_with_butt
             size, parameters = png_info(attachment.data)
             assert size == (128, 128) and parameters.startswith("a lighthouse\nSteps: 3, Sampler: Euler")
             assert f"Seed: {seed}," in parameters
-        assert labels(result) == ["U1", "U2", "V1", "V2", "🔄"]
+        assert labels(result) == ["U1", "U2", "🔄", "V1", "V2"]  # U and rerun on one row, V on the next
         assert [b["custom_id"] for b in result.buttons()][:2] == [f"atelier:v1:upscale:{job_id}:0",
                                                                    f"atelier:v1:upscale:{job_id}:1"]
         edits = [a.content for a in server.responses(asked) if a.kind == "edit"]
@@ -346,3 +346,63 @@ data_dir = "data"
                 await process.wait()
         assert process.returncode == 0, output.decode()
         assert b"Invite it with" in output
+
+
+async def test_cancel_button_answers_owner_moderator_and_others(world: World) -> None:
+    server = world.server
+    async with running(world.config, server) as bot:
+        bot.studio.queue.pause()
+        acks = []
+        for _ in range(2):
+            asked = await server.slash(world.alice, world.channel, "imagine", {"prompt": "a bridge"})
+            acks.append((await server.wait_for(lambda a, i=asked: a.interaction is i and a.kind == "message")).message)
+        custom_ids = [ack.buttons()[0]["custom_id"] for ack in acks]
+
+        async def press(user: User, ack: Message, custom_id: str) -> str:
+            pressed = await server.press_button(user, ack, custom_id)
+            answer = await server.wait_for(lambda a: a.interaction is pressed and a.kind == "message")
+            assert answer.message.ephemeral
+            return answer.message.content
+
+        assert "only the member who asked" in await press(world.bob, acks[0], custom_ids[0])
+        assert "cancelled" in await press(world.alice, acks[0], custom_ids[0])
+        assert "cancelled" in await press(world.mod, acks[1], custom_ids[1])
+        for ack in acks:
+            await server.wait_for(lambda a, m=ack: a.kind == "edit" and a.message is m and "was cancelled" in a.content)
+        assert [ack.buttons() for ack in acks] == [[], []]  # nothing left to cancel
+        states = [row["state"] for row in await bot.studio.db.fetch_all("SELECT state FROM jobs ORDER BY seq")]
+        assert states == ["cancelled", "cancelled"]
+
+
+async def test_progress_edits_are_paced_and_carry_a_preview_when_enabled(world: World) -> None:
+    server = world.server
+    discord_settings = world.config.discord.model_copy(update={"preview": True})
+    config = world.config.model_copy(update={"discord": discord_settings})
+    async with running(config, server):
+        asked = await server.slash(world.alice, world.channel, "imagine", {"prompt": "a comet", "steps": 10})
+        ack = (await server.wait_for(lambda a: a.interaction is asked and a.kind == "message")).message
+        previewed = await server.wait_for(lambda a: a.kind == "edit" and a.message is ack and bool(ack.attachments),
+                                          TIMEOUT)
+        assert "being drawn" in previewed.content and ack.attachments[0].filename == "preview.png"
+        assert png_info(ack.attachments[0].data)[0] == (64, 64)  # the latent's size: 128 px / the tiny VAE's 2
+        await server.wait_for(message_for(asked, files=True), TIMEOUT)
+        await server.wait_for(lambda a: a.kind == "edit" and a.message is ack and "finished" in a.content)
+        edits = [a for a in server.actions if a.message is ack and a.kind in ("message", "edit")]
+        times = [a.at for a in edits[:-1]]  # the acknowledgement and every edit before the last word
+        assert len(times) >= 3 and all(b - a >= 0.5 * 0.95 for a, b in zip(times, times[1:]))
+        assert ack.attachments == []  # the preview goes once the result is out
+
+
+async def test_jobs_queued_before_a_restart_are_delivered_after_it(world: World) -> None:
+    server, config = world.server, world.config
+    async with running(config, server) as bot:
+        bot.studio.queue.pause()
+        asked = await server.slash(world.alice, world.channel, "imagine", {"prompt": "a harbour", "seed": 9})
+        ack = (await server.wait_for(lambda a: a.interaction is asked and a.kind == "message")).message
+        async with asyncio.timeout(5):  # the command has stored where its status message is
+            while not await bot.studio.db.fetch_all("SELECT id FROM jobs WHERE message_id = ?", (ack.id,)):
+                await asyncio.sleep(0.01)
+    async with running(config, server):
+        result = (await server.wait_for(message_for(asked, files=True), TIMEOUT)).message
+        assert "Seed: 9," in png_info(result.attachments[0].data)[1] and f"<@{world.alice.id}>" in result.content
+        await server.wait_for(lambda a: a.kind == "edit" and a.message is ack and "finished" in a.content)

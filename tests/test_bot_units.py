@@ -1,0 +1,78 @@
+"""The pure parts of the frontend: reply flags, aspect sizes, styles, upload fitting, button ids."""
+
+from __future__ import annotations
+
+import io
+import math
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from bot.commands import ASPECTS, Options, UserError, parse_flags, size_for
+from bot.replies import fit_upload
+from bot.styles import STYLES
+from bot.views import result_view
+
+
+def test_flags_split_prompt_and_options_and_bad_flags_are_named() -> None:
+    options = parse_flags("  a castle on a hill --no fog, people --strength 0.5 --seed 3 --ar 16:9 --cfg 6.5")
+    assert options == Options(prompt="a castle on a hill", negative="fog, people", strength=0.5, seed=3,
+                              aspect="16:9", guidance=6.5)
+    assert parse_flags("just words--not-a-flag").prompt == "just words--not-a-flag"
+    with pytest.raises(UserError, match="unknown flag --size; allowed: --no, --strength"):
+        parse_flags("a cat --size 3")
+    with pytest.raises(UserError, match="--seed needs a number, not 'three'"):
+        parse_flags("a cat --seed three")
+
+
+@pytest.mark.parametrize("native", [512, 768, 128])
+def test_aspects_keep_about_the_native_pixels_in_multiples_of_64(native: int) -> None:
+    for aspect in ASPECTS:
+        width, height = size_for(aspect, native)
+        a, b = (int(x) for x in aspect.split(":"))
+        assert width % 64 == 0 and height % 64 == 0
+        # Rounding each side to 64 moves the ratio and the area by at most half a step per side.
+        assert abs(width - native * math.sqrt(a / b)) <= 32 and abs(height - native * math.sqrt(b / a)) <= 32
+    assert size_for("1:1", 512) == (512, 512) and size_for("16:9", 768) == (1024, 576)
+    with pytest.raises(UserError, match="allowed: 1:1, 2:3"):
+        size_for("5:4", 512)
+
+
+def test_styles_wrap_the_prompt_and_add_their_negative_after_the_users() -> None:
+    assert {"photographic", "cinematic", "anime", "line-art", "low-poly"} <= set(STYLES)
+    prompt, negative = STYLES["anime"].apply("a {curly} fox", "blurry")
+    assert prompt.startswith("anime artwork of a {curly} fox, ")
+    assert negative == "blurry, " + STYLES["anime"].negative
+    assert STYLES["anime"].apply("a fox", "")[1] == STYLES["anime"].negative
+
+
+def noisy_png(side: int) -> bytes:
+    pixels = np.random.default_rng(0).integers(0, 256, (side, side, 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def test_uploads_fit_the_limit_by_reencoding_then_downscaling_and_say_so() -> None:
+    png = noisy_png(256)  # noise does not compress: about 197 kB
+    assert fit_upload(png, len(png), "a").data == png
+    reencoded = fit_upload(png, len(png) // 2, "a")
+    assert len(reencoded.data) <= len(png) // 2 and reencoded.filename.endswith((".webp", ".jpg"))
+    assert "to fit the upload limit" in reencoded.note
+    with Image.open(io.BytesIO(reencoded.data)) as image:
+        assert image.size == (256, 256)
+    tiny = fit_upload(png, 6_000, "a")
+    with Image.open(io.BytesIO(tiny.data)) as image:
+        assert len(tiny.data) <= 6_000 and image.size[0] < 256 and f"downscaled to {image.size[0]}x" in tiny.note
+    assert fit_upload(png, 100, "a") is None
+
+
+def test_result_buttons_carry_versioned_job_and_index_in_rows() -> None:
+    view = result_view("abcdefghijkl", 3, upscaled=False)
+    ids = [item.custom_id for item in view.children]
+    assert ids == [f"atelier:v1:{a}:abcdefghijkl:{i}" for a in ("upscale", "vary") for i in range(3)] + [
+        "atelier:v1:rerun:abcdefghijkl:0"]
+    assert [item.item.row for item in view.children] == [0, 0, 0, 1, 1, 1, 0]
+    upscaled = [item.item.label for item in result_view("abcdefghijkl", 1, upscaled=True).children]
+    assert upscaled == ["Vary (Subtle)", "Vary (Strong)", "Zoom Out", None]
