@@ -202,7 +202,7 @@ def denoise(
     guidance = torch.tensor([r.guidance for r in per_image], device=model.device)
     sampler = SAMPLERS[first.sampler]
     noise = BatchNoise(seeds, (network.latent_channels, *latent_size), model.device, torch.float32)
-    initial = variation_noise(per_image, noise.initial())  # (B, C, h, w)
+    initial = variation_noise(requests, noise.initial())  # (B, C, h, w)
     sigmas, x = start(sampler, sampler.sigmas(model.schedule, first.steps), first.steps, initial, init, strength)
     guided = GuidedDenoiser(
         _unet_in(model, labels), model.schedule, cond, uncond, guidance, network.family.prediction, concat

@@ -26,19 +26,21 @@ def slerp(a: torch.Tensor, b: torch.Tensor, t: float) -> torch.Tensor:
     return torch.where(so.abs() < 1e-6, linear, mixed)
 
 
-def variation_noise(per_image: Sequence[GenerationRequest], noise: torch.Tensor) -> torch.Tensor:
-    """The start noise (B, C, h, w) of each image: its seed's noise, slerped towards the noise of
-    `variation_seed + i` at `variation_strength` when the request names a variation seed."""
-    rows = []
-    index = {}
-    for i, request in enumerate(per_image):
-        index[id(request)] = index.get(id(request), -1) + 1
-        if request.variation_seed is None or request.variation_strength == 0:
-            rows.append(noise[i : i + 1])
-            continue
-        generator = torch.Generator("cpu").manual_seed(request.variation_seed + index[id(request)])
-        other = torch.randn((1, *noise.shape[1:]), generator=generator, dtype=torch.float32).to(noise)
-        rows.append(slerp(noise[i : i + 1], other, request.variation_strength))
+def variation_noise(requests: Sequence[GenerationRequest], noise: torch.Tensor) -> torch.Tensor:
+    """The start noise (B, C, h, w) of each image of each request: its seed's noise, slerped
+    towards the noise of `variation_seed + i` (image i of the request, as seeds go) at
+    `variation_strength` when the request names a variation seed."""
+    rows, row = [], 0
+    for request in requests:
+        for i in range(request.count):
+            own = noise[row : row + 1]  # (1, C, h, w)
+            row += 1
+            if request.variation_seed is None or request.variation_strength == 0:
+                rows.append(own)
+                continue
+            generator = torch.Generator("cpu").manual_seed(request.variation_seed + i)
+            other = torch.randn(own.shape, generator=generator, dtype=torch.float32).to(own)
+            rows.append(slerp(own, other, request.variation_strength))
     return torch.cat(rows)
 
 

@@ -37,11 +37,13 @@ def test_slerp_analytic_cases() -> None:
 def test_variation_noise_blends_the_second_seed() -> None:
     plain, varied = make_request(), make_request(variation_seed=50, variation_strength=0.25)
     noise = start_noise([3, 4], (4, 8, 8))
-    assert torch.equal(variation_noise([plain, plain], noise), noise)
-    mixed = variation_noise([varied, varied], noise)
+    assert torch.equal(variation_noise([plain], noise), noise)
+    mixed = variation_noise([varied], noise)
     other = start_noise([50, 51], (4, 8, 8))  # image i blends in variation_seed + i
     assert_same(mixed, slerp(noise, other, 0.25), tolerance=1e-6)
-    full = variation_noise([make_request(variation_seed=50, variation_strength=1.0)] * 2, noise)
+    both = variation_noise([plain, varied], torch.cat([noise, noise]))  # rows follow their request
+    assert torch.equal(both[:2], noise) and torch.equal(both[2:], mixed)
+    full = variation_noise([make_request(variation_seed=50, variation_strength=1.0)], noise)
     assert_same(full, other, tolerance=1e-5)
 
 
