@@ -3,10 +3,13 @@ untouched part is the input's, exactly."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 from PIL import Image, ImageFilter
 
+from bot.cli import main
 from generation.images import ImageInputError
 from generation.outpaint import extend, outpaint_size
 from generation.pipeline import run_batch
@@ -56,3 +59,16 @@ def test_outpaint_keeps_the_image_outside_the_seam(tiny_checkpoints: TinyCheckpo
     canvas = np.zeros((64, 96, 3), dtype=np.uint8)
     canvas[:, :64] = np.asarray(source)
     assert np.array_equal(np.asarray(result)[keep], canvas[keep])
+
+
+def test_generate_command_outpaint_and_upscale(tiny_checkpoints: TinyCheckpoints, tmp_path: Path) -> None:
+    picture(43, (64, 64)).save(tmp_path / "in.png")
+    common = ["--prompt", "a landscape", "--steps", "1", "--device", "cpu", "--config", "/dev/null",
+              "--init-image", str(tmp_path / "in.png")]
+    sd1, _ = tiny_checkpoints.get("sd1")
+    assert main(["generate", "--checkpoint", str(sd1), *common, "--outpaint", "left,up", "--by", "16",
+                 "--out", str(tmp_path / "wide.png")]) == 0
+    assert Image.open(tmp_path / "wide.png").size == (80, 80)
+    x4, _ = tiny_checkpoints.get("x4-upscaler")
+    assert main(["generate", "--checkpoint", str(x4), *common, "--upscale", "--out", str(tmp_path / "big.png")]) == 0
+    assert Image.open(tmp_path / "big.png").size == (128, 128)  # the tiny upscaler's VAE scales by 2
