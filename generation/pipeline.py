@@ -95,12 +95,16 @@ def _short_hash(path: Path) -> str:
     return digest.hexdigest()[:10]
 
 
-def check_batch(requests: Sequence[GenerationRequest]) -> None:
-    """One batch is one model, kind, size, sampler, step count and strength (the queue's batch key,
-    plus strength: it decides where in the schedule sampling starts)."""
+#: What the requests of one `run_batch` call share (the queue's batch key).
+BATCH_KEY = ("model", "kind", "width", "height", "sampler", "steps")
+
+
+def check_batch(requests: Sequence[GenerationRequest], key: tuple[str, ...] = (*BATCH_KEY, "strength")) -> None:
+    """One UNet batch is one model, kind, size, sampler, step count and strength (strength decides
+    where in the schedule sampling starts)."""
     first = requests[0]
     for request in requests[1:]:
-        for field in ("model", "kind", "width", "height", "sampler", "steps", "strength"):
+        for field in key:
             if getattr(request, field) != getattr(first, field):
                 raise ValueError(f"requests of one batch differ in {field}")
 
@@ -114,28 +118,42 @@ def run_batch(
 ) -> list[list[Image.Image]]:
     """THE entry point for the runner: the images of each request, in order, for any `Kind`.
 
-    All requests must pass `check_batch` (same model, kind, width, height, sampler, steps and
-    strength); they run as one UNet batch. `inputs(sha256)` returns the stored bytes of each
-    request's `init_image` / `mask_image`. Sizes: img2img, variation and inpaint return
-    width x height; outpaint's width x height is the extended canvas; upscale's width x height
-    is the input size and the result is larger (x4 upscaler: vae_scale times; other checkpoints:
-    twice). Raises `generation.images.ImageInputError` (its message is for the user, as is) for
-    bad input images, `generation.samplers.Cancelled` when `cancelled()` turns true."""
-    check_batch(requests)
-    kind = requests[0].kind
+    The requests share the queue's batch key (model, kind, width, height, sampler, steps); those
+    of equal strength run as one UNet batch (strength decides where sampling starts, so requests
+    of different strengths run one sub-batch after another). `inputs(sha256)` returns the stored
+    bytes of each request's `init_image` / `mask_image`. Sizes: txt2img, img2img, variation and
+    inpaint return width x height; outpaint's width x height is the extended canvas; upscale's
+    width x height is the INPUT size and the result is larger (x4 upscaler: vae_scale times, 4 for
+    real checkpoints; other checkpoints: twice). Raises `generation.images.ImageInputError`, whose
+    message is for the user as is, for unusable input images, and `generation.samplers.Cancelled`
+    when `cancelled()` turns true."""
+    check_batch(requests, BATCH_KEY)
+    run = _pipeline(requests[0].kind)
+    by_strength: dict[float | None, list[int]] = {}
+    for i, request in enumerate(requests):
+        by_strength.setdefault(request.strength, []).append(i)
+    results: list[list[Image.Image]] = [[] for _ in requests]
+    for indices in by_strength.values():
+        images = run(model, [requests[i] for i in indices], inputs, progress, cancelled)
+        for i, request_images in zip(indices, images, strict=True):
+            results[i] = request_images
+    return results
+
+
+def _pipeline(kind: Kind) -> Callable[..., list[list[Image.Image]]]:
+    """The pipeline function of a kind: (model, requests, inputs, progress, cancelled) -> images."""
     if kind is Kind.TXT2IMG:
-        return txt2img(model, requests, progress, cancelled)
+        return lambda model, requests, _inputs, progress, cancelled: txt2img(model, requests, progress, cancelled)
     # Imported here: these modules build on this one.
     from generation import img2img, inpaint, outpaint, upscale
 
-    run = {
+    return {
         Kind.IMG2IMG: img2img.img2img,
         Kind.VARIATION: img2img.img2img,
         Kind.INPAINT: inpaint.inpaint,
         Kind.OUTPAINT: outpaint.outpaint,
         Kind.UPSCALE: upscale.upscale,
     }[kind]
-    return run(model, requests, inputs, progress, cancelled)
 
 
 @torch.inference_mode()

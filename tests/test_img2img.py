@@ -22,6 +22,7 @@ from generation.pipeline import (
     encode,
     encode_conditioning,
     load_model,
+    run_batch,
     start,
     to_pixels,
 )
@@ -186,3 +187,20 @@ def test_generate_command_img2img_end_to_end(
     assert main([*common[:-1], str(tmp_path / "bad.png"), "--strength", "0.5", "--out", str(tmp_path / "c.png")]) == 2
     assert "the image is not a PNG, JPEG or WebP image" in capsys.readouterr().err
     assert not (tmp_path / "c.png").exists()
+
+
+def test_run_batch_splits_strengths_and_keeps_order(sd1: LoadedModel) -> None:
+    store = Store()
+    weak = request(init_image=store.add(picture(6)), sampler="euler", steps=4, strength=0.25, seed=1)
+    strong = request(init_image=store.add(picture(7)), sampler="euler", steps=4, strength=0.5, seed=2)
+    calls = []
+    hook = sd1.network.unet.register_forward_hook(lambda _m, args, _out: calls.append(args[0].shape[0]))
+    try:
+        results = run_batch(sd1, [weak, strong, weak.model_copy(update=dict(seed=3))], store.__getitem__)
+    finally:
+        hook.remove()
+    assert calls == [4, 2, 2]  # the two weak ones together for 1 step, then the strong one for 2
+    alone = run_batch(sd1, [strong], store.__getitem__)
+    assert_close_images(results[1][0], alone[0][0])
+    with pytest.raises(ValueError, match="requests of one batch differ in width"):
+        run_batch(sd1, [weak, request(width=128)], store.__getitem__)
