@@ -282,7 +282,8 @@ def _unet_in(model: LoadedModel, labels: torch.Tensor | None = None) -> Callable
 
 
 def to_pixels(images: Sequence[Image.Image], device: torch.device) -> torch.Tensor:
-    """RGB images of one size -> (B, 3, H, W) float32 in [-1, 1], as the original scripts scale them."""
+    """RGB images of one size -> (B, 3, H, W) float32 x / 127.5 - 1, the original inpainting
+    script's scaling (its img2img script's 2 x / 255 - 1 differs in the last bit at most)."""
     arrays = [torch.from_numpy(np.array(image.convert("RGB"))) for image in images]
     return (torch.stack(arrays).permute(0, 3, 1, 2).float() / 127.5 - 1.0).to(device)
 

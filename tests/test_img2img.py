@@ -171,7 +171,8 @@ def test_generate_command_img2img_end_to_end(
     checkpoint, _ = tiny_checkpoints.get("sd1")
     picture(5, (100, 70)).save(tmp_path / "in.png")
     common = ["generate", "--checkpoint", str(checkpoint), "--prompt", "a red fox", "--steps", "2", "--sampler",
-              "ddim", "--seed", "3", "--device", "cpu", "--config", "/dev/null", "--init-image", str(tmp_path / "in.png")]
+              "ddim", "--seed", "3", "--device", "cpu", "--config", "/dev/null",
+              "--init-image", str(tmp_path / "in.png")]
     assert main([*common, "--strength", "0.5", "--out", str(tmp_path / "a.png")]) == 0
     assert main([*common, "--strength", "0.5", "--out", str(tmp_path / "b.png")]) == 0
     out = Image.open(tmp_path / "a.png")
