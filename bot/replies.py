@@ -22,7 +22,7 @@ import discord
 from PIL import Image
 
 from bot.config import DiscordSettings
-from bot.views import result_view, status_view
+from bot.views import result_view
 from generation.queue import Estimate
 from generation.request import JobState, Kind
 from storage import jobs as stored
@@ -106,7 +106,11 @@ class Delivery:
     """The studio's listener on the Discord side (see `bot.studio.Listener`)."""
 
     def __init__(
-        self, client: discord.Client, db: Database, settings: DiscordSettings, clock: Callable[[], float] = time.monotonic
+        self,
+        client: discord.Client,
+        db: Database,
+        settings: DiscordSettings,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._client = client
         self._db = db

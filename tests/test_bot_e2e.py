@@ -55,14 +55,14 @@ class World:
     mod: User
 
 
-def make_config(server: DiscordServer, data: Path, checkpoints: TinyCheckpoints, guild: Guild, **queue: object) -> AppConfig:
+def make_config(server: DiscordServer, data: Path, checkpoints: TinyCheckpoints, guild: Guild) -> AppConfig:
     path, yaml_path = checkpoints.get("sd1")
     return AppConfig(
         discord=DiscordSettings(api_base=f"{server.url}/api/v10", guild_id=guild.id, progress_interval_s=0.5),
         generation=GenerationSettings(device="cpu", dtype="float32", default_steps=2, max_steps=10,
                                       default_count=1, default_sampler="euler"),
         models=(ModelSettings(name="tiny", checkpoint=path, config=yaml_path),),
-        queue=QueueSettings(shutdown_grace_s=0.0, **queue),
+        queue=QueueSettings(shutdown_grace_s=0.0),
         storage=StorageSettings(data_dir=data),
     )
 
@@ -122,9 +122,12 @@ def png_upload(name: str) -> Upload:
     return Upload(name, buffer.getvalue())
 
 
-async def test_imagine_acknowledges_shows_progress_and_delivers_images_with_buttons(world: World) -> None:
+async def test_imagine_acknowledges_shows_progress_and_delivers_images_with_buttons(
+        world: World, capsys: pytest.CaptureFixture[str]) -> None:
     server = world.server
     async with running(world.config, server):
+        assert f"Invite it with:\n  https://discord.com/oauth2/authorize?client_id={server.application_id}&" in (
+            capsys.readouterr().out)
         synced = {(c["name"], c["type"]) for c in server.commands(world.guild)}
         assert {("imagine", 1), ("Remix", 3)} <= synced
         imagine = next(c for c in server.commands(world.guild) if c["name"] == "imagine")
@@ -233,6 +236,12 @@ async def test_missing_permissions_bad_inputs_and_bans_get_clear_answers(world: 
         banned = await answer(world.bob, world.channel, {"prompt": "a cat"})
         assert "banned" in banned.content and "spam" in banned.content
 
+        limited = await server.slash(world.mod, world.channel, "limits set",
+                                     {"scope": "user", "target": world.carol, "max_steps": 2})
+        await server.wait_for(lambda a: a.interaction is limited and a.kind == "message")
+        too_many = await answer(world.carol, world.channel, {"prompt": "a cat", "steps": 5})
+        assert too_many.content == "Your limit here is 2 steps; you asked for 5."
+
         plain = await server.post_message(world.alice, world.channel, "no picture here")
         reply = await server.post_message(world.bob, world.channel, f"{server.bot.mention} a cat", reference=plain)
         said = await server.wait_for(lambda a: a.kind == "message" and a.message.reference is reply)
@@ -275,8 +284,9 @@ def _with_transparent_corner() -> bytes:
     return buffer.getvalue()
 
 
-async def test_three_users_are_interleaved_fairly(world: World, tiny_checkpoints: TinyCheckpoints  # noqa: F811
-                                                  ) -> None:
+async def test_three_users_are_interleaved_fairly(world: World) -> None:
+    """Alice queues three jobs before Bob and Carol queue one each: start-time fair queueing runs
+    one of each user's before Alice's second (batches of one image, so the order is visible)."""
     server = world.server
     config = world.config.model_copy(update={"queue": QueueSettings(shutdown_grace_s=0.0, max_batch_images=1)})
     async with running(config, server) as bot:
@@ -284,31 +294,35 @@ async def test_three_users_are_interleaved_fairly(world: World, tiny_checkpoints
         asked = []
         for user, count in ((world.alice, 3), (world.bob, 1), (world.carol, 1)):
             for _ in range(count):
-                asked.append((user, await server.slash(user, world.channel, "imagine", {"prompt": "a tree", "steps": 1})))
+                interaction = await server.slash(user, world.channel, "imagine", {"prompt": "a tree", "steps": 1})
+                asked.append((user, interaction))
                 await server.wait_for(lambda a, i=asked[-1][1]: a.interaction is i and a.kind == "message")
         bot.studio.queue.resume()
-        owners = []
+        results: list[Message] = []
         for _ in asked:
             action = await server.wait_for(
-                lambda a: a.kind == "message" and bool(a.message.attachments)
-                and a.message.id not in [m.id for m in owners], TIMEOUT)
-            owners.append(action.message)
-        order = [next(u.name for u, i in asked if i is m.interaction) for m in owners]
+                lambda a: a.kind == "message" and bool(a.message.attachments) and a.message not in results, TIMEOUT)
+            results.append(action.message)
+        order = [next(u.name for u, i in asked if i is m.interaction) for m in results]
         assert order == ["alice", "bob", "carol", "alice", "alice"]
 
 
-def test_atelier_run_serves_imagine_and_stops_gracefully_on_sigterm(tmp_path: Path,
-                                                                     tiny_checkpoints: TinyCheckpoints  # noqa: F811
-                                                                     ) -> None:
+def test_atelier_run_survives_a_restart_mid_queue_with_buttons_working(
+        tmp_path: Path, tiny_checkpoints: TinyCheckpoints) -> None:  # noqa: F811
     asyncio.run(_atelier_run(tmp_path, tiny_checkpoints))
 
 
 async def _atelier_run(tmp_path: Path, checkpoints: TinyCheckpoints) -> None:
+    """`atelier run` as operators start it: a queued job outlives SIGTERM, the next process
+    delivers it to the same interaction, and the old result's buttons still work."""
     async with DiscordServer() as server:
         guild = await server.create_guild("studio")
         channel = await server.create_channel(guild, "art")
-        alice = server.create_user("alice")
+        alice, mod = server.create_user("alice"), server.create_user("mod")
+        moderators = await server.create_role(guild, "moderators",
+                                              permissions=discord.Permissions(manage_guild=True).value)
         await server.add_member(guild, alice)
+        await server.add_member(guild, mod, roles=[moderators])
         path, yaml_path = checkpoints.get("sd1")
         config = tmp_path / "config.toml"
         config.write_text(f"""
@@ -328,24 +342,58 @@ shutdown_grace_s = 5.0
 [storage]
 data_dir = "data"
 """)
-        env = os.environ | {"DISCORD_TOKEN": server.token, "OMP_NUM_THREADS": "1"}
-        process = await asyncio.create_subprocess_exec(
-            sys.executable, "-c", "from bot.cli import main; raise SystemExit(main())", "run", "--config", str(config),
-            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=Path(__file__).parent.parent)
-        try:
-            await server.wait_for_bot(TIMEOUT)
-            await asyncio.sleep(1.0)  # commands are synced after the gateway connects
-            asked = await server.slash(alice, channel, "imagine", {"prompt": "a lighthouse", "seed": 2})
-            result = (await server.wait_for(message_for(asked, files=True), TIMEOUT)).message
+
+        async def answered(user: User, command: str, options: dict, files: bool) -> tuple[Interaction, Message]:
+            asked = await server.slash(user, channel, command, options)
+            if files:
+                return asked, (await server.wait_for(message_for(asked, files=True), TIMEOUT)).message
+            return asked, (await server.wait_for(lambda a: a.interaction is asked and a.kind == "message")).message
+
+        async with _atelier(config, server, guild) as first:
+            _, result = await answered(alice, "imagine", {"prompt": "a lighthouse", "seed": 2}, files=True)
             assert "Seed: 2," in png_info(result.attachments[0].data)[1]
-            process.send_signal(signal.SIGTERM)
-            output, _ = await asyncio.wait_for(process.communicate(), TIMEOUT)
-        finally:
-            if process.returncode is None:
-                process.kill()
-                await process.wait()
-        assert process.returncode == 0, output.decode()
-        assert b"Invite it with" in output
+            await answered(mod, "queue pause", {}, files=False)
+            waiting, ack = await answered(alice, "imagine", {"prompt": "a harbour", "seed": 4}, files=False)
+            await asyncio.sleep(0.5)  # let the command store its status message
+        assert first.returncode == 0, first.output.decode()
+
+        async with _atelier(config, server, guild) as second:
+            late = (await server.wait_for(message_for(waiting, files=True), TIMEOUT)).message
+            assert "Seed: 4," in png_info(late.attachments[0].data)[1] and f"<@{alice.id}>" in late.content
+            job_id = result.buttons()[0]["custom_id"].split(":")[3]
+            rerun = await server.press_button(mod, result, f"atelier:v1:rerun:{job_id}:0")
+            again = (await server.wait_for(message_for(rerun, files=True), TIMEOUT)).message
+            assert f"<@{mod.id}>" in again.content
+        assert second.returncode == 0, second.output.decode()
+
+
+@dataclass
+class _Process:
+    returncode: int | None = None
+    output: bytes = b""
+
+
+@asynccontextmanager
+async def _atelier(config: Path, server: DiscordServer, guild: Guild) -> AsyncIterator[_Process]:
+    """`atelier run --config ...` until the block ends, then SIGTERM; the exit status and output
+    are filled in after the block."""
+    env = os.environ | {"DISCORD_TOKEN": server.token, "OMP_NUM_THREADS": "1"}
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", "from bot.cli import main; raise SystemExit(main())", "run", "--config", str(config),
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=Path(__file__).parent.parent)
+    finished = _Process()
+    try:
+        async with asyncio.timeout(TIMEOUT):
+            while not server.bot_connected or not server.commands(guild):  # connected and synced
+                await asyncio.sleep(0.05)
+        yield finished
+        process.send_signal(signal.SIGTERM)
+        finished.output, _ = await asyncio.wait_for(process.communicate(), TIMEOUT)
+        finished.returncode = process.returncode
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
 
 
 async def test_cancel_button_answers_owner_moderator_and_others(world: World) -> None:
