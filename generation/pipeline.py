@@ -26,7 +26,7 @@ from generation.denoiser import GuidedDenoiser
 from generation.prompts import encode_prompts
 from generation.request import GenerationRequest, Kind
 from generation.samplers import SAMPLERS, BatchNoise, Denoiser, Sampler
-from generation.schedules import DiscreteSchedule
+from generation.schedules import DiscreteSchedule, ddim_sigmas
 from generation.settings import ModelSettings
 from generation.variations import variation_noise
 from models.loading import load_checkpoint
@@ -239,23 +239,30 @@ def start(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(the sigmas to sample, the VE start latent at their first level).
 
-    Without init (or when strength leaves no schedule level above the sampled part): the seeds'
-    noise at the top of the schedule, as txt2img. With init, the img2img contract of issue 4,
-    off-by-one of the original img2img script included so results match it: t_enc =
-    max(1, int(strength * steps)); the latent is the original DDIMSampler.stochastic_encode of x0,
-    sqrt(a) x0 + sqrt(1 - a) noise at the level ONE ABOVE the last t_enc + 1 levels
-    (the original's ddim_timesteps[t_enc]), and is then sampled along those last levels as if it
-    were at the first of them (the original denoises from ddim_timesteps[t_enc - 1]). Every sampler
-    does this on its own schedule; for `ddim` it is exactly the original."""
+    Without init: the seeds' noise at the top of the schedule, as txt2img. With init, the img2img
+    contract of issue 4: t_enc = max(1, int(strength * steps)) and the last t_enc steps, the tail
+    sigmas[-(t_enc + 1):], are sampled. The start latent:
+    - on the original's DDIM timesteps (`ddim`, `plms`), the original img2img script's, off-by-one
+      included so results match it: DDIMSampler.stochastic_encode, sqrt(a) x0 + sqrt(1 - a) noise,
+      at the level one ABOVE the tail (its ddim_timesteps[t_enc]), then denoised as if it were at
+      the tail's first level (its decode starts at ddim_timesteps[t_enc - 1]);
+    - on every other schedule, as the web UIs run k-diffusion img2img: x0 + tail[0] * noise.
+    Strength 1 with no level above the tail is txt2img's pure-noise start."""
     if not 0.0 < strength <= 1.0:
         raise ValueError(f"strength must be in (0, 1], got {strength}")
     t_enc = max(1, int(strength * steps))
-    if init is None or t_enc + 1 >= len(sigmas):
+    original = sampler.spacing is ddim_sigmas
+    if init is None or (original and t_enc + 1 >= len(sigmas)):
         return sigmas, noise * sampler.start_scale(float(sigmas[0]))
     tail = sigmas[-(t_enc + 1) :]
-    encode_sigma, first = float(sigmas[-(t_enc + 2)]), float(tail[0])
+    first = float(tail[0])
+    if not original:
+        return tail, init + first * noise
+    encode_sigma = float(sigmas[-(t_enc + 2)])
     vp = (init + encode_sigma * noise) / math.sqrt(1 + encode_sigma**2)  # stochastic_encode
     return tail, vp * math.sqrt(1 + first**2)
+
+
 def encode_conditioning(
     network: StableDiffusion, per_image: Sequence[GenerationRequest], device: torch.device
 ) -> tuple[torch.Tensor, torch.Tensor]:

@@ -124,16 +124,22 @@ def test_ddim_img2img_equals_the_original_script(sd1: LoadedModel) -> None:
 
 def test_start_points_of_other_samplers(sd1: LoadedModel) -> None:
     x0, noise = torch.randn(1, 4, 8, 8), torch.randn(1, 4, 8, 8)
-    sigmas = SAMPLERS["euler"].sigmas(sd1.schedule, 10)
-    tail, x = start(SAMPLERS["euler"], sigmas, 10, noise, x0, strength=0.35)
-    assert len(tail) == 4 and torch.equal(tail, sigmas[-4:])  # t_enc = 3 steps are sampled
-    # The latent is the VP latent at the level one above the tail, read as being at the tail's top.
-    encode_sigma = sigmas[-5].item()
-    alpha = 1 / (1 + encode_sigma**2)
+    for name in ("euler", "dpmpp_2m_karras", "unipc"):  # as the web UIs: x0 + sigma * noise, at the tail's top
+        sigmas = SAMPLERS[name].sigmas(sd1.schedule, 10)
+        tail, x = start(SAMPLERS[name], sigmas, 10, noise, x0, strength=0.35)
+        assert torch.equal(tail, sigmas[-4:])  # t_enc = 3 steps are sampled
+        assert torch.allclose(x, x0 + sigmas[-4].item() * noise, atol=1e-6)
+        # Strength 1: the whole schedule from x0 + sigma_max * noise (mostly noise).
+        full, x = start(SAMPLERS[name], sigmas, 10, noise, x0, strength=1.0)
+        assert torch.equal(full, sigmas) and torch.allclose(x, x0 + sigmas[0].item() * noise)
+    # ddim/plms keep the original's off-by-one: the VP latent one level above the tail, read as
+    # being at the tail's top; at strength 1 there is no level above: txt2img's start.
+    sigmas = SAMPLERS["plms"].sigmas(sd1.schedule, 10)
+    tail, x = start(SAMPLERS["plms"], sigmas, 10, noise, x0, strength=0.35)
+    alpha = 1 / (1 + sigmas[-5].item() ** 2)
     assert torch.allclose(x / (1 + tail[0] ** 2) ** 0.5, alpha**0.5 * x0 + (1 - alpha) ** 0.5 * noise, atol=1e-6)
-    # Strength 1 leaves no level above: the run is txt2img's, from pure noise.
-    full, x = start(SAMPLERS["euler"], sigmas, 10, noise, x0, strength=1.0)
-    assert torch.equal(full, sigmas) and torch.equal(x, noise * sigmas[0].item())
+    full, x = start(SAMPLERS["plms"], sigmas, 10, noise, x0, strength=1.0)
+    assert torch.equal(full, sigmas) and torch.equal(x, noise * (1 + sigmas[0].item() ** 2) ** 0.5)
     with pytest.raises(ValueError, match=r"strength must be in \(0, 1\]"):
         start(SAMPLERS["euler"], sigmas, 10, noise, x0, strength=1.5)
 
