@@ -14,12 +14,13 @@ import logging
 import math
 import re
 import secrets
-import time
 from dataclasses import dataclass
 from typing import Literal
 
 import discord
+import numpy as np
 from discord import app_commands
+from PIL import Image
 from pydantic import ValidationError
 
 from bot.config import AppConfig
@@ -170,25 +171,26 @@ class Gestures:
         except ValidationError as error:
             raise UserError("; ".join(e["msg"] for e in error.errors())) from None
 
-    async def from_image(self, options: Options, source: bytes, mask: bytes | None) -> GenerationRequest:
-        """img2img of `source`; inpaint when a mask is given or the source has transparent pixels."""
+    async def from_image(self, options: Options, source: bytes,
+                         mask: bytes | None) -> tuple[GenerationRequest, list[str]]:
+        """img2img of `source`, or inpaint when a mask is given or the source has transparent
+        pixels; with notes on what was changed (a downscaled image). Decoding runs off the loop."""
         g = self._config.generation
         try:
-            image = load_image(source, MAX_INPUT_PIXELS)
-            rgb, alpha_mask = split_alpha(image)
-            mask_image = load_image(mask, MAX_INPUT_PIXELS, "mask") if mask is not None else alpha_mask
+            rgb, mask_png = await asyncio.to_thread(_decode_inputs, source, mask)
         except ImageInputError as error:
             raise UserError(str(error)) from None
-        width, height, _ = fit_size(*rgb.size, g.max_pixels, g.max_side)
-        init = await put_input(self._studio.db, _png(rgb))
-        mask_sha = await put_input(self._studio.db, _png(mask_image)) if mask_image is not None else None
+        width, height, notes = fit_size(*rgb.size, g.max_pixels, g.max_side)
+        init = await put_input(self._studio.db, await asyncio.to_thread(_png, rgb))
+        mask_sha = await put_input(self._studio.db, mask_png) if mask_png is not None else None
         kind = Kind.INPAINT if mask_sha is not None else Kind.IMG2IMG
-        return await self.request(options, kind=kind, size=(width, height), init_image=init, mask_image=mask_sha)
+        request = await self.request(options, kind=kind, size=(width, height), init_image=init, mask_image=mask_sha)
+        return request, notes
 
     # -- submitting and acknowledging --
 
     async def submit_interaction(self, interaction: discord.Interaction, request: GenerationRequest,
-                                 parent: tuple[str, int] | None = None) -> Job | None:
+                                 parent: tuple[str, int] | None = None, notes: list[str] | None = None) -> Job | None:
         """Queue `request` for the interaction's user and answer with the status message."""
         requester = Requester.of(interaction.user, interaction.channel)
         origin = Origin(
@@ -200,15 +202,16 @@ class Gestures:
         except Refused as refused:
             await _say(interaction, str(refused))
             return None
-        self._delivery.expect(job.id, requester.user_id, interaction.edit_original_response, interaction.filesize_limit)
-        text = self._delivery.queued_text(job.id, requester.user_id, self._studio.queue.estimates().get(job.id))
+        self._delivery.expect(job.id, requester.user_id, interaction.filesize_limit)
+        text = self._ack_text(job, notes or [])
         callback = await interaction.response.send_message(text, view=status_view(job.id))
-        self._delivery.acknowledged(job.id, text)
+        self._delivery.acknowledged(job.id, text, interaction.edit_original_response)
         if callback.message_id is not None:
             await stored.set_message(self._studio.db, job.id, callback.message_id)
         return job
 
-    async def submit_message(self, message: discord.Message, request: GenerationRequest) -> Job | None:
+    async def submit_message(self, message: discord.Message, request: GenerationRequest,
+                             notes: list[str]) -> Job | None:
         """Queue `request` for the author of `message` and reply to it with the status message."""
         requester = Requester.of(message.author, message.channel)
         try:
@@ -216,18 +219,18 @@ class Gestures:
         except Refused as refused:
             await message.reply(str(refused), mention_author=False)
             return None
-        holder: list[discord.Message] = []
-
-        async def edit(**fields: object) -> None:
-            await holder[0].edit(**fields)
-
-        limit = message.guild.filesize_limit if message.guild else DEFAULT_UPLOAD_LIMIT
-        self._delivery.expect(job.id, requester.user_id, edit, limit)
-        text = self._delivery.queued_text(job.id, requester.user_id, self._studio.queue.estimates().get(job.id))
-        holder.append(await message.reply(text, view=status_view(job.id), mention_author=False))
-        self._delivery.acknowledged(job.id, text)
-        await stored.set_message(self._studio.db, job.id, holder[0].id)
+        self._delivery.expect(job.id, requester.user_id,
+                              message.guild.filesize_limit if message.guild else DEFAULT_UPLOAD_LIMIT)
+        text = self._ack_text(job, notes)
+        status = await message.reply(text, view=status_view(job.id), mention_author=False)
+        self._delivery.acknowledged(job.id, text, status.edit)
+        await stored.set_message(self._studio.db, job.id, status.id)
         return job
+
+    def _ack_text(self, job: Job, notes: list[str]) -> str:
+        """The queue position and ETA, and what was changed about the input (as Discord subtext)."""
+        text = self._delivery.queued_text(job.id, job.owner_id, self._studio.queue.estimates().get(job.id))
+        return "\n".join([text, *(f"-# {note}" for note in notes)])
 
     # -- /imagine --
 
@@ -268,6 +271,7 @@ class Gestures:
                 return
             options = Options(prompt, negative or "", count, aspect, steps, guidance, seed, sampler, model, style,
                               strength)
+            notes: list[str] = []
             try:
                 if mask is not None and image is None:
                     raise UserError("a mask needs an image to repaint: add the image option too")
@@ -275,11 +279,12 @@ class Gestures:
                     request = await self.request(options)
                 else:
                     source = await _read(image, "image")
-                    request = await self.from_image(options, source, await _read(mask, "mask") if mask else None)
+                    request, notes = await self.from_image(options, source,
+                                                           await _read(mask, "mask") if mask else None)
             except UserError as error:
                 await _say(interaction, str(error))
                 return
-            await self.submit_interaction(interaction, request)
+            await self.submit_interaction(interaction, request, notes=notes)
 
         @imagine.autocomplete("model")
         async def complete_model(interaction: discord.Interaction, current: str) -> list[app_commands.Choice[str]]:
@@ -308,9 +313,12 @@ class Gestures:
                                 "WebP image")
             text = re.sub(rf"<@!?{me.id}>", "", message.content)
             options = parse_flags(text)
-            mask = _first_image(message)
-            request = await self.from_image(options, await _read(source, "image"),
-                                            await _read(mask, "mask") if mask else None)
+            attached = _first_image(message)
+            mask = await _read(attached, "mask") if attached else None
+            if mask is not None and not await asyncio.to_thread(is_mask, mask):
+                raise UserError("the image on your reply is not a mask; attach a black-and-white image (white = "
+                                "repaint), or no image for img2img")
+            request, notes = await self.from_image(options, await _read(source, "image"), mask)
         except UserError as error:
             await message.reply(str(error), mention_author=False)
             return
@@ -318,7 +326,7 @@ class Gestures:
             await message.reply("I could not read the message you replied to; do I have Read Message History "
                                 "there?", mention_author=False)
             return
-        await self.submit_message(message, request)
+        await self.submit_message(message, request, notes)
 
     def remix_menu(self) -> app_commands.ContextMenu:
         async def remix(interaction: discord.Interaction, message: discord.Message) -> None:
@@ -404,7 +412,7 @@ class RemixModal(discord.ui.Modal, title="Remix"):
                                     required=False, default=str(DEFAULT_STRENGTH), max_length=5)
 
     def __init__(self, gestures: Gestures, source: discord.Attachment) -> None:
-        super().__init__(custom_id=f"atelier:v1:remix:{int(time.time())}")
+        super().__init__(custom_id="atelier:v1:remix")
         self._gestures = gestures
         self._source = source
 
@@ -415,11 +423,11 @@ class RemixModal(discord.ui.Modal, title="Remix"):
             except ValueError:
                 raise UserError(f"strength must be a number between 0.01 and 1, not {self.strength.value!r}") from None
             options = Options(prompt=self.prompt.value, negative=self.negative.value, strength=strength)
-            request = await self._gestures.from_image(options, await _read(self._source, "image"), None)
+            request, notes = await self._gestures.from_image(options, await _read(self._source, "image"), None)
         except UserError as error:
             await _say(interaction, str(error))
             return
-        await self._gestures.submit_interaction(interaction, request)
+        await self._gestures.submit_interaction(interaction, request, notes=notes)
 
 
 def _first_image(message: discord.Message) -> discord.Attachment | None:
@@ -438,9 +446,29 @@ async def _read(attachment: discord.Attachment, what: str) -> bytes:
         raise UserError(f"I could not download the {what} ({error.status}); try uploading it again") from None
 
 
-def _png(image: object) -> bytes:
+def is_mask(data: bytes) -> bool:
+    """Whether an image is a black-and-white mask: grey (R = G = B, up to compression noise) and
+    nearly all of it near black or near white."""
+    try:
+        image = load_image(data, MAX_INPUT_PIXELS, "mask").convert("RGB")
+    except ImageInputError:
+        return False
+    red, green, blue = (np.asarray(channel, dtype=np.int16) for channel in image.split())
+    grey = max(np.abs(red - green).max(), np.abs(green - blue).max()) <= 16
+    extreme = np.mean((red < 32) | (red > 223)) >= 0.98
+    return bool(grey and extreme)
+
+
+def _decode_inputs(source: bytes, mask: bytes | None) -> tuple[Image.Image, bytes | None]:
+    """The source as RGB, and the mask as PNG: the given one, else the source's transparency."""
+    rgb, alpha_mask = split_alpha(load_image(source, MAX_INPUT_PIXELS))
+    mask_image = load_image(mask, MAX_INPUT_PIXELS, "mask") if mask is not None else alpha_mask
+    return rgb, _png(mask_image) if mask_image is not None else None
+
+
+def _png(image: Image.Image) -> bytes:
     buffer = io.BytesIO()
-    image.save(buffer, format="PNG")  # type: ignore[attr-defined]
+    image.save(buffer, format="PNG")
     return buffer.getvalue()
 
 

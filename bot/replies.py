@@ -49,8 +49,9 @@ class _Status:
     """The message that shows one job's state while it waits and runs."""
 
     owner_id: int
-    edit: Edit
     upload_limit: int
+    #: Edits the status message; set once it has been sent.
+    edit: Edit | None = None
     acknowledged: asyncio.Event = field(default_factory=asyncio.Event)
     last_edit: float = float("-inf")
     text: str = ""
@@ -121,13 +122,14 @@ class Delivery:
 
     # -- acknowledgements, called by the commands right after a job was queued --
 
-    def expect(self, job_id: str, owner_id: int, edit: Edit, upload_limit: int) -> None:
-        """Register a job's status message before it is sent; results wait for `acknowledged`."""
-        self._status[job_id] = _Status(owner_id, edit, upload_limit)
+    def expect(self, job_id: str, owner_id: int, upload_limit: int) -> None:
+        """Register a job as soon as it is queued; its events wait for `acknowledged`."""
+        self._status[job_id] = _Status(owner_id, upload_limit)
 
-    def acknowledged(self, job_id: str, text: str) -> None:
+    def acknowledged(self, job_id: str, text: str, edit: Edit) -> None:
+        """The status message showing `text` was sent; `edit(content=..., ...)` changes it."""
         if (status := self._status.get(job_id)) is not None:
-            status.text, status.last_edit = text, self._clock()
+            status.text, status.last_edit, status.edit = text, self._clock(), edit
             status.acknowledged.set()
 
     def queued_text(self, job_id: str, owner_id: int, estimate: Estimate | None) -> str:
@@ -251,7 +253,7 @@ class Delivery:
         """The status message's last words, without its Cancel button."""
         status = self._status.get(job.id)
         try:
-            if status is not None:
+            if status is not None and status.edit is not None:
                 await status.edit(content=f"<@{job.owner_id}> {text}", view=None, attachments=[])
             elif job.message_id is not None:
                 channel = self._client.get_partial_messageable(job.channel_id, guild_id=job.guild_id)
@@ -285,6 +287,7 @@ class Delivery:
                 status.text, status.last_edit = text, self._clock()
                 files = [discord.File(io.BytesIO(preview), filename="preview.png")] if preview else []
                 try:
+                    assert status.edit is not None  # set with `acknowledged`
                     await status.edit(content=text, **({"attachments": files} if files else {}))
                 except discord.HTTPException as error:
                     log.info("could not edit a status message: %s", error)

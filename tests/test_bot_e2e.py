@@ -266,6 +266,21 @@ async def test_reply_to_an_image_and_remix_run_img2img_and_inpaint(world: World)
         assert "Negative prompt: text" in parameters and "Seed: 3," in parameters
         assert "Denoising strength: 0.5" in parameters
 
+        mask = Image.new("L", (64, 64), 0)
+        mask.paste(255, (0, 0, 32, 32))
+        buffer = io.BytesIO()
+        mask.save(buffer, format="PNG")
+        masked = await server.post_message(world.carol, world.channel, f"{server.bot.mention} a red door",
+                                           attachments=[Upload("mask.png", buffer.getvalue())], reference=picture)
+        inpainted = (await server.wait_for(lambda a: a.kind == "message" and a.message.reference is masked
+                                           and bool(a.message.attachments), TIMEOUT)).message
+        assert "inpaint" in inpainted.content
+
+        not_mask = await server.post_message(world.carol, world.channel, f"{server.bot.mention} a red door",
+                                             attachments=[png_upload("colour.png")], reference=picture)
+        said = await server.wait_for(lambda a: a.kind == "message" and a.message.reference is not_mask)
+        assert "is not a mask" in said.message.content
+
         holed = await server.post_message(world.alice, world.channel, "with a hole",
                                           attachments=[Upload("hole.png", _with_transparent_corner())])
         menu = await server.context_menu(world.carol, holed, "Remix")

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from bot.commands import ASPECTS, Options, UserError, parse_flags, size_for
+from bot.commands import ASPECTS, Options, UserError, is_mask, parse_flags, size_for
 from bot.replies import fit_upload
 from bot.styles import STYLES
 from bot.views import result_view
@@ -76,3 +76,18 @@ def test_result_buttons_carry_versioned_job_and_index_in_rows() -> None:
     assert [item.item.row for item in view.children] == [0, 0, 0, 1, 1, 1, 0]
     upscaled = [item.item.label for item in result_view("abcdefghijkl", 1, upscaled=True).children]
     assert upscaled == ["Vary (Subtle)", "Vary (Strong)", "Zoom Out", None]
+
+
+def encoded(image: Image.Image, fmt: str = "PNG") -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt)
+    return buffer.getvalue()
+
+
+def test_masks_are_black_and_white_images() -> None:
+    mask = Image.new("L", (64, 64), 0)
+    mask.paste(255, (10, 10, 40, 40))
+    assert is_mask(encoded(mask)) and is_mask(encoded(mask.convert("RGB"), "JPEG"))  # JPEG noise is fine
+    assert not is_mask(encoded(Image.new("RGB", (64, 64), (200, 30, 30))))  # a colour
+    assert not is_mask(encoded(Image.new("L", (64, 64), 128)))  # grey, not black or white
+    assert not is_mask(b"not an image")
