@@ -10,6 +10,7 @@ import signal
 
 import discord
 import yarl
+from discord import app_commands
 from discord.ext import commands
 
 from bot import policy
@@ -63,6 +64,7 @@ class AtelierBot(commands.Bot):
         self.delivery = Delivery(self, studio.db, config.discord)
         self.studio, self.gestures = studio, Gestures(self, studio, self.delivery)
         self.add_dynamic_items(JobButton, CancelButton)
+        self.tree.error(self._command_failed)
         home = discord.Object(config.discord.guild_id) if config.discord.guild_id else None
         for command in (
             self.gestures.imagine_command(),
@@ -73,6 +75,19 @@ class AtelierBot(commands.Bot):
             self.tree.add_command(command, guild=home)
         await self.tree.sync(guild=home)
         studio.start(self.delivery)
+
+    async def _command_failed(self, interaction: discord.Interaction, error: app_commands.AppCommandError) -> None:
+        """A bug of ours, or Discord failing us: log it with the command, tell the user plainly."""
+        name = interaction.command.qualified_name if interaction.command else "?"
+        log.error("/%s failed for user %s", name, interaction.user.id, exc_info=error)
+        text = "Something went wrong on my side; it has been logged for the bot's operators. Please try again."
+        try:
+            if interaction.response.is_done():
+                await interaction.followup.send(text, ephemeral=True)
+            else:
+                await interaction.response.send_message(text, ephemeral=True)
+        except discord.HTTPException:
+            log.warning("could not tell user %s that /%s failed", interaction.user.id, name)
 
     async def on_ready(self) -> None:
         log.info("logged in as %s; invite: %s", self.user, invite_url(self.application_id or 0))

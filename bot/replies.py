@@ -176,6 +176,8 @@ class Delivery:
                 await self._close_status(job, f"`{job.id}` was cancelled.")
             else:
                 await self._deliver(job, images, status.upload_limit if status else self._upload_limit(job))
+        except Exception:  # a bug of ours must not go unnoticed in a background task
+            log.exception("delivering job %s failed", job.id)
         finally:
             self._status.pop(job.id, None)
 

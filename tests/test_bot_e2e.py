@@ -193,6 +193,14 @@ async def test_buttons_rerun_vary_upscale_work_after_a_restart_and_expired_jobs_
         answer = (await server.wait_for(lambda a: a.interaction is late and a.kind == "message")).message
         assert answer.ephemeral and "expired" in answer.content
 
+        rerun_id = again.buttons()[0]["custom_id"].split(":")[3]
+        async with bot.studio.db.writing() as connection:  # an operator deleted the rerun's job
+            for table, column in (("usage", "job_id"), ("images", "job_id"), ("jobs", "id")):
+                await connection.execute(f"DELETE FROM {table} WHERE {column} = ?", (rerun_id,))
+        gone = await server.press_button(world.alice, again, f"atelier:v1:upscale:{rerun_id}:0")
+        answer = (await server.wait_for(lambda a: a.interaction is gone and a.kind == "message")).message
+        assert answer.ephemeral and f"`{rerun_id}` no longer exists" in answer.content
+
 
 @pytest.mark.parametrize("world", [{"upload_limit": 12_000}], indirect=True)
 async def test_expired_token_falls_back_to_a_channel_reply_and_large_files_are_reencoded(world: World) -> None:
