@@ -9,6 +9,7 @@ at definition time, and the option ranges come from the configuration.
 """
 
 import asyncio
+import contextlib
 import io
 import logging
 import math
@@ -192,6 +193,9 @@ class Gestures:
     async def submit_interaction(self, interaction: discord.Interaction, request: GenerationRequest,
                                  parent: tuple[str, int] | None = None, notes: list[str] | None = None) -> Job | None:
         """Queue `request` for the interaction's user and answer with the status message."""
+        if (missing := _missing_permissions(interaction.app_permissions, interaction.guild)) is not None:
+            await _say(interaction, missing)
+            return None
         requester = Requester.of(interaction.user, interaction.channel)
         origin = Origin(
             channel_id=interaction.channel_id or 0, interaction_id=interaction.id,
@@ -213,6 +217,12 @@ class Gestures:
     async def submit_message(self, message: discord.Message, request: GenerationRequest,
                              notes: list[str]) -> Job | None:
         """Queue `request` for the author of `message` and reply to it with the status message."""
+        me = message.guild.me if message.guild else None
+        missing = _missing_permissions(message.channel.permissions_for(me), message.guild) if me else None
+        if missing is not None:  # a reply here would fail too: say it in private
+            with contextlib.suppress(discord.HTTPException):
+                await message.author.send(f"{missing} (in <#{message.channel.id}>)")
+            return None
         requester = Requester.of(message.author, message.channel)
         try:
             job = await self._studio.submit(request, requester, Origin(channel_id=message.channel.id))
@@ -266,8 +276,8 @@ class Gestures:
             mask: discord.Attachment | None = None,
             strength: app_commands.Range[float, 0.01, 1.0] | None = None,
         ) -> None:
-            if (missing := _missing_permissions(interaction)) is not None:
-                await _say(interaction, missing)
+            if (missing := _missing_permissions(interaction.app_permissions, interaction.guild)) is not None:
+                await _say(interaction, missing)  # before downloading anything
                 return
             options = Options(prompt, negative or "", count, aspect, steps, guidance, seed, sampler, model, style,
                               strength)
@@ -323,8 +333,8 @@ class Gestures:
             await message.reply(str(error), mention_author=False)
             return
         except discord.HTTPException:
-            await message.reply("I could not read the message you replied to; do I have Read Message History "
-                                "there?", mention_author=False)
+            await message.reply("I could not read the message you replied to: it was deleted, or I lack Read "
+                                "Message History here.", mention_author=False)
             return
         await self.submit_message(message, request, notes)
 
@@ -472,11 +482,10 @@ def _png(image: Image.Image) -> bytes:
     return buffer.getvalue()
 
 
-def _missing_permissions(interaction: discord.Interaction) -> str | None:
-    """Why results could not be posted in this channel, if they could not."""
-    if interaction.guild is None:
+def _missing_permissions(have: discord.Permissions, guild: discord.Guild | None) -> str | None:
+    """Why results could not be posted in a channel where the bot `have`s these permissions."""
+    if guild is None:
         return None
-    have = interaction.app_permissions
     missing = [name for name, ok in (("View Channel", have.view_channel), ("Send Messages", have.send_messages),
                                      ("Attach Files", have.attach_files)) if not ok]
     if not missing:

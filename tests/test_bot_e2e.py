@@ -254,6 +254,11 @@ async def test_missing_permissions_bad_inputs_and_bans_get_clear_answers(world: 
         reply = await server.post_message(world.bob, world.channel, f"{server.bot.mention} a cat", reference=plain)
         said = await server.wait_for(lambda a: a.kind == "message" and a.message.reference is reply)
         assert "has no image" in said.message.content
+        photo = await server.post_message(world.alice, closed, "a photo", attachments=[png_upload("p.png")])
+        await server.post_message(world.alice, closed, f"{server.bot.mention} a cat", reference=photo)
+        private = server.dm_channel(world.alice)
+        told = await server.wait_for(lambda a: a.kind == "message" and a.message.channel is private)
+        assert told.message.content.startswith("I cannot post in this channel: I am missing Send Messages")
         assert await bot.studio.db.fetch_all("SELECT id FROM jobs") == []  # nothing was queued
 
 
