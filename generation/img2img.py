@@ -68,4 +68,4 @@ def img2img(
         progress=progress,
         cancelled=cancelled,
     )
-    return group(requests, decode(model.network, latents))
+    return group(requests, decode(model, latents))

@@ -101,7 +101,7 @@ def inpaint_images(
     work_images = [resize(image.crop(box), *size) for image, box in zip(images, boxes, strict=True)]
     work_masks = [prepare_mask(mask.crop(box), size)[0] for mask, box in zip(masks, boxes, strict=True)]
     latents = repaint_latents(model, requests, work_images, work_masks, progress, cancelled)
-    generated = group(requests, decode(model.network, latents))
+    generated = group(requests, decode(model, latents))
     results = []
     for request, image, mask, box, outputs in zip(requests, images, masks, boxes, generated, strict=True):
         feather = blur_mask(mask, request.mask_blur)

@@ -28,6 +28,7 @@ from generation.request import GenerationRequest, Kind
 from generation.samplers import SAMPLERS, BatchNoise, Denoiser, Sampler
 from generation.schedules import DiscreteSchedule, ddim_sigmas
 from generation.settings import ModelSettings
+from generation.tiling import OVERLAP, TILE, decode_tiled
 from generation.variations import variation_noise
 from models.loading import load_checkpoint
 from models.stable_diffusion import StableDiffusion
@@ -51,6 +52,9 @@ class LoadedModel:
     short_hash: str
     device: torch.device
     dtype: torch.dtype
+    #: Decode in VAE tiles above this many output pixels (bounded memory, at a small cost in
+    #: fidelity: the VAE's normalization then sees one tile at a time).
+    vae_tile_above_pixels: int = 1024 * 1024
 
     @property
     def native_size(self) -> int:
@@ -74,7 +78,9 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     return getattr(torch, dtype)
 
 
-def load_model(settings: ModelSettings, device: torch.device, dtype: torch.dtype) -> LoadedModel:
+def load_model(
+    settings: ModelSettings, device: torch.device, dtype: torch.dtype, vae_tile_above_pixels: int = 1024 * 1024
+) -> LoadedModel:
     """Load the checkpoint of `settings` onto `device`. The VAE stays float32: SD's VAE overflows
     float16 on some images and decodes them black."""
     network = load_checkpoint(
@@ -84,7 +90,8 @@ def load_model(settings: ModelSettings, device: torch.device, dtype: torch.dtype
         network.model.to(memory_format=torch.channels_last)
     family = network.family
     schedule = DiscreteSchedule.linear(family.linear_start, family.linear_end, family.timesteps)
-    return LoadedModel(settings.name, network, schedule, _short_hash(settings.checkpoint), device, dtype)
+    short_hash = _short_hash(settings.checkpoint)
+    return LoadedModel(settings.name, network, schedule, short_hash, device, dtype, vae_tile_above_pixels)
 
 
 def _short_hash(path: Path) -> str:
@@ -164,7 +171,7 @@ def txt2img(
     cancelled: Callable[[], bool] | None = None,
 ) -> list[list[Image.Image]]:
     """The images of each request, in order; all requests run as one UNet batch."""
-    return group(requests, decode(model.network, sample_latents(model, requests, progress, cancelled)))
+    return group(requests, decode(model, sample_latents(model, requests, progress, cancelled)))
 
 
 def group(requests: Sequence[GenerationRequest], images: list[Image.Image]) -> list[list[Image.Image]]:
@@ -300,8 +307,12 @@ def encode(network: StableDiffusion, pixels: torch.Tensor) -> torch.Tensor:
     return network.vae.encode(pixels.float()).mean * network.family.scale_factor
 
 
-def decode(network: StableDiffusion, latents: torch.Tensor) -> list[Image.Image]:
-    """VAE.decode(z / scale_factor), then round(clamp((x + 1) / 2, 0, 1) * 255) per pixel."""
+def decode(model: LoadedModel, latents: torch.Tensor) -> list[Image.Image]:
+    """VAE.decode(z / scale_factor), then round(clamp((x + 1) / 2, 0, 1) * 255) per pixel; in
+    tiles when the images are larger than `model.vae_tile_above_pixels`."""
+    network, (h, w) = model.network, latents.shape[-2:]
+    if h * w * network.vae_scale**2 > model.vae_tile_above_pixels:
+        return to_images(decode_tiled(network, latents, TILE, OVERLAP))
     return to_images(network.vae.decode(latents.float() / network.family.scale_factor))
 
 

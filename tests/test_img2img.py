@@ -116,7 +116,7 @@ def test_ddim_img2img_equals_the_original_script(sd1: LoadedModel) -> None:
     ours = denoise(sd1, [req], (32, 32), init=x0.expand(2, -1, -1, -1), strength=req.strength)
     assert_same(ours, expected)
     images = img2img(sd1, [req], store.__getitem__)[0]
-    reference = decode(sd1.network, expected)
+    reference = decode(sd1, expected)
     for image, ref in zip(images, reference, strict=True):
         assert_close_images(image, ref)
     assert np.asarray(images[0]).std() > 5  # not a flat image

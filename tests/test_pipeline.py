@@ -4,10 +4,12 @@ same text conditioning, the reference loop written here the way diffusers' pipel
 
 from __future__ import annotations
 
+import dataclasses
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -15,7 +17,7 @@ from diffusers import DDIMScheduler, EulerDiscreteScheduler, UNet2DConditionMode
 from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint, create_unet_diffusers_config_from_ldm
 
 from bot.cli import main
-from generation.pipeline import LoadedModel, encode_conditioning, load_model, sample_latents, txt2img
+from generation.pipeline import LoadedModel, decode, encode_conditioning, load_model, sample_latents, txt2img
 from generation.request import GenerationRequest
 from generation.samplers import Cancelled
 from generation.settings import ModelSettings
@@ -139,3 +141,18 @@ def test_generate_command_same_seed_same_png(tiny_checkpoints: TinyCheckpoints, 
     a1, a2, b1, c1 = ((tmp_path / n).read_bytes() for n in ("a-1.png", "a-2.png", "b-1.png", "c-1.png"))
     assert a1 == b1 and a1 != a2
     assert c1 == a2  # image 2 of seed 7 is made from seed 8
+
+
+def test_large_images_decode_in_vae_tiles(tiny_checkpoints: TinyCheckpoints) -> None:
+    model = tiny_model(tiny_checkpoints, "sd1")
+    latents = torch.randn(1, 4, 40, 300, generator=torch.Generator().manual_seed(0))  # (1, 4, h, w)
+    calls = []
+    model.network.vae.decoder.register_forward_hook(lambda module, args, out: calls.append(tuple(out.shape)))
+    (whole,) = decode(model, latents)
+    assert calls == [(1, 3, 80, 600)]
+    calls.clear()
+    (tiles,) = decode(dataclasses.replace(model, vae_tile_above_pixels=80 * 300), latents)
+    assert len(calls) == 3 and all(shape[-1] <= 256 for shape in calls)  # 128-latent tiles
+    assert tiles.size == whole.size == (600, 80)
+    difference = np.abs(np.asarray(tiles, dtype=float) - np.asarray(whole, dtype=float))
+    assert difference.mean() < 8  # the same picture; GroupNorm statistics differ per tile

@@ -10,7 +10,8 @@ import torch
 from generation.images import ImageInputError
 from generation.pipeline import LoadedModel, encode_conditioning, to_pixels
 from generation.request import GenerationRequest
-from generation.upscale import AUGMENTATION_SEED_OFFSET, tile_starts, tiled, upscale, x4_latents
+from generation.tiling import tile_starts, tiled
+from generation.upscale import AUGMENTATION_SEED_OFFSET, upscale, x4_latents
 from models.loading import read_state_dict
 from tests.fixtures.checkpoints import TinyCheckpoints, tiny_checkpoints  # noqa: F401
 from tests.test_img2img import Store, assert_same, picture, start_noise, tiny_model
