@@ -34,7 +34,8 @@ def generate(args: argparse.Namespace, config: AppConfig) -> list[Path]:
     """Run the generation described by `args` and write its PNGs; return their paths."""
     settings = _model_settings(args, config)
     device = resolve_device(args.device)
-    model = load_model(settings, device, resolve_dtype(args.dtype or config.generation.dtype, device))
+    dtype = resolve_dtype(args.dtype or config.generation.dtype, device)
+    model = load_model(settings, device, dtype, config.generation.vae_tile_above_pixels)
     defaults = config.generation
     stored = {}  # sha256 -> bytes of the input files, as storage would hand them to the runner
     try:
