@@ -100,9 +100,11 @@ class AtelierBot(commands.Bot):
 
     async def close(self) -> None:
         """Stop taking jobs, give the running batch its grace period, then disconnect."""
-        await self._stack.aclose()
-        if self.delivery is not None:
+        if self.studio is not None:
+            await self.studio.shutdown()
+        if self.delivery is not None:  # results of the last batch, while the database is open
             await self.delivery.aclose()
+        await self._stack.aclose()
         await super().close()
         if self._saved_urls is not None:
             discord.http.Route.BASE, discord.gateway.DiscordWebSocket.DEFAULT_GATEWAY = self._saved_urls

@@ -34,6 +34,7 @@ from generation.engine import native_size
 from generation.images import ImageInputError, fit_size, load_image, split_alpha
 from generation.queue import Job, Refused
 from generation.request import MAX_SEED, SAMPLER_NAMES, GenerationRequest, Kind, round_to_multiple
+from generation.settings import GenerationSettings
 from generation.variations import variation_request
 from storage import jobs as stored
 from storage.images import ImageStatus, image_file, job_images, put_input
@@ -372,33 +373,12 @@ class Gestures:
             else:
                 image = images[index]
                 sha = await put_input(db, image_file(db, image).read_bytes())
-                request = self._derived(action, source, sha, (image.width, image.height))
+                request = derived_request(action, source, sha, (image.width, image.height), self._config.generation)
         except (UserError, ImageInputError) as error:
             await _say(interaction, str(error))
             return
         await self.submit_interaction(interaction, request, parent=(job_id, index))
 
-    def _derived(self, action: Action, source: GenerationRequest, sha: str, size: tuple[int, int]) -> GenerationRequest:
-        """The request a button makes from one result image (stored as input `sha`, `size` pixels)."""
-        g = self._config.generation
-        seed = secrets.randbelow(MAX_SEED - source.count + 2)
-        width, height = size
-        count = 1 if action == "upscale" else source.count
-        base = source.model_copy(update={"width": width, "height": height, "count": count})
-        if action in ("vary", "subtle", "strong"):
-            amount: Literal["subtle", "strong"] = "subtle" if action == "subtle" else "strong"
-            return variation_request(base, sha, amount, seed, g)
-        common = dict(init_image=sha, mask_image=None, seed=seed, variation_seed=None, variation_strength=0.0)
-        if action == "upscale":
-            changes = dict(kind=Kind.UPSCALE, strength=g.hires_strength, **common)
-        else:  # zoom out: extend every side by a quarter of the shorter one
-            pixels = max(8, min(width, height) // 4 // 8 * 8)
-            changes = dict(kind=Kind.OUTPAINT, strength=1.0, outpaint_directions=("left", "right", "up", "down"),
-                           outpaint_pixels=pixels, width=width + 2 * pixels, height=height + 2 * pixels, **common)
-        try:
-            return GenerationRequest.model_validate(base.model_dump() | changes)
-        except ValidationError as error:
-            raise UserError("; ".join(e["msg"] for e in error.errors())) from None
 
     async def cancel(self, interaction: discord.Interaction, job_id: str) -> None:
         requester = Requester.of(interaction.user, interaction.channel)
@@ -410,6 +390,30 @@ class Gestures:
             return
         done = "cancelled" if job.state.value == "cancelled" else "stops at its next step"
         await _say(interaction, f"Job `{job_id}` {done}.")
+
+
+def derived_request(action: Action, source: GenerationRequest, sha: str, size: tuple[int, int],
+                    settings: GenerationSettings) -> GenerationRequest:
+    """The request a button makes from one result image (stored as input `sha`, `size` pixels):
+    variations at the configured strengths, an upscale, or a zoom out (outpaint on every side)."""
+    seed = secrets.randbelow(MAX_SEED - source.count + 2)
+    width, height = size
+    count = 1 if action == "upscale" else source.count
+    base = source.model_copy(update={"width": width, "height": height, "count": count})
+    if action in ("vary", "subtle", "strong"):
+        amount: Literal["subtle", "strong"] = "subtle" if action == "subtle" else "strong"
+        return variation_request(base, sha, amount, seed, settings)
+    common = dict(init_image=sha, mask_image=None, seed=seed, variation_seed=None, variation_strength=0.0)
+    if action == "upscale":
+        changes = dict(kind=Kind.UPSCALE, strength=settings.hires_strength, **common)
+    else:  # zoom out: extend every side by a quarter of the shorter one
+        pixels = max(8, min(width, height) // 4 // 8 * 8)
+        changes = dict(kind=Kind.OUTPAINT, strength=1.0, outpaint_directions=("left", "right", "up", "down"),
+                       outpaint_pixels=pixels, width=width + 2 * pixels, height=height + 2 * pixels, **common)
+    try:
+        return GenerationRequest.model_validate(base.model_dump() | changes)
+    except ValidationError as error:
+        raise UserError("; ".join(e["msg"] for e in error.errors())) from None
 
 
 class RemixModal(discord.ui.Modal, title="Remix"):

@@ -183,6 +183,11 @@ async def test_buttons_rerun_vary_upscale_work_after_a_restart_and_expired_jobs_
         upscaled = (await server.wait_for(message_for(upscale, files=True), TIMEOUT)).message
         assert png_info(upscaled.attachments[0].data)[0] == (256, 256)
         assert labels(upscaled) == ["Vary (Subtle)", "Vary (Strong)", "Zoom Out", "🔄"]
+        upscaled_id = upscaled.buttons()[0]["custom_id"].split(":")[3]
+        subtle = await server.press_button(world.bob, upscaled, f"atelier:v1:subtle:{upscaled_id}:0")
+        subtler = (await server.wait_for(message_for(subtle, files=True), TIMEOUT)).message
+        size, parameters = png_info(subtler.attachments[0].data)
+        assert size == (256, 256) and "Denoising strength: 0.35" in parameters  # the configured subtle strength
         children = (await stored.job_detail(bot.studio.db, job_id)).children
         assert sorted(c.request.kind for c in children) == [Kind.TXT2IMG, Kind.UPSCALE, Kind.VARIATION]
         assert {c.owner_id for c in children} == {world.alice.id, world.bob.id, world.carol.id}

@@ -9,10 +9,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from bot.commands import ASPECTS, Options, UserError, is_mask, parse_flags, size_for
+from bot.commands import ASPECTS, Options, UserError, derived_request, is_mask, parse_flags, size_for
 from bot.replies import fit_upload
 from bot.styles import STYLES
 from bot.views import result_view
+from generation.request import GenerationRequest, Kind
+from generation.settings import GenerationSettings
 
 
 def test_flags_split_prompt_and_options_and_bad_flags_are_named() -> None:
@@ -91,3 +93,23 @@ def test_masks_are_black_and_white_images() -> None:
     assert not is_mask(encoded(Image.new("RGB", (64, 64), (200, 30, 30))))  # a colour
     assert not is_mask(encoded(Image.new("L", (64, 64), 128)))  # grey, not black or white
     assert not is_mask(b"not an image")
+
+
+def test_buttons_derive_upscales_variations_and_zoom_outs_from_one_image() -> None:
+    settings = GenerationSettings()
+    source = GenerationRequest(prompt="a fox", model="m", steps=20, guidance=7, seed=5, width=512, height=768,
+                               count=4)
+    sha = "ab" * 32
+    upscale = derived_request("upscale", source, sha, (512, 768), settings)
+    assert (upscale.kind, upscale.count, upscale.init_image, upscale.strength) == (
+        Kind.UPSCALE, 1, sha, settings.hires_strength)
+    for action, strength in (("vary", settings.variation_strong_strength),
+                             ("subtle", settings.variation_subtle_strength),
+                             ("strong", settings.variation_strong_strength)):
+        varied = derived_request(action, source, sha, (1024, 1536), settings)
+        assert (varied.kind, varied.strength, varied.width, varied.height) == (Kind.VARIATION, strength, 1024, 1536)
+        assert (varied.prompt, varied.count, varied.init_image) == ("a fox", 4, sha)
+    zoom = derived_request("zoom", source, sha, (512, 768), settings)
+    assert zoom.kind is Kind.OUTPAINT and zoom.outpaint_pixels == 128  # a quarter of the shorter side
+    assert set(zoom.outpaint_directions) == {"left", "right", "up", "down"}
+    assert (zoom.width, zoom.height) == (512 + 256, 768 + 256)  # the extended canvas
