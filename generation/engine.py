@@ -22,6 +22,7 @@ from generation.samplers import Cancelled
 from generation.settings import ModelSettings
 from models.loading import detect_family, inspect_checkpoint, read_state_dict
 
+
 class Engine:
     """Loads the configured checkpoints and runs batches of jobs on them (see the runner's
     `Pipeline` protocol). `inputs(sha256)` returns a stored input image's bytes (img2img, inpaint,

@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from generation.engine import Engine
+from generation.engine import Engine, native_size
 from generation.metadata import parameters_text
 from generation.pipeline import txt2img
 from generation.queue import Job
@@ -100,3 +100,12 @@ def test_size_counts_every_weight_byte_and_unknown_models_are_named(engine: Engi
     assert Engine.size(model) >= expected > 0
     with pytest.raises(KeyError, match="unknown model 'nope'; configured: tiny"):
         engine.load("nope", "cpu")
+
+
+@pytest.mark.parametrize("family", ["sd1", "sd2-v"])
+def test_native_size_read_from_the_file_matches_the_loaded_model(
+        tiny_checkpoints: TinyCheckpoints, family: str) -> None:  # noqa: F811
+    path, yaml_path = tiny_checkpoints.get(family)
+    settings = ModelSettings(name=family, checkpoint=path, config=yaml_path)
+    loaded = Engine([settings], "float32", INPUTS.__getitem__).load(family, "cpu")
+    assert native_size(settings) == loaded.native_size == {"sd1": 128, "sd2-v": 192}[family]
