@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import io
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -324,12 +325,16 @@ async def test_three_users_are_interleaved_fairly(world: World) -> None:
     config = world.config.model_copy(update={"queue": QueueSettings(shutdown_grace_s=0.0, max_batch_images=1)})
     async with running(config, server) as bot:
         bot.studio.queue.pause()
-        asked = []
+        asked, first_positions = [], []
         for user, count in ((world.alice, 3), (world.bob, 1), (world.carol, 1)):
             for _ in range(count):
                 interaction = await server.slash(user, world.channel, "imagine", {"prompt": "a tree", "steps": 1})
                 asked.append((user, interaction))
-                await server.wait_for(lambda a, i=asked[-1][1]: a.interaction is i and a.kind == "message")
+                ack = await server.wait_for(lambda a, i=interaction: a.interaction is i and a.kind == "message")
+                first_positions.append(int(re.search(r"position (\d)", ack.content)[1]))
+        assert first_positions == [1, 2, 3, 2, 3]  # Bob and Carol go ahead of Alice's second and third
+        alice_third = asked[2][1].original
+        await server.wait_for(lambda a: a.message is alice_third and "position 5" in (a.content or ""))
         bot.studio.queue.resume()
         results: list[Message] = []
         for _ in asked:
