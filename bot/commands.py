@@ -284,8 +284,9 @@ class Gestures:
                               strength)
             notes: list[str] = []
             try:
-                if mask is not None and image is None:
-                    raise UserError("a mask needs an image to repaint: add the image option too")
+                if image is None and (mask is not None or strength is not None):
+                    what = "a mask needs an image to repaint" if mask else "strength says how much of an image to change"
+                    raise UserError(f"{what}: add the image option too")
                 if image is None:
                     request = await self.request(options)
                 else:

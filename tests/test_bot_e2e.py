@@ -242,7 +242,9 @@ async def test_missing_permissions_bad_inputs_and_bans_get_clear_answers(world: 
         text = (await answer(world.alice, world.channel, {"prompt": "x", "image": Upload("a.png", b"not an image")}))
         assert "not a PNG, JPEG or WebP" in text.content
         mask_only = await answer(world.alice, world.channel, {"prompt": "x", "mask": png_upload("m.png")})
-        assert "a mask needs an image" in mask_only.content
+        assert "a mask needs an image to repaint: add the image option too" == mask_only.content
+        strength_only = await answer(world.alice, world.channel, {"prompt": "x", "strength": 0.5})
+        assert "strength says how much of an image to change" in strength_only.content
         unknown = await answer(world.alice, world.channel, {"prompt": "x", "model": "sdxl"})
         assert "unknown model 'sdxl'; available: tiny" in unknown.content
 
