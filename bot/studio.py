@@ -79,7 +79,13 @@ class Studio:
     ) -> None:
         self.config = config
         self.db = db
-        engine = Engine(config.models, config.generation.dtype, self._read_input, preview=config.discord.preview)
+        engine = Engine(
+            config.models,
+            config.generation.dtype,
+            self._read_input,
+            preview=config.discord.preview,
+            vae_tile_above_pixels=config.generation.vae_tile_above_pixels,
+        )
         self._refusal = refusal
         self.queue = FairQueue(config.queue, devices, limits=self._limits, persist=self._persist)
         self._runner = Runner(

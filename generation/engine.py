@@ -20,7 +20,7 @@ from generation.queue import Job
 from generation.runner import JobResult, Progress
 from generation.samplers import Cancelled
 from generation.settings import ModelSettings
-from models.loading import detect_family, inspect_checkpoint, read_state_dict
+from models.loading import inspect_checkpoint
 
 
 class Engine:
@@ -29,10 +29,17 @@ class Engine:
     variations, upscales); `preview` adds a cheap latent-to-RGB image to each progress report."""
 
     def __init__(
-        self, models: Sequence[ModelSettings], dtype: str, inputs: Inputs, *, preview: bool = False
+        self,
+        models: Sequence[ModelSettings],
+        dtype: str,
+        inputs: Inputs,
+        *,
+        preview: bool = False,
+        vae_tile_above_pixels: int = 1024 * 1024,
     ) -> None:
         self._models = {m.name: m for m in models}
         self._dtype = dtype
+        self._vae_tile_above_pixels = vae_tile_above_pixels
         self._inputs = inputs
         self._preview = preview
 
@@ -42,7 +49,8 @@ class Engine:
         if settings is None:
             raise KeyError(f"unknown model {name!r}; configured: {', '.join(self._models)}")
         torch_device = resolve_device(device)
-        return load_model(settings, torch_device, resolve_dtype(self._dtype, torch_device))
+        dtype = resolve_dtype(self._dtype, torch_device)
+        return load_model(settings, torch_device, dtype, self._vae_tile_above_pixels)
 
     @staticmethod
     def size(model: LoadedModel) -> int:
@@ -94,7 +102,4 @@ def native_size(settings: ModelSettings) -> int:
     """The side a configured checkpoint was trained at (what `LoadedModel.native_size` says once
     loaded), read from its file without building the model: the bot needs it to turn an aspect
     ratio into a size before anything is queued."""
-    info = inspect_checkpoint(settings.checkpoint, settings.config, settings.prediction)
-    family = detect_family(read_state_dict(settings.checkpoint))
-    side = 768 if info.prediction == "v" and family.text.kind == "open_clip" else 512
-    return side * family.vae.downscale // 8
+    return inspect_checkpoint(settings.checkpoint, settings.config, settings.prediction).native_size

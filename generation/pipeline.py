@@ -58,10 +58,7 @@ class LoadedModel:
 
     @property
     def native_size(self) -> int:
-        """The side the family was trained at: 768 for SD 2.x v-prediction, else 512; scaled
-        down with the VAE for tiny test checkpoints (whose VAE downsamples less than 8x)."""
-        side = 768 if self.network.family.prediction == "v" and self.network.family.text.kind == "open_clip" else 512
-        return side * self.network.vae_scale // 8
+        return self.network.family.native_size
 
 
 def resolve_device(device: str) -> torch.device:

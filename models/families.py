@@ -150,6 +150,13 @@ class Family:
         v = "-v" if self.prediction == "v" else ""
         return base + inpaint + v
 
+    @property
+    def native_size(self) -> int:
+        """The image side the family was trained at: 768 for SD 2.x v-prediction, else 512 (in
+        pixels of an 8x VAE; scaled with the VAE, so tiny test checkpoints get small sizes)."""
+        side = 768 if self.prediction == "v" and self.text.kind == "open_clip" else 512
+        return side * self.vae.downscale // 8
+
 
 _CLIP_L14 = TextEncoderConfig(kind="clip", width=768, layers=12, mlp_width=3072, layer="last")
 _OPEN_CLIP_H14 = TextEncoderConfig(

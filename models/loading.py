@@ -58,6 +58,7 @@ class CheckpointInfo:
     prediction_source: PredictionSource
     parameters: dict[str, int]  # "unet", "vae", "text_encoder" -> parameter count
     dtype: str  # the dtype most UNet tensors are stored in, e.g. "float16"
+    native_size: int  # the image side the family was trained at (Family.native_size)
 
 
 def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
@@ -463,4 +464,5 @@ def inspect_checkpoint(
         prediction_source=source,
         parameters=dict(counts),
         dtype=dtypes.most_common(1)[0][0],
+        native_size=family.native_size,
     )
