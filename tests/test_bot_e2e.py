@@ -13,14 +13,13 @@ import re
 import signal
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import discord
 import pytest
-import torch
 from PIL import Image
 
 from bot.client import AtelierBot
@@ -34,14 +33,6 @@ from tests.discord_server import Action, Channel, DiscordServer, Guild, Interact
 from tests.fixtures.checkpoints import TinyCheckpoints, tiny_checkpoints  # noqa: F401
 
 TIMEOUT = 60.0
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @dataclass

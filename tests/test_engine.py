@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-from collections.abc import Iterator
 
 import numpy as np
 import pytest
@@ -19,15 +18,6 @@ from generation.queue import Job
 from generation.request import GenerationRequest, Kind
 from generation.settings import ModelSettings
 from tests.fixtures.checkpoints import TinyCheckpoints, tiny_checkpoints  # noqa: F401
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    """Tiny models run fastest on one thread, above all on a shared test machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -7,13 +7,12 @@ import asyncio
 import io
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Iterator, Mapping
+from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
 import pytest
-import torch
 from PIL import Image
 
 from bot.config import AppConfig
@@ -29,14 +28,6 @@ from storage.settings import StorageSettings
 from tests.fixtures.checkpoints import TinyCheckpoints, tiny_checkpoints  # noqa: F401
 
 ALICE, BOB = Requester(1, 10, 100), Requester(2, 10, 100)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture
