@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, Literal
 
 import discord
@@ -19,11 +19,10 @@ from discord import app_commands
 
 from bot.config import AppConfig, DiscordSettings
 from bot.policy import Requester, allowance, is_moderator
-from generation.queue import FairQueue, JobView
+from generation.queue import FairQueue, Job, JobView
 from generation.request import GenerationRequest, JobState
 from storage.audit import write_audit
 from storage.db import Database
-from storage.jobs import IllegalTransition, UnknownJob, cancel_job
 from storage.limits import OVERRIDABLE, Scope, clear_limits, guild_overrides, set_limits
 from storage.moderation import ban, block_word, blocked_words, unban, unblock_word
 
@@ -48,15 +47,20 @@ _SCOPES = {"server": Scope.GUILD, "role": Scope.ROLE, "user": Scope.USER}
 Target = discord.User | discord.Member | discord.Role
 
 
+#: Cancels a job and records it, telling its owner (`bot.studio.Studio.cancel`):
+#: cancel(job_id, by=user id, moderator=True) -> the job; raises `Refused`.
+Cancel = Callable[..., Awaitable[Job]]
+
+
 def moderation_commands(
-    db: Database, queue: FairQueue, config: AppConfig
+    db: Database, queue: FairQueue, config: AppConfig, cancel: Cancel
 ) -> list[app_commands.Group | app_commands.Command[Any, ..., None]]:
     """The moderator commands, for the client to add to its command tree."""
     return [
         LimitsCommands(db, config),
-        QueueCommands(db, queue, config),
+        QueueCommands(db, queue, config, cancel),
         BlocklistCommands(db, config),
-        *_ban_commands(db, queue, config),
+        *_ban_commands(db, queue, config, cancel),
     ]
 
 
@@ -276,10 +280,11 @@ def _describe(values: Mapping[str, Any]) -> str:
 
 
 class QueueCommands(_ModeratorGroup, name="queue", description="This server's generation queue"):
-    def __init__(self, db: Database, queue: FairQueue, config: AppConfig) -> None:
+    def __init__(self, db: Database, queue: FairQueue, config: AppConfig, cancel: Cancel) -> None:
         super().__init__(config.discord)
         self._db = db
         self._queue = queue
+        self._cancel = cancel
 
     @app_commands.command(name="show", description="Running and queued jobs of this server, "
                                                    "in the order they will run")
@@ -315,7 +320,7 @@ class QueueCommands(_ModeratorGroup, name="queue", description="This server's ge
                                        "server; /queue show lists them.")
             return
         was = found.state
-        await _cancel(self._db, self._queue, interaction, job_id)
+        await _cancel(self._db, self._cancel, interaction, job_id)
         content = (f"Cancelled `{job_id}` of <@{found.owner_id}>." if was is JobState.QUEUED
                    else f"`{job_id}` of <@{found.owner_id}> stops at its next step.")
         await _answer(interaction, content, allowed_mentions=discord.AllowedMentions.none())
@@ -357,18 +362,10 @@ class QueueCommands(_ModeratorGroup, name="queue", description="This server's ge
         await _answer(interaction, "Resumed: queued jobs start again.")
 
 
-async def _cancel(db: Database, queue: FairQueue, interaction: discord.Interaction,
-                  job_id: str) -> None:
-    """Cancel one job of this guild as a moderator, record it in storage, and audit it.
-
-    A queued job leaves the queue here, so its stored state is ours to update; a running one is
-    stopped and finished by the runner, which records it."""
-    job = queue.cancel(job_id, by=interaction.user.id, moderator=True)
-    if job.state is JobState.CANCELLED:
-        try:
-            await cancel_job(db, job_id)
-        except (UnknownJob, IllegalTransition) as error:  # not persisted, or already final
-            log.warning("cancelled job %s is not cancellable in storage: %s", job_id, error)
+async def _cancel(db: Database, cancel: Cancel, interaction: discord.Interaction, job_id: str) -> None:
+    """Cancel one job of this guild as a moderator (its owner is told, as for their own Cancel
+    button) and audit it. A queued job ends at once; a running one at its next step."""
+    job = await cancel(job_id, by=interaction.user.id, moderator=True)
     await _audit(db, interaction, "queue.cancel", f"job:{job_id}",
                  {"owner": job.owner_id, "state": "queued" if job.state is JobState.CANCELLED
                   else "running"},
@@ -396,7 +393,7 @@ def _duration(seconds: float) -> str:
 
 
 def _ban_commands(
-    db: Database, queue: FairQueue, config: AppConfig
+    db: Database, queue: FairQueue, config: AppConfig, cancel: Cancel
 ) -> list[app_commands.Command[Any, ..., None]]:
     settings = config.discord
 
@@ -412,7 +409,7 @@ def _ban_commands(
         waiting = [v.id for v in queue.snapshot().queued
                    if v.owner_id == user.id and v.guild_id == interaction.guild_id]
         for job_id in waiting:
-            await _cancel(db, queue, interaction, job_id)
+            await _cancel(db, cancel, interaction, job_id)
         cancelled = f" {len(waiting)} queued jobs of theirs were cancelled." if waiting else ""
         await _answer(interaction, f"Banned {user.mention} from Atelier in this server "
                                    f"(reason: {reason}).{cancelled}",

@@ -432,7 +432,7 @@ async def test_cancel_button_answers_owner_moderator_and_others(world: World) ->
     async with running(world.config, server) as bot:
         bot.studio.queue.pause()
         acks = []
-        for _ in range(2):
+        for _ in range(3):
             asked = await server.slash(world.alice, world.channel, "imagine", {"prompt": "a bridge"})
             acks.append((await server.wait_for(lambda a, i=asked: a.interaction is i and a.kind == "message")).message)
         custom_ids = [ack.buttons()[0]["custom_id"] for ack in acks]
@@ -446,11 +446,15 @@ async def test_cancel_button_answers_owner_moderator_and_others(world: World) ->
         assert "only the member who asked" in await press(world.bob, acks[0], custom_ids[0])
         assert "cancelled" in await press(world.alice, acks[0], custom_ids[0])
         assert "cancelled" in await press(world.mod, acks[1], custom_ids[1])
+        # A moderator's /queue cancel tells the owner the same way as the button.
+        job_id = custom_ids[2].split(":")[3]
+        asked = await server.slash(world.mod, world.channel, "queue cancel", {"job": job_id})
+        await server.wait_for(lambda a: a.interaction is asked and a.kind == "message")
         for ack in acks:
             await server.wait_for(lambda a, m=ack: a.kind == "edit" and a.message is m and "was cancelled" in a.content)
-        assert [ack.buttons() for ack in acks] == [[], []]  # nothing left to cancel
+        assert [ack.buttons() for ack in acks] == [[], [], []]  # nothing left to cancel
         states = [row["state"] for row in await bot.studio.db.fetch_all("SELECT state FROM jobs ORDER BY seq")]
-        assert states == ["cancelled", "cancelled"]
+        assert states == ["cancelled", "cancelled", "cancelled"]
 
 
 async def test_progress_edits_are_paced_and_carry_a_preview_when_enabled(world: World) -> None:

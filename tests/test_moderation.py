@@ -24,7 +24,7 @@ from generation.queue import FairQueue, Job, Refused, Submission
 from generation.request import GenerationRequest, JobState
 from storage.audit import audit_log
 from storage.db import Database
-from storage.jobs import create_job, get_job
+from storage.jobs import cancel_job, create_job, get_job
 from storage.limits import effective_limits
 from storage.moderation import blocked_words, get_ban
 from storage.settings import LimitsSettings, StorageSettings
@@ -129,7 +129,14 @@ async def studio(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> AsyncItera
             return await refusal(db, config, requester, submission.request)
 
         queue = FairQueue(config.queue, ("cpu",), limits=limits, persist=persist)
-        served = [*moderation_commands(db, queue, config), *account_commands(db, queue, config)]
+
+        async def cancel(job_id: str, *, by: int, moderator: bool = False) -> Job:
+            job = queue.cancel(job_id, by=by, moderator=moderator)
+            if job.state is JobState.CANCELLED:  # queued: the studio records it (running: the runner)
+                await cancel_job(db, job.id)
+            return job
+
+        served = [*moderation_commands(db, queue, config, cancel), *account_commands(db, queue, config)]
         bot = StudioBot(guild.id, served)
         with point_discord_py_at(server):
             connection: asyncio.Task[None] | None = None
