@@ -179,7 +179,7 @@ class Studio:
             self.db, job.request, job_id=job.id, owner_id=job.owner_id, guild_id=job.guild_id,
             channel_id=origin.channel_id, interaction_id=origin.interaction_id,
             interaction_token=origin.interaction_token, token_expires_at=origin.token_expires_at,
-            parent_job_id=origin.parent_job_id, parent_index=origin.parent_index,
+            parent_job_id=origin.parent_job_id, parent_index=origin.parent_index, weight=job.weight,
         )
 
     async def _started(self, job: Job) -> None:
@@ -228,7 +228,7 @@ class Studio:
         """Queued and running jobs back into the queue in submission order; running ones once."""
         rows = await stored.jobs_by_state(self.db, JobState.QUEUED, JobState.RUNNING)
         jobs = [
-            Job(row.id, row.request, row.owner_id, row.guild_id, 1.0, row.seq, row.attempts, row.state)
+            Job(row.id, row.request, row.owner_id, row.guild_id, row.weight, row.seq, row.attempts, row.state)
             for row in rows
         ]
         given_up = {job.id for job in self.queue.restore(jobs)}

@@ -67,6 +67,8 @@ class Job:
     attempts: int
     parent_job_id: str | None
     parent_index: int | None
+    #: Fair-share weight from the owner's roles at submission.
+    weight: float
 
 
 def job_from_row(row: sqlite3.Row) -> Job:
@@ -90,6 +92,7 @@ async def create_job(
     token_expires_at: float | None = None,
     parent_job_id: str | None = None,
     parent_index: int | None = None,
+    weight: float = 1.0,
 ) -> Job:
     """Store a new queued job; it takes the next submission sequence number.
 
@@ -100,11 +103,11 @@ async def create_job(
     async with db.writing() as connection:
         rows = await connection.execute_fetchall(
             "INSERT INTO jobs (id, request, owner_id, guild_id, channel_id, interaction_id,"
-            " interaction_token, token_expires_at, created_at, cost, parent_job_id, parent_index)"
-            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING *",
+            " interaction_token, token_expires_at, created_at, cost, parent_job_id, parent_index,"
+            " weight) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING *",
             (job_id, request.model_dump_json(), owner_id, guild_id, channel_id,
              interaction_id, interaction_token, token_expires_at, db.now(), request.cost,
-             parent_job_id, parent_index),
+             parent_job_id, parent_index, weight),
         )
     return job_from_row(rows[0])
 

@@ -141,6 +141,16 @@ async def test_restart_restores_queued_jobs_in_order_and_reruns_a_running_one_on
         assert third.began == ids[1:]
 
 
+async def test_restored_jobs_keep_their_role_weight(config: AppConfig) -> None:
+    config = config.model_copy(update={"queue": config.queue.model_copy(update={"role_weights": {"Supporter": 3.0}})})
+    supporter = Requester(3, 10, 100, role_names=("Supporter",))
+    async with studio(config) as opened:
+        job_id = (await opened.submit(request(), supporter, origin())).id
+        assert opened.queue.get(job_id).weight == 3.0
+    async with studio(config) as opened:  # never started: the job waits in the database
+        assert opened.queue.get(job_id).weight == 3.0
+
+
 async def test_cancel_a_queued_job_and_refusals_change_nothing(config: AppConfig) -> None:
     recorder = Recorder()
     limited = config.model_copy(update={"queue": QueueSettings(max_queued_per_user=1, shutdown_grace_s=0.0)})
