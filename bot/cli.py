@@ -52,6 +52,9 @@ def _run(args: argparse.Namespace) -> int:
 
         print(setup_guide(config.discord), file=sys.stderr)
         return EXIT_FAILED
+    if problem := _models_problem(config):
+        print(f"atelier run: {problem}; `atelier doctor` checks the whole set-up", file=sys.stderr)
+        return EXIT_USAGE
     import discord
 
     from bot.client import run_bot
@@ -64,6 +67,16 @@ def _run(args: argparse.Namespace) -> int:
               file=sys.stderr)
         return EXIT_FAILED
     return 0
+
+
+def _models_problem(config: AppConfig) -> str | None:
+    """Why the bot could not serve anyone with this configuration's checkpoints, if it could not."""
+    if not config.models:
+        return "no [[models]] configured: add one for each checkpoint (config.toml has an example)"
+    missing = [f"{m.name} ({m.checkpoint})" for m in config.models if not m.checkpoint.is_file()]
+    if missing:
+        return f"checkpoint file(s) not found: {', '.join(missing)}"
+    return None
 
 
 def _doctor(args: argparse.Namespace) -> int:

@@ -47,6 +47,19 @@ def test_run_without_application_id_says_where_to_put_it(
     assert "application_id = ..." in guide and "client_id=" not in guide
 
 
+def test_run_refuses_to_start_without_usable_checkpoints(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("DISCORD_TOKEN", "a-token")
+    config = tmp_path / "config.toml"
+    config.write_text("")
+    assert main(["run", "--config", str(config)]) == 2
+    assert "no [[models]] configured" in capsys.readouterr().err
+    config.write_text('[[models]]\nname = "sd15"\ncheckpoint = "gone.safetensors"\n')
+    assert main(["run", "--config", str(config)]) == 2
+    assert f"checkpoint file(s) not found: sd15 ({tmp_path / 'gone.safetensors'})" in capsys.readouterr().err
+
+
 def test_a_bad_config_is_one_line_and_exit_code_2(tmp_path: Path) -> None:
     config = tmp_path / "bad.toml"
     config.write_text("[generation]\nmax_steps = -1\n")
