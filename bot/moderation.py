@@ -292,8 +292,8 @@ class QueueCommands(_ModeratorGroup, name="queue", description="This server's ge
         snapshot = self._queue.snapshot()
         running = [v for v in snapshot.running if v.guild_id == interaction.guild_id]
         queued = [v for v in snapshot.queued if v.guild_id == interaction.guild_id]
-        state = "paused (nothing starts; /queue resume)" if snapshot.paused else "running"
-        lines = [f"The queue is {state}. Positions count every server this bot serves."]
+        lines = [f"{_queue_state(snapshot.paused, self._queue.is_paused(interaction.guild_id))} "
+                 "Positions count every server this bot serves."]
         lines += [self._line(view) for view in (*running, *queued[:_QUEUE_LINES])]
         if len(queued) > _QUEUE_LINES:
             lines.append(f"... and {len(queued) - _QUEUE_LINES} more queued")
@@ -339,27 +339,30 @@ class QueueCommands(_ModeratorGroup, name="queue", description="This server's ge
                                     value=v.id)
                 for v in views[:25]]
 
-    @app_commands.command(name="pause", description="Stop starting jobs (running ones finish, "
-                                                    "new ones still queue); for every server")
+    @app_commands.command(name="pause", description="Stop starting this server's jobs (running "
+                                                    "ones finish, new ones still queue)")
     async def pause(self, interaction: discord.Interaction) -> None:
-        if self._queue.paused:
-            await _answer(interaction, "The queue is already paused; /queue resume starts it.")
+        if self._queue.is_paused(interaction.guild_id):
+            await _answer(interaction, "This server's queue is already paused; /queue resume "
+                                       "starts it.")
             return
-        self._queue.pause()
+        self._queue.pause(interaction.guild_id)
         await _audit(self._db, interaction, "queue.pause", "queue", {"paused": False},
                      {"paused": True})
-        await _answer(interaction, "Paused: no new job starts, in any server this bot serves, "
-                                   "until /queue resume. Running jobs finish.")
+        await _answer(interaction, "Paused: no new job of this server starts until /queue resume; "
+                                   "other servers' jobs go on. Running jobs finish.")
 
-    @app_commands.command(name="resume", description="Start jobs again after /queue pause")
+    @app_commands.command(name="resume", description="Start this server's jobs again after "
+                                                     "/queue pause")
     async def resume(self, interaction: discord.Interaction) -> None:
-        if not self._queue.paused:
-            await _answer(interaction, "The queue is not paused.")
+        if not self._queue.is_paused(interaction.guild_id):
+            await _answer(interaction, "This server's queue is not paused.")
             return
-        self._queue.resume()
+        self._queue.resume(interaction.guild_id)
         await _audit(self._db, interaction, "queue.resume", "queue", {"paused": True},
                      {"paused": False})
-        await _answer(interaction, "Resumed: queued jobs start again.")
+        held = " once the operator's hold on every server ends" if self._queue.is_paused() else ""
+        await _answer(interaction, f"Resumed: this server's queued jobs start again{held}.")
 
 
 async def _cancel(db: Database, cancel: Cancel, interaction: discord.Interaction, job_id: str) -> None:
@@ -372,9 +375,20 @@ async def _cancel(db: Database, cancel: Cancel, interaction: discord.Interaction
                  {"state": "cancelled", "reason": job.cancel_reason})
 
 
+def _queue_state(held: bool, paused_here: bool) -> str:
+    """The first line of /queue show: this server's pause first, then the operator's hold."""
+    if paused_here:
+        return "This server's queue is paused (none of its jobs starts; /queue resume)."
+    if held:
+        return "The queue is on hold for every server by the bot's operator."
+    return "The queue is running."
+
+
 def _where(view: JobView) -> str:
     if view.state is JobState.RUNNING:
         return f"running on {view.device}"
+    if view.paused:
+        return "paused"
     if view.position is None:
         return "waiting"
     return f"#{view.position}, starts in {_duration(view.starts_in_s or 0.0)}"

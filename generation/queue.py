@@ -12,6 +12,10 @@ a finish tag F in its parent's virtual time v:
 - the parent serves the eligible flow with the smallest S (ties: first eligible first) and sets
   v = S. A served flow leaves and re-enters by the same rule, so a backlogged flow gets S = F.
 
+A guild its moderators paused is not eligible at the root, whatever it holds: the other guilds
+share the GPUs as if it had no jobs, and on resume it re-enters by the rule above, competing as a
+newly active flow with no credit for the pause; its users' tags inside it are left as they were.
+
 Why SFQ rather than DRR: a start tag does not depend on the cost of the job that will be served,
 so the two levels compose without knowing in advance which job a guild will send next; costs
 span four orders of magnitude (one 512x512 step up to four 2048x2048 images of 60 steps), and DRR
@@ -119,10 +123,13 @@ class JobView:
     position: int | None
     starts_in_s: float | None
     device: str | None
+    #: Queued in a guild paused by its moderators: no position until it resumes.
+    paused: bool = False
 
 
 @dataclass(frozen=True)
 class Snapshot:
+    #: The operator's hold on every guild (`pause(None)`); a guild's own pause shows in its jobs.
     paused: bool
     draining: bool
     running: tuple[JobView, ...]
@@ -189,6 +196,7 @@ class _Tree:
         self._guilds: dict[int | None, _GuildFlow] = {}
         self._running: dict[int, int] = {}
         self._owner_flows: dict[int, set[FlowKey]] = parent._owner_flows if parent else {}
+        self._paused: set[int] = parent._paused if parent else set()
         self._heap: list[_Entry] = list(parent._heap) if parent else []
         self._v = parent._v if parent else 0.0
         self._order = parent._order if parent else 0
@@ -236,11 +244,11 @@ class _Tree:
 
     def peek(self) -> Job | None:
         """The job the scheduler would dispatch next."""
-        guild_key = self._top(self._heap, "guild")
-        if guild_key is None:
+        guild = self._top(self._heap, "guild")
+        if guild is None:
             return None
-        user_key = self._top(self._guild(guild_key).heap, "user")
-        return self._seen(user_key, "user").jobs[0]
+        user = self._top(self._guild(guild[3]).heap, "user")
+        return self._seen(user[3], "user").jobs[0]
 
     def pop(self) -> Job | None:
         """Dispatch the next job in fair order."""
@@ -274,6 +282,17 @@ class _Tree:
         for key in self._owner_flows.get(owner, ()):
             self._refresh(key)
 
+    def pause(self, guild: int) -> None:
+        self._paused.add(guild)
+        self._refresh_guild(guild)
+
+    def resume(self, guild: int) -> None:
+        self._paused.discard(guild)
+        self._refresh_guild(guild)
+
+    def is_paused(self, guild: int | None) -> bool:
+        return guild in self._paused
+
     # -- eligibility --
 
     def _refresh(self, key: FlowKey) -> None:
@@ -288,12 +307,17 @@ class _Tree:
             guild.eligible += 1
         elif not want and user.active:
             self._deactivate_user(key)
-        guild = self._guild(key[0])
-        if guild.eligible and not guild.active:
+        self._refresh_guild(key[0])
+
+    def _refresh_guild(self, key: int | None) -> None:
+        """The same rule one level up: eligible iff one of its users is and it is not paused."""
+        guild = self._guild(key)
+        want = guild.eligible > 0 and key not in self._paused
+        if want and not guild.active:
             guild.active, guild.start = True, max(self._v, guild.finish)
-            self._push(self._heap, guild, key[0])
-        elif not guild.eligible and guild.active:
-            self._deactivate_guild(key[0])
+            self._push(self._heap, guild, key)
+        elif not want and guild.active:
+            self._deactivate_guild(key)
 
     def _deactivate_user(self, key: FlowKey) -> None:
         user = self._user(key)
@@ -310,13 +334,14 @@ class _Tree:
         self._order += 1
         heapq.heappush(heap, (flow.start, self._order, flow.version, key))
 
-    def _top(self, heap: list[_Entry], level: str) -> object | None:
-        """Key of the valid entry with the smallest start tag, dropping stale entries on the way."""
+    def _top(self, heap: list[_Entry], level: str) -> _Entry | None:
+        """The valid entry with the smallest start tag, dropping stale entries on the way (the
+        entry, not its key: the DM guild's key is None)."""
         while heap:
             _, _, version, key = heap[0]
             flow = self._seen(key, level)
             if flow.active and flow.version == version:
-                return key
+                return heap[0]
             heapq.heappop(heap)
         return None
 
@@ -355,7 +380,7 @@ class FairQueue:
         self._measured: set[str] = set()
         self._submit_lock = asyncio.Lock()
         self._changed = asyncio.Event()
-        self.paused = False
+        self._paused_all = False
         self.draining = False
 
     # -- submitting --
@@ -449,13 +474,27 @@ class FairQueue:
             job.cancel_reason = job.cancel_reason or reason
         return job
 
-    def pause(self) -> None:
-        """Stop dispatching; submissions are still accepted and running jobs finish."""
-        self.paused = True
+    def pause(self, guild_id: int | None = None) -> None:
+        """Stop dispatching one guild's jobs (its moderators' pause: the other guilds' jobs go on
+        and it earns no fair-share credit meanwhile), or with None every job (the operator's hold,
+        the only pause of DMs). Submissions are still accepted and running jobs finish."""
+        if guild_id is None:
+            self._paused_all = True
+        else:
+            self._tree.pause(guild_id)
 
-    def resume(self) -> None:
-        self.paused = False
+    def resume(self, guild_id: int | None = None) -> None:
+        """Undo `pause(guild_id)`. Each level is lifted on its own: ending the operator's hold
+        does not resume a guild its moderators paused."""
+        if guild_id is None:
+            self._paused_all = False
+        else:
+            self._tree.resume(guild_id)
         self._changed.set()
+
+    def is_paused(self, guild_id: int | None = None) -> bool:
+        """Whether `pause(guild_id)` is in force (None: the operator's hold on every guild)."""
+        return self._paused_all if guild_id is None else self._tree.is_paused(guild_id)
 
     def drain(self) -> None:
         """Refuse new submissions but keep dispatching what is queued (before a restart)."""
@@ -476,8 +515,9 @@ class FairQueue:
         next `BATCH_LOOKAHEAD` fair picks and each the head of its own flow, while the batch holds
         at most `max_images` images and `max_pixels` image pixels (the head job always goes).
         Each job is charged to its own flow, so batching moves a job at most a few picks early
-        and the shares stay as without batching. Empty when paused or nothing is eligible."""
-        head = None if self.paused else self._tree.pop()
+        and the shares stay as without batching. Empty when everything is paused (`pause(None)`)
+        or nothing is eligible (a paused guild's jobs are not)."""
+        head = None if self._paused_all else self._tree.pop()
         if head is None:
             return []
         self._throughput.setdefault(device, self._initial_throughput)
@@ -545,7 +585,7 @@ class FairQueue:
     def estimates(self) -> dict[str, Estimate]:
         """Position and expected start of every queued job, by replaying the scheduler on a fork
         with the measured throughput: O(n log n). Assumes no batching and no new arrivals, and
-        that a paused queue resumes now."""
+        that the operator's hold ends now; jobs of paused guilds have no estimate and no place."""
         tree, now = self._tree.fork(), self._clock()
         # Each device frees up when its running batch ends (estimated), releasing its owners.
         started = {device: now for device in self._throughput}
@@ -590,6 +630,7 @@ class FairQueue:
                 estimate.position if estimate else None,
                 estimate.starts_in_s if estimate else None,
                 job.device,
+                job.state is JobState.QUEUED and self._tree.is_paused(job.guild_id),
             )
 
         running = [view(j) for j in self._jobs.values() if j.state is JobState.RUNNING]
@@ -598,4 +639,4 @@ class FairQueue:
             key=lambda v: v.position if v.position is not None else len(self._jobs),
         )
         throughput = dict(self._throughput)
-        return Snapshot(self.paused, self.draining, tuple(running), tuple(queued), throughput)
+        return Snapshot(self._paused_all, self.draining, tuple(running), tuple(queued), throughput)

@@ -169,7 +169,8 @@ async def test_only_moderators_may_moderate_and_nothing_changes_for_others(studi
     for command, options in attempts:
         assert await studio.ask(studio.alice, command, options) == expected.format(command)
     assert await studio.audit() == []
-    assert studio.queue.get(job.id).state is JobState.QUEUED and not studio.queue.paused
+    assert studio.queue.get(job.id).state is JobState.QUEUED
+    assert not studio.queue.is_paused(studio.guild.id)
     assert await get_ban(studio.db, studio.guild.id, studio.bob.id) is None
 
     for moderator in (studio.boss, studio.curator):
@@ -281,16 +282,32 @@ async def test_queue_show_cancel_pause_and_resume(studio: Studio) -> None:
     assert first.cancel_reason == "cancelled by a moderator" and first.state is JobState.RUNNING
 
     assert await s.ask(s.boss, "queue pause") == (
-        "Paused: no new job starts, in any server this bot serves, until /queue resume. "
-        "Running jobs finish.")
+        "Paused: no new job of this server starts until /queue resume; other servers' jobs go "
+        "on. Running jobs finish.")
     queue.finish(first, JobState.CANCELLED)
-    assert queue.paused and queue.next_batch("cpu", max_images=8) == []
-    assert await s.ask(s.boss, "queue pause") == "The queue is already paused; /queue resume starts it."
-    shown = await s.ask(s.boss, "queue show")
-    assert shown.startswith("The queue is paused (nothing starts; /queue resume).")
-    assert await s.ask(s.boss, "queue resume") == "Resumed: queued jobs start again."
-    assert await s.ask(s.boss, "queue resume") == "The queue is not paused."
-    assert queue.next_batch("cpu", max_images=8) == [elsewhere]  # dispatching again
+    # bob's job here is held; the other server's, queued after it, is not.
+    assert queue.is_paused(s.guild.id) and not queue.is_paused(s.guild.id + 1)
+    assert queue.next_batch("cpu", max_images=8) == [elsewhere]
+    queue.finish(elsewhere, JobState.DONE)
+    assert queue.next_batch("cpu", max_images=8) == []
+    assert await s.ask(s.boss, "queue pause") == (
+        "This server's queue is already paused; /queue resume starts it.")
+    assert (await s.ask(s.boss, "queue show")).splitlines() == [
+        "This server's queue is paused (none of its jobs starts; /queue resume). "
+        "Positions count every server this bot serves.",
+        f"`{third.id}` paused · <@{s.bob.id}> · cost 20.0 · \"a boat\"",
+    ]
+    queue.pause()  # the operator's hold on every server outlasts this server's resume
+    assert await s.ask(s.boss, "queue resume") == (
+        "Resumed: this server's queued jobs start again once the operator's hold on every "
+        "server ends.")
+    assert (await s.ask(s.boss, "queue show")).splitlines()[0] == (
+        "The queue is on hold for every server by the bot's operator. "
+        "Positions count every server this bot serves.")
+    assert await s.ask(s.boss, "queue resume") == "This server's queue is not paused."
+    assert queue.next_batch("cpu", max_images=8) == []
+    queue.resume()
+    assert queue.next_batch("cpu", max_images=8) == [third]  # dispatching again
     assert await s.audit() == [
         ("queue.cancel", f"job:{second.id}", s.curator.id),
         ("queue.cancel", f"job:{first.id}", s.curator.id),

@@ -48,13 +48,11 @@ def dispatch_all(queue: FairQueue) -> list[Job]:
 
 # -- fairness --------------------------------------------------------------------------------
 
-flows = st.lists(  # guilds -> users -> (weight, job costs as steps)
-    st.lists(
-        st.tuples(st.sampled_from([0.5, 1.0, 2.0, 3.0]), st.lists(st.integers(1, 60), min_size=5, max_size=30)),
-        min_size=1, max_size=3,
-    ),
+guild_users = st.lists(  # users -> (weight, job costs as steps)
+    st.tuples(st.sampled_from([0.5, 1.0, 2.0, 3.0]), st.lists(st.integers(1, 60), min_size=5, max_size=30)),
     min_size=1, max_size=3,
 )
+flows = st.lists(guild_users, min_size=1, max_size=3)  # guilds -> users
 
 
 @settings(max_examples=40, deadline=None)
@@ -304,6 +302,130 @@ async def test_pause_holds_dispatch_but_accepts_and_drain_finishes_the_queue():
     await asyncio.wait_for(idle, 1)
 
 
+# -- pausing one guild -------------------------------------------------------------------------
+
+@settings(max_examples=40, deadline=None)
+@given(
+    st.lists(guild_users, min_size=2, max_size=3), st.integers(0, 60), st.lists(st.integers(0, 999), max_size=6)
+)
+def test_a_paused_guild_yields_to_the_others_and_resumes_without_catch_up_credit(guilds, held, cancels):
+    """Guild 0 paused for `held` dispatches: only the others' jobs run, and its queued jobs can be
+    cancelled. Resumed, it competes as a newly active flow: from then on every two backlogged
+    guilds stay within SFQ's bound (a burst of credit for the pause would break it), and inside
+    each guild users keep their weighted shares and their submission order throughout."""
+    queue = FairQueue(ROOMY)
+    weight, jobs_of = {}, {}
+    for g, users in enumerate(guilds):
+        for u, (w, steps_list) in enumerate(users):
+            owner = g * 10 + u
+            weight[(g, owner)] = w
+            jobs_of[(g, owner)] = [submit(queue, owner, g, w, steps=s) for s in steps_list]
+    biggest = {flow: max(j.cost for j in jobs) for flow, jobs in jobs_of.items()}
+    guild_biggest = {g: max(c for (gg, _), c in biggest.items() if gg == g) for g in range(len(guilds))}
+    queue.pause(0)
+    assert queue.is_paused(0) and not queue.is_paused(1) and not queue.is_paused()
+    paused_jobs = [j for (g, _), jobs in jobs_of.items() if g == 0 for j in jobs]
+    cancelled = {paused_jobs[i % len(paused_jobs)] for i in cancels}
+    for job in cancelled:
+        assert queue.cancel(job.id, by=job.owner_id).state is JobState.CANCELLED
+    left = Counter({flow: sum(j not in cancelled for j in jobs) for flow, jobs in jobs_of.items()})
+    served, guild_served, dispatched = Counter(), Counter(), []
+
+    def dispatch() -> Job | None:
+        batch = queue.next_batch("cpu", max_images=1)
+        if not batch:
+            return None
+        (job,) = batch
+        flow = (job.guild_id, job.owner_id)
+        served[flow] += job.cost / weight[flow]
+        left[flow] -= 1
+        dispatched.append(job)
+        queue.finish(job, JobState.DONE)
+        return job
+
+    for _ in range(held):
+        job = dispatch()
+        if job is None:
+            break
+        assert job.guild_id != 0
+    queue.resume(0)
+    while job := dispatch():
+        guild_served[job.guild_id] += job.cost
+        busy_guilds = {g for (g, _), n in left.items() if n > 0}
+        for a, b in itertools.combinations(sorted(busy_guilds), 2):
+            assert abs(guild_served[a] - guild_served[b]) <= guild_biggest[a] + guild_biggest[b] + 1e-9
+        busy = [f for f in left if left[f] > 0]
+        for a, b in itertools.combinations(busy, 2):
+            if a[0] == b[0]:
+                bound = biggest[a] / weight[a] + biggest[b] / weight[b]
+                assert abs(served[a] - served[b]) <= bound + 1e-9
+    for flow, jobs in jobs_of.items():  # each job not cancelled runs once, in submission order
+        mine = [j for j in dispatched if (j.guild_id, j.owner_id) == flow]
+        assert mine == [j for j in jobs if j not in cancelled]
+
+
+def test_a_resumed_guild_alternates_with_the_busy_one_instead_of_catching_up():
+    queue = FairQueue(ROOMY)
+    for _ in range(50):
+        submit(queue, 1, guild=1, steps=10)
+        submit(queue, 2, guild=2, steps=10)
+    queue.pause(1)
+    held = []
+    for _ in range(30):
+        (job,) = queue.next_batch("cpu", 1)
+        held.append(job.guild_id)
+        queue.finish(job, JobState.DONE)
+    assert held == [2] * 30
+    queue.resume(1)
+    guilds = [j.guild_id for j in dispatch_all(queue)[:40]]
+    assert max(len(list(run)) for _, run in itertools.groupby(guilds)) == 1  # they alternate
+
+
+async def test_a_guild_pause_and_the_operators_hold_are_lifted_separately():
+    queue = FairQueue(ROOMY)
+    queue.pause(1)
+    mine = await queue.submit(Submission(request(), 1, 1))  # submissions are still accepted
+    waiter = asyncio.create_task(queue.wait_batch("cpu", 4))
+    await asyncio.sleep(0.01)
+    assert not waiter.done()
+    queue.pause()
+    queue.resume(1)
+    await asyncio.sleep(0.01)
+    assert not waiter.done() and queue.is_paused() and not queue.is_paused(1)
+    queue.pause(1)
+    queue.resume()  # ending the hold leaves guild 1 paused
+    await asyncio.sleep(0.01)
+    assert not waiter.done() and queue.is_paused(1)
+    queue.resume(1)
+    assert await asyncio.wait_for(waiter, 1) == [mine]
+
+
+def test_estimates_leave_out_a_paused_guild_as_if_its_jobs_were_not_there():
+    """Positions and ETAs of the other guilds equal those of a queue that never had guild 1's
+    jobs; guild 1's queued jobs have none and the snapshot marks them paused."""
+
+    def fill(queue: FairQueue, with_guild_1: bool) -> list[Job]:
+        others = []
+        for i in range(6):
+            if with_guild_1:
+                submit(queue, 1, guild=1, steps=30 + i)
+            others.append(submit(queue, 2 + i % 2, guild=2, steps=10 + 5 * i))
+            others.append(submit(queue, 4, guild=None, steps=20))
+        return others
+
+    paused, plain = FairQueue(ROOMY, clock=lambda: 0.0), FairQueue(ROOMY, clock=lambda: 0.0)
+    paused.pause(1)
+    others, expected_others = fill(paused, True), fill(plain, False)
+    estimates, expected = paused.estimates(), plain.estimates()
+    assert len(estimates) == len(others) == 12
+    assert [estimates[j.id] for j in others] == [expected[j.id] for j in expected_others]
+    snap = paused.snapshot()
+    held = [v for v in snap.queued if v.guild_id == 1]
+    assert len(held) == 6 and all(v.paused and v.position is None and v.starts_in_s is None for v in held)
+    assert not snap.paused and not any(v.paused for v in snap.queued if v.guild_id != 1)
+    assert [v.guild_id for v in snap.queued[-6:]] == [1] * 6  # listed after every job with a place
+
+
 # -- batching --------------------------------------------------------------------------------
 
 def test_compatible_jobs_batch_and_incompatible_ones_wait_their_turn():
@@ -373,14 +495,16 @@ def test_batched_jobs_are_charged_like_unbatched_ones():
 # -- position, ETA, throughput, snapshot ------------------------------------------------------
 
 def test_positions_follow_the_real_dispatch_order():
-    queue = FairQueue(ROOMY, devices=("cuda:0", "cuda:1"))
+    """On one device (on two, a user's next job may wait for their running one: the ETA tests)."""
+    queue = FairQueue(ROOMY)
     for owner, n, guild in ((1, 8, 1), (2, 3, 1), (3, 5, 2), (4, 1, None)):
         for i in range(n):
             submit(queue, owner, guild, weight=2.0 if owner == 3 else 1.0, steps=10 + 7 * i)
-    (running,) = queue.next_batch("cuda:0", 1)
+    (running,) = queue.next_batch("cpu", 1)
     estimates = queue.estimates()
     queue.finish(running, JobState.DONE)
     order = dispatch_all(queue)
+    assert len(order) == 16  # every job, the DM one (guild None) too
     assert sorted(estimates, key=lambda i: estimates[i].position) == [j.id for j in order]
     assert [estimates[j.id].position for j in order] == list(range(1, len(order) + 1))
 
