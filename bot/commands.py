@@ -209,10 +209,13 @@ class Gestures:
             return None
         self._delivery.expect(job.id, requester.user_id, interaction.filesize_limit)
         text = self._ack_text(job, notes or [])
-        callback = await interaction.response.send_message(text, view=status_view(job.id))
+        if interaction.response.is_done():  # deferred before slow work: the placeholder becomes the status
+            message_id: int | None = (await interaction.edit_original_response(content=text, view=status_view(job.id))).id
+        else:
+            message_id = (await interaction.response.send_message(text, view=status_view(job.id))).message_id
+        if message_id is not None:  # before any progress or result can replace it as the job's message
+            await stored.set_message(self._studio.db, job.id, message_id)
         self._delivery.acknowledged(job.id, text, interaction.edit_original_response)
-        if callback.message_id is not None:
-            await stored.set_message(self._studio.db, job.id, callback.message_id)
         return job
 
     async def submit_message(self, message: discord.Message, request: GenerationRequest,
@@ -290,6 +293,7 @@ class Gestures:
                 if image is None:
                     request = await self.request(options)
                 else:
+                    await _defer(interaction)
                     source = await _read(image, "image")
                     request, notes = await self.from_image(options, source,
                                                            await _read(mask, "mask") if mask else None)
@@ -372,8 +376,9 @@ class Gestures:
             if action == "rerun":
                 request = source.model_copy(update={"seed": secrets.randbelow(MAX_SEED - source.count + 2)})
             else:
+                await _defer(interaction)
                 image = images[index]
-                sha = await put_input(db, image_file(db, image).read_bytes())
+                sha = await put_input(db, await asyncio.to_thread(image_file(db, image).read_bytes))
                 request = derived_request(action, source, sha, (image.width, image.height), self._config.generation)
         except (UserError, ImageInputError) as error:
             await _say(interaction, str(error))
@@ -438,6 +443,7 @@ class RemixModal(discord.ui.Modal, title="Remix"):
             except ValueError:
                 raise UserError(f"strength must be a number between 0.01 and 1, not {self.strength.value!r}") from None
             options = Options(prompt=self.prompt.value, negative=self.negative.value, strength=strength)
+            await _defer(interaction)
             request, notes = await self._gestures.from_image(options, await _read(self._source, "image"), None)
         except UserError as error:
             await _say(interaction, str(error))
@@ -499,9 +505,17 @@ def _missing_permissions(have: discord.Permissions, guild: discord.Guild | None)
             "me in another channel.")
 
 
+async def _defer(interaction: discord.Interaction) -> None:
+    """Slow work ahead (a download, image decoding and hashing): acknowledge now, as Discord wants
+    an answer within 3 seconds; the "thinking" placeholder later becomes the status message."""
+    if not interaction.response.is_done():
+        await interaction.response.defer(thinking=True)
+
+
 async def _say(interaction: discord.Interaction, text: str) -> None:
-    """An ephemeral answer, as the response or as a followup when the response was already sent."""
+    """An ephemeral answer; after `_defer` the public "thinking" placeholder says it instead
+    (Discord keeps a deferred answer's visibility)."""
     if interaction.response.is_done():
-        await interaction.followup.send(text, ephemeral=True)
+        await interaction.edit_original_response(content=text, view=None)
     else:
         await interaction.response.send_message(text, ephemeral=True)
