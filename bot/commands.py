@@ -313,7 +313,8 @@ class Gestures:
     async def on_message(self, message: discord.Message) -> None:
         """A reply that mentions the bot: img2img (or inpaint) of the replied-to image."""
         me = self._client.user
-        if message.author.bot or me is None or me not in message.mentions:
+        # raw_mentions: written in the text, not the ping a reply to the bot's own message carries.
+        if message.author.bot or me is None or me.id not in message.raw_mentions:
             return
         if message.reference is None or message.reference.message_id is None:
             await message.reply("Reply to a message with an image and mention me with a prompt, e.g. "

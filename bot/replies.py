@@ -190,7 +190,7 @@ class Delivery:
             files = [discord.File(io.BytesIO(u.data), filename=u.filename) for u in uploads if u is not None]
             view = result_view(job.id, len(images), upscaled=job.request.kind is Kind.UPSCALE)
         else:
-            content, files, view = f"<@{job.owner_id}> `{job.id}` failed: {job.error}", [], None
+            content, files, view = _fit_text(f"<@{job.owner_id}> `{job.id}` failed: {job.error}"), [], None
         message = await self._post(job, content, files, view)
         if message is not None:
             await stored.set_message(self._db, job.id, message.id)
@@ -324,3 +324,8 @@ def result_text(job: stored.Job, images: list[ImageRecord], uploads: list[Upload
         elif upload.note is not None:
             lines.append(f"-# image {number} {upload.note}")
     return "\n".join(lines)
+
+
+def _fit_text(text: str, limit: int = 2000) -> str:
+    """Discord refuses messages over 2000 characters: a long error is cut, not lost with its post."""
+    return text if len(text) <= limit else text[: limit - 1] + "…"

@@ -32,6 +32,8 @@ log = logging.getLogger(__name__)
 
 #: Seconds between two retention passes while the bot runs.
 RETENTION_EVERY_S = 3600.0
+#: Longest a device thread waits for the loop to look up a stored input (it may be shutting down).
+INPUT_WAIT_S = 30.0
 #: What the owner of a job is told when restarts interrupted it more often than it may re-run.
 GAVE_UP = "restarts interrupted this job twice, so it was not run again; please ask once more"
 
@@ -219,7 +221,7 @@ class Studio:
     def _read_input(self, sha256: str) -> bytes:
         """A stored input image, for the engine on a device thread: storage answers on the loop."""
         assert self._loop is not None, "the engine runs only after start()"
-        path = asyncio.run_coroutine_threadsafe(input_path(self.db, sha256), self._loop).result()
+        path = asyncio.run_coroutine_threadsafe(input_path(self.db, sha256), self._loop).result(timeout=INPUT_WAIT_S)
         return path.read_bytes()
 
     # -- start-up and housekeeping --

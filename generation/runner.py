@@ -235,7 +235,10 @@ class Runner(Generic[M]):
                 worker.max_pixels = min(worker.max_pixels or report.oom_pixels, report.oom_pixels)
             self._queue.record_throughput(worker.device, report.cost, report.seconds)
             for outcome in report.outcomes:
-                await self._complete(outcome)
+                try:
+                    await self._complete(outcome)
+                except Exception:  # a bug of ours in one job's bookkeeping: the others and the loop go on
+                    log.exception("runner %s could not complete job %s", worker.device, outcome.job.id)
             worker.busy = False
 
     async def _complete(self, outcome: _Outcome) -> None:

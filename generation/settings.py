@@ -33,7 +33,8 @@ class GenerationSettings(_Settings):
     max_pixels: int = Field(default=1024 * 1024, ge=64 * 64)
     max_side: int = Field(default=2048, ge=64, le=8192)
     default_count: int = Field(default=4, ge=1)
-    max_count: int = Field(default=4, ge=1, le=16)
+    #: At most 10: one Discord message carries at most 10 attachments.
+    max_count: int = Field(default=4, ge=1, le=10)
     #: Decode latents in tiles above this many pixels, to bound VAE memory.
     vae_tile_above_pixels: int = Field(default=1024 * 1024, ge=64 * 64)
     #: img2img strength of the V buttons' "subtle" and "strong" variations.

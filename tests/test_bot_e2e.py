@@ -267,7 +267,7 @@ async def test_missing_permissions_bad_inputs_and_bans_get_clear_answers(world: 
 
 async def test_reply_to_an_image_and_remix_run_img2img_and_inpaint(world: World) -> None:
     server = world.server
-    async with running(world.config, server):
+    async with running(world.config, server) as bot:
         picture = await server.post_message(world.alice, world.channel, "my photo",
                                             attachments=[png_upload("photo.png")])
         reply = await server.post_message(world.bob, world.channel,
@@ -281,6 +281,12 @@ async def test_reply_to_an_image_and_remix_run_img2img_and_inpaint(world: World)
         assert size == (64, 64) and f"<@{world.bob.id}>" in result.content and "img2img" in result.content
         assert "Negative prompt: text" in parameters and "Seed: 3," in parameters
         assert "Denoising strength: 0.5" in parameters
+
+        # Answering the bot's result with a plain reply (which pings it) is conversation, not a request.
+        jobs = len(await bot.studio.db.fetch_all("SELECT id FROM jobs"))
+        await server.post_message(world.bob, world.channel, "thanks!", reference=result, mentions=[server.bot])
+        await asyncio.sleep(1.0)
+        assert len(await bot.studio.db.fetch_all("SELECT id FROM jobs")) == jobs
 
         mask = Image.new("L", (64, 64), 0)
         mask.paste(255, (0, 0, 32, 32))
