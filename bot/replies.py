@@ -174,8 +174,11 @@ class Delivery:
         try:
             if job.state is JobState.CANCELLED:
                 await self._close_status(job, f"`{job.id}` was cancelled.")
+                told = True
             else:
-                await self._deliver(job, images, status.upload_limit if status else self._upload_limit(job))
+                told = await self._deliver(job, images, status.upload_limit if status else self._upload_limit(job))
+            if told:
+                await stored.mark_delivered(self._db, job.id)
         except Exception:  # a bug of ours must not go unnoticed in a background task
             log.exception("delivering job %s failed", job.id)
         finally:
@@ -183,7 +186,8 @@ class Delivery:
 
     # -- delivery --
 
-    async def _deliver(self, job: stored.Job, images: list[ImageRecord], limit: int) -> None:
+    async def _deliver(self, job: stored.Job, images: list[ImageRecord], limit: int) -> bool:
+        """Post the result (or the failure); whether the owner was told, so it need not be retried."""
         if job.state is JobState.DONE:
             uploads = await asyncio.to_thread(self._uploads, job, images, limit)
             content = result_text(job, images, uploads)
@@ -191,11 +195,12 @@ class Delivery:
             view = result_view(job.id, len(images), upscaled=job.request.kind is Kind.UPSCALE)
         else:
             content, files, view = _fit_text(f"<@{job.owner_id}> `{job.id}` failed: {job.error}"), [], None
-        message = await self._post(job, content, files, view)
+        message, told = await self._post(job, content, files, view)
         if message is not None:
             await stored.set_message(self._db, job.id, message.id)
             summary = "finished, see below." if job.state is JobState.DONE else "failed, see below."
             await self._close_status(job, f"`{job.id}` {summary}")
+        return told
 
     def _uploads(self, job: stored.Job, images: list[ImageRecord], limit: int) -> list[Upload | None]:
         return [
@@ -206,14 +211,15 @@ class Delivery:
 
     async def _post(
         self, job: stored.Job, content: str, files: list[discord.File], view: discord.ui.View | None
-    ) -> discord.Message | None:
-        """Through the interaction while its token lives, else in the channel as a reply."""
+    ) -> tuple[discord.Message | None, bool]:
+        """Through the interaction while its token lives, else in the channel as a reply; the
+        message, and whether the owner was told (a refused channel is said by DM: final)."""
         mentions = discord.AllowedMentions(users=[discord.Object(job.owner_id)], roles=False, everyone=False)
         extra: dict[str, Any] = {"view": view} if view is not None else {}
         if job.interaction_token and (job.token_expires_at or 0) - TOKEN_MARGIN_S > time.time():
             webhook = discord.Webhook.partial(self._client.application_id, job.interaction_token, client=self._client)
             try:
-                return await webhook.send(content, files=files, allowed_mentions=mentions, wait=True, **extra)
+                return await webhook.send(content, files=files, allowed_mentions=mentions, wait=True, **extra), True
             except discord.HTTPException as error:
                 log.info("followup for job %s failed (%s); posting in the channel", job.id, error)
             for file in files:
@@ -221,14 +227,15 @@ class Delivery:
         channel = self._client.get_partial_messageable(job.channel_id, guild_id=job.guild_id)
         reference = await self._reference(channel, job)
         try:
-            return await channel.send(content, files=files, allowed_mentions=mentions, reference=reference, **extra)
+            return await channel.send(content, files=files, allowed_mentions=mentions, reference=reference, **extra), True
         except discord.Forbidden as error:
             log.warning("cannot post job %s in channel %s: %s", job.id, job.channel_id, error)
             await self._tell_owner(job, f"I cannot post in <#{job.channel_id}> (missing permission). Your result is "
                                         f"saved: use `/show job:{job.id}`.")
-        except discord.HTTPException:
+            return None, True
+        except discord.HTTPException:  # perhaps passing: told again at the next start
             log.exception("could not deliver job %s", job.id)
-        return None
+            return None, False
 
     async def _reference(self, channel: discord.PartialMessageable, job: stored.Job) -> discord.MessageReference | None:
         """The requester's own message when the job came from one (the status message replies to

@@ -32,6 +32,8 @@ log = logging.getLogger(__name__)
 
 #: Seconds between two retention passes while the bot runs.
 RETENTION_EVERY_S = 3600.0
+#: Finished jobs whose owner was never told are told at start-up if they finished this recently.
+RETELL_WITHIN_S = 7 * 86400.0
 #: Longest a device thread waits for the loop to look up a stored input (it may be shutting down).
 INPUT_WAIT_S = 30.0
 #: What the owner of a job is told when restarts interrupted it more often than it may re-run.
@@ -98,7 +100,6 @@ class Studio:
         #: Who submits and from where, for the queue's hooks, which run in the submitting task.
         self._submitting: ContextVar[tuple[Requester, Origin]] = ContextVar("submitting")
         self._listener: Listener | None = None
-        self._given_up: list[str] = []
         self._tasks: list[asyncio.Task] = []
         self._running = False
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -131,8 +132,7 @@ class Studio:
         self._runner.start()
         self._running = True
         self._tasks = [asyncio.create_task(self._retain(), name="retention")]
-        if self._given_up:
-            self._tasks.append(asyncio.create_task(self._tell_given_up(), name="given up"))
+        self._tasks.append(asyncio.create_task(self._tell_untold(), name="untold results"))
 
     async def shutdown(self) -> None:
         """Take no new jobs, give the running batch the grace period, keep the rest for restart."""
@@ -236,16 +236,18 @@ class Studio:
         given_up = {job.id for job in self.queue.restore(jobs)}
         for row in rows:
             if row.id in given_up:
-                await stored.fail_job(self.db, row.id, GAVE_UP)
-                self._given_up.append(row.id)
+                await stored.fail_job(self.db, row.id, GAVE_UP)  # told with the untold results at start
             elif row.state is JobState.RUNNING:
                 await stored.requeue_job(self.db, row.id)
         if rows:
             log.info("restored %d jobs, gave up on %d", len(rows) - len(given_up), len(given_up))
 
-    async def _tell_given_up(self) -> None:
-        for job_id in self._given_up:
-            await self._tell_finished(job_id)
+    async def _tell_untold(self) -> None:
+        """Finished jobs whose owner was never told (a crash or a failed post between finishing and
+        delivering; jobs given up at restore), told again, oldest first."""
+        since = self.db.now() - RETELL_WITHIN_S
+        for job in await stored.undelivered(self.db, finished_since=since):
+            await self._tell_finished(job.id)
 
     async def _retain(self) -> None:
         while True:

@@ -69,6 +69,8 @@ class Job:
     parent_index: int | None
     #: Fair-share weight from the owner's roles at submission.
     weight: float
+    #: When the owner was told how the finished job ended; None: not yet (told again at start-up).
+    delivered_at: float | None
 
 
 def job_from_row(row: sqlite3.Row) -> Job:
@@ -224,6 +226,22 @@ async def history(
         sql += " AND guild_id = ?"
         params.append(guild_id)
     rows = await db.fetch_all(sql + " ORDER BY seq DESC LIMIT ?", [*params, limit])
+    return [job_from_row(row) for row in rows]
+
+
+async def mark_delivered(db: Database, job_id: str) -> None:
+    """The owner has been told how the job ended: it is not told again after a restart."""
+    async with db.writing() as connection:
+        await connection.execute(
+            "UPDATE jobs SET delivered_at = ? WHERE id = ? AND delivered_at IS NULL", (db.now(), job_id))
+
+
+async def undelivered(db: Database, *, finished_since: float) -> list[Job]:
+    """Finished jobs (done, failed, cancelled) since `finished_since` whose owner was never told
+    how they ended, in submission order."""
+    rows = await db.fetch_all(
+        "SELECT * FROM jobs WHERE delivered_at IS NULL AND state IN ('done', 'failed', 'cancelled')"
+        " AND finished_at >= ? ORDER BY seq", (finished_since,))
     return [job_from_row(row) for row in rows]
 
 

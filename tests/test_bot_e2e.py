@@ -117,7 +117,7 @@ def png_upload(name: str) -> Upload:
 async def test_imagine_acknowledges_shows_progress_and_delivers_images_with_buttons(
         world: World, capsys: pytest.CaptureFixture[str]) -> None:
     server = world.server
-    async with running(world.config, server):
+    async with running(world.config, server) as bot:
         assert f"Invite it with:\n  https://discord.com/oauth2/authorize?client_id={server.application_id}&" in (
             capsys.readouterr().out)
         synced = {(c["name"], c["type"]) for c in server.commands(world.guild)}
@@ -152,6 +152,9 @@ async def test_imagine_acknowledges_shows_progress_and_delivers_images_with_butt
         assert any("being drawn" in text for text in edits)
         await server.wait_for(lambda a: a.kind == "edit" and a.message is ack and "finished" in a.content)
         assert ack.buttons() == []  # the Cancel button is gone
+        async with asyncio.timeout(5):  # marked delivered once posted: not told again at a restart
+            while (await stored.get_job(bot.studio.db, job_id)).delivered_at is None:
+                await asyncio.sleep(0.05)
 
 
 async def test_buttons_rerun_vary_upscale_work_after_a_restart_and_expired_jobs_say_so(world: World) -> None:

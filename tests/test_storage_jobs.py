@@ -15,7 +15,8 @@ from storage.images import (
 from generation.request import JobState
 from storage.jobs import (
     IllegalTransition, UnknownJob, cancel_job, create_job, fail_job, finish_job,
-    get_job, history, job_detail, jobs_by_state, requeue_job, set_message, start_job,
+    get_job, history, job_detail, jobs_by_state, mark_delivered, requeue_job, set_message, start_job,
+    undelivered,
 )
 from storage.limits import usage
 from tests.fixtures.storage import ManualClock, clock, db  # noqa: F401
@@ -195,3 +196,20 @@ async def test_inputs_are_stored_by_hash(db: Database, clock: ManualClock) -> No
     assert (row["last_used_at"] - row["created_at"]) == 60
     with pytest.raises(LookupError, match="upload it again"):
         await input_path(db, "0" * 64)
+
+
+async def test_finished_jobs_wait_to_be_delivered_once(db: Database, clock: ManualClock) -> None:
+    old, done, failed, queued = [await create_job(db, sample_request(), owner_id=1, channel_id=2) for _ in range(4)]
+    for job in (old, done):
+        await start_job(db, job.id, device="cpu")
+        await finish_job(db, job.id)
+        clock.now += 100
+    await fail_job(db, failed.id, "bad input")
+    assert [j.id for j in await undelivered(db, finished_since=0)] == [old.id, done.id, failed.id]
+    assert [j.id for j in await undelivered(db, finished_since=old.created_at + 50)] == [done.id, failed.id]
+    await mark_delivered(db, done.id)
+    told = (await get_job(db, done.id)).delivered_at
+    await mark_delivered(db, done.id)  # once told, the first time stays
+    assert (await get_job(db, done.id)).delivered_at == told == clock.now
+    assert [j.id for j in await undelivered(db, finished_since=0)] == [old.id, failed.id]
+    assert queued.delivered_at is None  # not finished: not waiting for delivery either

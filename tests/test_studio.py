@@ -141,6 +141,27 @@ async def test_restart_restores_queued_jobs_in_order_and_reruns_a_running_one_on
         assert third.began == ids[1:]
 
 
+async def test_finished_jobs_whose_owner_was_never_told_are_told_at_the_next_start(config: AppConfig) -> None:
+    first = Recorder()
+    async with studio(config) as opened:
+        job = await opened.submit(request(), ALICE, origin())
+        opened.start(first)
+        await first.wait_finished(1)
+    # The bot went down before it could post (nothing marked the job delivered).
+    second = Recorder()
+    async with studio(config) as opened:
+        opened.start(second)
+        await second.wait_finished(1)
+        ((told, images),) = second.done
+        assert told.id == job.id and told.state is JobState.DONE and len(images) == 1
+        await stored.mark_delivered(opened.db, job.id)  # what the Discord side does once posted
+    third = Recorder()
+    async with studio(config) as opened:
+        opened.start(third)
+        await asyncio.sleep(0.3)
+        assert third.done == []
+
+
 async def test_restored_jobs_keep_their_role_weight(config: AppConfig) -> None:
     config = config.model_copy(update={"queue": config.queue.model_copy(update={"role_weights": {"Supporter": 3.0}})})
     supporter = Requester(3, 10, 100, role_names=("Supporter",))
