@@ -32,6 +32,7 @@ from bot.styles import STYLES
 from bot.views import Action, status_view
 from generation.engine import native_size
 from generation.images import ImageInputError, fit_size, load_image, split_alpha
+from generation.outpaint import outpaint_size
 from generation.queue import Job, Refused
 from generation.request import MAX_SEED, SAMPLER_NAMES, GenerationRequest, Kind, round_to_multiple
 from generation.settings import GenerationSettings
@@ -404,7 +405,8 @@ def derived_request(action: Action, source: GenerationRequest, sha: str, size: t
     """The request a button makes from one result image (stored as input `sha`, `size` pixels):
     variations at the configured strengths, an upscale, or a zoom out (outpaint on every side)."""
     seed = secrets.randbelow(MAX_SEED - source.count + 2)
-    width, height = size
+    # Results of an upscale can exceed the size limits: vary and zoom out work within them.
+    width, height = size if action == "upscale" else fit_size(*size, settings.max_pixels, settings.max_side)[:2]
     count = 1 if action == "upscale" else source.count
     base = source.model_copy(update={"width": width, "height": height, "count": count})
     if action in ("vary", "subtle", "strong"):
@@ -413,10 +415,12 @@ def derived_request(action: Action, source: GenerationRequest, sha: str, size: t
     common = dict(init_image=sha, mask_image=None, seed=seed, variation_seed=None, variation_strength=0.0)
     if action == "upscale":
         changes = dict(kind=Kind.UPSCALE, strength=settings.hires_strength, **common)
-    else:  # zoom out: extend every side by a quarter of the shorter one
+    else:  # zoom out: extend every side by a quarter of the shorter one, the image shrunk to fit the limits
+        sides = ("left", "right", "up", "down")
         pixels = max(8, min(width, height) // 4 // 8 * 8)
-        changes = dict(kind=Kind.OUTPAINT, strength=1.0, outpaint_directions=("left", "right", "up", "down"),
-                       outpaint_pixels=pixels, width=width + 2 * pixels, height=height + 2 * pixels, **common)
+        canvas_w, canvas_h, _ = outpaint_size(width, height, sides, pixels, settings.max_pixels, settings.max_side)
+        changes = dict(kind=Kind.OUTPAINT, strength=1.0, outpaint_directions=sides, outpaint_pixels=pixels,
+                       width=canvas_w, height=canvas_h, **common)
     try:
         return GenerationRequest.model_validate(base.model_dump() | changes)
     except ValidationError as error:

@@ -106,10 +106,14 @@ def test_buttons_derive_upscales_variations_and_zoom_outs_from_one_image() -> No
     for action, strength in (("vary", settings.variation_strong_strength),
                              ("subtle", settings.variation_subtle_strength),
                              ("strong", settings.variation_strong_strength)):
-        varied = derived_request(action, source, sha, (1024, 1536), settings)
-        assert (varied.kind, varied.strength, varied.width, varied.height) == (Kind.VARIATION, strength, 1024, 1536)
+        varied = derived_request(action, source, sha, (1024, 1536), settings)  # an upscale, over max_pixels
+        # Within the default limit of 1048576 pixels, same aspect, multiples of 64.
+        assert (varied.kind, varied.strength, varied.width, varied.height) == (Kind.VARIATION, strength, 832, 1216)
         assert (varied.prompt, varied.count, varied.init_image) == ("a fox", 4, sha)
     zoom = derived_request("zoom", source, sha, (512, 768), settings)
     assert zoom.kind is Kind.OUTPAINT and zoom.outpaint_pixels == 128  # a quarter of the shorter side
     assert set(zoom.outpaint_directions) == {"left", "right", "up", "down"}
     assert (zoom.width, zoom.height) == (512 + 256, 768 + 256)  # the extended canvas
+    wide = derived_request("zoom", source, sha, (1024, 1536), settings)  # zoom out of an upscale
+    assert wide.width * wide.height <= settings.max_pixels and max(wide.width, wide.height) <= settings.max_side
+    assert wide.outpaint_pixels == 208 and wide.width - 2 * 208 >= 64  # the image shrinks, the margins stay
