@@ -26,7 +26,7 @@ from pydantic import ValidationError
 
 from bot.config import AppConfig
 from bot.policy import Requester, is_moderator
-from bot.replies import DEFAULT_UPLOAD_LIMIT, Delivery
+from bot.replies import DEFAULT_UPLOAD_LIMIT, Delivery, status_editor
 from bot.studio import Origin, Studio
 from bot.styles import STYLES
 from bot.views import Action, status_view
@@ -214,9 +214,11 @@ class Gestures:
             message_id: int | None = (await interaction.edit_original_response(content=text, view=status_view(job.id))).id
         else:
             message_id = (await interaction.response.send_message(text, view=status_view(job.id))).message_id
-        if message_id is not None:  # before any progress or result can replace it as the job's message
-            await stored.set_message(self._studio.db, job.id, message_id)
-        self._delivery.acknowledged(job.id, text, interaction.edit_original_response)
+        if message_id is None:  # Discord always returns it; without it only the interaction can edit
+            self._delivery.acknowledged(job.id, text, interaction.edit_original_response)
+            return job
+        await stored.set_message(self._studio.db, job.id, message_id)  # before a result can replace it
+        self._delivery.acknowledged(job.id, text, status_editor(interaction, message_id))
         return job
 
     async def submit_message(self, message: discord.Message, request: GenerationRequest,

@@ -44,6 +44,24 @@ _SMALLEST_SIDE = 64
 Edit = Callable[..., Awaitable[Any]]
 
 
+def status_editor(interaction: discord.Interaction, message_id: int) -> Edit:
+    """Edits an interaction's status message: through the interaction while its token lives, then
+    as the bot's own message in the channel (tokens last 15 minutes; a queue may wait longer)."""
+    expires = interaction.expires_at.timestamp() - TOKEN_MARGIN_S
+    channel = interaction.channel
+
+    async def edit(**fields: Any) -> Any:
+        if time.time() < expires:
+            try:
+                return await interaction.edit_original_response(**fields)
+            except discord.HTTPException as error:
+                if error.status not in (401, 404) or channel is None:  # 401/404: the token is gone
+                    raise
+        return await channel.get_partial_message(message_id).edit(**fields)
+
+    return edit
+
+
 @dataclass
 class _Status:
     """The message that shows one job's state while it waits and runs."""

@@ -221,6 +221,9 @@ async def test_expired_token_falls_back_to_a_channel_reply_and_large_files_are_r
         assert all(len(a.data) <= 12_000 for a in result.attachments) and len(result.attachments) == 2
         assert all(a.filename.endswith((".webp", ".jpg")) for a in result.attachments)
         assert result.content.count("to fit the upload limit") == 2
+        # The status message is still closed: edited as the bot's channel message, not through the token.
+        closed = await server.wait_for(lambda a: a.kind == "edit" and a.message is ack and "finished" in a.content)
+        assert closed.interaction is None and ack.buttons() == []
 
 
 async def test_missing_permissions_bad_inputs_and_bans_get_clear_answers(world: World) -> None:
