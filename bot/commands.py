@@ -10,11 +10,9 @@ at definition time, and the option ranges come from the configuration.
 
 import asyncio
 import contextlib
-import io
 import logging
 import math
 import re
-import secrets
 from dataclasses import dataclass
 from typing import Literal
 
@@ -33,8 +31,9 @@ from bot.views import Action, status_view
 from generation.engine import native_size
 from generation.images import ImageInputError, fit_size, load_image, split_alpha
 from generation.outpaint import outpaint_size
+from generation.metadata import png_bytes
 from generation.queue import Job, Refused
-from generation.request import MAX_SEED, SAMPLER_NAMES, GenerationRequest, Kind, round_to_multiple
+from generation.request import MAX_SEED, SAMPLER_NAMES, GenerationRequest, Kind, random_seed, round_to_multiple
 from generation.settings import GenerationSettings
 from generation.variations import variation_request
 from storage import jobs as stored
@@ -159,7 +158,7 @@ class Gestures:
         _check("count", count, 1, g.max_count)
         _check("steps", steps, 1, g.max_steps)
         _check("guidance", guidance, 0, g.max_guidance)
-        seed = secrets.randbelow(MAX_SEED - count + 2) if options.seed is None else options.seed
+        seed = random_seed(count) if options.seed is None else options.seed
         _check("seed", seed, 0, MAX_SEED - count + 1)
         strength = None
         if kind is not Kind.TXT2IMG:
@@ -184,7 +183,7 @@ class Gestures:
         except ImageInputError as error:
             raise UserError(str(error)) from None
         width, height, notes = fit_size(*rgb.size, g.max_pixels, g.max_side)
-        init = await put_input(self._studio.db, await asyncio.to_thread(_png, rgb))
+        init = await put_input(self._studio.db, await asyncio.to_thread(png_bytes, rgb))
         mask_sha = await put_input(self._studio.db, mask_png) if mask_png is not None else None
         kind = Kind.INPAINT if mask_sha is not None else Kind.IMG2IMG
         request = await self.request(options, kind=kind, size=(width, height), init_image=init, mask_image=mask_sha)
@@ -378,11 +377,16 @@ class Gestures:
         source = job.request
         try:
             if action == "rerun":
-                request = source.model_copy(update={"seed": secrets.randbelow(MAX_SEED - source.count + 2)})
+                request = source.model_copy(update={"seed": random_seed(source.count)})
             else:
                 await _defer(interaction)
                 image = images[index]
-                sha = await put_input(db, await asyncio.to_thread(image_file(db, image).read_bytes))
+                try:
+                    data = await asyncio.to_thread(image_file(db, image).read_bytes)
+                except FileNotFoundError:  # deleted behind the database's back: as good as expired
+                    raise UserError(f"The images of job `{job_id}` are no longer stored, so its buttons no "
+                                    "longer work. Start again with /imagine.") from None
+                sha = await put_input(db, data)
                 request = derived_request(action, source, sha, (image.width, image.height), self._config.generation)
         except (UserError, ImageInputError) as error:
             await _say(interaction, str(error))
@@ -406,7 +410,7 @@ def derived_request(action: Action, source: GenerationRequest, sha: str, size: t
                     settings: GenerationSettings) -> GenerationRequest:
     """The request a button makes from one result image (stored as input `sha`, `size` pixels):
     variations at the configured strengths, an upscale, or a zoom out (outpaint on every side)."""
-    seed = secrets.randbelow(MAX_SEED - source.count + 2)
+    seed = random_seed(source.count)
     # Results of an upscale can exceed the size limits: vary and zoom out work within them.
     width, height = size if action == "upscale" else fit_size(*size, settings.max_pixels, settings.max_side)[:2]
     count = 1 if action == "upscale" else source.count
@@ -491,13 +495,8 @@ def _decode_inputs(source: bytes, mask: bytes | None) -> tuple[Image.Image, byte
     """The source as RGB, and the mask as PNG: the given one, else the source's transparency."""
     rgb, alpha_mask = split_alpha(load_image(source, MAX_INPUT_PIXELS))
     mask_image = load_image(mask, MAX_INPUT_PIXELS, "mask") if mask is not None else alpha_mask
-    return rgb, _png(mask_image) if mask_image is not None else None
+    return rgb, png_bytes(mask_image) if mask_image is not None else None
 
-
-def _png(image: Image.Image) -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return buffer.getvalue()
 
 
 def _missing_permissions(have: discord.Permissions, guild: discord.Guild | None) -> str | None:

@@ -23,6 +23,7 @@ from PIL import Image
 
 from bot.config import DiscordSettings
 from bot.views import result_view
+from generation.metadata import png_bytes
 from generation.queue import Estimate
 from generation.request import JobState, Kind
 from storage import jobs as stored
@@ -168,7 +169,7 @@ class Delivery:
 
     async def progressed(self, job_id: str, step: int, total: int, preview: Any) -> None:
         if (status := self._status.get(job_id)) is not None and step < total:
-            png = await asyncio.to_thread(_png, preview) if preview is not None else None
+            png = await asyncio.to_thread(png_bytes, preview) if preview is not None else None
             self._show(job_id, f"<@{status.owner_id}> `{job_id}` is being drawn… {100 * step // total}%", png)
 
     async def finished(self, job: stored.Job, images: list[ImageRecord]) -> None:
@@ -326,11 +327,6 @@ class Delivery:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-
-def _png(image: Image.Image) -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return buffer.getvalue()
 
 
 def result_text(job: stored.Job, images: list[ImageRecord], uploads: list[Upload | None]) -> str:

@@ -44,10 +44,11 @@ def parameters_text(request: GenerationRequest, seed: int, model_hash: str) -> s
     return "\n".join(lines)
 
 
-def png_bytes(image: Image.Image, parameters: str) -> bytes:
-    """Encode `image` as PNG carrying `parameters` in a tEXt/iTXt chunk."""
+def png_bytes(image: Image.Image, parameters: str | None = None) -> bytes:
+    """Encode `image` as PNG, carrying `parameters` (when given) in a tEXt/iTXt chunk."""
     info = PngImagePlugin.PngInfo()
-    info.add_itxt("parameters", parameters) if not parameters.isascii() else info.add_text("parameters", parameters)
+    if parameters is not None:
+        info.add_text("parameters", parameters) if parameters.isascii() else info.add_itxt("parameters", parameters)
     buffer = io.BytesIO()
     image.save(buffer, format="PNG", pnginfo=info)
     return buffer.getvalue()

@@ -47,6 +47,11 @@ def new_job_id() -> str:
     return base64.b32encode(secrets.token_bytes(8)).decode("ascii")[:12].lower()
 
 
+def random_seed(count: int = 1) -> int:
+    """A fresh random seed for `count` images: the last image's seed S + count - 1 is <= MAX_SEED."""
+    return secrets.randbelow(MAX_SEED - count + 2)
+
+
 class JobState(StrEnum):
     """Where a job is in its life; the queue, the runner and storage share these names."""
 

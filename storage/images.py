@@ -86,6 +86,10 @@ def write_atomic(path: Path, data: bytes) -> None:
     _fsync_dir(path.parent)
 
 
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
 def _fsync_dir(directory: Path) -> None:
     """Make a rename durable: the new directory entry is only on disk once the folder is synced."""
     descriptor = os.open(directory, os.O_RDONLY)
@@ -97,8 +101,7 @@ def _fsync_dir(directory: Path) -> None:
 
 async def save_image(db: Database, job_id: str, index: int, seed: int, png: bytes) -> ImageRecord:
     """Store result image `index` of a job. Saving the same index again (a re-run) replaces it."""
-    width, height = png_size(png)
-    sha256 = hashlib.sha256(png).hexdigest()
+    (width, height), sha256 = png_size(png), await asyncio.to_thread(_sha256, png)  # megabytes: off the loop
     path = f"{sha256[:2]}/{sha256}.png"
     async with db.writing() as connection:
         await asyncio.to_thread(write_atomic, db.images_dir / path, png)
@@ -126,7 +129,7 @@ def image_file(db: Database, image: ImageRecord) -> Path:
 
 async def put_input(db: Database, data: bytes) -> str:
     """Store an uploaded init image or mask; returns its sha256 (what a request refers to)."""
-    sha256 = hashlib.sha256(data).hexdigest()
+    sha256 = await asyncio.to_thread(_sha256, data)
     path = f"{INPUTS_DIR}/{sha256[:2]}/{sha256}"
     now = db.now()
     async with db.writing() as connection:
