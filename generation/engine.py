@@ -9,13 +9,22 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import torch
 from PIL import Image
 
 from generation.denoiser import latent_preview
 from generation.metadata import parameters_text, png_bytes
-from generation.pipeline import Inputs, LoadedModel, load_model, resolve_device, resolve_dtype, run_batch
+from generation.pipeline import (
+    Inputs,
+    LoadedModel,
+    checkpoint_hash,
+    load_model,
+    resolve_device,
+    resolve_dtype,
+    run_batch,
+)
 from generation.queue import Job
 from generation.runner import JobResult, Progress
 from generation.samplers import Cancelled
@@ -42,6 +51,8 @@ class Engine:
         self._vae_tile_above_pixels = vae_tile_above_pixels
         self._inputs = inputs
         self._preview = preview
+        #: checkpoint_hash by (path, size, mtime): models evicted from the cache reload without rehashing.
+        self._hashes: dict[tuple[Path, int, int], str] = {}
 
     def load(self, name: str, device: str) -> LoadedModel:
         """The checkpoint configured as `name`, on `device` (the runner's `load_model`)."""
@@ -50,7 +61,11 @@ class Engine:
             raise KeyError(f"unknown model {name!r}; configured: {', '.join(self._models)}")
         torch_device = resolve_device(device)
         dtype = resolve_dtype(self._dtype, torch_device)
-        return load_model(settings, torch_device, dtype, self._vae_tile_above_pixels)
+        stat = settings.checkpoint.stat()
+        key = (settings.checkpoint, stat.st_size, stat.st_mtime_ns)
+        if key not in self._hashes:
+            self._hashes[key] = checkpoint_hash(settings.checkpoint)
+        return load_model(settings, torch_device, dtype, self._vae_tile_above_pixels, self._hashes[key])
 
     @staticmethod
     def size(model: LoadedModel) -> int:

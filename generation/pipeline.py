@@ -76,10 +76,14 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
 
 
 def load_model(
-    settings: ModelSettings, device: torch.device, dtype: torch.dtype, vae_tile_above_pixels: int = 1024 * 1024
+    settings: ModelSettings,
+    device: torch.device,
+    dtype: torch.dtype,
+    vae_tile_above_pixels: int = 1024 * 1024,
+    short_hash: str | None = None,
 ) -> LoadedModel:
     """Load the checkpoint of `settings` onto `device`. The VAE stays float32: SD's VAE overflows
-    float16 on some images and decodes them black."""
+    float16 on some images and decodes them black. `short_hash`: the file's known `checkpoint_hash`."""
     network = load_checkpoint(
         settings.checkpoint, settings.config, settings.prediction, device, dtype, vae_dtype=torch.float32
     )
@@ -87,11 +91,13 @@ def load_model(
         network.model.to(memory_format=torch.channels_last)
     family = network.family
     schedule = DiscreteSchedule.linear(family.linear_start, family.linear_end, family.timesteps)
-    short_hash = _short_hash(settings.checkpoint)
+    short_hash = short_hash or checkpoint_hash(settings.checkpoint)
     return LoadedModel(settings.name, network, schedule, short_hash, device, dtype, vae_tile_above_pixels)
 
 
-def _short_hash(path: Path) -> str:
+def checkpoint_hash(path: Path) -> str:
+    """The web UIs' "Model hash": the first 10 hex digits of the file's sha256 (seconds for a
+    multi-GB file: callers that reload a model keep it)."""
     digest = hashlib.sha256()
     with path.open("rb") as file:
         while block := file.read(1 << 24):
