@@ -245,7 +245,9 @@ class Gestures:
 
     def _ack_text(self, job: Job, notes: list[str]) -> str:
         """The queue position and ETA, and what was changed about the input (as Discord subtext)."""
-        text = self._delivery.queued_text(job.id, job.owner_id, self._studio.queue.estimates().get(job.id))
+        queue = self._studio.queue
+        paused = job.guild_id is not None and queue.is_paused(job.guild_id)  # by this server's moderators
+        text = self._delivery.queued_text(job.id, job.owner_id, queue.estimates().get(job.id), paused)
         return "\n".join([text, *(f"-# {note}" for note in notes)])
 
     # -- /imagine --

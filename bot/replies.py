@@ -151,7 +151,9 @@ class Delivery:
             status.text, status.last_edit, status.edit = text, self._clock(), edit
             status.acknowledged.set()
 
-    def queued_text(self, job_id: str, owner_id: int, estimate: Estimate | None) -> str:
+    def queued_text(self, job_id: str, owner_id: int, estimate: Estimate | None, paused: bool = False) -> str:
+        if paused:
+            return f"<@{owner_id}> `{job_id}` is queued; this server's moderators have paused the queue for now."
         if estimate is None:
             return f"<@{owner_id}> `{job_id}` is starting…"
         return (f"<@{owner_id}> `{job_id}` is queued: position {estimate.position}, "

@@ -505,3 +505,16 @@ async def test_jobs_queued_before_a_restart_are_delivered_after_it(world: World)
         result = (await server.wait_for(message_for(asked, files=True), TIMEOUT)).message
         assert "Seed: 9," in png_info(result.attachments[0].data)[1] and f"<@{world.alice.id}>" in result.content
         await server.wait_for(lambda a: a.kind == "edit" and a.message is ack and "finished" in a.content)
+
+
+async def test_a_paused_server_says_so_and_resumes(world: World) -> None:
+    server = world.server
+    async with running(world.config, server):
+        paused = await server.slash(world.mod, world.channel, "queue pause", {})
+        await server.wait_for(lambda a: a.interaction is paused and a.kind == "message")
+        asked = await server.slash(world.alice, world.channel, "imagine", {"prompt": "a tree", "steps": 1, "count": 1})
+        ack = (await server.wait_for(lambda a: a.interaction is asked and a.kind == "message")).message
+        assert "this server's moderators have paused the queue" in ack.content
+        resumed = await server.slash(world.mod, world.channel, "queue resume", {})
+        await server.wait_for(lambda a: a.interaction is resumed and a.kind == "message")
+        await server.wait_for(message_for(asked, files=True), TIMEOUT)
