@@ -15,6 +15,7 @@ from discord import app_commands
 
 from bot.config import AppConfig
 from bot.policy import Requester, allowance, frees_at
+from bot.replies import fit_upload
 from generation.queue import FairQueue
 from generation.request import JOB_ID_PATTERN, JobState
 from storage.db import Database
@@ -115,17 +116,19 @@ def _may_see(job: Job, interaction: discord.Interaction) -> bool:
 
 
 async def _files(db: Database, detail: JobDetail, limit: int) -> tuple[list[discord.File], int]:
-    """The job's stored images that can be attached, and how many could not."""
+    """The job's stored images that can be attached (re-encoded to fit the upload limit, as
+    results are), and how many could not."""
     files = []
     for image in detail.images:
-        if image.status is not ImageStatus.OK or image.bytes > limit or len(files) == _MAX_FILES:
+        if image.status is not ImageStatus.OK or len(files) == _MAX_FILES:
             continue
         try:
             data = await asyncio.to_thread(image_file(db, image).read_bytes)
         except FileNotFoundError:  # retention or a lost disk got there first
             continue
-        name = f"{detail.job.id}-{image.index + 1}.png"
-        files.append(discord.File(io.BytesIO(data), filename=name))
+        upload = await asyncio.to_thread(fit_upload, data, limit, f"{detail.job.id}-{image.index + 1}")
+        if upload is not None:
+            files.append(discord.File(io.BytesIO(upload.data), filename=upload.filename))
     return files, len(detail.images) - len(files)
 
 
