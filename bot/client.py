@@ -24,6 +24,8 @@ from bot.studio import Studio
 from bot.views import CancelButton, JobButton
 from generation.engine import memory_budget
 from generation.pipeline import resolve_device
+from generation.request import JobState
+from storage import jobs as stored
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +76,10 @@ class AtelierBot(commands.Bot):
         ):
             self.tree.add_command(command, guild=home)
         await self.tree.sync(guild=home)
+        for job in await stored.jobs_by_state(studio.db, JobState.QUEUED):  # restored from before a restart
+            if job.message_id is not None:
+                channel = self.get_partial_messageable(job.channel_id, guild_id=job.guild_id)
+                self.delivery.resume(job, channel.get_partial_message(job.message_id).edit)
         studio.start(self.delivery)
 
     async def _command_failed(self, interaction: discord.Interaction, error: app_commands.AppCommandError) -> None:

@@ -151,6 +151,12 @@ class Delivery:
             status.text, status.last_edit, status.edit = text, self._clock(), edit
             status.acknowledged.set()
 
+    def resume(self, job: stored.Job, edit: Edit) -> None:
+        """A job restored at start-up: its status message (posted before the restart) keeps showing
+        its place in the queue and its progress."""
+        self.expect(job.id, job.owner_id, self._upload_limit(job))
+        self.acknowledged(job.id, "", edit)
+
     def queued_text(self, job_id: str, owner_id: int, estimate: Estimate | None, paused: bool = False) -> str:
         if paused:
             return f"<@{owner_id}> `{job_id}` is queued; this server's moderators have paused the queue for now."

@@ -501,10 +501,14 @@ async def test_jobs_queued_before_a_restart_are_delivered_after_it(world: World)
         async with asyncio.timeout(5):  # the command has stored where its status message is
             while not await bot.studio.db.fetch_all("SELECT id FROM jobs WHERE message_id = ?", (ack.id,)):
                 await asyncio.sleep(0.01)
+    before_restart = len(server.actions)
     async with running(config, server):
         result = (await server.wait_for(message_for(asked, files=True), TIMEOUT)).message
         assert "Seed: 9," in png_info(result.attachments[0].data)[1] and f"<@{world.alice.id}>" in result.content
         await server.wait_for(lambda a: a.kind == "edit" and a.message is ack and "finished" in a.content)
+        # The old status message went on showing the job's state after the restart.
+        shown = [a.content for a in server.actions[before_restart:] if a.kind == "edit" and a.message is ack]
+        assert any("being drawn" in text or "position" in text or "starting" in text for text in shown)
 
 
 async def test_a_paused_server_says_so_and_resumes(world: World) -> None:
