@@ -55,6 +55,40 @@ guild_users = st.lists(  # users -> (weight, job costs as steps)
 flows = st.lists(guild_users, min_size=1, max_size=3)  # guilds -> users
 
 
+Flow = tuple[int, int]  # (guild, owner)
+
+
+def submit_flows(queue: FairQueue, guilds: list) -> tuple[dict[Flow, list[Job]], dict[Flow, float]]:
+    """Submit every user's jobs (owner g * 10 + u of guild g); their jobs and weights by flow."""
+    jobs_of, weight = {}, {}
+    for g, users in enumerate(guilds):
+        for u, (w, steps_list) in enumerate(users):
+            owner = g * 10 + u
+            weight[(g, owner)] = w
+            jobs_of[(g, owner)] = [submit(queue, owner, g, w, steps=s) for s in steps_list]
+    return jobs_of, weight
+
+
+def assert_within_sfq_bound(
+    jobs_of: dict[Flow, list[Job]], weight: dict[Flow, float], left: Counter,
+    served: Counter, guild_served: Counter,
+) -> None:
+    """SFQ's fairness theorem at one instant: two guilds with jobs left differ in served cost by
+    at most one largest job of each; two such users of one guild, in cost per unit weight."""
+    biggest = {flow: max(j.cost for j in jobs) for flow, jobs in jobs_of.items()}
+    guild_biggest = Counter()
+    for (g, _), cost in biggest.items():
+        guild_biggest[g] = max(guild_biggest[g], cost)
+    busy_guilds = sorted({g for (g, _), n in left.items() if n > 0})
+    for a, b in itertools.combinations(busy_guilds, 2):
+        assert abs(guild_served[a] - guild_served[b]) <= guild_biggest[a] + guild_biggest[b] + 1e-9
+    busy = [f for f in left if left[f] > 0]
+    for a, b in itertools.combinations(busy, 2):
+        if a[0] == b[0]:
+            bound = biggest[a] / weight[a] + biggest[b] / weight[b]
+            assert abs(served[a] - served[b]) <= bound + 1e-9
+
+
 @settings(max_examples=40, deadline=None)
 @given(flows)
 def test_backlogged_flows_get_weighted_shares_within_the_sfq_bound(guilds):
@@ -62,34 +96,18 @@ def test_backlogged_flows_get_weighted_shares_within_the_sfq_bound(guilds):
     cost per unit weight differs by at most one largest job of each (guilds weight 1, users
     their weight, measured within the guild)."""
     queue = FairQueue(ROOMY)
-    jobs_of: dict[tuple[int, int], list[Job]] = {}
-    weight = {}
-    for g, users in enumerate(guilds):
-        for u, (w, steps_list) in enumerate(users):
-            owner = g * 10 + u
-            weight[(g, owner)] = w
-            jobs_of[(g, owner)] = [submit(queue, owner, g, w, steps=s) for s in steps_list]
-    left = {flow: len(jobs) for flow, jobs in jobs_of.items()}
-    biggest = {flow: max(j.cost for j in jobs) for flow, jobs in jobs_of.items()}
-    guild_biggest = {g: max(c for (gg, _), c in biggest.items() if gg == g) for g in range(len(guilds))}
+    jobs_of, weight = submit_flows(queue, guilds)
+    left = Counter({flow: len(jobs) for flow, jobs in jobs_of.items()})
     served, guild_served = Counter(), Counter()
-    guild_left = Counter({g: sum(n for (gg, _), n in left.items() if gg == g) for g in range(len(guilds))})
     while batch := queue.next_batch("cpu", max_images=1):
         (job,) = batch
         flow = (job.guild_id, job.owner_id)
         served[flow] += job.cost / weight[flow]
         guild_served[job.guild_id] += job.cost
         left[flow] -= 1
-        guild_left[job.guild_id] -= 1
         queue.finish(job, JobState.DONE)
-        busy_guilds = [g for g in guild_left if guild_left[g] > 0]
-        for a, b in itertools.combinations(busy_guilds, 2):
-            assert abs(guild_served[a] - guild_served[b]) <= guild_biggest[a] + guild_biggest[b] + 1e-9
-        busy = [f for f in left if left[f] > 0]
-        for a, b in itertools.combinations(busy, 2):
-            if a[0] == b[0]:
-                bound = biggest[a] / weight[a] + biggest[b] / weight[b]
-                assert abs(served[a] - served[b]) <= bound + 1e-9
+        assert_within_sfq_bound(jobs_of, weight, left, served, guild_served)
+
 
 
 def test_shares_converge_to_role_weights_hierarchically():
@@ -314,14 +332,7 @@ def test_a_paused_guild_yields_to_the_others_and_resumes_without_catch_up_credit
     guilds stay within SFQ's bound (a burst of credit for the pause would break it), and inside
     each guild users keep their weighted shares and their submission order throughout."""
     queue = FairQueue(ROOMY)
-    weight, jobs_of = {}, {}
-    for g, users in enumerate(guilds):
-        for u, (w, steps_list) in enumerate(users):
-            owner = g * 10 + u
-            weight[(g, owner)] = w
-            jobs_of[(g, owner)] = [submit(queue, owner, g, w, steps=s) for s in steps_list]
-    biggest = {flow: max(j.cost for j in jobs) for flow, jobs in jobs_of.items()}
-    guild_biggest = {g: max(c for (gg, _), c in biggest.items() if gg == g) for g in range(len(guilds))}
+    jobs_of, weight = submit_flows(queue, guilds)
     queue.pause(0)
     assert queue.is_paused(0) and not queue.is_paused(1) and not queue.is_paused()
     paused_jobs = [j for (g, _), jobs in jobs_of.items() if g == 0 for j in jobs]
@@ -351,14 +362,7 @@ def test_a_paused_guild_yields_to_the_others_and_resumes_without_catch_up_credit
     queue.resume(0)
     while job := dispatch():
         guild_served[job.guild_id] += job.cost
-        busy_guilds = {g for (g, _), n in left.items() if n > 0}
-        for a, b in itertools.combinations(sorted(busy_guilds), 2):
-            assert abs(guild_served[a] - guild_served[b]) <= guild_biggest[a] + guild_biggest[b] + 1e-9
-        busy = [f for f in left if left[f] > 0]
-        for a, b in itertools.combinations(busy, 2):
-            if a[0] == b[0]:
-                bound = biggest[a] / weight[a] + biggest[b] / weight[b]
-                assert abs(served[a] - served[b]) <= bound + 1e-9
+        assert_within_sfq_bound(jobs_of, weight, left, served, guild_served)
     for flow, jobs in jobs_of.items():  # each job not cancelled runs once, in submission order
         mine = [j for j in dispatched if (j.guild_id, j.owner_id) == flow]
         assert mine == [j for j in jobs if j not in cancelled]
