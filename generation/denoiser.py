@@ -31,13 +31,17 @@ class GuidedDenoiser:
     When every g is 1 only the conditional half runs, when every g is 0 only the unconditional one:
     the formula then equals that half exactly, at half the cost. cond and uncond must have the
     same token length: encode them together with `generation.prompts.encode_prompts`, which pads
-    every prompt to a common number of 77-token chunks with the empty prompt's chunk."""
+    every prompt to a common number of 77-token chunks with the empty prompt's chunk.
+
+    Steps never wait on the device: which halves to run, the guidance scales and the schedule are
+    settled on the device once, here. On CUDA a value read back or copied from pageable host memory
+    stalls the kernel queue until the GPU catches up, and at every step that costs real time."""
 
     unet: UNet
     schedule: DiscreteSchedule
     cond: Tensor  # (B, T, D)
     uncond: Tensor  # (B, T, D)
-    guidance: Tensor  # (B,)
+    guidance: Tensor  # (B,), best on the CPU: it is read once, here
     prediction: Prediction = "epsilon"
     #: Extra input channels concatenated after the scaled latent, unscaled (inpainting: mask and
     #: masked-image latent, (B, 5, h, w)), the same for both halves.
@@ -55,17 +59,21 @@ class GuidedDenoiser:
             )
         if self.prediction not in ("epsilon", "v"):
             raise ValueError(f"prediction must be 'epsilon' or 'v', got {self.prediction!r}")
+        scales = self.guidance.tolist()
+        halves = "cond" if all(g == 1 for g in scales) else "uncond" if all(g == 0 for g in scales) else "both"
+        object.__setattr__(self, "_halves", halves)
+        object.__setattr__(self, "_scale", self.guidance.to(self.cond.device, torch.float32).view(-1, 1, 1, 1))
+        object.__setattr__(self, "_schedule", self.schedule.to(self.cond.device))
 
     def __call__(self, x: Tensor, sigma: Tensor) -> Tensor:
         """x (B, C, h, w) at noise levels sigma (B,) -> guided x0 prediction (B, C, h, w)."""
-        if bool((self.guidance == 1).all()):
+        if self._halves == "cond":
             out = self._run(x, sigma, self.cond)
-        elif bool((self.guidance == 0).all()):
+        elif self._halves == "uncond":
             out = self._run(x, sigma, self.uncond)
         else:
             out_uncond, out_cond = self._run(x, sigma, torch.cat([self.uncond, self.cond])).chunk(2)
-            g = self.guidance.to(out_cond).view(-1, 1, 1, 1)  # the output's device and dtype
-            out = out_uncond + g * (out_cond - out_uncond)
+            out = out_uncond + self._scale * (out_cond - out_uncond)
         return self._x0(x, sigma.view(-1, 1, 1, 1), out)
 
     def _run(self, x: Tensor, sigma: Tensor, context: Tensor) -> Tensor:
@@ -75,7 +83,7 @@ class GuidedDenoiser:
         x_in = (x * c_in.view(-1, 1, 1, 1)).repeat(copies, 1, 1, 1)  # (copies * B, C, h, w)
         if self.concat is not None:
             x_in = torch.cat([x_in, self.concat.to(x_in).repeat(copies, 1, 1, 1)], dim=1)
-        t = self.schedule.sigma_to_t(sigma).repeat(copies)  # (copies * B,)
+        t = self._schedule.sigma_to_t(sigma).repeat(copies)  # (copies * B,)
         return self.unet(x_in, t, context).to(x.dtype)
 
     def _x0(self, x: Tensor, sigma: Tensor, out: Tensor) -> Tensor:

@@ -227,7 +227,7 @@ def denoise(
     per_image = [r for r in requests for _ in range(r.count)]
     seeds = [seed for r in requests for seed in r.seeds()]
     cond, uncond = encode_conditioning(network, per_image, model.device)
-    guidance = torch.tensor([r.guidance for r in per_image], device=model.device)
+    guidance = torch.tensor([r.guidance for r in per_image])  # (B,), read once by the denoiser
     sampler = SAMPLERS[first.sampler]
     noise = BatchNoise(seeds, (network.latent_channels, *latent_size), model.device, torch.float32)
     initial = variation_noise(requests, noise.initial())  # (B, C, h, w)

@@ -58,8 +58,10 @@ class BatchNoise:
         return self()
 
     def __call__(self) -> Tensor:
-        draws = [torch.randn(self._shape, generator=g, dtype=torch.float32) for g in self._generators]
-        return torch.cat(draws).to(self._device, self._dtype)  # (B, C, H, W)
+        draws = torch.cat([torch.randn(self._shape, generator=g, dtype=torch.float32) for g in self._generators])
+        if self._device.type == "cuda":  # from page-locked memory the copy does not wait for the GPU
+            return draws.pin_memory().to(self._device, self._dtype, non_blocking=True)
+        return draws.to(self._device, self._dtype)  # (B, C, H, W)
 
 
 #: A sampling method: (model, x at sigmas[0], sigmas, noise, report) -> x at sigmas[-1].

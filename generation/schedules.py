@@ -42,6 +42,10 @@ class DiscreteSchedule:
         """The schedule of the original SD 1.x / 2.x inference YAMLs (their defaults)."""
         return cls(alphas_cumprod(linear_start, linear_end, timesteps))
 
+    def to(self, device: torch.device | str) -> DiscreteSchedule:
+        """The same schedule on `device`, where the denoiser maps sigmas to timesteps every step."""
+        return DiscreteSchedule(self.alphas_cumprod.to(device))
+
     @property
     def timesteps(self) -> int:
         return self.alphas_cumprod.shape[0]
