@@ -28,14 +28,15 @@ from bot.replies import DEFAULT_UPLOAD_LIMIT, Delivery, status_editor
 from bot.studio import Origin, Studio
 from bot.styles import STYLES
 from bot.views import Action, status_view
-from generation.engine import native_size
 from generation.images import ImageInputError, fit_size, load_image, split_alpha
 from generation.outpaint import outpaint_size
 from generation.metadata import png_bytes
 from generation.queue import Job, Refused
 from generation.request import MAX_SEED, SAMPLER_NAMES, GenerationRequest, Kind, random_seed, round_to_multiple
-from generation.settings import GenerationSettings
+from generation.settings import GenerationSettings, default_model
 from generation.variations import variation_request
+from models.families import X4_UPSCALER
+from models.loading import CheckpointError, CheckpointInfo, inspect_checkpoint
 from storage import jobs as stored
 from storage.images import ImageStatus, image_file, job_images, put_input
 
@@ -49,6 +50,8 @@ MAX_INPUT_BYTES = 20 * 1024 * 1024
 MAX_INPUT_PIXELS = 4096 * 4096
 #: img2img strength when the user gives none.
 DEFAULT_STRENGTH = 0.6
+#: The family name of x4 upscaler checkpoints, which only enlarge images.
+UPSCALER_FAMILY = X4_UPSCALER.name
 #: Flags a reply may carry, `--name value`; `--no` is the negative prompt.
 _FLAG = re.compile(r"(?:^|\s)--([a-z]+)(?=\s|$)")
 _FLAGS = {"no": "negative", "strength": "strength", "seed": "seed", "steps": "steps", "guidance": "guidance",
@@ -118,14 +121,26 @@ class Gestures:
         self._studio = studio
         self._delivery = delivery
         self._config: AppConfig = studio.config
-        #: Native side of each model, read from its file on first use.
-        self._native: dict[str, int] = {}
+        #: What each model's file holds (family, native size), read on first use.
+        self._checkpoints: dict[str, CheckpointInfo] = {}
 
-    async def native_size(self, model: str) -> int:
-        if model not in self._native:
+    async def checkpoint(self, model: str) -> CheckpointInfo:
+        """What the file of the configured `model` holds, read once, off the loop."""
+        if model not in self._checkpoints:
             settings = next(m for m in self._config.models if m.name == model)
-            self._native[model] = await asyncio.to_thread(native_size, settings)
-        return self._native[model]
+            try:
+                self._checkpoints[model] = await asyncio.to_thread(
+                    inspect_checkpoint, settings.checkpoint, settings.config, settings.prediction)
+            except CheckpointError:
+                log.exception("the checkpoint of model %s cannot be read", model)
+                raise UserError(f"the checkpoint of model {model} cannot be read; ask the bot's operator "
+                                "(`atelier doctor` says why)") from None
+        return self._checkpoints[model]
+
+    def drawing_models(self) -> list[str]:
+        """The models users may pick: all configured but the upscaler and any found to be one."""
+        return [m.name for m in self._config.models if m.name != self._config.generation.upscaler
+                and getattr(self._checkpoints.get(m.name), "family", None) != UPSCALER_FAMILY]
 
     # -- requests --
 
@@ -133,12 +148,16 @@ class Gestures:
                 init_image: str | None = None, mask_image: str | None = None) -> GenerationRequest:
         """A checked request; `size` (an input image's) replaces the aspect's."""
         g = self._config.generation
-        names = [m.name for m in self._config.models]
-        if not names:
+        default = default_model(self._config.models, g.upscaler)
+        if default is None:
             raise UserError("no models are configured on this bot; ask its operator")
-        model = options.model or next((m.name for m in self._config.models if m.default), names[0])
-        if model not in names:
-            raise UserError(f"unknown model {model!r}; available: {', '.join(names)}")
+        model = options.model or default.name
+        if model not in (m.name for m in self._config.models):
+            raise UserError(f"unknown model {model!r}; available: {', '.join(self.drawing_models())}")
+        checkpoint = None if model == g.upscaler else await self.checkpoint(model)
+        if checkpoint is None or checkpoint.family == UPSCALER_FAMILY:
+            raise UserError(f"{model} is an upscaler: it only enlarges images (the U buttons use it) and cannot "
+                            f"draw; pick one of: {', '.join(self.drawing_models())}")
         prompt = options.prompt.strip()
         if not prompt:
             raise UserError("the prompt is empty; describe what to draw")
@@ -164,7 +183,7 @@ class Gestures:
         if kind is not Kind.TXT2IMG:
             strength = DEFAULT_STRENGTH if options.strength is None else options.strength
             _check("strength", strength, 0.01, 1.0)
-        width, height = size or size_for(options.aspect, await self.native_size(model))
+        width, height = size or size_for(options.aspect, checkpoint.native_size)
         try:
             return GenerationRequest(
                 kind=kind, prompt=prompt, negative_prompt=negative, model=model, sampler=sampler, steps=steps,
@@ -254,7 +273,6 @@ class Gestures:
 
     def imagine_command(self) -> app_commands.Command:
         g = self._config.generation
-        models = [m.name for m in self._config.models]
 
         @app_commands.command(name="imagine", description="Draw images from a prompt")
         @app_commands.describe(
@@ -308,7 +326,8 @@ class Gestures:
 
         @imagine.autocomplete("model")
         async def complete_model(interaction: discord.Interaction, current: str) -> list[app_commands.Choice[str]]:
-            return [app_commands.Choice(name=m, value=m) for m in models if current.lower() in m.lower()][:25]
+            return [app_commands.Choice(name=m, value=m) for m in self.drawing_models()
+                    if current.lower() in m.lower()][:25]
 
         return imagine
 
@@ -376,7 +395,7 @@ class Gestures:
             await _say(interaction, f"The images of job `{job_id}` have expired and are no longer stored, so its "
                                     "buttons no longer work. Start again with /imagine.")
             return
-        source = job.request
+        source, notes = job.request, []
         try:
             if action == "rerun":
                 request = source.model_copy(update={"seed": random_seed(source.count)})
@@ -389,12 +408,29 @@ class Gestures:
                     raise UserError(f"The images of job `{job_id}` are no longer stored, so its buttons no "
                                     "longer work. Start again with /imagine.") from None
                 sha = await put_input(db, data)
-                request = derived_request(action, source, sha, (image.width, image.height), self._config.generation)
+                if source.x4:  # the upscaler cannot vary or zoom out: the model that drew the image does
+                    source = await self._drawn_by(job)
+                request, notes = derived_request(action, source, sha, (image.width, image.height),
+                                                 self._config.generation)
+                if request.x4 and (await self.checkpoint(request.model)).family != UPSCALER_FAMILY:
+                    log.error("[generation] upscaler = %r is not an x4 upscaler checkpoint", request.model)
+                    raise UserError(f"This bot's upscaler, {request.model}, is not an x4 upscaler checkpoint; ask "
+                                    "its operator to fix `[generation] upscaler`.")
         except (UserError, ImageInputError) as error:
             await _say(interaction, str(error))
             return
-        await self.submit_interaction(interaction, request, parent=(job_id, index))
+        await self.submit_interaction(interaction, request, parent=(job_id, index), notes=notes)
 
+    async def _drawn_by(self, job: stored.Job) -> GenerationRequest:
+        """An x4 upscale's request with the model, sampler, steps and guidance of the job whose
+        image it upscaled (the nearest ancestor not made by the upscaler: reruns are upscales too)."""
+        detail = await stored.job_detail(self._studio.db, job.id)
+        drawn = next((p.request for p in detail.parents if not p.request.x4), None) if detail else None
+        if drawn is None:
+            raise UserError(f"Job `{job.id}` no longer says which model drew the image it upscaled, so it cannot "
+                            "be varied or zoomed out. Start again with /imagine.")
+        return job.request.model_copy(update=dict(model=drawn.model, sampler=drawn.sampler, steps=drawn.steps,
+                                                  guidance=drawn.guidance))
 
     async def cancel(self, interaction: discord.Interaction, job_id: str) -> None:
         requester = Requester.of(interaction.user, interaction.channel)
@@ -409,30 +445,48 @@ class Gestures:
 
 
 def derived_request(action: Action, source: GenerationRequest, sha: str, size: tuple[int, int],
-                    settings: GenerationSettings) -> GenerationRequest:
-    """The request a button makes from one result image (stored as input `sha`, `size` pixels):
-    variations at the configured strengths, an upscale, or a zoom out (outpaint on every side)."""
+                    settings: GenerationSettings) -> tuple[GenerationRequest, list[str]]:
+    """The request a button makes from one result image (stored as input `sha`, `size` pixels),
+    with notes for the user: variations at the configured strengths, an upscale (by the configured
+    x4 upscaler up to its input limit, else hires 2x), or a zoom out (outpaint on every side).
+    `source` must be a request of a model that draws (not the upscaler)."""
     seed = random_seed(source.count)
     # Results of an upscale can exceed the size limits: vary and zoom out work within them.
     width, height = size if action == "upscale" else fit_size(*size, settings.max_pixels, settings.max_side)[:2]
     count = 1 if action == "upscale" else source.count
-    base = source.model_copy(update={"width": width, "height": height, "count": count})
+    base = source.model_copy(update={"width": width, "height": height, "count": count, "upscale_factor": 2})
     if action in ("vary", "subtle", "strong"):
         amount: Literal["subtle", "strong"] = "subtle" if action == "subtle" else "strong"
-        return variation_request(base, sha, amount, seed, settings)
+        return variation_request(base, sha, amount, seed, settings), []
     common = dict(init_image=sha, mask_image=None, seed=seed, variation_seed=None, variation_strength=0.0)
     if action == "upscale":
-        changes = dict(kind=Kind.UPSCALE, strength=settings.hires_strength, **common)
+        changes, notes = _upscale_changes(width, height, settings)
+        changes |= common
     else:  # zoom out: extend every side by a quarter of the shorter one, the image shrunk to fit the limits
         sides = ("left", "right", "up", "down")
         pixels = max(8, min(width, height) // 4 // 8 * 8)
-        canvas_w, canvas_h, _ = outpaint_size(width, height, sides, pixels, settings.max_pixels, settings.max_side)
+        canvas_w, canvas_h, notes = outpaint_size(width, height, sides, pixels, settings.max_pixels,
+                                                  settings.max_side)
         changes = dict(kind=Kind.OUTPAINT, strength=1.0, outpaint_directions=sides, outpaint_pixels=pixels,
                        width=canvas_w, height=canvas_h, **common)
     try:
-        return GenerationRequest.model_validate(base.model_dump() | changes)
+        return GenerationRequest.model_validate(base.model_dump() | changes), notes
     except ValidationError as error:
         raise UserError("; ".join(e["msg"] for e in error.errors())) from None
+
+
+def _upscale_changes(width: int, height: int, settings: GenerationSettings) -> tuple[dict, list[str]]:
+    """An upscale of a width x height image: by the x4 upscaler with its own settings when one is
+    configured and the image is within its input limit, else hires 2x (with a note why, if so)."""
+    hires = dict(kind=Kind.UPSCALE, upscale_factor=2, strength=settings.hires_strength)
+    if settings.upscaler is None:
+        return hires, []
+    if width * height > settings.upscaler_max_input_pixels:
+        return hires, [f"the image is {width}x{height} = {width * height} pixels, over the x4 upscaler's limit of "
+                       f"{settings.upscaler_max_input_pixels}: it was upscaled 2x instead"]
+    return dict(kind=Kind.UPSCALE, upscale_factor=4, strength=None, model=settings.upscaler,
+                sampler=settings.upscaler_sampler, steps=settings.upscaler_steps,
+                guidance=settings.upscaler_guidance, upscale_noise_level=settings.upscaler_noise_level), []
 
 
 class RemixModal(discord.ui.Modal, title="Remix"):

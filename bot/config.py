@@ -15,7 +15,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from generation.settings import GenerationSettings, ModelSettings, QueueSettings, check_models
+from generation.settings import GenerationSettings, ModelSettings, QueueSettings, check_models, check_upscaler
 from storage.settings import LimitsSettings, StorageSettings
 
 #: Environment variables the bot reads; secrets never live in the file.
@@ -73,12 +73,13 @@ class AppConfig(BaseModel):
         return check_models(models)
 
     @model_validator(mode="after")
-    def _limits_within_engine(self) -> AppConfig:
+    def _across_sections(self) -> AppConfig:
         if self.limits.max_steps is not None and self.limits.max_steps > self.generation.max_steps:
             raise ValueError(
                 f"limits.max_steps ({self.limits.max_steps}) exceeds generation.max_steps "
                 f"({self.generation.max_steps})"
             )
+        check_upscaler(self.generation.upscaler, self.models)
         return self
 
 

@@ -17,6 +17,7 @@ from generation.outpaint import outpaint_size
 from generation.pipeline import load_model, resolve_device, resolve_dtype, run_batch
 from generation.request import GenerationRequest, Kind
 from generation.settings import GenerationSettings, ModelSettings, default_model
+from generation.upscale import upscale_factor
 
 
 class UsageError(Exception):
@@ -41,13 +42,19 @@ def generate(args: argparse.Namespace, config: AppConfig) -> list[Path]:
     try:
         fields = _image_fields(args, defaults, stored)
         width, height = fields.pop("width", model.native_size), fields.pop("height", model.native_size)
+        sampler, steps, guidance = defaults.default_sampler, defaults.default_steps, defaults.default_guidance
+        if args.upscale:
+            fields["upscale_factor"] = upscale_factor(model.network.family)
+        if fields.get("upscale_factor") == 4:  # the x4 upscaler's own defaults, as the U buttons use
+            sampler, steps, guidance = defaults.upscaler_sampler, defaults.upscaler_steps, defaults.upscaler_guidance
+            fields["upscale_noise_level"] = defaults.upscaler_noise_level
         request = GenerationRequest(
             prompt=args.prompt,
             negative_prompt=args.negative_prompt,
             model=settings.name,
-            sampler=args.sampler or defaults.default_sampler,
-            steps=args.steps or defaults.default_steps,
-            guidance=defaults.default_guidance if args.guidance is None else args.guidance,
+            sampler=args.sampler or sampler,
+            steps=args.steps or steps,
+            guidance=guidance if args.guidance is None else args.guidance,
             seed=args.seed,
             width=args.width or width,
             height=args.height or height,
@@ -128,7 +135,7 @@ def _model_settings(args: argparse.Namespace, config: AppConfig) -> ModelSetting
     if args.checkpoint is not None:
         name = "".join(c if c.isalnum() or c in "._-" else "_" for c in args.checkpoint.stem)[:64]
         return ModelSettings(name=name or "checkpoint", checkpoint=args.checkpoint, config=args.model_config)
-    model = default_model(config.models)
+    model = default_model(config.models, config.generation.upscaler)
     if model is None:
         raise UsageError("no --checkpoint given and no [[models]] configured in the config file")
     if args.model_config is not None:

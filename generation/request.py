@@ -36,6 +36,16 @@ MAX_SEED = 2**32 - 1
 
 #: One cost unit is one 512x512 image denoised for one step.
 _UNIT_PIXELS = 512 * 512
+#: SD's VAE: one latent pixel per 8x8 image pixels. The x4 upscaler's latent is as large as its
+#: input image, so its UNet sees this many times the latent pixels of an SD image of that size.
+_SD_PIXELS_PER_LATENT = 8 * 8
+#: x4 upscaler UNet FLOPs per latent pixel over SD 1.x UNet FLOPs per latent pixel. Measured with
+#: `torch.utils.flop_counter.FlopCounterMode` over one forward of `models.unet.UNetModel` built on
+#: the meta device: SD1 on a 64x64 latent (the 512x512 cost unit) 1.96e8 per latent pixel; the
+#: X4_UPSCALER on latents of 64x64 to 512x512 (128x128 is the upscaler's tile) 6.91e7 to 7.02e7,
+#: within 2% of each other (its only self-attention is at 1/8 of the latent). tests/test_upscale.py
+#: recomputes it.
+X4_UNET_FLOPS_RATIO = 0.35
 
 
 #: Job ids: 12 lower-case base32 characters (60 random bits), short enough for button custom ids.
@@ -111,6 +121,9 @@ class GenerationRequest(BaseModel):
     variation_strength: float = Field(default=0.0, ge=0.0, le=1.0)
     #: x4 upscaler: noise level (0..350) added to the low-resolution image, as the original's.
     upscale_noise_level: int = Field(default=20, ge=0, le=350)
+    #: Upscale: 4 with an x4 upscaler checkpoint (the output is its VAE's scale times the input:
+    #: 4 for the released one), 2 with an ordinary one (hires); the engine checks they match.
+    upscale_factor: Literal[2, 4] = 2
 
     @model_validator(mode="after")
     def _image_matches_kind(self) -> GenerationRequest:
@@ -124,19 +137,35 @@ class GenerationRequest(BaseModel):
             raise ValueError("an outpaint request needs at least one direction: left, right, up, down")
         if len(set(self.outpaint_directions)) != len(self.outpaint_directions):
             raise ValueError("outpaint directions must not repeat")
+        if self.upscale_factor != 2 and self.kind is not Kind.UPSCALE:
+            raise ValueError(f"an upscale factor is only used by upscale, not by {self.kind}")
         return self
 
     @property
+    def x4(self) -> bool:
+        """Whether this is an upscale by an x4 upscaler checkpoint."""
+        return self.kind is Kind.UPSCALE and self.upscale_factor == 4
+
+    @property
     def denoising_steps(self) -> int:
-        """Steps the UNet actually runs: img2img-like requests skip the first (1 - strength)."""
-        if self.strength is None or self.kind is Kind.TXT2IMG:
+        """Steps the UNet actually runs: img2img-like requests skip the first (1 - strength); the
+        x4 upscaler samples from noise, whatever the strength."""
+        if self.strength is None or self.kind is Kind.TXT2IMG or self.x4:
             return self.steps
         return max(1, int(self.strength * self.steps))
 
     @property
     def cost(self) -> float:
-        """GPU cost in units of one 512x512 image-step: pixels x steps x images."""
-        return self.count * self.denoising_steps * (self.width * self.height) / _UNIT_PIXELS
+        """GPU cost in units of one 512x512 SD image-step: the UNet's work, i.e. the pixels it runs
+        on x steps x images. Outpaint's width x height is already the canvas, and inpainting only
+        the masked part resizes its crop to width x height, so both run on width x height; hires
+        runs on the 2x image; the x4 upscaler on a latent as large as the input, with a lighter UNet."""
+        pixels = self.width * self.height
+        if self.x4:
+            pixels *= _SD_PIXELS_PER_LATENT * X4_UNET_FLOPS_RATIO
+        elif self.kind is Kind.UPSCALE:
+            pixels *= 2 * 2
+        return self.count * self.denoising_steps * pixels / _UNIT_PIXELS
 
     def seeds(self) -> list[int]:
         """Seed of each image: image i of a request with seed S uses S + i (the engine contract)."""

@@ -43,6 +43,19 @@ class GenerationSettings(_Settings):
     #: Upscale without an x4 upscaler checkpoint: img2img strength of the "hires" pass over the
     #: Lanczos 2x image (low: add detail, keep the picture).
     hires_strength: float = Field(default=0.3, gt=0.0, le=1.0)
+    #: Name of the `[[models]]` entry whose checkpoint is an x4 upscaler: the U buttons use it (4x
+    #: each side) instead of hires 2x. It cannot draw, so it is never offered for anything else.
+    upscaler: str | None = None
+    #: The x4 run, which users cannot tune: guidance and noise level as the original demo (9, 20);
+    #: 20 steps of a second-order multistep sampler stand in for its 50 DDIM steps, and matter,
+    #: as its UNet runs on a latent as large as the input image.
+    upscaler_sampler: SamplerName = "dpmpp_2m_karras"
+    upscaler_steps: int = Field(default=20, ge=1, le=1000)
+    upscaler_guidance: float = Field(default=9.0, ge=0.0, le=50.0)
+    upscaler_noise_level: int = Field(default=20, ge=0, le=350)
+    #: Largest input (width x height) the x4 upscaler takes; larger images are upscaled 2x by hires.
+    #: The default admits every /imagine aspect of SD 1.x and 2.x results (at most 640x960).
+    upscaler_max_input_pixels: int = Field(default=640 * 960, ge=64 * 64)
 
     @field_validator("device")
     @classmethod
@@ -96,9 +109,26 @@ def check_models(models: tuple[ModelSettings, ...]) -> tuple[ModelSettings, ...]
     return models
 
 
-def default_model(models: tuple[ModelSettings, ...]) -> ModelSettings | None:
-    """The model marked default, else the first configured one."""
-    return next((m for m in models if m.default), models[0] if models else None)
+def check_upscaler(upscaler: str | None, models: tuple[ModelSettings, ...]) -> None:
+    """The upscaler is a configured model, not the default one, and not the only one: it cannot draw."""
+    if upscaler is None:
+        return
+    names = [m.name for m in models]
+    if upscaler not in names:
+        configured = f"configured: {', '.join(names)}" if names else "no [[models]] are configured"
+        raise ValueError(f"generation.upscaler: {upscaler!r} is not a [[models]] name; {configured}")
+    if any(m.default and m.name == upscaler for m in models):
+        raise ValueError(f"generation.upscaler: {upscaler!r} is marked default = true, but an upscaler cannot "
+                         "draw; mark another [[models]] entry as the default")
+    if names == [upscaler]:
+        raise ValueError(f"generation.upscaler: {upscaler!r} is the only model, and an upscaler cannot draw; "
+                         "add a [[models]] entry with an SD 1.x or 2.x checkpoint")
+
+
+def default_model(models: tuple[ModelSettings, ...], upscaler: str | None = None) -> ModelSettings | None:
+    """The model marked default, else the first configured one that is not the `upscaler`."""
+    drawing = [m for m in models if m.name != upscaler]
+    return next((m for m in drawing if m.default), drawing[0] if drawing else None)
 
 
 class QueueSettings(_Settings):

@@ -4,7 +4,8 @@ With an x4 upscaler checkpoint (family "x4-upscaler"), the original text-guided 
 the low-resolution image in [-1, 1] is noise-augmented to `upscale_noise_level` on its own schedule
 (sqrt(a) x + sqrt(1 - a) n), concatenated to the latent, the level is the UNet's class input, and
 a latent of the image's own size is sampled from noise and decoded to vae_scale times that size.
-Without one, "hires": Lanczos 2x, then img2img at a low strength with the source checkpoint.
+Without one, "hires": Lanczos 2x, then img2img at a low strength with the source checkpoint. A
+request's `upscale_factor` says which of the two it was made for.
 
 Large sizes are tiled: the denoiser runs on overlapping latent tiles whose x0 predictions are
 blended with linear ramps over the overlap (the prediction is per pixel, so a blend of them is a
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
+from typing import Literal
 
 import torch
 from PIL import Image
@@ -28,6 +30,7 @@ from generation.request import GenerationRequest
 from generation.schedules import alphas_cumprod
 from generation.settings import GenerationSettings
 from generation.tiling import OVERLAP, TILE, decode_tiled, encode_tiled, tiled
+from models.families import Family
 
 #: The x4 upscaler's noise augmentation draws from CPU generators seeded seed + i + this offset, a
 #: stream apart from the start noise of seed + i (the engine contract).
@@ -61,10 +64,21 @@ def upscale(
     tile: int = TILE,
     overlap: int = OVERLAP,
 ) -> list[list[Image.Image]]:
-    """The upscaled images of each request: x4 upscaler when `model` is one, else hires 2x."""
-    if model.network.family.conditioning == "hybrid-adm":
+    """The upscaled images of each request: by the x4 upscaler for `upscale_factor` 4, by hires
+    for 2; refused when `model` is not the kind of checkpoint the factor needs."""
+    first, family = requests[0], model.network.family
+    if first.upscale_factor != upscale_factor(family):
+        needs = "an x4 upscaler checkpoint" if first.x4 else "an ordinary checkpoint (hires)"
+        raise ImageInputError(f"a {first.upscale_factor}x upscale needs {needs}; {first.model} is a {family.name} "
+                              "checkpoint")
+    if first.x4:
         return x4_upscale(model, requests, inputs, progress, cancelled, tile, overlap)
     return hires(model, requests, inputs, progress, cancelled, tile, overlap)
+
+
+def upscale_factor(family: Family) -> Literal[2, 4]:
+    """The `upscale_factor` of requests a checkpoint of `family` runs: 4 for the x4 upscaler, else 2."""
+    return 4 if family.conditioning == "hybrid-adm" else 2
 
 
 def _wrap(tile: int, overlap: int) -> Callable[[GuidedDenoiser, Tensor], TiledDenoiser]:

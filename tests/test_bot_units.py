@@ -100,20 +100,46 @@ def test_buttons_derive_upscales_variations_and_zoom_outs_from_one_image() -> No
     source = GenerationRequest(prompt="a fox", model="m", steps=20, guidance=7, seed=5, width=512, height=768,
                                count=4)
     sha = "ab" * 32
-    upscale = derived_request("upscale", source, sha, (512, 768), settings)
-    assert (upscale.kind, upscale.count, upscale.init_image, upscale.strength) == (
-        Kind.UPSCALE, 1, sha, settings.hires_strength)
+    upscale, notes = derived_request("upscale", source, sha, (512, 768), settings)
+    assert (upscale.kind, upscale.count, upscale.init_image, upscale.strength, upscale.upscale_factor) == (
+        Kind.UPSCALE, 1, sha, settings.hires_strength, 2)
+    assert (upscale.model, upscale.steps, notes) == ("m", 20, [])  # hires: the model that drew it
     for action, strength in (("vary", settings.variation_strong_strength),
                              ("subtle", settings.variation_subtle_strength),
                              ("strong", settings.variation_strong_strength)):
-        varied = derived_request(action, source, sha, (1024, 1536), settings)  # an upscale, over max_pixels
+        varied, _ = derived_request(action, source, sha, (1024, 1536), settings)  # an upscale, over max_pixels
         # Within the default limit of 1048576 pixels, same aspect, multiples of 64.
         assert (varied.kind, varied.strength, varied.width, varied.height) == (Kind.VARIATION, strength, 832, 1216)
         assert (varied.prompt, varied.count, varied.init_image) == ("a fox", 4, sha)
-    zoom = derived_request("zoom", source, sha, (512, 768), settings)
+    zoom, notes = derived_request("zoom", source, sha, (512, 768), settings)
     assert zoom.kind is Kind.OUTPAINT and zoom.outpaint_pixels == 128  # a quarter of the shorter side
     assert set(zoom.outpaint_directions) == {"left", "right", "up", "down"}
-    assert (zoom.width, zoom.height) == (512 + 256, 768 + 256)  # the extended canvas
-    wide = derived_request("zoom", source, sha, (1024, 1536), settings)  # zoom out of an upscale
+    assert (zoom.width, zoom.height, notes) == (512 + 256, 768 + 256, [])  # the extended canvas
+    wide, notes = derived_request("zoom", source, sha, (1024, 1536), settings)  # zoom out of an upscale
     assert wide.width * wide.height <= settings.max_pixels and max(wide.width, wide.height) <= settings.max_side
     assert wide.outpaint_pixels == 208 and wide.width - 2 * 208 >= 64  # the image shrinks, the margins stay
+    assert len(notes) == 1 and f"the result is {wide.width}x{wide.height}" in notes[0]
+
+
+def test_upscale_buttons_use_the_configured_x4_upscaler_up_to_its_input_limit() -> None:
+    settings = GenerationSettings(upscaler="x4", upscaler_sampler="ddim", upscaler_steps=30, upscaler_guidance=8.5,
+                                  upscaler_noise_level=40, upscaler_max_input_pixels=512 * 768)
+    source = GenerationRequest(prompt="a fox", negative_prompt="fog", model="m", sampler="euler", steps=20,
+                               guidance=7, seed=5, width=512, height=768, count=4, strength=0.5)
+    sha = "ab" * 32
+    x4, notes = derived_request("upscale", source, sha, (512, 768), settings)
+    assert (x4.kind, x4.model, x4.upscale_factor, x4.strength, x4.count, x4.init_image) == (
+        Kind.UPSCALE, "x4", 4, None, 1, sha)
+    assert (x4.sampler, x4.steps, x4.guidance, x4.upscale_noise_level) == ("ddim", 30, 8.5, 40)
+    assert (x4.prompt, x4.negative_prompt, x4.width, x4.height, notes) == ("a fox", "fog", 512, 768, [])
+    over, notes = derived_request("upscale", source, sha, (576, 768), settings)  # one column of 64 too many
+    assert (over.model, over.upscale_factor, over.strength, over.steps) == ("m", 2, settings.hires_strength, 20)
+    assert notes == ["the image is 576x768 = 442368 pixels, over the x4 upscaler's limit of 393216: it was "
+                     "upscaled 2x instead"]
+    # Vary and Zoom Out of an x4 result get the drawing model back (Gestures._drawn_by) and are no upscales.
+    drawn = x4.model_copy(update=dict(model="m", sampler="euler", steps=20, guidance=7.0))
+    varied, _ = derived_request("subtle", drawn, sha, (2048, 3072), settings)
+    zoomed, _ = derived_request("zoom", drawn, sha, (2048, 3072), settings)
+    for request in (varied, zoomed):
+        assert (request.model, request.upscale_factor, request.steps) == ("m", 2, 20)
+    assert (varied.kind, zoomed.kind) == (Kind.VARIATION, Kind.OUTPAINT)

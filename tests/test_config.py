@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 
 from bot.config import AppConfig, ConfigError, config_path, load_config
+from generation.settings import default_model
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -96,6 +97,22 @@ def test_cross_field_rules(tmp_path: Path) -> None:
     assert "limits.max_steps (80) exceeds generation.max_steps (60)" in refusal(
         tmp_path, "[limits]\nmax_steps = 80\n"
     )
+
+
+def test_the_upscaler_must_be_a_configured_model_that_is_not_the_default(tmp_path: Path) -> None:
+    def model(name: str, default: bool = False) -> str:
+        return f"[[models]]\nname = '{name}'\ncheckpoint = 'c'\ndefault = {str(default).lower()}\n"
+
+    upscaler = "[generation]\nupscaler = 'x4'\n"
+    message = refusal(tmp_path, upscaler + model("sd15") + model("sd21"))
+    assert message == (f"{tmp_path / 'config.toml'}: generation.upscaler: 'x4' is not a [[models]] name; "
+                       "configured: sd15, sd21")
+    assert "'x4' is marked default = true, but an upscaler cannot draw" in refusal(
+        tmp_path, upscaler + model("sd15") + model("x4", default=True))
+    assert "'x4' is the only model, and an upscaler cannot draw" in refusal(tmp_path, upscaler + model("x4"))
+    config = load_config(write(tmp_path, upscaler + model("x4") + model("sd15")))
+    assert default_model(config.models, config.generation.upscaler).name == "sd15"  # not the first, the upscaler
+    assert default_model(config.models).name == "x4"
 
 
 def test_every_error_gets_its_own_line(tmp_path: Path) -> None:

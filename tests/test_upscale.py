@@ -1,18 +1,23 @@
 """Upscale: the tile blending is exact for pointwise work; the x4 upscaler against a transcription
 of the original superresolution script's sampling; tiled x4 and hires runs give at least twice the
-size, tile by tile."""
+size, tile by tile, and run only with the checkpoint their factor needs; upscales cost the UNet work
+they do, with the x4 UNet's FLOPs ratio re-measured."""
 
 from __future__ import annotations
 
 import pytest
 import torch
+from pydantic import ValidationError
+from torch.utils.flop_counter import FlopCounterMode
 
 from generation.images import ImageInputError
 from generation.pipeline import LoadedModel, encode_conditioning, to_pixels
-from generation.request import GenerationRequest
+from generation.request import X4_UNET_FLOPS_RATIO, GenerationRequest
 from generation.tiling import tile_starts, tiled
 from generation.upscale import AUGMENTATION_SEED_OFFSET, upscale, x4_latents
+from models.families import SD1, X4_UPSCALER, Family
 from models.loading import read_state_dict
+from models.unet import UNetModel
 from tests.fixtures.checkpoints import TinyCheckpoints, tiny_checkpoints  # noqa: F401
 from tests.test_img2img import Store, assert_same, picture, start_noise, tiny_model
 
@@ -23,8 +28,10 @@ def x4(tiny_checkpoints: TinyCheckpoints) -> LoadedModel:
 
 
 def make_request(**changes) -> GenerationRequest:
+    """An x4 upscale request unless `changes` say otherwise (hires: upscale_factor=2)."""
     values = dict(kind="upscale", prompt="a sharp photo", negative_prompt="", model="tiny", sampler="ddim",
-                  steps=4, guidance=6.0, seed=21, width=64, height=64, init_image="0" * 64, upscale_noise_level=30)
+                  steps=4, guidance=6.0, seed=21, width=64, height=64, init_image="0" * 64, upscale_noise_level=30,
+                  upscale_factor=4)
     return GenerationRequest(**values | changes)
 
 
@@ -118,7 +125,7 @@ def test_tiled_x4_upscale_is_larger_in_each_dimension(x4: LoadedModel) -> None:
 def test_hires_upscale_doubles_with_the_source_checkpoint(tiny_checkpoints: TinyCheckpoints) -> None:
     sd1 = tiny_model(tiny_checkpoints, "sd1")
     store = Store()
-    req = make_request(init_image=store.add(picture(33)), sampler="euler", steps=2, strength=0.5)
+    req = make_request(init_image=store.add(picture(33)), sampler="euler", steps=2, strength=0.5, upscale_factor=2)
     calls, hook = count_unet_calls(sd1)
     try:
         (images,) = upscale(sd1, [req], store.__getitem__, tile=32, overlap=8)
@@ -130,3 +137,50 @@ def test_hires_upscale_doubles_with_the_source_checkpoint(tiny_checkpoints: Tiny
     inpainting = tiny_model(tiny_checkpoints, "sd1-inpaint")
     with pytest.raises(ImageInputError, match="needs an x4 upscaler or an ordinary checkpoint"):
         upscale(inpainting, [req], store.__getitem__)
+
+
+def test_an_upscale_runs_only_on_the_checkpoint_its_factor_needs(x4: LoadedModel,
+                                                                 tiny_checkpoints: TinyCheckpoints) -> None:
+    store = Store()
+    image = store.add(picture(34))
+    with pytest.raises(ImageInputError, match="a 2x upscale needs an ordinary checkpoint .hires.; tiny is a "
+                                              "x4-upscaler checkpoint"):
+        upscale(x4, [make_request(init_image=image, upscale_factor=2, strength=0.3)], store.__getitem__)
+    sd1 = tiny_model(tiny_checkpoints, "sd1")
+    with pytest.raises(ImageInputError, match="a 4x upscale needs an x4 upscaler checkpoint; tiny is a sd1"):
+        upscale(sd1, [make_request(init_image=image)], store.__getitem__)
+    with pytest.raises(ValidationError, match="an upscale factor is only used by upscale, not by img2img"):
+        make_request(kind="img2img", strength=0.5)
+
+
+def test_cost_counts_the_pixels_the_unet_runs_on() -> None:
+    txt2img = GenerationRequest(prompt="x", model="m", steps=20, guidance=7, seed=1, width=512, height=768, count=2)
+    assert txt2img.cost == 2 * 20 * 1.5
+    hires = make_request(width=512, height=768, steps=20, strength=0.3, upscale_factor=2)
+    assert hires.cost == 6 * (1024 * 1536) / (512 * 512)  # int(0.3 * 20) steps on the 2x image
+    x4 = make_request(width=512, height=768, steps=20, strength=0.3)
+    # Every step (it samples from noise), on a 512x768 latent: 64 SD latents' worth per pixel.
+    assert x4.cost == pytest.approx(20 * 1.5 * 64 * X4_UNET_FLOPS_RATIO)
+    assert x4.cost > 10 * hires.cost
+    outpaint = GenerationRequest(kind="outpaint", prompt="x", model="m", steps=20, guidance=7, seed=1, width=768,
+                                 height=768, init_image="0" * 64, strength=1.0, outpaint_directions=("left", "right"))
+    assert outpaint.cost == 20 * 768 * 768 / (512 * 512)  # the canvas, margins included
+
+
+def unet_flops_per_latent_pixel(family: Family, side: int) -> float:
+    """FLOPs of one forward of `family`'s real-size UNet on a side x side latent, per latent pixel
+    (built on the meta device: shapes only, no memory, no weights)."""
+    with torch.device("meta"), torch.no_grad():
+        unet = UNetModel(family.unet)
+        x = torch.zeros(1, family.unet.in_channels, side, side)
+        context = torch.zeros(1, 77, family.unet.context_dim)
+        labels = torch.zeros(1, dtype=torch.long) if family.unet.num_classes else None
+        with FlopCounterMode(display=False) as counter:
+            unet(x, torch.zeros(1), context, y=labels)
+    return counter.get_total_flops() / side**2
+
+
+def test_the_x4_flops_ratio_of_the_cost_is_what_the_networks_measure() -> None:
+    sd1 = unet_flops_per_latent_pixel(SD1, 64)  # the cost unit: a 512x512 image
+    for side in (64, 128):  # a small input and the upscaler's tile
+        assert unet_flops_per_latent_pixel(X4_UPSCALER, side) / sd1 == pytest.approx(X4_UNET_FLOPS_RATIO, rel=0.1)
