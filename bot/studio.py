@@ -16,9 +16,12 @@ from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from PIL.Image import Image
+
 from bot.config import AppConfig
 from bot.policy import Requester
 from generation.engine import Engine
+from generation.metadata import png_bytes
 from generation.queue import Estimate, FairQueue, Job, Submission, role_weight
 from generation.request import GenerationRequest, JobState
 from generation.runner import JobResult, Runner
@@ -69,6 +72,13 @@ class Listener(Protocol):
 Refusal = Callable[[Database, AppConfig, Requester, GenerationRequest], Awaitable[str | None]]
 
 
+async def _png(image: bytes | Image) -> bytes:
+    """A result image as PNG bytes, its `parameters` text as the chunk, encoded off the loop."""
+    if isinstance(image, bytes):
+        return image
+    return await asyncio.to_thread(png_bytes, image, image.info.get("parameters"))
+
+
 class Studio:
     """Open with `async with Studio.open(config, devices, budget) as studio`, then `start(listener)`;
     leaving the block drains the queue and gives the running batch the configured grace period."""
@@ -88,6 +98,7 @@ class Studio:
             config.generation.dtype,
             self._read_input,
             preview=config.discord.preview,
+            preview_every_s=config.discord.progress_interval_s,
             vae_tile_above_pixels=config.generation.vae_tile_above_pixels,
         )
         self._refusal = refusal
@@ -197,7 +208,8 @@ class Studio:
     async def _finished(self, job: Job, result: JobResult) -> None:
         if job.state is JobState.DONE:
             try:
-                for index, (png, seed) in enumerate(zip(result.images, result.seeds, strict=True)):
+                pngs = await asyncio.gather(*map(_png, result.images))  # in parallel: zlib lets go of the GIL
+                for index, (png, seed) in enumerate(zip(pngs, result.seeds, strict=True)):
                     await save_image(self.db, job.id, index, seed, png)
                 await stored.finish_job(self.db, job.id)
             except Exception:

@@ -1,13 +1,17 @@
-"""The runner's `Pipeline`: a batch of queue jobs in, one `JobResult` per job out, with PNG bytes that
-carry the web UIs' `parameters` chunk, so every stored or posted image says how it was made.
+"""The runner's `Pipeline`: a batch of queue jobs in, one `JobResult` per job out, with images that
+carry the web UIs' `parameters` text in `info` (written as the PNG's `parameters` chunk when stored),
+so every stored or posted image says how it was made.
 
-Everything here runs on a device thread: encoding PNGs and building previews included, so the
-event loop never pays for them.
+Everything here runs on a device thread, so it does device work only: PNGs are encoded where the
+results are stored, while the device runs the next batch; latent previews are read back from the
+device at most once per `preview_every_s`, not at every step.
 """
 
 from __future__ import annotations
 
+import math
 import os
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -15,7 +19,7 @@ import torch
 from PIL import Image
 
 from generation.denoiser import latent_preview
-from generation.metadata import parameters_text, png_bytes
+from generation.metadata import parameters_text
 from generation.pipeline import (
     Inputs,
     LoadedModel,
@@ -35,7 +39,8 @@ from models.loading import inspect_checkpoint
 class Engine:
     """Loads the configured checkpoints and runs batches of jobs on them (see the runner's
     `Pipeline` protocol). `inputs(sha256)` returns a stored input image's bytes (img2img, inpaint,
-    variations, upscales); `preview` adds a cheap latent-to-RGB image to each progress report."""
+    variations, upscales); `preview` adds a cheap latent-to-RGB image to each progress report, a
+    fresh one at most every `preview_every_s` seconds (reports in between repeat the last one)."""
 
     def __init__(
         self,
@@ -44,13 +49,17 @@ class Engine:
         inputs: Inputs,
         *,
         preview: bool = False,
+        preview_every_s: float = 0.0,
         vae_tile_above_pixels: int = 1024 * 1024,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._models = {m.name: m for m in models}
         self._dtype = dtype
         self._vae_tile_above_pixels = vae_tile_above_pixels
         self._inputs = inputs
         self._preview = preview
+        self._preview_every_s = preview_every_s
+        self._clock = clock
         #: checkpoint_hash by (path, size, mtime): models evicted from the cache reload without rehashing.
         self._hashes: dict[tuple[Path, int, int], str] = {}
 
@@ -84,9 +93,15 @@ class Engine:
         # Image index in the whole batch where each job's images start, for its preview.
         starts = [sum(r.count for r in requests[:i]) for i in range(len(requests))]
 
+        previews: list[Image.Image | None] = [None] * len(batch)
+        previewed_at = -math.inf
+
         def report(step: int, total: int, x0: torch.Tensor) -> None:  # x0: (B, C, h, w)
-            for job, start in zip(batch, starts, strict=True):
-                preview = Image.fromarray(latent_preview(x0[start]).numpy()) if self._preview else None
+            nonlocal previewed_at
+            if self._preview and self._clock() - previewed_at >= self._preview_every_s:
+                previewed_at = self._clock()
+                previews[:] = [Image.fromarray(latent_preview(x0[start]).numpy()) for start in starts]
+            for job, preview in zip(batch, previews, strict=True):
                 progress(job.id, step, total, preview)
 
         try:
@@ -96,11 +111,9 @@ class Engine:
         results = []
         for job, images in zip(batch, grouped, strict=True):
             seeds = job.request.seeds()
-            pngs = tuple(
-                png_bytes(image, parameters_text(job.request, seed, model.short_hash))
-                for image, seed in zip(images, seeds, strict=True)
-            )
-            results.append(JobResult(job.id, pngs, tuple(seeds)))
+            for image, seed in zip(images, seeds, strict=True):
+                image.info["parameters"] = parameters_text(job.request, seed, model.short_hash)
+            results.append(JobResult(job.id, tuple(images), tuple(seeds)))
         return results
 
 

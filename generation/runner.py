@@ -1,7 +1,9 @@
 """The GPU runner: one worker per device takes batches from the fair queue and runs the pipeline on
 that device's own thread, so the event loop (and Discord's heartbeat) never waits on the GPU.
 
-Progress and results come back to the loop with `loop.call_soon_threadsafe`. The worker thread
+Progress and results come back to the loop with `loop.call_soon_threadsafe`. A worker takes its
+next batch as soon as the last one returns: results are handed to `on_finished` in tasks of their
+own, so storing and posting them never keeps the device waiting. The worker thread
 survives anything a pipeline raises: an out-of-memory error frees memory and retries the batch
 split in halves down to one job, any other exception is narrowed down the same way so it fails
 only the job that caused it. Every job a worker takes completes exactly once (`on_finished`),
@@ -39,8 +41,8 @@ ABORT_WAIT_S = 10.0
 
 @dataclass(frozen=True)
 class JobResult:
-    """What became of one job: its images (PNG bytes or PIL images) and their seeds, or `error`,
-    a message for the user."""
+    """What became of one job: its images (PNG bytes, or PIL images to be encoded by whoever
+    stores them, off the device thread) and their seeds, or `error`, a message for the user."""
 
     job_id: str
     images: tuple[bytes | Image, ...] = ()
@@ -188,6 +190,8 @@ class Runner(Generic[M]):
         ]
         self._latest_progress: dict[str, tuple[int, int, Any]] = {}
         self._progress_tasks: dict[str, asyncio.Task] = {}
+        #: Results being handed to `on_finished` while the workers run on.
+        self._deliveries: set[asyncio.Task] = set()
         self._stopping = False
         #: Set after the shutdown grace period: every running job reads as cancelled.
         self._aborting = threading.Event()
@@ -199,7 +203,8 @@ class Runner(Generic[M]):
 
     async def shutdown(self, grace_s: float) -> None:
         """Take no new batches; give running ones `grace_s` seconds, then cancel them (their jobs
-        stay running, to be re-run after the restart); stop the threads."""
+        stay running, to be re-run after the restart); stop the threads. Results still being
+        delivered get `grace_s` more seconds (storage keeps what was not told, for the restart)."""
         self._stopping = True
         tasks = [w.task for w in self._workers if w.task is not None]
         for worker in self._workers:
@@ -214,6 +219,11 @@ class Runner(Generic[M]):
                 task.cancel()
         for worker in self._workers:
             worker.thread.close()
+        if self._deliveries:
+            _, late = await asyncio.wait(set(self._deliveries), timeout=grace_s)
+            for task in late:
+                log.error("a result was still being delivered at shutdown: %s", task.get_name())
+                task.cancel()
 
     # -- the loop side --
 
@@ -235,21 +245,21 @@ class Runner(Generic[M]):
                 worker.max_pixels = min(worker.max_pixels or report.oom_pixels, report.oom_pixels)
             self._queue.record_throughput(worker.device, report.cost, report.seconds)
             for outcome in report.outcomes:
-                try:
-                    await self._complete(outcome)
-                except Exception:  # a bug of ours in one job's bookkeeping: the others and the loop go on
-                    log.exception("runner %s could not complete job %s", worker.device, outcome.job.id)
+                if outcome.state is not None:
+                    self._queue.finish(outcome.job, outcome.state)
+                delivery = asyncio.create_task(self._deliver(outcome), name=f"deliver {outcome.job.id}")
+                self._deliveries.add(delivery)
+                delivery.add_done_callback(self._deliveries.discard)
             worker.busy = False
 
-    async def _complete(self, outcome: _Outcome) -> None:
+    async def _deliver(self, outcome: _Outcome) -> None:
+        """The job's last progress report, then its result (unless a shutdown interrupted it)."""
         job = outcome.job
         if (pump := self._progress_tasks.get(job.id)) is not None:
             await pump
         self._latest_progress.pop(job.id, None)
-        if outcome.state is None:
-            return
-        self._queue.finish(job, outcome.state)
-        await self._hook(self._on_finished, job, outcome.result)
+        if outcome.state is not None:
+            await self._hook(self._on_finished, job, outcome.result)
 
     def _progress(self, job: Job, step: int, total: int, preview: Any) -> None:
         self._latest_progress[job.id] = (step, total, preview)

@@ -44,8 +44,7 @@ def job(job_id: str, **changes: object) -> Job:
     return Job(job_id, GenerationRequest(**values | changes), owner_id=1, guild_id=None, weight=1.0, seq=0)
 
 
-def decoded(png: bytes) -> tuple[np.ndarray, str]:
-    image = Image.open(io.BytesIO(png))
+def decoded(image: Image.Image) -> tuple[np.ndarray, str]:
     return np.asarray(image.convert("RGB")), image.info["parameters"]
 
 
@@ -61,12 +60,31 @@ def test_batch_gives_each_job_the_pipelines_pixels_and_its_parameters(engine: En
     for result, queued in zip(results, (first, second), strict=True):
         (alone,) = txt2img(model, [queued.request])  # the job run by itself
         assert result.error is None and len(result.images) == queued.request.count
-        for png, image, seed in zip(result.images, alone, result.seeds, strict=True):
-            pixels, parameters = decoded(png)
+        for result_image, image, seed in zip(result.images, alone, result.seeds, strict=True):
+            pixels, parameters = decoded(result_image)
             assert np.abs(pixels.astype(int) - np.asarray(image).astype(int)).max() <= 1
             assert parameters == parameters_text(queued.request, seed, model.short_hash)
     # Latent previews (64 px / the tiny VAE's factor 2) after every step, for both jobs.
     assert steps == [(j, s, 3, (32, 32)) for s in (1, 2, 3) for j in (first.id, second.id)]
+
+
+def test_previews_are_read_back_from_the_device_at_most_once_per_interval(
+        tiny_checkpoints: TinyCheckpoints) -> None:  # noqa: F811
+    path, yaml_path = tiny_checkpoints.get("sd1")
+    now = [0.0]
+    engine = Engine([ModelSettings(name="tiny", checkpoint=path, config=yaml_path)], "float32",
+                    INPUTS.__getitem__, preview=True, preview_every_s=10.0, clock=lambda: now[0])
+    model = engine.load("tiny", "cpu")
+    previews: list[tuple[int, Image.Image]] = []
+
+    def progress(job_id: str, step: int, total: int, preview: Image.Image) -> None:
+        previews.append((step, preview))
+        now[0] += 4.0  # each step takes 4 s: fresh previews at steps 1 and 4 (0 s and 12 s)
+
+    engine.run(model, "cpu", [job("eeeeeeeeeeee", steps=5, count=1)], progress, lambda _: False)
+    fresh = [step for (step, preview), (_, before) in zip(previews, [(0, None), *previews]) if preview is not before]
+    assert fresh == [1, 4] and [step for step, _ in previews] == [1, 2, 3, 4, 5]
+    assert previews[1][1] is previews[0][1] and previews[4][1] is previews[3][1]
 
 
 def test_cancelled_batch_stops_and_img2img_reads_its_stored_input(engine: Engine) -> None:

@@ -143,6 +143,45 @@ async def test_a_batch_runs_on_the_device_thread_and_each_job_completes_once():
     assert queue.snapshot().throughput["cpu"] != 10.0  # measured, replacing the initial guess
 
 
+class SlowDelivery(Recorder):
+    """on_finished blocks until `gate` opens: storing and posting results can take seconds."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate = asyncio.Event()
+        self.delivering: list[str] = []
+
+    async def on_finished(self, job: Job, result: JobResult) -> None:
+        self.delivering.append(job.id)
+        await self.gate.wait()
+        await super().on_finished(job, result)
+
+
+async def test_the_next_batch_runs_while_the_last_results_are_still_being_delivered():
+    queue, pipeline, hooks = FairQueue(SETTINGS), Painter(), SlowDelivery()
+    first, second = await submit(queue, 1, steps=4), await submit(queue, 2, steps=5)  # two batches
+    runner = start_runner(queue, pipeline, hooks)
+    async with asyncio.timeout(5):
+        while len(hooks.delivering) < 2:
+            await asyncio.sleep(0.005)
+    assert pipeline.calls == [[first.id], [second.id]] and hooks.finished == []
+    assert first.state is second.state is JobState.DONE and len(queue) == 0  # the queue already knows
+    hooks.gate.set()
+    await hooks.wait_for(2)
+    await runner.shutdown(1)
+
+
+async def test_shutdown_waits_for_results_still_being_delivered():
+    queue, hooks = FairQueue(SETTINGS), SlowDelivery()
+    job = await submit(queue, 1)
+    runner = start_runner(queue, Painter(), hooks)
+    while not hooks.delivering:
+        await asyncio.sleep(0.005)
+    asyncio.get_running_loop().call_later(0.1, hooks.gate.set)
+    await runner.shutdown(grace_s=5)
+    assert hooks.result(job)[0] is JobState.DONE
+
+
 async def test_out_of_memory_splits_the_batch_in_halves_and_learns_the_limit():
     queue, pipeline, hooks = FairQueue(SETTINGS), OutOfMemoryAboveOne(), Recorder()
     jobs = [await submit(queue, owner) for owner in range(4)]
