@@ -1,14 +1,16 @@
-"""Moderator slash commands: /limits, /queue, /ban, /unban and /blocklist.
+"""Moderator slash commands: /limits, /queue, /ban, /unban, /blocklist and /audit.
 
 Every command checks on the bot's side that the member moderates this server (Manage Server or a
 role named in `[discord] moderator_roles`): Discord's default permissions are only a hint that
 server admins may change, so they are not relied on (and are left unset, so that members of a
 moderator role without Manage Server can see the commands). Each command acts on its own server
-only and every change leaves an audit row through storage. Answers are ephemeral.
+only and every change leaves an audit row through storage, which /audit reads back together
+with the prompts blocked words refused. Answers are ephemeral.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 from collections.abc import Awaitable, Callable, Mapping
@@ -21,7 +23,7 @@ from bot.config import AppConfig, DiscordSettings
 from bot.policy import Requester, allowance, is_moderator
 from generation.queue import FairQueue, Job, JobView
 from generation.request import GenerationRequest, JobState
-from storage.audit import write_audit
+from storage.audit import AuditEntry, audit_log, write_audit
 from storage.db import Database
 from storage.limits import OVERRIDABLE, Scope, clear_limits, guild_overrides, set_limits
 from storage.moderation import ban, block_word, blocked_words, unban, unblock_word
@@ -43,6 +45,18 @@ _QUEUE_LINES = 15
 #: Option value meaning "no limit of its own" in /limits set.
 UNLIMITED = -1
 _SCOPES = {"server": Scope.GUILD, "role": Scope.ROLE, "user": Scope.USER}
+#: /audit kind: the actions each kind shows.
+AUDIT_KINDS: dict[str, tuple[str, ...]] = {
+    "refused prompts": ("prompt.refused",),
+    "limits": ("limits.set", "limits.clear"),
+    "bans": ("ban", "unban"),
+    "blocklist": ("blocklist.add", "blocklist.remove"),
+    "queue": ("queue.pause", "queue.resume", "queue.cancel"),
+}
+#: Entries on one /audit page, each cut to `_AUDIT_LINE_CHARS`, so that a page with its first and
+#: last lines (at most 200 characters together) fits one message.
+_AUDIT_LINES = 8
+_AUDIT_LINE_CHARS = (_MESSAGE_CHARS - 200) // _AUDIT_LINES - 1
 
 Target = discord.User | discord.Member | discord.Role
 
@@ -61,6 +75,7 @@ def moderation_commands(
         QueueCommands(db, queue, config, cancel),
         BlocklistCommands(db, config),
         *_ban_commands(db, queue, config, cancel),
+        _audit_command(db, config),
     ]
 
 
@@ -346,9 +361,9 @@ class QueueCommands(_ModeratorGroup, name="queue", description="This server's ge
             await _answer(interaction, "This server's queue is already paused; /queue resume "
                                        "starts it.")
             return
-        self._queue.pause(interaction.guild_id)
         await _audit(self._db, interaction, "queue.pause", "queue", {"paused": False},
                      {"paused": True})
+        self._queue.pause(interaction.guild_id)  # after the audit row: a failed write changes nothing
         await _answer(interaction, "Paused: no new job of this server starts until /queue resume; "
                                    "other servers' jobs go on. Running jobs finish.")
 
@@ -358,9 +373,9 @@ class QueueCommands(_ModeratorGroup, name="queue", description="This server's ge
         if not self._queue.is_paused(interaction.guild_id):
             await _answer(interaction, "This server's queue is not paused.")
             return
-        self._queue.resume(interaction.guild_id)
         await _audit(self._db, interaction, "queue.resume", "queue", {"paused": True},
                      {"paused": False})
+        self._queue.resume(interaction.guild_id)
         held = " once the operator's hold on every server ends" if self._queue.is_paused() else ""
         await _answer(interaction, f"Resumed: this server's queued jobs start again{held}.")
 
@@ -368,8 +383,12 @@ class QueueCommands(_ModeratorGroup, name="queue", description="This server's ge
 async def _cancel(db: Database, cancel: Cancel, interaction: discord.Interaction, job_id: str) -> None:
     """Cancel one job of this guild as a moderator (its owner is told, as for their own Cancel
     button) and audit it. A queued job ends at once; a running one at its next step."""
-    job = await cancel(job_id, by=interaction.user.id, moderator=True)
-    await _audit(db, interaction, "queue.cancel", f"job:{job_id}",
+    await audit_cancel(db, interaction, await cancel(job_id, by=interaction.user.id, moderator=True))
+
+
+async def audit_cancel(db: Database, interaction: discord.Interaction, job: Job) -> None:
+    """The audit row of a job a moderator just cancelled: whose it was and whether it ran."""
+    await _audit(db, interaction, "queue.cancel", f"job:{job.id}",
                  {"owner": job.owner_id, "state": "queued" if job.state is JobState.CANCELLED
                   else "running"},
                  {"state": "cancelled", "reason": job.cancel_reason})
@@ -440,11 +459,76 @@ def _ban_commands(
                    else f"{user.mention} is not banned here; nothing was changed.")
         await _answer(interaction, content, allowed_mentions=discord.AllowedMentions.none())
 
-    commands = [ban_command, unban_command]
-    for command in commands:
-        command.add_check(lambda interaction: _only_moderators(interaction, settings))
-        command.error(_on_error)
-    return commands
+    return [_for_moderators(command, settings) for command in (ban_command, unban_command)]
+
+
+def _for_moderators(command: app_commands.Command[Any, ..., None],
+                    settings: DiscordSettings) -> app_commands.Command[Any, ..., None]:
+    """A standalone command (not in a `_ModeratorGroup`) run for moderators only."""
+    command.add_check(lambda interaction: _only_moderators(interaction, settings))
+    command.error(_on_error)
+    return command
+
+
+# ---------------------------------------------------------------------------------------------
+# /audit
+
+
+def _audit_command(db: Database, config: AppConfig) -> app_commands.Command[Any, ..., None]:
+    @app_commands.command(name="audit", description="Moderator actions and refused prompts in "
+                                                    "this server, newest first")
+    @app_commands.guild_only()
+    @app_commands.describe(kind="Only this kind of entry", user="Only entries by or about them",
+                           before="Only entries older than this number (the next page)")
+    @app_commands.choices(kind=[app_commands.Choice(name=k, value=k) for k in AUDIT_KINDS])
+    async def audit_command(interaction: discord.Interaction, kind: str | None = None,
+                            user: discord.User | None = None,
+                            before: app_commands.Range[int, 1] | None = None) -> None:
+        assert interaction.guild_id is not None
+        entries = await audit_log(db, interaction.guild_id,
+                                  actions=AUDIT_KINDS[kind] if kind else None,
+                                  user_id=user.id if user else None, before_id=before,
+                                  limit=_AUDIT_LINES + 1)
+        which = "".join([f" of kind {kind}" if kind else "", f" by or about {user.mention}"
+                         if user else "", f" older than #{before}" if before else ""])
+        if not entries:
+            await _answer(interaction, f"No audit entries{which} in this server.",
+                          allowed_mentions=discord.AllowedMentions.none())
+            return
+        shown = entries[:_AUDIT_LINES]
+        lines = [f"Audit entries{which}, newest first:", *map(_audit_line, shown)]
+        if len(entries) > _AUDIT_LINES:
+            lines.append(f"Older ones: /audit before:{shown[-1].id} (with the same kind and user).")
+        await _answer(interaction, "\n".join(lines),
+                      allowed_mentions=discord.AllowedMentions.none())
+
+    return _for_moderators(audit_command, config.discord)
+
+
+def _audit_line(entry: AuditEntry) -> str:
+    """`#id`, when, who, and what: the refused prompt and the rule, or the change."""
+    head = f"`#{entry.id}` <t:{int(entry.at)}:f> <@{entry.actor_id}>"
+    if entry.action == "prompt.refused":
+        prompt = discord.utils.escape_markdown(entry.after["prompt"])
+        line = (f"{head} was refused by {_audit_target(entry.target)} in "
+                f"<#{entry.after['channel_id']}>: \"{prompt}\"")
+    else:
+        line = (f"{head} {entry.action} {_audit_target(entry.target)}: "
+                f"{_audit_value(entry.before)} → {_audit_value(entry.after)}")
+    return line if len(line) <= _AUDIT_LINE_CHARS else line[:_AUDIT_LINE_CHARS - 1] + "…"
+
+
+def _audit_target(target: str) -> str:
+    """A member, role or the server as Discord shows them; anything else (a word, a job) as code."""
+    scope, _, target_id = target.partition(":")
+    if scope in tuple(Scope) and target_id.isdigit():
+        return _name(Scope(scope), int(target_id))
+    return f"`{target}`"
+
+
+def _audit_value(value: Any) -> str:
+    return "none" if value is None else discord.utils.escape_markdown(
+        json.dumps(value, sort_keys=True, ensure_ascii=False))
 
 
 # ---------------------------------------------------------------------------------------------

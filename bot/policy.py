@@ -1,8 +1,9 @@
 """Who is asking, and whether they may: bans, blocked words, age-restricted prompts, DMs and the
 moderators' usage limits, checked on the bot's side before anything is queued.
 
-`refusal` runs inside the queue's submit lock (its `limits` hook), so it only reads: a refused
-request writes nothing and costs nothing."""
+`refusal` runs inside the queue's submit lock (its `limits` hook), so it only reads, with one
+exception for the moderators: a prompt refused for a blocked (or, in a server, an NSFW) word
+writes one audit row, saying who tried what. Any other refusal writes nothing."""
 
 from __future__ import annotations
 
@@ -16,7 +17,13 @@ from generation.request import GenerationRequest, JobState
 from storage.db import Database
 from storage.jobs import jobs_by_state
 from storage.limits import Usage, effective_limits, usage, usage_times
-from storage.moderation import BlockedWord, blocked_words, first_blocked, get_ban
+from storage.moderation import (
+    BlockedWord,
+    audit_refused_prompt,
+    blocked_words,
+    first_blocked,
+    get_ban,
+)
 from storage.settings import LimitsSettings
 
 log = logging.getLogger(__name__)
@@ -146,23 +153,35 @@ def hard_limit_refusal(config: AppConfig, request: GenerationRequest) -> str | N
 async def _prompt_refusal(
     db: Database, settings: DiscordSettings, requester: Requester, request: GenerationRequest
 ) -> str | None:
-    """Blocked words (the server's list) and NSFW words (config) in the prompt. The negative
-    prompt is not checked: naming what to avoid is exactly what it is for."""
+    """Blocked words (the server's list) and NSFW words (config) in the prompt, each refusal in a
+    server audited for its moderators. The negative prompt is not checked: naming what to avoid
+    is exactly what it is for."""
     if requester.guild_id is not None:
         word = first_blocked(await blocked_words(db, requester.guild_id), request.prompt)
         if word is not None:
             log.warning("refused a prompt of user %s in guild %s, channel %s: blocked %s %r",
                         requester.user_id, requester.guild_id, requester.channel_id,
                         "pattern" if word.is_regex else "word", word.pattern)
+            await _audit_refusal(db, requester, word, request.prompt)
             what = "matches the blocked pattern" if word.is_regex else "contains the blocked word"
             return f"Your prompt {what} `{word.pattern}` in this server; please rephrase it."
     if not requester.channel_nsfw:
         nsfw = first_blocked([BlockedWord(w, is_regex=False) for w in settings.nsfw_words],
                              request.prompt)
         if nsfw is not None:
+            await _audit_refusal(db, requester, nsfw, request.prompt, nsfw=True)
             return (f"Your prompt contains `{nsfw.pattern}`, which runs only in age-restricted "
                     "channels; try it in one.")
     return None
+
+
+async def _audit_refusal(db: Database, requester: Requester, word: BlockedWord, prompt: str,
+                         *, nsfw: bool = False) -> None:
+    """The audit row of a refused prompt, in servers only: DMs have no moderators to read it."""
+    if requester.guild_id is not None:
+        await audit_refused_prompt(db, guild_id=requester.guild_id, user_id=requester.user_id,
+                                   channel_id=requester.channel_id, word=word, prompt=prompt,
+                                   nsfw=nsfw)
 
 
 async def _limits_refusal(

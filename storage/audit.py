@@ -1,4 +1,5 @@
-"""The audit log: every moderator action, who did it and what changed.
+"""The audit log: every moderator action, who did it and what changed, and every prompt a
+blocked word refused, who tried it and which rule matched.
 
 Moderation functions call `write_audit` with their own open transaction, so an action and its
 audit row are committed together or not at all.
@@ -7,6 +8,7 @@ audit row are committed together or not at all.
 from __future__ import annotations
 
 import json
+from collections.abc import Collection
 from dataclasses import dataclass
 from typing import Any
 
@@ -47,12 +49,28 @@ async def write_audit(
 
 
 async def audit_log(
-    db: Database, guild_id: int, *, before_id: int | None = None, limit: int = 50
+    db: Database,
+    guild_id: int,
+    *,
+    actions: Collection[str] | None = None,
+    user_id: int | None = None,
+    before_id: int | None = None,
+    limit: int = 50,
 ) -> list[AuditEntry]:
-    """A guild's audit entries, newest first; pass the last entry's id as `before_id` to page."""
+    """A guild's audit entries, newest first; pass the last entry's id as `before_id` to page.
+    `actions` keeps only those actions, `user_id` only the entries by that user or about them
+    (target `user:<id>`)."""
+    where = ["guild_id = ?", "id < ?"]
+    params: list[Any] = [guild_id, before_id if before_id is not None else 2**63 - 1]
+    if actions is not None:
+        where.append(f"action IN ({', '.join('?' * len(actions))})")
+        params += actions
+    if user_id is not None:
+        where.append("(actor_id = ? OR target = ?)")
+        params += [user_id, f"user:{user_id}"]
     rows = await db.fetch_all(
-        "SELECT * FROM audit_log WHERE guild_id = ? AND id < ? ORDER BY id DESC LIMIT ?",
-        (guild_id, before_id if before_id is not None else 2**63 - 1, limit),
+        f"SELECT * FROM audit_log WHERE {' AND '.join(where)} ORDER BY id DESC LIMIT ?",
+        (*params, limit),
     )
     return [
         AuditEntry(

@@ -1,4 +1,5 @@
-"""Guild settings, bans and blocked words: each change is audited in its own transaction."""
+"""Guild settings, bans and blocked words: each change is audited in its own transaction, and so
+is each prompt a blocked word refused."""
 
 from __future__ import annotations
 
@@ -13,6 +14,8 @@ from storage.audit import write_audit
 from storage.db import Database
 
 _MAX_PATTERN = 200
+#: Characters of a refused prompt kept in its audit entry.
+REFUSED_PROMPT_CHARS = 300
 
 
 @dataclass(frozen=True)
@@ -164,6 +167,22 @@ async def blocked_words(db: Database, guild_id: int) -> list[BlockedWord]:
 def first_blocked(words: list[BlockedWord], prompt: str) -> BlockedWord | None:
     """The first blocked word or pattern found in `prompt`, if any."""
     return next((word for word in words if word.matches(prompt)), None)
+
+
+async def audit_refused_prompt(
+    db: Database, *, guild_id: int, user_id: int, channel_id: int, word: BlockedWord, prompt: str,
+    nsfw: bool = False,
+) -> None:
+    """Audit a prompt refused for `word`: the guild's blocked word, or with `nsfw` one of the
+    configured words that run only in age-restricted channels. The member is the actor, the rule
+    the target (`word:`, `regex:` or `nsfw:`), and the prompt is cut to `REFUSED_PROMPT_CHARS`.
+    One insert, as it runs inside the queue's submit lock."""
+    target = f"nsfw:{word.pattern}" if nsfw else _word_target(word)
+    kept = prompt if len(prompt) <= REFUSED_PROMPT_CHARS else prompt[:REFUSED_PROMPT_CHARS - 1] + "…"
+    async with db.writing() as connection:
+        await write_audit(connection, at=db.now(), guild_id=guild_id, actor_id=user_id,
+                          action="prompt.refused", target=target, before=None,
+                          after={"prompt": kept, "channel_id": channel_id})
 
 
 def _blocked(pattern: str, is_regex: bool) -> BlockedWord:

@@ -163,6 +163,7 @@ async def test_only_moderators_may_moderate_and_nothing_changes_for_others(studi
         ("queue pause", {}), ("queue resume", {}), ("ban", {"user": studio.bob, "reason": "x"}),
         ("unban", {"user": studio.bob}), ("blocklist add", {"pattern": "cat"}),
         ("blocklist remove", {"pattern": "cat"}), ("blocklist list", {}),
+        ("audit", {}), ("audit", {"kind": "refused prompts"}),
     ]
     expected = ("Only moderators (members with the Manage Server permission or a role among "
                 "Curators) can use /{} in this server.")
@@ -364,8 +365,67 @@ async def test_blocklist_add_list_remove_and_bad_patterns(studio: Studio) -> Non
     assert await s.audit() == [
         ("blocklist.add", "word:gore", s.boss.id),
         ("blocklist.add", "regex:bl[o0]+d", s.boss.id),
+        ("prompt.refused", "regex:bl[o0]+d", s.alice.id),
         ("blocklist.remove", "word:gore", s.boss.id),
     ]
+
+
+async def test_audit_shows_refused_prompts_and_moderator_actions_by_kind_and_user(studio: Studio) -> None:
+    s = studio
+    await s.ask(s.boss, "blocklist add", {"pattern": "gore"})
+    with pytest.raises(Refused):
+        await s.submit(s.alice, "a *gore* scene")
+    with pytest.raises(Refused):
+        await s.submit(s.bob, "a nude statue")  # #art is not age-restricted
+    await s.ask(s.curator, "ban", {"user": s.bob, "reason": "trying"})
+    await s.ask(s.boss, "limits set", {"scope": "user", "target": s.alice, "max_steps": 30})
+    await s.ask(s.boss, "queue pause")
+    entries = await audit_log(s.db, s.guild.id)
+    assert [e.action for e in entries] == [
+        "queue.pause", "limits.set", "ban", "prompt.refused", "prompt.refused", "blocklist.add"]
+    pause, limits, banned, nude, gore, blocked = (
+        f"`#{e.id}` <t:{int(e.at)}:f> <@{e.actor_id}>" for e in entries)
+    refusals = [
+        f"{nude} was refused by `nsfw:nude` in <#{s.channel.id}>: \"a nude statue\"",
+        f"{gore} was refused by `word:gore` in <#{s.channel.id}>: \"a \\*gore\\* scene\"",
+    ]
+    assert (await s.ask(s.curator, "audit", {"kind": "refused prompts"})).splitlines() == [
+        "Audit entries of kind refused prompts, newest first:", *refusals]
+
+    shown = (await s.ask(s.boss, "audit")).splitlines()
+    assert shown[0] == "Audit entries, newest first:"
+    assert shown[1:] == [
+        f"{pause} queue.pause `queue`: {{\"paused\": false}} → {{\"paused\": true}}",
+        f"{limits} limits.set <@{s.alice.id}>: none → {{\"max\\_steps\": 30}}",
+        f"{banned} ban <@{s.bob.id}>: none → {{\"banned\\_by\": {s.curator.id}, \"reason\": \"trying\"}}",
+        *refusals,
+        f"{blocked} blocklist.add `word:gore`: none → {{\"is\\_regex\": false, \"pattern\": \"gore\"}}",
+    ]
+    about_bob = (await s.ask(s.boss, "audit", {"user": s.bob})).splitlines()
+    assert about_bob == [f"Audit entries by or about <@{s.bob.id}>, newest first:", shown[3], refusals[0]]
+    assert await s.ask(s.boss, "audit", {"kind": "bans", "user": s.alice}) == (
+        f"No audit entries of kind bans by or about <@{s.alice.id}> in this server.")
+
+
+async def test_audit_pages_fit_one_message_and_lead_to_the_next(studio: Studio) -> None:
+    s = studio
+    word = "w" * 40
+    await s.ask(s.boss, "blocklist add", {"pattern": word})
+    for _ in range(9):
+        with pytest.raises(Refused):
+            await s.submit(s.alice, f"{word} {'*' * 400}")  # escaped, each * takes two characters
+    filters = {"kind": "refused prompts", "user": s.alice}
+    first = await s.ask(s.boss, "audit", filters)
+    lines = first.splitlines()
+    assert len(first) <= 2000 and len(lines) == 10  # 8 entries
+    refused = f'was refused by `word:{word}` in <#{s.channel.id}>: "{word} ' + "\\*" * 20
+    assert all(refused in line and line.endswith("…") for line in lines[1:-1])
+    oldest_shown = int(lines[-2].split("`#")[1].split("`")[0])
+    assert lines[-1] == f"Older ones: /audit before:{oldest_shown} (with the same kind and user)."
+    rest = (await s.ask(s.boss, "audit", filters | {"before": oldest_shown})).splitlines()
+    assert rest[0] == (f"Audit entries of kind refused prompts by or about <@{s.alice.id}> older than "
+                       f"#{oldest_shown}, newest first:")
+    assert len(rest) == 2 and int(rest[1].split("`#")[1].split("`")[0]) < oldest_shown
 
 
 @pytest.mark.parametrize("pattern", [

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import logging
+from typing import Any
 
 import pytest
 from PIL import Image
@@ -11,11 +12,12 @@ from PIL import Image
 from bot.config import AppConfig, DiscordSettings
 from bot.policy import Requester, frees_at, is_moderator, refusal
 from generation.request import GenerationRequest
+from storage.audit import audit_log
 from storage.db import Database
 from storage.images import save_image
 from storage.jobs import create_job, finish_job, start_job
 from storage.limits import Scope, set_limits
-from storage.moderation import ban, block_word, unban
+from storage.moderation import REFUSED_PROMPT_CHARS, ban, block_word, unban
 from storage.settings import LimitsSettings
 from tests.fixtures.storage import ManualClock, clock, db  # noqa: F401
 
@@ -103,7 +105,13 @@ async def test_hard_limits_allow_their_own_bounds(db: Database) -> None:
     assert await refusal(db, config(daily_images=None), alice(), edge) is None
 
 
-async def test_blocked_words_are_refused_by_name_and_logged(
+async def refused_prompts(db: Database, guild_id: int = GUILD) -> list[tuple[int, str, Any]]:
+    """(who, rule, what) of a guild's audited prompt refusals, oldest first."""
+    return [(e.actor_id, e.target, e.after) for e in reversed(await audit_log(db, guild_id))
+            if e.action == "prompt.refused"]
+
+
+async def test_blocked_words_are_refused_by_name_logged_and_audited(
     db: Database, caplog: pytest.LogCaptureFixture
 ) -> None:
     await block_word(db, actor_id=MOD, guild_id=GUILD, pattern="Gore")
@@ -120,9 +128,21 @@ async def test_blocked_words_are_refused_by_name_and_logged(
     assert await refusal(db, config(), alice(), request("gorey details")) is None  # whole words
     assert await refusal(db, config(), alice(), request("a cat", negative_prompt="gore")) is None
     assert await refusal(db, config(), alice(guild_id=OTHER_GUILD), request("gore")) is None
+    long = "gore " + "x" * 2000
+    assert await refusal(db, config(), alice(user_id=BOB, channel_id=21), request(long)) is not None
+
+    # Only the refusals, each with who tried, the rule that matched and the prompt (cut).
+    assert await refused_prompts(db) == [
+        (ALICE, "word:gore", {"prompt": "a GORE scene", "channel_id": CHANNEL}),
+        (ALICE, "regex:bl[o0]+d", {"prompt": "red bl00d moon", "channel_id": CHANNEL}),
+        (BOB, "word:gore", {"prompt": long[:REFUSED_PROMPT_CHARS - 1] + "…", "channel_id": 21}),
+    ]
+    assert await audit_log(db, OTHER_GUILD) == []
 
 
-async def test_nsfw_words_run_only_in_age_restricted_channels(db: Database) -> None:
+async def test_nsfw_words_run_only_in_age_restricted_channels_and_refusals_are_audited(
+    db: Database
+) -> None:
     said = await refusal(db, config(), alice(), request("a Nude statue"))
     assert said == ("Your prompt contains `nude`, which runs only in age-restricted channels; "
                     "try it in one.")
@@ -130,6 +150,15 @@ async def test_nsfw_words_run_only_in_age_restricted_channels(db: Database) -> N
     custom = AppConfig(discord=DiscordSettings(nsfw_words=("swimsuit",)))
     assert await refusal(db, custom, alice(), request("a nude statue")) is None
     assert "`swimsuit`" in await refusal(db, custom, alice(), request("a swimsuit"))
+    assert await refused_prompts(db) == [
+        (ALICE, "nsfw:nude", {"prompt": "a Nude statue", "channel_id": CHANNEL}),
+        (ALICE, "nsfw:swimsuit", {"prompt": "a swimsuit", "channel_id": CHANNEL}),
+    ]
+    # A DM has no moderators to read an audit: refused there, recorded nowhere.
+    in_dm = AppConfig(discord=DiscordSettings(allow_dms=True))
+    before = await table_sizes(db)
+    assert "`nude`" in await refusal(db, in_dm, alice(guild_id=None), request("nude"))
+    assert await table_sizes(db) == before
 
 
 async def test_moderator_maxima_name_the_limit_and_roles_can_raise_them(db: Database) -> None:

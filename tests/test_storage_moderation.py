@@ -7,13 +7,13 @@ import sqlite3
 
 import pytest
 
-from storage.audit import audit_log
+from storage.audit import AuditEntry, audit_log
 from storage.db import Database
 from storage.jobs import create_job, finish_job, start_job
 from storage.limits import Scope, clear_limits, effective_limits, resolve_limits, set_limits, usage
 from storage.moderation import (
-    BlockedWord, ban, block_word, blocked_words, first_blocked, get_ban, get_guild_settings,
-    list_bans, set_guild_setting, unban, unblock_word,
+    BlockedWord, audit_refused_prompt, ban, block_word, blocked_words, first_blocked, get_ban,
+    get_guild_settings, list_bans, set_guild_setting, unban, unblock_word,
 )
 from storage.settings import LimitsSettings
 from tests.fixtures.storage import ManualClock, clock, db  # noqa: F401
@@ -161,3 +161,25 @@ async def test_audit_log_pages_newest_first(db: Database) -> None:
     first = await audit_log(db, GUILD, limit=3)
     rest = await audit_log(db, GUILD, limit=3, before_id=first[-1].id)
     assert [e.target for e in first + rest] == [f"user:{n}" for n in reversed(range(5))]
+
+
+async def test_audit_log_filters_by_actions_and_by_the_user_acting_or_concerned(db: Database) -> None:
+    await ban(db, actor_id=MOD, guild_id=GUILD, user_id=7, reason="spam")
+    await block_word(db, actor_id=MOD, guild_id=GUILD, pattern="gore")
+    await audit_refused_prompt(db, guild_id=GUILD, user_id=7, channel_id=3,
+                               word=BlockedWord("gore", False), prompt="gore")
+    await audit_refused_prompt(db, guild_id=GUILD, user_id=8, channel_id=3,
+                               word=BlockedWord("nude", False), prompt="nude", nsfw=True)
+    await unban(db, actor_id=MOD, guild_id=GUILD, user_id=7)
+
+    def seen(entries: list[AuditEntry]) -> list[tuple[str, str]]:
+        return [(e.action, e.target) for e in entries]
+
+    assert seen(await audit_log(db, GUILD, actions=("ban", "unban"))) == [
+        ("unban", "user:7"), ("ban", "user:7")]
+    assert seen(await audit_log(db, GUILD, user_id=7)) == [  # banned (target) and refused (actor)
+        ("unban", "user:7"), ("prompt.refused", "word:gore"), ("ban", "user:7")]
+    assert seen(await audit_log(db, GUILD, actions=("prompt.refused",), user_id=8)) == [
+        ("prompt.refused", "nsfw:nude")]
+    assert await audit_log(db, GUILD, actions=()) == []
+    assert await audit_log(db, GUILD + 1, user_id=7) == []
