@@ -136,7 +136,10 @@ def _describe_job(detail: JobDetail, queue: FairQueue) -> str:
     job, r = detail.job, detail.job.request
     lines = [f"**Job `{job.id}`** by <@{job.owner_id}> · {job.state} · "
              f"<t:{int(job.created_at)}:f>"]
-    if job.state is JobState.QUEUED and (estimate := queue.estimates().get(job.id)):
+    estimate = queue.estimates().get(job.id) if job.state is JobState.QUEUED else None
+    if estimate is not None and estimate.paused:
+        lines.append("Queued; this server's moderators have paused the queue for now.")
+    elif estimate is not None:
         lines.append(f"Queued at #{estimate.position}, starting in about "
                      f"{max(1, round(estimate.starts_in_s))} s.")
     if job.error:

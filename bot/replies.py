@@ -158,7 +158,8 @@ class Delivery:
         self.acknowledged(job.id, "", edit)
 
     def queued_text(self, job_id: str, owner_id: int, estimate: Estimate | None, paused: bool = False) -> str:
-        if paused:
+        """A waiting job's status: its place and start, or that its server's queue is paused."""
+        if paused or (estimate is not None and estimate.paused):
             return f"<@{owner_id}> `{job_id}` is queued; this server's moderators have paused the queue for now."
         if estimate is None:
             return f"<@{owner_id}> `{job_id}` is starting…"
@@ -168,6 +169,8 @@ class Delivery:
     # -- the studio's events --
 
     async def queue_moved(self, estimates: Mapping[str, Estimate]) -> None:
+        """Every waiting job's status follows the queue: its new place, or that its server's queue
+        was paused (estimates hold those jobs too), and its place again after the resume."""
         for job_id, estimate in estimates.items():
             if (status := self._status.get(job_id)) is not None:
                 self._show(job_id, self.queued_text(job_id, status.owner_id, estimate))

@@ -104,10 +104,15 @@ class Job:
 
 @dataclass(frozen=True)
 class Estimate:
-    """Where a queued job stands: 1-based place in the dispatch order, seconds until it starts."""
+    """Where a queued job stands: 1-based place in the dispatch order, seconds until it starts;
+    both None while its guild's moderators have paused it (it has neither until they resume)."""
 
-    position: int
-    starts_in_s: float
+    position: int | None
+    starts_in_s: float | None
+
+    @property
+    def paused(self) -> bool:
+        return self.position is None
 
 
 @dataclass(frozen=True)
@@ -585,7 +590,8 @@ class FairQueue:
     def estimates(self) -> dict[str, Estimate]:
         """Position and expected start of every queued job, by replaying the scheduler on a fork
         with the measured throughput: O(n log n). Assumes no batching and no new arrivals, and
-        that the operator's hold ends now; jobs of paused guilds have no estimate and no place."""
+        that the operator's hold ends now. Jobs of paused guilds get a `paused` estimate (no place,
+        no start), so their status can say so; the others are placed as if those were not there."""
         tree, now = self._tree.fork(), self._clock()
         # Each device frees up when its running batch ends (estimated), releasing its owners.
         started = {device: now for device in self._throughput}
@@ -617,6 +623,9 @@ class FairQueue:
             result[job.id] = Estimate(len(result) + 1, at - now)
             end = at + job.cost / self._throughput[device]
             heapq.heappush(events, (end, order, device, [job.owner_id]))
+        held = Estimate(None, None)
+        result.update((job.id, held) for job in self._jobs.values()
+                      if job.state is JobState.QUEUED and self._tree.is_paused(job.guild_id))
         return result
 
     def snapshot(self) -> Snapshot:
@@ -624,13 +633,13 @@ class FairQueue:
         estimates = self.estimates()
 
         def view(job: Job) -> JobView:
-            estimate = estimates.get(job.id)
+            estimate = estimates.get(job.id)  # running jobs have none
             return JobView(
                 job.id, job.owner_id, job.guild_id, job.cost, job.weight, job.state,
                 estimate.position if estimate else None,
                 estimate.starts_in_s if estimate else None,
                 job.device,
-                job.state is JobState.QUEUED and self._tree.is_paused(job.guild_id),
+                estimate is not None and estimate.paused,
             )
 
         running = [view(j) for j in self._jobs.values() if j.state is JobState.RUNNING]

@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 from generation.queue import (
     BATCH_LOOKAHEAD,
     MAX_RERUNS,
+    Estimate,
     FairQueue,
     Job,
     Refused,
@@ -406,7 +407,8 @@ async def test_a_guild_pause_and_the_operators_hold_are_lifted_separately():
 
 def test_estimates_leave_out_a_paused_guild_as_if_its_jobs_were_not_there():
     """Positions and ETAs of the other guilds equal those of a queue that never had guild 1's
-    jobs; guild 1's queued jobs have none and the snapshot marks them paused."""
+    jobs; guild 1's queued jobs are estimated as paused, with neither, and the snapshot marks them
+    paused."""
 
     def fill(queue: FairQueue, with_guild_1: bool) -> list[Job]:
         others = []
@@ -421,8 +423,9 @@ def test_estimates_leave_out_a_paused_guild_as_if_its_jobs_were_not_there():
     paused.pause(1)
     others, expected_others = fill(paused, True), fill(plain, False)
     estimates, expected = paused.estimates(), plain.estimates()
-    assert len(estimates) == len(others) == 12
+    assert len(estimates) == len(paused) == 18
     assert [estimates[j.id] for j in others] == [expected[j.id] for j in expected_others]
+    assert [e for e in estimates.values() if e.paused] == [Estimate(None, None)] * 6
     snap = paused.snapshot()
     held = [v for v in snap.queued if v.guild_id == 1]
     assert len(held) == 6 and all(v.paused and v.position is None and v.starts_in_s is None for v in held)
