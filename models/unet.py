@@ -27,17 +27,11 @@ def timestep_embedding(timesteps: torch.Tensor, dim: int, max_period: float = 10
     return embedding  # (B, dim)
 
 
-class GroupNorm32(nn.GroupNorm):
-    """GroupNorm computed in float32 whatever the input and weight dtypes, as the original
-    `normalization` (whose fp16 mode kept norm weights float32)."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weight, bias = self.weight.float(), self.bias.float()
-        return F.group_norm(x.float(), self.num_groups, weight, bias, self.eps).type(x.dtype)
-
-
-def normalization(channels: int) -> GroupNorm32:
-    return GroupNorm32(32, channels)
+def normalization(channels: int) -> nn.GroupNorm:
+    """The original's GroupNorm32 upcast activations to float32 around each norm; PyTorch's group
+    norm kernels already accumulate half-precision inputs in float32, so the upcast only cost two
+    extra passes over the activations per norm (about 45 norms per UNet call)."""
+    return nn.GroupNorm(32, channels)
 
 
 class TimestepEmbedSequential(nn.Sequential):

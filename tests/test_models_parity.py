@@ -145,12 +145,14 @@ def test_sd2_text_encoder_is_penultimate_layer_like_diffusers(tiny_checkpoints: 
         assert_same(model.text_encoder(tokens), reference(input_ids=tokens).last_hidden_state)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("family", ["sd1", "x4-upscaler"])  # CLIP; open_clip, label_emb
-def test_bfloat16_weights_run_end_to_end(tiny_checkpoints: TinyCheckpoints, family: str) -> None:
-    """Dtype plumbing (float32 timestep embedding and GroupNorm, masks, noise levels) under
-    half-precision weights; bfloat16 keeps ~3 significant digits, so this checks closeness only."""
+def test_half_precision_weights_run_end_to_end(
+        tiny_checkpoints: TinyCheckpoints, family: str, dtype: torch.dtype) -> None:
+    """Dtype plumbing (float32 timestep embedding, masks, noise levels) under half-precision
+    weights; bfloat16 keeps ~3 significant digits, so this checks closeness only."""
     path, yaml_path = tiny_checkpoints.get(family)
-    full, half = load_checkpoint(path, yaml_path), load_checkpoint(path, yaml_path, dtype=torch.bfloat16)
+    full, half = load_checkpoint(path, yaml_path), load_checkpoint(path, yaml_path, dtype=dtype)
     tokens = _tokens(full, ["a photo of a cat"])
     g = torch.Generator().manual_seed(3)
     x = torch.randn(1, full.family.unet.in_channels, 8, 8, generator=g)
@@ -158,9 +160,9 @@ def test_bfloat16_weights_run_end_to_end(tiny_checkpoints: TinyCheckpoints, fami
     with torch.no_grad():
         context = full.text_encoder(tokens)
         half_context = half.text_encoder(tokens)
-        assert half_context.dtype == torch.bfloat16
+        assert half_context.dtype == dtype
         out = full.unet(x, torch.tensor([500.0]), context, y)
-        half_out = half.unet(x.bfloat16(), torch.tensor([500.0]), half_context, y)
-        image = half.vae.decode(torch.randn(1, 4, 8, 8, generator=g).bfloat16())
-    assert half_out.dtype == image.dtype == torch.bfloat16
+        half_out = half.unet(x.to(dtype), torch.tensor([500.0]), half_context, y)
+        image = half.vae.decode(torch.randn(1, 4, 8, 8, generator=g).to(dtype))
+    assert half_out.dtype == image.dtype == dtype
     assert (half_out.float() - out).abs().max() < 0.1 * out.abs().max()
