@@ -71,7 +71,7 @@ class AtelierBot(commands.Bot):
         for command in (
             self.gestures.imagine_command(),
             self.gestures.remix_menu(),
-            *moderation_commands(studio.db, studio.queue, config, studio.cancel),
+            *moderation_commands(studio.db, studio.queue, config, studio.cancel, studio.pause),
             *account_commands(studio.db, studio.queue, config),
         ):
             self.tree.add_command(command, guild=home)

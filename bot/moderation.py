@@ -64,15 +64,17 @@ Target = discord.User | discord.Member | discord.Role
 #: Cancels a job and records it, telling its owner (`bot.studio.Studio.cancel`):
 #: cancel(job_id, by=user id, moderator=True) -> the job; raises `Refused`.
 Cancel = Callable[..., Awaitable[Job]]
+#: pause(guild_id, paused): pause or resume a guild's queue and tell its waiting jobs (`Studio.pause`).
+Pause = Callable[[int, bool], Awaitable[None]]
 
 
 def moderation_commands(
-    db: Database, queue: FairQueue, config: AppConfig, cancel: Cancel
+    db: Database, queue: FairQueue, config: AppConfig, cancel: Cancel, pause: Pause
 ) -> list[app_commands.Group | app_commands.Command[Any, ..., None]]:
     """The moderator commands, for the client to add to its command tree."""
     return [
         LimitsCommands(db, config),
-        QueueCommands(db, queue, config, cancel),
+        QueueCommands(db, queue, config, cancel, pause),
         BlocklistCommands(db, config),
         *_ban_commands(db, queue, config, cancel),
         _audit_command(db, config),
@@ -295,11 +297,12 @@ def _describe(values: Mapping[str, Any]) -> str:
 
 
 class QueueCommands(_ModeratorGroup, name="queue", description="This server's generation queue"):
-    def __init__(self, db: Database, queue: FairQueue, config: AppConfig, cancel: Cancel) -> None:
+    def __init__(self, db: Database, queue: FairQueue, config: AppConfig, cancel: Cancel, pause: Pause) -> None:
         super().__init__(config.discord)
         self._db = db
         self._queue = queue
         self._cancel = cancel
+        self._pause = pause
 
     @app_commands.command(name="show", description="Running and queued jobs of this server, "
                                                    "in the order they will run")
@@ -363,7 +366,7 @@ class QueueCommands(_ModeratorGroup, name="queue", description="This server's ge
             return
         await _audit(self._db, interaction, "queue.pause", "queue", {"paused": False},
                      {"paused": True})
-        self._queue.pause(interaction.guild_id)  # after the audit row: a failed write changes nothing
+        await self._pause(interaction.guild_id, True)  # after the audit row: a failed write changes nothing
         await _answer(interaction, "Paused: no new job of this server starts until /queue resume; "
                                    "other servers' jobs go on. Running jobs finish.")
 
@@ -375,7 +378,7 @@ class QueueCommands(_ModeratorGroup, name="queue", description="This server's ge
             return
         await _audit(self._db, interaction, "queue.resume", "queue", {"paused": True},
                      {"paused": False})
-        self._queue.resume(interaction.guild_id)
+        await self._pause(interaction.guild_id, False)
         held = " once the operator's hold on every server ends" if self._queue.is_paused() else ""
         await _answer(interaction, f"Resumed: this server's queued jobs start again{held}.")
 

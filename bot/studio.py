@@ -178,6 +178,14 @@ class Studio:
             await self._moved()
         return job
 
+    async def pause(self, guild_id: int, paused: bool) -> None:
+        """Pause or resume a guild's queue (its moderators'); its waiting jobs' messages say so."""
+        if paused:
+            self.queue.pause(guild_id)
+        else:
+            self.queue.resume(guild_id)
+        await self._moved()
+
     # -- the queue's and the runner's hooks --
 
     async def _limits(self, submission: Submission) -> str | None:

@@ -136,7 +136,10 @@ async def studio(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> AsyncItera
                 await cancel_job(db, job.id)
             return job
 
-        served = [*moderation_commands(db, queue, config, cancel), *account_commands(db, queue, config)]
+        async def pause(guild_id: int, paused: bool) -> None:
+            queue.pause(guild_id) if paused else queue.resume(guild_id)
+
+        served = [*moderation_commands(db, queue, config, cancel, pause), *account_commands(db, queue, config)]
         bot = StudioBot(guild.id, served)
         with point_discord_py_at(server):
             connection: asyncio.Task[None] | None = None

@@ -202,3 +202,17 @@ async def test_the_event_loop_keeps_ticking_while_the_cpu_generates(config: AppC
         took = time.monotonic() - began
         gaps = [b - a for a, b in zip(ticks, ticks[1:])]
         assert took > 0.5 and max(gaps) < min(0.4, took / 2)
+
+
+async def test_pausing_a_server_tells_its_waiting_jobs_at_once_and_resuming_gives_their_place_back(
+        config: AppConfig) -> None:
+    recorder = Recorder()
+    async with studio(config) as opened:
+        opened.start(recorder)
+        opened.queue.pause()  # the operator's hold: nothing starts, so the job stays waiting
+        job = await opened.submit(request(), ALICE, origin())
+        told = len(recorder.moves)
+        await opened.pause(ALICE.guild_id, True)
+        assert len(recorder.moves) == told + 1 and recorder.moves[-1][job.id].paused
+        await opened.pause(ALICE.guild_id, False)
+        assert not recorder.moves[-1][job.id].paused and recorder.moves[-1][job.id].position == 1
