@@ -54,14 +54,14 @@ def main(argv: list[str]) -> int:
     if reference is not None:
         header += f" | {'diffusers ms/step':>17} {'ratio':>6}"
     print(header)
+    unets = [model.network.unet] + ([] if reference is None else [_diffusers_call(reference)])
     for size in sizes:
         for batch in batches:
-            ours = _unet_step_ms(model.network.unet, family, size, batch, device, dtype, args.iters)
+            ours, *theirs = _unet_step_ms(unets, family, size, batch, device, dtype, args.iters)
             latency, peak = _image_latency(model, size, batch, args.steps, args.sampler)
             line = f"{size:>5} {batch:>5} | {ours:>12.2f} {latency:>8.2f} {peak:>8.2f}"
-            if reference is not None:
-                theirs = _unet_step_ms(_diffusers_call(reference), family, size, batch, device, dtype, args.iters)
-                line += f" | {theirs:>17.2f} {ours / theirs:>6.2f}"
+            if theirs:
+                line += f" | {theirs[0]:>17.2f} {ours / theirs[0]:>6.2f}"
             print(line, flush=True)
     return 0
 
@@ -98,24 +98,27 @@ def _diffusers_call(unet: torch.nn.Module) -> Callable[..., torch.Tensor]:
 
 @torch.inference_mode()
 def _unet_step_ms(
-    unet: Callable[..., torch.Tensor], family: Family, size: int, batch: int,
+    unets: list[Callable[..., torch.Tensor]], family: Family, size: int, batch: int,
     device: torch.device, dtype: torch.dtype, iters: int,
-) -> float:
-    """Median ms of one guided step: a UNet call on 2 x batch latents."""
+) -> list[float]:
+    """Median ms of one guided step (a UNet call on 2 x batch latents) of each UNet, their calls
+    taken in turn so that whatever else loads the machine weighs on all of them alike."""
     side = size // 8
     x = torch.randn(2 * batch, family.unet.in_channels, side, side, device=device, dtype=dtype)
     t = torch.full((2 * batch,), 500.0, device=device)
     context = torch.randn(2 * batch, 77, family.unet.context_dim, device=device, dtype=dtype)
-    for _ in range(3):
-        unet(x, t, context)
-    times = []
+    for unet in unets:
+        for _ in range(3):
+            unet(x, t, context)
+    times: list[list[float]] = [[] for _ in unets]
     for _ in range(iters):
-        _sync(device)
-        start = time.perf_counter()
-        unet(x, t, context)
-        _sync(device)
-        times.append((time.perf_counter() - start) * 1000)
-    return statistics.median(times)
+        for unet, taken in zip(unets, times, strict=True):
+            _sync(device)
+            start = time.perf_counter()
+            unet(x, t, context)
+            _sync(device)
+            taken.append((time.perf_counter() - start) * 1000)
+    return [statistics.median(taken) for taken in times]
 
 
 def _image_latency(model: LoadedModel, size: int, batch: int, steps: int, sampler: str) -> tuple[float, float]:

@@ -158,3 +158,41 @@ def test_large_images_decode_in_vae_tiles(tiny_checkpoints: TinyCheckpoints) -> 
     assert tiles.size == whole.size == (600, 80)
     difference = np.abs(np.asarray(tiles, dtype=float) - np.asarray(whole, dtype=float))
     assert difference.mean() < 8  # the same picture; GroupNorm statistics differ per tile
+
+
+def gpu_model(checkpoints: TinyCheckpoints, family: str, dtype: torch.dtype) -> LoadedModel:
+    path, yaml_path = checkpoints.get(family)
+    return load_model(ModelSettings(name=family, checkpoint=path, config=yaml_path), torch.device("cuda"), dtype)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("family", ["sd1", "sd2-v"])
+def test_a_seed_gives_the_cpus_image_on_a_gpu_in_every_dtype(
+        tiny_checkpoints: TinyCheckpoints, family: str, dtype: torch.dtype) -> None:  # noqa: F811
+    """The engine contract across devices (noise drawn on the CPU, ancestral noise included);
+    half precision may move pixels a little but never gives NaN (black) or blank images."""
+    req = request(sampler="euler_a", steps=8)
+    on_cpu = txt2img(tiny_model(tiny_checkpoints, family), [req])[0]
+    on_gpu = txt2img(gpu_model(tiny_checkpoints, family, dtype), [req])[0]
+    for expected, image in zip(on_cpu, on_gpu, strict=True):
+        a, b = np.asarray(expected).astype(float), np.asarray(image).astype(float)
+        assert b.std() > 1.0, "a blank image"
+        assert np.abs(a - b).mean() <= (1.0 if dtype is torch.float32 else 6.0)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("sampler", ["dpmpp_2m_karras", "euler_a", "ddim"])
+def test_cuda_sampling_steps_never_synchronize(tiny_checkpoints: TinyCheckpoints, sampler: str) -> None:  # noqa: F811
+    """After the first step nothing reads the GPU back: the CPU queues kernels ahead of the GPU."""
+    model = gpu_model(tiny_checkpoints, "sd1", torch.float16)
+
+    def progress(step: int, total: int, x0: torch.Tensor) -> None:
+        if step == 1:
+            torch.cuda.set_sync_debug_mode("error")
+
+    try:
+        latents = sample_latents(model, [request(sampler=sampler, steps=6)], progress)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert torch.isfinite(latents).all()
