@@ -15,22 +15,23 @@ import subprocess
 import sys
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import discord
 import pytest
+import safetensors.torch
 from PIL import Image
 
 from bot.client import AtelierBot
 from bot.config import AppConfig, DiscordSettings
-from generation.request import Kind
+from generation.request import X4_UNET_FLOPS_RATIO, Kind
 from generation.settings import GenerationSettings, ModelSettings, QueueSettings
 from storage import jobs as stored
 from storage.moderation import ban
 from storage.settings import StorageSettings
 from tests.discord_server import Action, Channel, DiscordServer, Guild, Interaction, Message, Upload, User
-from tests.fixtures.checkpoints import TinyCheckpoints, tiny_checkpoints  # noqa: F401
+from tests.fixtures.checkpoints import TinyCheckpoints, random_state_dict, tiny_checkpoints, tiny_family  # noqa: F401
 
 TIMEOUT = 60.0
 
@@ -522,3 +523,87 @@ async def test_a_paused_server_says_so_and_resumes(world: World) -> None:
         resumed = await server.slash(world.mod, world.channel, "queue resume", {})
         await server.wait_for(lambda a: a.interaction is resumed and a.kind == "message")
         await server.wait_for(message_for(asked, files=True), TIMEOUT)
+
+
+def tiny_x4_upscaler(directory: Path) -> Path:
+    """A tiny x4 upscaler whose VAE scales by 4 like the released one's (the shared fixture's by 2)."""
+    family = tiny_family("x4-upscaler")
+    family = replace(family, vae=replace(family.vae, ch_mult=(1, 2, 4)))
+    path = directory / "x4.safetensors"
+    safetensors.torch.save_file(random_state_dict(family), path)
+    return path
+
+
+async def imagine_from_upload(world: World, prompt: str) -> tuple[Message, str]:
+    """An img2img result of the 64x64 `png_upload` (small: Zoom Out then works on 128 to 192 pixels,
+    which the tiny VAE, whose attention sees every latent pixel, decodes quickly), and its job id."""
+    asked = await world.server.slash(world.alice, world.channel, "imagine",
+                                     {"prompt": prompt, "image": png_upload("photo.png")})
+    result = (await world.server.wait_for(message_for(asked, files=True), TIMEOUT)).message
+    assert png_info(result.attachments[0].data)[0] == (64, 64)
+    return result, result.buttons()[0]["custom_id"].split(":")[3]
+
+
+async def test_zoom_out_of_an_upscale_delivers_the_outpainted_canvas(world: World) -> None:
+    server = world.server
+    async with running(world.config, server):
+        first, job_id = await imagine_from_upload(world, "a harbour")
+        upscale = await server.press_button(world.alice, first, f"atelier:v1:upscale:{job_id}:0")
+        upscaled = (await server.wait_for(message_for(upscale, files=True), TIMEOUT)).message
+        assert png_info(upscaled.attachments[0].data)[0] == (128, 128)  # hires 2x: no upscaler configured
+        upscaled_id = upscaled.buttons()[0]["custom_id"].split(":")[3]
+        zoom = await server.press_button(world.bob, upscaled, f"atelier:v1:zoom:{upscaled_id}:0")
+        zoomed = (await server.wait_for(message_for(zoom, files=True), TIMEOUT)).message
+        size, parameters = png_info(zoomed.attachments[0].data)
+        # A quarter of the 128-pixel side, 32 pixels, added on every side: the outpainted canvas.
+        assert size == (192, 192) and parameters.startswith("a harbour\n")
+        assert "Size: 192x192, " in parameters and parameters.endswith("Model: tiny, Denoising strength: 1")
+        assert f"<@{world.bob.id}>" in zoomed.content and "outpaint" in zoomed.content
+        assert labels(zoomed) == ["U1", "🔄", "V1"]  # a drawn image again, with its own buttons
+
+
+def tiny_x4_upscaler(directory: Path) -> Path:
+    """A tiny x4 upscaler whose VAE scales by 4 like the released one's (the shared fixture's by 2)."""
+    family = tiny_family("x4-upscaler")
+    family = replace(family, vae=replace(family.vae, ch_mult=(1, 2, 4)))
+    path = directory / "x4.safetensors"
+    safetensors.torch.save_file(random_state_dict(family), path)
+    return path
+
+
+async def test_with_an_upscaler_configured_u_upscales_4x_and_the_upscaler_cannot_draw(
+        world: World, tmp_path: Path) -> None:
+    server = world.server
+    models = (*world.config.models, ModelSettings(name="x4", checkpoint=tiny_x4_upscaler(tmp_path)))
+    generation = world.config.generation.model_copy(update=dict(upscaler="x4", upscaler_steps=2,
+                                                                max_pixels=128 * 128))
+    config = world.config.model_copy(update=dict(models=models, generation=generation))
+    async with running(config, server) as bot:
+        offered = await server.autocomplete(world.alice, world.channel, "imagine", {"prompt": "x", "model": ""}, "model")
+        assert [c["value"] for c in offered] == ["tiny"]
+        refused = await server.slash(world.alice, world.channel, "imagine", {"prompt": "x", "model": "x4"})
+        answer = (await server.wait_for(lambda a: a.interaction is refused and a.kind == "message")).message
+        assert answer.ephemeral and answer.content == ("x4 is an upscaler: it only enlarges images (the U buttons use "
+                                                       "it) and cannot draw; pick one of: tiny")
+
+        first, job_id = await imagine_from_upload(world, "a lighthouse")
+        upscale = await server.press_button(world.bob, first, f"atelier:v1:upscale:{job_id}:0")
+        upscaled = (await server.wait_for(message_for(upscale, files=True), TIMEOUT)).message
+        size, parameters = png_info(upscaled.attachments[0].data)
+        assert size == (4 * 64, 4 * 64) and parameters.startswith("a lighthouse\n")
+        # The upscaler's own settings (the source ran Euler at guidance 7), on the 64x64 input.
+        assert "Steps: 2, Sampler: DPM++ 2M Karras, CFG scale: 9, " in parameters
+        assert "Size: 64x64, " in parameters and parameters.endswith("Model: x4")
+        assert labels(upscaled) == ["Vary (Subtle)", "Vary (Strong)", "Zoom Out", "🔄"]
+        upscaled_id = upscaled.buttons()[0]["custom_id"].split(":")[3]
+        job = await stored.get_job(bot.studio.db, upscaled_id)  # charged the x4 UNet's work on a 64x64 latent
+        assert job.request.upscale_factor == 4 and job.cost == pytest.approx(2 * 64 * 64 * 64 * X4_UNET_FLOPS_RATIO / 512**2)
+
+        # Zoom Out of the 256x256 result: drawn by the model that drew the original, within the limits.
+        zoom = await server.press_button(world.bob, upscaled, f"atelier:v1:zoom:{upscaled_id}:0")
+        ack = await server.wait_for(lambda a: a.interaction is zoom and a.kind == "edit" and "-# " in (a.content or ""))
+        assert "the result would be 192x192, over the limit (16384 pixels" in ack.content
+        zoomed = (await server.wait_for(message_for(zoom, files=True), TIMEOUT)).message
+        size, parameters = png_info(zoomed.attachments[0].data)
+        assert size == (128, 128) and "Steps: 2, Sampler: Euler, CFG scale: 7, " in parameters
+        assert parameters.endswith("Model: tiny, Denoising strength: 1")

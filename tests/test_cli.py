@@ -139,3 +139,26 @@ def test_models_lists_what_was_detected(tmp_path: Path, capsys: pytest.CaptureFi
     assert lines[1].endswith(" params, float16")
     assert lines[2] == f"b (default): {inpaint}"
     assert lines[3].startswith("  sd1-inpaint, epsilon-prediction (family default), ")
+
+
+def test_generate_draws_with_the_default_model_and_upscales_with_the_x4_upscalers_settings(tmp_path: Path) -> None:
+    from PIL import Image
+
+    from tests.fixtures.checkpoints import write_checkpoint
+
+    x4, _ = write_checkpoint(tmp_path, "x4-upscaler", with_yaml=False)
+    sd1, yaml = write_checkpoint(tmp_path, "sd1")
+    config = tmp_path / "atelier.toml"
+    config.write_text(f'[generation]\ndevice = "cpu"\nupscaler = "x4"\nupscaler_sampler = "euler"\nupscaler_steps = 1\n'
+                      f'[[models]]\nname = "x4"\ncheckpoint = "{x4}"\n'
+                      f'[[models]]\nname = "tiny"\ncheckpoint = "{sd1}"\nconfig = "{yaml}"\n')
+    drawn, big = tmp_path / "drawn.png", tmp_path / "big.png"
+    common = ["--config", str(config), "--prompt", "a fox", "--device", "cpu"]
+    assert main(["generate", *common, "--steps", "1", "--width", "64", "--height", "64", "--out", str(drawn)]) == 0
+    with Image.open(drawn) as image:  # the first model listed is the upscaler: the default is the next one
+        assert image.info["parameters"].endswith("Model: tiny")
+    assert main(["generate", *common, "--checkpoint", str(x4), "--init-image", str(drawn), "--upscale",
+                 "--out", str(big)]) == 0
+    with Image.open(big) as image:  # the tiny upscaler's VAE scales by 2
+        assert image.size == (128, 128)
+        assert "Steps: 1, Sampler: Euler, CFG scale: 9, " in image.info["parameters"]
