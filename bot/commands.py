@@ -139,8 +139,9 @@ class Gestures:
 
     def drawing_models(self) -> list[str]:
         """The models users may pick: all configured but the upscaler and any found to be one."""
-        return [m.name for m in self._config.models if m.name != self._config.generation.upscaler
-                and getattr(self._checkpoints.get(m.name), "family", None) != UPSCALER_FAMILY]
+        upscaler, known = self._config.generation.upscaler, self._checkpoints
+        return [m.name for m in self._config.models
+                if m.name != upscaler and (m.name not in known or known[m.name].family != UPSCALER_FAMILY)]
 
     # -- requests --
 

@@ -574,17 +574,24 @@ def tiny_x4_upscaler(directory: Path) -> Path:
 async def test_with_an_upscaler_configured_u_upscales_4x_and_the_upscaler_cannot_draw(
         world: World, tmp_path: Path) -> None:
     server = world.server
-    models = (*world.config.models, ModelSettings(name="x4", checkpoint=tiny_x4_upscaler(tmp_path)))
+    x4 = tiny_x4_upscaler(tmp_path)  # also configured as "spare", not named the upscaler: found by its family
+    models = (*world.config.models, ModelSettings(name="x4", checkpoint=x4), ModelSettings(name="spare", checkpoint=x4))
     generation = world.config.generation.model_copy(update=dict(upscaler="x4", upscaler_steps=2,
                                                                 max_pixels=128 * 128))
     config = world.config.model_copy(update=dict(models=models, generation=generation))
     async with running(config, server) as bot:
-        offered = await server.autocomplete(world.alice, world.channel, "imagine", {"prompt": "x", "model": ""}, "model")
-        assert [c["value"] for c in offered] == ["tiny"]
-        refused = await server.slash(world.alice, world.channel, "imagine", {"prompt": "x", "model": "x4"})
-        answer = (await server.wait_for(lambda a: a.interaction is refused and a.kind == "message")).message
-        assert answer.ephemeral and answer.content == ("x4 is an upscaler: it only enlarges images (the U buttons use "
-                                                       "it) and cannot draw; pick one of: tiny")
+        async def offered() -> list[str]:
+            choices = await server.autocomplete(world.alice, world.channel, "imagine", {"prompt": "x", "model": ""},
+                                                "model")
+            return [c["value"] for c in choices]
+
+        assert await offered() == ["tiny", "spare"]  # spare's file was not read yet
+        for model, others in (("x4", "tiny, spare"), ("spare", "tiny")):
+            refused = await server.slash(world.alice, world.channel, "imagine", {"prompt": "x", "model": model})
+            answer = (await server.wait_for(lambda a, i=refused: a.interaction is i and a.kind == "message")).message
+            assert answer.ephemeral and answer.content == (f"{model} is an upscaler: it only enlarges images (the U "
+                                                           f"buttons use it) and cannot draw; pick one of: {others}")
+        assert await offered() == ["tiny"]
 
         first, job_id = await imagine_from_upload(world, "a lighthouse")
         upscale = await server.press_button(world.bob, first, f"atelier:v1:upscale:{job_id}:0")
