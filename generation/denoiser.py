@@ -67,22 +67,26 @@ class GuidedDenoiser:
 
     def __call__(self, x: Tensor, sigma: Tensor) -> Tensor:
         """x (B, C, h, w) at noise levels sigma (B,) -> guided x0 prediction (B, C, h, w)."""
+        return self.tile(x, sigma, self.concat)
+
+    def tile(self, x: Tensor, sigma: Tensor, concat: Tensor | None) -> Tensor:
+        """The prediction for a tile x of the latent, with `concat` cut to the same tile."""
         if self._halves == "cond":
-            out = self._run(x, sigma, self.cond)
+            out = self._run(x, sigma, self.cond, concat)
         elif self._halves == "uncond":
-            out = self._run(x, sigma, self.uncond)
+            out = self._run(x, sigma, self.uncond, concat)
         else:
-            out_uncond, out_cond = self._run(x, sigma, torch.cat([self.uncond, self.cond])).chunk(2)
+            out_uncond, out_cond = self._run(x, sigma, torch.cat([self.uncond, self.cond]), concat).chunk(2)
             out = out_uncond + self._scale * (out_cond - out_uncond)
         return self._x0(x, sigma.view(-1, 1, 1, 1), out)
 
-    def _run(self, x: Tensor, sigma: Tensor, context: Tensor) -> Tensor:
+    def _run(self, x: Tensor, sigma: Tensor, context: Tensor, concat: Tensor | None) -> Tensor:
         """One UNet call on as many copies of (x, sigma) as context has rows."""
         copies = context.shape[0] // x.shape[0]
         c_in = (sigma**2 + 1) ** -0.5  # (B,)
         x_in = (x * c_in.view(-1, 1, 1, 1)).repeat(copies, 1, 1, 1)  # (copies * B, C, h, w)
-        if self.concat is not None:
-            x_in = torch.cat([x_in, self.concat.to(x_in).repeat(copies, 1, 1, 1)], dim=1)
+        if concat is not None:
+            x_in = torch.cat([x_in, concat.to(x_in).repeat(copies, 1, 1, 1)], dim=1)
         t = self._schedule.sigma_to_t(sigma).repeat(copies)  # (copies * B,)
         return self.unet(x_in, t, context).to(x.dtype)
 

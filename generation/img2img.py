@@ -40,9 +40,10 @@ def strength_of(requests: Sequence[GenerationRequest]) -> float:
 
 
 def repeat_counts(requests: Sequence[GenerationRequest], x: torch.Tensor) -> torch.Tensor:
-    """One row per request (R, ...) -> one row per image (B, ...), request i repeated count_i times."""
+    """One row per request (R, ...) -> one row per image (B, ...), request i repeated count_i times
+    (the output size given, so the GPU is not asked for it)."""
     counts = torch.tensor([r.count for r in requests], device=x.device)
-    return x.repeat_interleave(counts, dim=0)
+    return x.repeat_interleave(counts, dim=0, output_size=sum(r.count for r in requests))
 
 
 @torch.inference_mode()

@@ -15,7 +15,7 @@ width x height is the INPUT size."""
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
@@ -48,8 +48,7 @@ class TiledDenoiser:
     def __call__(self, x: Tensor, sigma: Tensor) -> Tensor:
         def piece(rows: slice, cols: slice) -> Tensor:
             concat = self.guided.concat
-            guided = self.guided if concat is None else replace(self.guided, concat=concat[..., rows, cols])
-            return guided(x[..., rows, cols], sigma)
+            return self.guided.tile(x[..., rows, cols], sigma, None if concat is None else concat[..., rows, cols])
 
         return tiled(piece, x.shape[-2:], self.tile, self.overlap, 1.0)
 

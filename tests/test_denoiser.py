@@ -3,11 +3,11 @@ x_t = sqrt(a) x0 + sqrt(1 - a) eps and v = sqrt(a) eps - sqrt(1 - a) x0 (Saliman
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from generation.denoiser import GuidedDenoiser, latent_preview
 from generation.samplers import SAMPLERS
 from generation.schedules import DiscreteSchedule
+from tests.fixtures.devices import StandInDevice
 
 SCHEDULE = DiscreteSchedule.linear()
 B, T, D = 3, 77, 8
@@ -177,38 +177,16 @@ def test_sampling_through_the_unet_equals_sampling_the_exact_denoiser(prediction
     assert ((ours - reference).abs().max() / reference.abs().max()).item() < 2e-6
 
 
-class HostTraffic(TorchDispatchMode):
-    """Records every tensor value read back to the host and every copy from a CPU tensor to another
-    device: on CUDA either one, each step, would stall the kernel queue until the GPU caught up."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.seen: list[str] = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        out = func(*args, **kwargs)
-        if func is torch.ops.aten._local_scalar_dense.default and args[0].device.type != "cpu":
-            self.seen.append(f"read back from {args[0].device.type}")
-        elif func in (torch.ops.aten._to_copy.default, torch.ops.aten.copy_.default):
-            source = args[1] if func is torch.ops.aten.copy_.default else args[0]
-            target = args[0] if func is torch.ops.aten.copy_.default else out
-            if source.device.type == "cpu" and target.device.type != "cpu":
-                self.seen.append(f"copy to {target.device.type}")
-        return out
-
-
 @pytest.mark.parametrize("sampler", ["dpmpp_2m_karras", "ddim", "unipc", "euler_a"])
 @pytest.mark.parametrize("guidance", [[7.5, 1.0, 0.0], [1.0, 1.0, 1.0]])
 def test_sampling_steps_never_wait_on_the_device(sampler: str, guidance: list[float]) -> None:
-    # The "meta" device stands in for an asynchronous GPU: it has no values to read back, and every
-    # copy onto it is visible. Only the ancestral samplers' fresh CPU-drawn noise may cross.
+    # The noise source here draws on the device, so nothing at all may cross between host and device.
     meta = torch.device("meta")
     guided = GuidedDenoiser(LinearUNet(), SCHEDULE, randn(B, T, D, seed=1).to(meta),
                             randn(B, T, D, seed=2).to(meta), torch.tensor(guidance))
     chosen = SAMPLERS[sampler]
     sigmas = chosen.sigmas(SCHEDULE, 6)
     noise = lambda: torch.empty(B, 4, 8, 8, device=meta)  # noqa: E731
-    with HostTraffic() as traffic:
+    with StandInDevice() as device:
         out = chosen.sample(guided, torch.empty(B, 4, 8, 8, device=meta), sigmas, noise=noise)
-    assert out.shape == (B, 4, 8, 8) and traffic.seen == []
+    assert out.shape == (B, 4, 8, 8) and device.traffic == []

@@ -5,6 +5,8 @@ same text conditioning, the reference loop written here the way diffusers' pipel
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import io
 import os
 import subprocess
 import sys
@@ -14,15 +16,25 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from PIL import Image
 from diffusers import DDIMScheduler, EulerDiscreteScheduler, UNet2DConditionModel
 from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint, create_unet_diffusers_config_from_ldm
 
-from generation.pipeline import LoadedModel, decode, encode_conditioning, load_model, sample_latents, txt2img
+from generation.pipeline import (
+    LoadedModel,
+    decode,
+    encode_conditioning,
+    load_model,
+    run_batch,
+    sample_latents,
+    txt2img,
+)
 from generation.request import GenerationRequest
 from generation.samplers import Cancelled
 from generation.settings import ModelSettings
 from models.loading import read_state_dict
 from tests.fixtures.checkpoints import TinyCheckpoints, tiny_checkpoints  # noqa: F401
+from tests.fixtures.devices import StandInDevice, on_stand_in_device
 
 SCHEDULE = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
 
@@ -196,3 +208,46 @@ def test_cuda_sampling_steps_never_synchronize(tiny_checkpoints: TinyCheckpoints
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert torch.isfinite(latents).all()
+
+
+def png_of(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+SOURCE, MASK = png_of(Image.new("RGB", (64, 64), (30, 120, 200))), png_of(Image.new("L", (64, 64), 255))
+SOURCE_SHA, MASK_SHA = hashlib.sha256(SOURCE).hexdigest(), hashlib.sha256(MASK).hexdigest()
+STORED = {SOURCE_SHA: SOURCE, MASK_SHA: MASK}
+IMAGE = dict(init_image=SOURCE_SHA, width=64, height=64, count=2)
+
+
+@pytest.mark.parametrize(("family", "changes", "size"), [
+    ("sd1", dict(sampler="dpmpp_2m_karras"), (96, 64)),
+    ("sd2-v", dict(sampler="unipc"), (96, 64)),
+    ("sd1", dict(kind="img2img", strength=0.5, **IMAGE), (64, 64)),
+    ("sd1", dict(kind="img2img", strength=0.5, sampler="euler_a", **IMAGE), (64, 64)),
+    ("sd1", dict(kind="inpaint", mask_image=MASK_SHA, strength=1.0, **IMAGE), (64, 64)),
+    ("sd1-inpaint", dict(kind="inpaint", mask_image=MASK_SHA, strength=1.0, inpaint_only_masked=True, **IMAGE),
+     (64, 64)),
+    ("sd1", dict(kind="outpaint", strength=1.0, outpaint_directions=("left",), outpaint_pixels=16, **IMAGE | {"width": 80}),
+     (80, 64)),
+    ("sd1", dict(kind="variation", strength=0.6, variation_seed=5, variation_strength=0.3, **IMAGE), (64, 64)),
+    ("sd1", dict(kind="upscale", strength=0.3, **IMAGE), (128, 128)),
+    ("x4-upscaler", dict(kind="upscale", upscale_factor=4, **IMAGE), (128, 128)),
+])
+def test_every_pipeline_runs_on_a_device_and_its_steps_never_wait_on_it(
+        tiny_checkpoints: TinyCheckpoints, family: str, changes: dict, size: tuple[int, int]) -> None:  # noqa: F811
+    """On the meta device standing in for a GPU (tests/fixtures/devices.py): no tensor is left on
+    the wrong device, and between the first step and the last nothing is read back; only the
+    ancestral samplers' noise, drawn on the CPU by the engine contract, is copied over."""
+    model = on_stand_in_device(tiny_model(tiny_checkpoints, family))
+    req = request(**{"model": family, "steps": 4} | changes)
+    crossings_at_step: list[int] = []
+    with StandInDevice() as device:
+        (images,) = run_batch(model, [req], STORED.__getitem__,
+                              lambda step, total, x0: crossings_at_step.append(len(device.traffic)))
+    assert [image.size for image in images] == [size] * req.count
+    between_steps = device.traffic[crossings_at_step[0]:crossings_at_step[-1]]
+    allowed = {"copy to device"} if req.sampler == "euler_a" else set()
+    assert set(between_steps) <= allowed, between_steps
