@@ -30,6 +30,8 @@ SamplerName = Literal[
     "unipc",
 ]
 SAMPLER_NAMES: tuple[str, ...] = SamplerName.__args__
+#: UNet calls per step where it is not one: second-order samplers evaluate the model twice.
+UNET_CALLS_PER_STEP = {"heun": 2, "dpmpp_sde_karras": 2}
 
 #: Largest seed: seeds are drawn and displayed as unsigned 32-bit integers, as the web UIs do.
 MAX_SEED = 2**32 - 1
@@ -157,7 +159,7 @@ class GenerationRequest(BaseModel):
     @property
     def cost(self) -> float:
         """GPU cost in units of one 512x512 SD image-step: the UNet's work, i.e. the pixels it runs
-        on x steps x images. Outpaint's width x height is already the canvas, and inpainting only
+        on x UNet calls (steps, twice as many for second-order samplers) x images. Outpaint's width x height is already the canvas, and inpainting only
         the masked part resizes its crop to width x height, so both run on width x height; hires
         runs on the 2x image; the x4 upscaler on a latent as large as the input, with a lighter UNet."""
         pixels = self.width * self.height
@@ -165,7 +167,8 @@ class GenerationRequest(BaseModel):
             pixels *= _SD_PIXELS_PER_LATENT * X4_UNET_FLOPS_RATIO
         elif self.kind is Kind.UPSCALE:
             pixels *= 2 * 2
-        return self.count * self.denoising_steps * pixels / _UNIT_PIXELS
+        calls = self.denoising_steps * UNET_CALLS_PER_STEP.get(self.sampler, 1)
+        return self.count * calls * pixels / _UNIT_PIXELS
 
     def seeds(self) -> list[int]:
         """Seed of each image: image i of a request with seed S uses S + i (the engine contract)."""

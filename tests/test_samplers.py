@@ -8,7 +8,7 @@ import pytest
 import torch
 from diffusers import DPMSolverMultistepScheduler, UniPCMultistepScheduler
 
-from generation.request import SAMPLER_NAMES
+from generation.request import SAMPLER_NAMES, UNET_CALLS_PER_STEP
 from generation.samplers import SAMPLERS, BatchNoise, Cancelled, lms_coefficients
 from generation.schedules import DiscreteSchedule
 
@@ -271,6 +271,14 @@ def test_cancellation_is_checked_before_every_model_call(name: str, calls_per_st
     with pytest.raises(Cancelled):
         SAMPLERS[name].sample(denoiser, x, sigmas, noise=noise, cancelled=lambda: denoiser.calls >= calls_per_step + 1)
     assert denoiser.calls == calls_per_step + 1  # stopped inside the second step, not at its end
+
+
+@pytest.mark.parametrize("name", SAMPLER_NAMES)
+def test_the_queue_charges_each_sampler_for_the_unet_calls_it_makes(name: str) -> None:
+    denoiser = CountingDenoiser()
+    x, sigmas, noise = start(name, 10, [1])
+    SAMPLERS[name].sample(denoiser, x, sigmas, noise=noise)
+    assert round(denoiser.calls / (len(sigmas) - 1)) == UNET_CALLS_PER_STEP.get(name, 1)
 
 
 @pytest.mark.parametrize("name", SAMPLER_NAMES)
