@@ -23,6 +23,7 @@ from PIL import Image
 from pydantic import ValidationError
 
 from bot.config import AppConfig
+from bot.moderation import audit_cancel
 from bot.policy import Requester, is_moderator
 from bot.replies import DEFAULT_UPLOAD_LIMIT, Delivery, status_editor
 from bot.studio import Origin, Studio
@@ -265,9 +266,7 @@ class Gestures:
 
     def _ack_text(self, job: Job, notes: list[str]) -> str:
         """The queue position and ETA, and what was changed about the input (as Discord subtext)."""
-        queue = self._studio.queue
-        paused = job.guild_id is not None and queue.is_paused(job.guild_id)  # by this server's moderators
-        text = self._delivery.queued_text(job.id, job.owner_id, queue.estimates().get(job.id), paused)
+        text = self._delivery.queued_text(job.id, job.owner_id, self._studio.queue.estimates().get(job.id))
         return "\n".join([text, *(f"-# {note}" for note in notes)])
 
     # -- /imagine --
@@ -441,6 +440,8 @@ class Gestures:
         except Refused as refused:
             await _say(interaction, str(refused))
             return
+        if job.owner_id != requester.user_id:  # a moderator's cancel of someone else's job
+            await audit_cancel(self._studio.db, interaction, job)
         done = "cancelled" if job.state.value == "cancelled" else "stops at its next step"
         await _say(interaction, f"Job `{job_id}` {done}.")
 

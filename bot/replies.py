@@ -157,9 +157,9 @@ class Delivery:
         self.expect(job.id, job.owner_id, self._upload_limit(job))
         self.acknowledged(job.id, "", edit)
 
-    def queued_text(self, job_id: str, owner_id: int, estimate: Estimate | None, paused: bool = False) -> str:
+    def queued_text(self, job_id: str, owner_id: int, estimate: Estimate | None) -> str:
         """A waiting job's status: its place and start, or that its server's queue is paused."""
-        if paused or (estimate is not None and estimate.paused):
+        if estimate is not None and estimate.paused:
             return f"<@{owner_id}> `{job_id}` is queued; this server's moderators have paused the queue for now."
         if estimate is None:
             return f"<@{owner_id}> `{job_id}` is starting…"

@@ -472,6 +472,10 @@ async def test_cancel_button_answers_owner_moderator_and_others(world: World) ->
         assert [ack.buttons() for ack in acks] == [[], [], []]  # nothing left to cancel
         states = [row["state"] for row in await bot.studio.db.fetch_all("SELECT state FROM jobs ORDER BY seq")]
         assert states == ["cancelled", "cancelled", "cancelled"]
+        # The moderator's two cancels of Alice's jobs are audited (button and command alike), hers is not.
+        audited = await bot.studio.db.fetch_all("SELECT actor_id, target FROM audit_log WHERE action = 'queue.cancel'")
+        assert sorted((row["actor_id"], row["target"]) for row in audited) == sorted(
+            (world.mod.id, f"job:{custom_id.split(':')[3]}") for custom_id in custom_ids[1:])
 
 
 async def test_progress_edits_are_paced_and_carry_a_preview_when_enabled(world: World) -> None:
