@@ -190,7 +190,9 @@ async def _limits_refusal(
     """The moderators' limits for this member: per-request maxima, queued jobs, the window."""
     mine = await allowance(db, config, requester)
     limits = mine.limits
-    if limits.max_steps is not None and request.steps > limits.max_steps:
+    # An x4 upscale runs the operator's configured step count, which the member did not choose;
+    # its cost still counts against the window below.
+    if limits.max_steps is not None and request.steps > limits.max_steps and not request.x4:
         return f"Your limit here is {limits.max_steps} steps; you asked for {request.steps}."
     pixels = request.width * request.height
     if limits.max_pixels is not None and pixels > limits.max_pixels:

@@ -33,7 +33,6 @@ from generation.queue import Job
 from generation.runner import JobResult, Progress
 from generation.samplers import Cancelled
 from generation.settings import ModelSettings
-from models.loading import inspect_checkpoint
 
 
 class Engine:
@@ -124,10 +123,3 @@ def memory_budget(device: str) -> int:
     if torch_device.type == "cuda":
         return int(0.7 * torch.cuda.get_device_properties(torch_device).total_memory)
     return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // 2
-
-
-def native_size(settings: ModelSettings) -> int:
-    """The side a configured checkpoint was trained at (what `LoadedModel.native_size` says once
-    loaded), read from its file without building the model: the bot needs it to turn an aspect
-    ratio into a size before anything is queued."""
-    return inspect_checkpoint(settings.checkpoint, settings.config, settings.prediction).native_size

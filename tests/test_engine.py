@@ -11,12 +11,13 @@ import pytest
 import torch
 from PIL import Image
 
-from generation.engine import Engine, native_size
+from generation.engine import Engine
 from generation.metadata import parameters_text
 from generation.pipeline import txt2img
 from generation.queue import Job
 from generation.request import GenerationRequest, Kind
 from generation.settings import ModelSettings
+from models.loading import inspect_checkpoint
 from tests.fixtures.checkpoints import TinyCheckpoints, tiny_checkpoints  # noqa: F401
 
 
@@ -116,4 +117,4 @@ def test_native_size_read_from_the_file_matches_the_loaded_model(
     path, yaml_path = tiny_checkpoints.get(family)
     settings = ModelSettings(name=family, checkpoint=path, config=yaml_path)
     loaded = Engine([settings], "float32", INPUTS.__getitem__).load(family, "cpu")
-    assert native_size(settings) == loaded.native_size == {"sd1": 128, "sd2-v": 192}[family]
+    assert inspect_checkpoint(path, yaml_path).native_size == loaded.native_size == {"sd1": 128, "sd2-v": 192}[family]

@@ -168,6 +168,11 @@ async def test_moderator_maxima_name_the_limit_and_roles_can_raise_them(db: Data
                      defaults=defaults)
     assert await refusal(db, config(), alice(), request(steps=31)) == (
         "Your limit here is 30 steps; you asked for 31.")
+    sha = "ab" * 32  # an x4 upscale runs the operator's step count, not one the member chose
+    x4 = request(steps=31, kind="upscale", init_image=sha, upscale_factor=4, width=256, height=256)
+    assert await refusal(db, config(), alice(), x4) is None
+    hires = request(steps=31, kind="upscale", init_image=sha, strength=0.3, width=256, height=256)
+    assert await refusal(db, config(), alice(), hires) == "Your limit here is 30 steps; you asked for 31."
     assert await refusal(db, config(), alice(), request(width=512, height=768)) == (
         "Your limit here is 262144 pixels per image; 512x768 has 393216.")
     assert await refusal(db, config(), alice(), request(count=3)) == (
