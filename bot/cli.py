@@ -180,7 +180,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _generate_arguments(sub: argparse.ArgumentParser) -> None:
-    sub.add_argument("--checkpoint", type=Path, help="checkpoint file (default: the config's default model)")
+    sub.add_argument("--checkpoint", type=Path, help="checkpoint file (default: the config's default model; with --upscale, its upscaler if one is set)")
     sub.add_argument("--model-config", type=Path, help="the checkpoint's original inference YAML")
     sub.add_argument("--prompt", required=True)
     sub.add_argument("--negative-prompt", default="")

@@ -135,7 +135,11 @@ def _model_settings(args: argparse.Namespace, config: AppConfig) -> ModelSetting
     if args.checkpoint is not None:
         name = "".join(c if c.isalnum() or c in "._-" else "_" for c in args.checkpoint.stem)[:64]
         return ModelSettings(name=name or "checkpoint", checkpoint=args.checkpoint, config=args.model_config)
-    model = default_model(config.models, config.generation.upscaler)
+    upscaler = config.generation.upscaler
+    if args.upscale and upscaler is not None:  # as the U buttons: the configured x4 upscaler
+        model: ModelSettings | None = next(m for m in config.models if m.name == upscaler)
+    else:
+        model = default_model(config.models, upscaler)
     if model is None:
         raise UsageError("no --checkpoint given and no [[models]] configured in the config file")
     if args.model_config is not None:
