@@ -7,7 +7,7 @@ import io
 
 from PIL import Image, PngImagePlugin
 
-from generation.request import GenerationRequest
+from generation.request import GenerationRequest, Kind
 
 #: How the web UIs name our samplers.
 SAMPLER_LABELS = {
@@ -40,6 +40,8 @@ def parameters_text(request: GenerationRequest, seed: int, model_hash: str) -> s
     ]
     if request.strength is not None:
         settings.append(("Denoising strength", f"{request.strength:g}"))
+    if request.kind is Kind.UPSCALE:  # as the web UIs' hires fix: Size is the input, this its factor
+        settings.append(("Hires upscale", request.upscale_factor))
     lines.append(", ".join(f"{key}: {value}" for key, value in settings))
     return "\n".join(lines)
 

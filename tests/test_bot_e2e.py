@@ -604,7 +604,7 @@ async def test_with_an_upscaler_configured_u_upscales_4x_and_the_upscaler_cannot
         assert size == (4 * 64, 4 * 64) and parameters.startswith("a lighthouse\n")
         # The upscaler's own settings (the source ran Euler at guidance 7), on the 64x64 input.
         assert "Steps: 2, Sampler: DPM++ 2M Karras, CFG scale: 9, " in parameters
-        assert "Size: 64x64, " in parameters and parameters.endswith("Model: x4")
+        assert "Size: 64x64, " in parameters and parameters.endswith("Model: x4, Hires upscale: 4")
         assert labels(upscaled) == ["Vary (Subtle)", "Vary (Strong)", "Zoom Out", "🔄"]
         upscaled_id = upscaled.buttons()[0]["custom_id"].split(":")[3]
         job = await stored.get_job(bot.studio.db, upscaled_id)  # charged the x4 UNet's work on a 64x64 latent

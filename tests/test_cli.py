@@ -159,7 +159,7 @@ def test_generate_draws_with_the_default_model_and_upscales_with_the_x4_upscaler
         assert image.info["parameters"].endswith("Model: tiny")
     assert main(["generate", *common, "--init-image", str(drawn), "--upscale", "--out", str(big)]) == 0
     with Image.open(big) as image:  # the configured upscaler, whose tiny VAE scales by 2
-        assert image.size == (128, 128) and image.info["parameters"].endswith("Model: x4")
+        assert image.size == (128, 128) and image.info["parameters"].endswith("Model: x4, Hires upscale: 4")
         assert "Steps: 1, Sampler: Euler, CFG scale: 9, " in image.info["parameters"]
     assert main(["generate", *common, "--checkpoint", str(x4), "--init-image", str(drawn), "--upscale",
                  "--out", str(big)]) == 0

@@ -34,6 +34,14 @@ def test_no_negative_line_without_a_negative_prompt_and_strength_when_img2img() 
     assert parameters_text(img2img, seed=1, model_hash="abc").endswith(", Model: sd15, Denoising strength: 0.55")
 
 
+def test_upscales_say_their_factor_as_the_web_uis_hires_fix_does() -> None:
+    hires = request(kind="upscale", init_image="a" * 64, strength=0.3)
+    assert parameters_text(hires, seed=1, model_hash="abc").endswith(
+        "Size: 512x768, Model hash: abc, Model: sd15, Denoising strength: 0.3, Hires upscale: 2")
+    x4 = request(kind="upscale", init_image="a" * 64, upscale_factor=4, model="x4")
+    assert parameters_text(x4, seed=1, model_hash="abc").endswith("Model: x4, Hires upscale: 4")
+
+
 def test_png_carries_the_chunk_ascii_and_unicode() -> None:
     image = Image.new("RGB", (8, 8), (10, 20, 30))
     for text in ("plain prompt\nSteps: 1", "un chat très mignon, 猫\nSteps: 1"):
