@@ -153,6 +153,7 @@ class Studio:
         self.queue.drain()
         for task in self._tasks:
             task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
         await self._runner.shutdown(self.config.queue.shutdown_grace_s)
 
     # -- what the commands call --

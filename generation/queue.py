@@ -518,7 +518,8 @@ class FairQueue:
     ) -> list[Job]:
         """The scheduler's next job plus compatible jobs (same `batch_key`) that are among its
         next `BATCH_LOOKAHEAD` fair picks and each the head of its own flow, while the batch holds
-        at most `max_images` images and `max_pixels` image pixels (the head job always goes).
+        at most `max_images` images and `max_pixels` work pixels (`GenerationRequest.work_pixels`,
+        which memory follows; the head job always goes).
         Each job is charged to its own flow, so batching moves a job at most a few picks early
         and the shares stay as without batching. Empty when everything is paused (`pause(None)`)
         or nothing is eligible (a paused guild's jobs are not)."""
@@ -527,7 +528,7 @@ class FairQueue:
             return []
         self._throughput.setdefault(device, self._initial_throughput)
         batch, images = [head], head.request.count
-        pixels_per_image = head.request.width * head.request.height
+        pixels_per_image = head.request.work_pixels  # SD-equivalent: an x4 image weighs far more
         budget = min(max_images, max_pixels / pixels_per_image if max_pixels else max_images)
         ahead = self._tree.fork() if images < budget else None
         for _ in range(BATCH_LOOKAHEAD if ahead else 0):

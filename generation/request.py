@@ -30,7 +30,8 @@ SamplerName = Literal[
     "unipc",
 ]
 SAMPLER_NAMES: tuple[str, ...] = SamplerName.__args__
-#: UNet calls per step where it is not one: second-order samplers evaluate the model twice.
+#: UNet calls per step where it is not one: the single-step second-order samplers evaluate the
+#: model twice a step (once on their last step: N steps make 2N - 1 calls, charged as 2N).
 UNET_CALLS_PER_STEP = {"heun": 2, "dpmpp_sde_karras": 2}
 
 #: Largest seed: seeds are drawn and displayed as unsigned 32-bit integers, as the web UIs do.
@@ -157,18 +158,24 @@ class GenerationRequest(BaseModel):
         return max(1, int(self.strength * self.steps))
 
     @property
-    def cost(self) -> float:
-        """GPU cost in units of one 512x512 SD image-step: the UNet's work, i.e. the pixels it runs
-        on x UNet calls (steps, twice as many for second-order samplers) x images. Outpaint's width x height is already the canvas, and inpainting only
-        the masked part resizes its crop to width x height, so both run on width x height; hires
-        runs on the 2x image; the x4 upscaler on a latent as large as the input, with a lighter UNet."""
+    def work_pixels(self) -> float:
+        """The SD image pixels whose UNet work one image of this request takes per UNet call, which
+        its GPU time and memory follow. Outpaint's width x height is already the canvas, and
+        inpainting only the masked part resizes its crop to width x height, so both run on width x
+        height; hires runs on the 2x image; the x4 upscaler on a latent as large as the input,
+        with a lighter UNet."""
         pixels = self.width * self.height
         if self.x4:
-            pixels *= _SD_PIXELS_PER_LATENT * X4_UNET_FLOPS_RATIO
-        elif self.kind is Kind.UPSCALE:
-            pixels *= 2 * 2
+            return pixels * _SD_PIXELS_PER_LATENT * X4_UNET_FLOPS_RATIO
+        if self.kind is Kind.UPSCALE:
+            return pixels * 2 * 2
+        return pixels
+
+    @property
+    def cost(self) -> float:
+        """GPU cost in units of one 512x512 SD image-step: work pixels x UNet calls x images."""
         calls = self.denoising_steps * UNET_CALLS_PER_STEP.get(self.sampler, 1)
-        return self.count * calls * pixels / _UNIT_PIXELS
+        return self.count * calls * self.work_pixels / _UNIT_PIXELS
 
     def seeds(self) -> list[int]:
         """Seed of each image: image i of a request with seed S uses S + i (the engine contract)."""

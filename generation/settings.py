@@ -69,14 +69,14 @@ class GenerationSettings(_Settings):
 
     @model_validator(mode="after")
     def _defaults_within_limits(self) -> GenerationSettings:
-        if self.default_steps > self.max_steps:
-            raise ValueError(f"default_steps ({self.default_steps}) exceeds max_steps ({self.max_steps})")
-        if self.default_count > self.max_count:
-            raise ValueError(f"default_count ({self.default_count}) exceeds max_count ({self.max_count})")
-        if self.default_guidance > self.max_guidance:
-            raise ValueError(
-                f"default_guidance ({self.default_guidance}) exceeds max_guidance ({self.max_guidance})"
-            )
+        """Defaults and the upscaler's settings (which members do not choose) within the hard limits
+        every request is checked against."""
+        pairs = [("default_steps", "max_steps"), ("default_count", "max_count"), ("default_guidance", "max_guidance")]
+        if self.upscaler is not None:
+            pairs += [("upscaler_steps", "max_steps"), ("upscaler_guidance", "max_guidance")]
+        for value, limit in pairs:
+            if getattr(self, value) > getattr(self, limit):
+                raise ValueError(f"{value} ({getattr(self, value):g}) exceeds {limit} ({getattr(self, limit):g})")
         return self
 
     @property
@@ -144,7 +144,8 @@ class QueueSettings(_Settings):
     max_batch_images: int = Field(default=8, ge=1, le=64)
     #: Seconds one job may run before it is stopped and failed.
     job_timeout_s: float = Field(default=600.0, gt=0)
-    #: Seconds a running batch may take to finish at shutdown before it is left for restart.
+    #: Seconds a running batch may take to finish at shutdown before it is left for restart; then
+    #: as long again for finished results to be posted (the rest are posted at the next start).
     shutdown_grace_s: float = Field(default=30.0, ge=0)
     #: Fair-share weight by Discord role name (default weight 1).
     role_weights: dict[str, float] = Field(default_factory=dict)

@@ -90,6 +90,10 @@ def test_bad_value_is_refused_naming_the_key_and_what_is_allowed(
 
 def test_cross_field_rules(tmp_path: Path) -> None:
     assert "default_steps (70) exceeds max_steps (60)" in refusal(tmp_path, "[generation]\ndefault_steps = 70\n")
+    assert "upscaler_steps (20) exceeds max_steps (15)" in refusal(
+        tmp_path, '[generation]\nupscaler = "x4"\nmax_steps = 15\ndefault_steps = 15\n')
+    assert "upscaler_guidance (9) exceeds max_guidance (8)" in refusal(
+        tmp_path, '[generation]\nupscaler = "x4"\nmax_guidance = 8\ndefault_guidance = 7\n')
     two_defaults = "".join(f"[[models]]\nname = '{n}'\ncheckpoint = 'c'\ndefault = true\n" for n in "ab")
     assert "at most one model may be the default; found a, b" in refusal(tmp_path, two_defaults)
     same_name = "[[models]]\nname = 'a'\ncheckpoint = 'c'\n" * 2

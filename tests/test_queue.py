@@ -448,6 +448,18 @@ def test_compatible_jobs_batch_and_incompatible_ones_wait_their_turn():
     assert queue.next_batch("cpu", max_images=1) == [e]  # the head always goes, alone
 
 
+def test_a_memory_bound_counts_the_work_an_x4_image_takes_not_its_input_pixels():
+    queue = FairQueue(ROOMY)
+    x4 = GenerationRequest.model_validate(
+        request(side=256).model_dump() | {"kind": "upscale", "init_image": "ab" * 32, "upscale_factor": 4})
+    jobs = [asyncio.run(queue.submit(Submission(x4, owner, 1, 1.0))) for owner in (1, 2)]
+    # Two 256x256 inputs are fewer pixels than one 512x512 image, but each x4 image is the UNet work
+    # of about 22 of them: the bound learned from 512x512 images lets one through at a time.
+    assert len(queue.next_batch("cpu", max_images=8, max_pixels=2 * 512 * 512)) == 1
+    assert len(queue.next_batch("cpu", max_images=8, max_pixels=64 * 512 * 512)) == 1  # the other
+    assert {j.state for j in jobs} == {JobState.RUNNING}
+
+
 def test_batching_only_reaches_a_few_fair_picks_ahead():
     queue = FairQueue(ROOMY)
     head = submit(queue, 0, steps=20)

@@ -182,6 +182,36 @@ async def test_shutdown_waits_for_results_still_being_delivered():
     assert hooks.result(job)[0] is JobState.DONE
 
 
+async def test_results_still_in_delivery_after_the_grace_period_are_cancelled_before_shutdown_returns():
+    queue, hooks = FairQueue(SETTINGS), SlowDelivery()  # the gate never opens: Discord hangs
+    await submit(queue, 1)
+    runner = start_runner(queue, Painter(), hooks)
+    while not hooks.delivering:
+        await asyncio.sleep(0.005)
+    began = time.monotonic()
+    await runner.shutdown(grace_s=0.1)
+    assert time.monotonic() - began < 1.0 and hooks.finished == []
+    assert not [t for t in asyncio.all_tasks() if t.get_name().startswith("deliver")]  # none left behind
+
+
+async def test_a_bookkeeping_error_still_answers_the_job_and_the_worker_serves_on(monkeypatch):
+    queue, pipeline, hooks = FairQueue(SETTINGS), Painter(), Recorder()
+    finish = queue.finish
+    failures = iter([ValueError("a bug of ours")])
+
+    def finish_once_badly(job, state):
+        if (error := next(failures, None)) is not None:
+            raise error
+        finish(job, state)
+
+    monkeypatch.setattr(queue, "finish", finish_once_badly)
+    first, second = await submit(queue, 1, steps=4), await submit(queue, 2, steps=5)  # two batches
+    runner = start_runner(queue, pipeline, hooks)
+    await hooks.wait_for(2)
+    await runner.shutdown(1)
+    assert pipeline.calls == [[first.id], [second.id]] and hooks.result(second)[0] is JobState.DONE
+
+
 async def test_out_of_memory_splits_the_batch_in_halves_and_learns_the_limit():
     queue, pipeline, hooks = FairQueue(SETTINGS), OutOfMemoryAboveOne(), Recorder()
     jobs = [await submit(queue, owner) for owner in range(4)]
