@@ -91,7 +91,7 @@ def _models(args: argparse.Namespace) -> int:
     from bot.model_report import describe_models
 
     config = _load(args)
-    text, ok = describe_models(config.models)
+    text, ok = describe_models(config.models, config.generation.upscaler)
     print(text)
     return 0 if ok else EXIT_FAILED
 

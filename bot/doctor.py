@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 
 from bot.config import TOKEN_ENV, AppConfig
-from bot.model_report import describe_checkpoint
+from bot.model_report import describe_checkpoint, upscaler_problem
 from models.loading import CheckpointError, inspect_checkpoint
 
 
@@ -112,6 +112,12 @@ def _checkpoints(config: AppConfig) -> Iterator[Check]:
             info = inspect_checkpoint(model.checkpoint, model.config, model.prediction)
         except CheckpointError as exc:
             yield Check(Status.FAIL, what, str(exc), f"fix or replace {model.checkpoint}")
+            continue
+        problem = upscaler_problem(model, info, config.generation.upscaler)
+        if problem is not None:
+            yield Check(Status.FAIL, what, problem,
+                        "point its checkpoint at an x4 upscaler (x4-upscaler-ema.safetensors), "
+                        "or leave out [generation] upscaler so that U upscales 2x by hires")
         else:
             yield Check(Status.OK, what, f"{model.checkpoint.name}: {describe_checkpoint(info)}")
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from generation.settings import ModelSettings
+from models.families import X4_UPSCALER
 from models.loading import CheckpointError, CheckpointInfo, inspect_checkpoint
 
 
@@ -12,21 +13,35 @@ def describe_checkpoint(info: CheckpointInfo) -> str:
     return f"{info.family}, {info.prediction}-prediction ({info.prediction_source}), {counts} params, {info.dtype}"
 
 
-def describe_models(models: tuple[ModelSettings, ...]) -> tuple[str, bool]:
-    """The report and whether every checkpoint could be read."""
+def upscaler_problem(model: ModelSettings, info: CheckpointInfo, upscaler: str | None) -> str | None:
+    """Why `model`, named by `[generation] upscaler`, cannot upscale: its file is no x4 upscaler.
+    None when it is one, or when it is not the upscaler (the config checks the name itself)."""
+    if model.name != upscaler or info.family == X4_UPSCALER.name:
+        return None
+    return (f"[generation] upscaler names {model.name!r}, but {model.checkpoint.name} is an "
+            f"{info.family} checkpoint, not an {X4_UPSCALER.name}")
+
+
+def describe_models(models: tuple[ModelSettings, ...], upscaler: str | None = None) -> tuple[str, bool]:
+    """The report and whether every checkpoint could be read (and the `upscaler`, the name in
+    `[generation] upscaler`, is an x4 upscaler)."""
     if not models:
         return "no [[models]] configured in the config file; see config.toml for an example", False
     lines, ok = [], True
     for model in models:
-        default = " (default)" if model.default else ""
-        lines.append(f"{model.name}{default}: {model.checkpoint}")
+        marks = "".join([" (default)" if model.default else "", " (upscaler)" if model.name == upscaler else ""])
+        lines.append(f"{model.name}{marks}: {model.checkpoint}")
         try:
             info = inspect_checkpoint(model.checkpoint, model.config, model.prediction)
         except CheckpointError as exc:
             lines.append(f"  error: {exc}")
             ok = False
-        else:
-            lines.append(f"  {describe_checkpoint(info)}")
+            continue
+        lines.append(f"  {describe_checkpoint(info)}")
+        problem = upscaler_problem(model, info, upscaler)
+        if problem is not None:
+            lines.append(f"  error: {problem}")
+            ok = False
     return "\n".join(lines), ok
 
 

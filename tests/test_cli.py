@@ -141,6 +141,39 @@ def test_models_lists_what_was_detected(tmp_path: Path, capsys: pytest.CaptureFi
     assert lines[3].startswith("  sd1-inpaint, epsilon-prediction (family default), ")
 
 
+def test_models_marks_the_upscaler_and_doctor_fails_when_its_file_is_no_x4_upscaler(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from tests.fixtures.checkpoints import write_checkpoint
+
+    monkeypatch.setenv("DISCORD_TOKEN", "x")
+    x4, _ = write_checkpoint(tmp_path, "x4-upscaler", with_yaml=False)
+    sd1, yaml = write_checkpoint(tmp_path, "sd1")
+    models = (f'[[models]]\nname = "big"\ncheckpoint = "{x4}"\n'
+              f'[[models]]\nname = "tiny"\ncheckpoint = "{sd1}"\nconfig = "{yaml}"\n')
+    good = config_with_models(tmp_path, models).read_text().replace(
+        "[generation]\n", '[generation]\nupscaler = "big"\n')
+    config = tmp_path / "upscaler.toml"
+    config.write_text(good)
+    assert main(["models", "--config", str(config)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == f"big (upscaler): {x4}" and lines[1].startswith("  x4-upscaler, ")
+    assert lines[2] == f"tiny: {sd1}" and len(lines) == 4
+    assert main(["doctor", "--config", str(config)]) == 0
+    assert "[  ok] model big: x4-upscaler.safetensors: x4-upscaler, " in capsys.readouterr().out
+
+    config.write_text(good.replace('upscaler = "big"', 'upscaler = "tiny"'))  # an SD 1.x file
+    assert main(["models", "--config", str(config)]) == 1
+    wrong = "[generation] upscaler names 'tiny', but sd1.safetensors is an sd1 checkpoint, not an x4-upscaler"
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == f"big: {x4}" and lines[2] == f"tiny (upscaler): {sd1}"
+    assert lines[4] == f"  error: {wrong}"
+    assert main(["doctor", "--config", str(config)]) == 1
+    out = capsys.readouterr().out
+    assert f"[FAIL] model tiny: {wrong}\n       fix: point its checkpoint at an x4 upscaler" in out
+    assert "[  ok] model big: " in out and out.endswith("1 problem(s) to fix, 0 warning(s).\n")
+
+
 def test_generate_draws_with_the_default_model_and_upscales_with_the_x4_upscalers_settings(tmp_path: Path) -> None:
     from PIL import Image
 
