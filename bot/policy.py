@@ -213,19 +213,26 @@ async def _limits_refusal(
         when = await frees_at(db, requester, limits.window_hours,
                               images=mine.used.images + request.count - limits.daily_images)
         return (f"This request makes {request.count} images but you have {left} left of your "
-                f"{limits.daily_images} per {window}{_freed(when)}")
+                f"{limits.daily_images} per {window}{_freed(when, request)}")
     budget = mine.cost_left
     if budget is not None and request.cost > budget:
         when = await frees_at(db, requester, limits.window_hours,
                               cost=mine.used.cost + request.cost - limits.daily_cost)
-        return (f"This request costs {request.cost:.1f} units but you have {budget:.1f} left of "
-                f"your {limits.daily_cost:g} per {window} (fewer images, steps or pixels cost "
-                f"less){_freed(when)}")
+        # The member chose nothing of an x4 upscale (they pressed U): name what it is instead.
+        what, cheaper = ((f"A 4x upscale of this {request.width}x{request.height} image", "")
+                         if request.x4 else
+                         ("This request", " (fewer images, steps or pixels cost less)"))
+        return (f"{what} costs {request.cost:.1f} units but you have {budget:.1f} left of your "
+                f"{limits.daily_cost:g} per {window}{cheaper}{_freed(when, request)}")
     return None
 
 
-def _freed(when: float | None) -> str:
-    """The end of a window refusal: when it frees up, or that the request is over the limit."""
-    if when is None:
-        return "; the request is larger than your whole allowance, so ask for less."
-    return f"; more frees up <t:{int(when) + 1}:R>."
+def _freed(when: float | None, request: GenerationRequest) -> str:
+    """The end of a window refusal: when it frees up, or that the request is over the limit (and
+    what helps: asking for less, or for an x4 upscale, whose size is the image's, a moderator)."""
+    if when is not None:
+        return f"; more frees up <t:{int(when) + 1}:R>."
+    if request.x4:
+        return ("; that is more than your whole allowance, so it can only run if a moderator "
+                "raises your limit.")
+    return "; the request is larger than your whole allowance, so ask for less."

@@ -239,6 +239,26 @@ async def test_daily_cost_counts_pixels_steps_and_images(db: Database, clock: Ma
     assert said.endswith(f"more frees up <t:{int(at + HOUR) + 1}:R>.")
 
 
+async def test_an_x4_upscale_over_budget_says_what_it_costs_not_to_ask_for_less(
+    db: Database, clock: ManualClock
+) -> None:
+    """The member pressed U and chose nothing: no steps, images or pixels of theirs to lower."""
+    limited = config(daily_images=None, daily_cost=150.0, window_hours=1)
+    at = clock.now
+    await finished(db, ALICE, 2, steps=20)  # 40 units used, 110 left
+    sha = "ab" * 32
+    small, large = (request(kind="upscale", init_image=sha, upscale_factor=4, width=side,
+                            height=side) for side in (256, 512))
+    assert 110 < small.cost <= 150 < large.cost
+    assert await refusal(db, limited, alice(), small) == (
+        f"A 4x upscale of this 256x256 image costs {small.cost:.1f} units but you have 110.0 "
+        f"left of your 150 per 1 hours; more frees up <t:{int(at + HOUR) + 1}:R>.")
+    assert await refusal(db, limited, alice(), large) == (
+        f"A 4x upscale of this 512x512 image costs {large.cost:.1f} units but you have 110.0 "
+        "left of your 150 per 1 hours; that is more than your whole allowance, so it can only "
+        "run if a moderator raises your limit.")
+
+
 def test_moderators_have_manage_server_or_a_configured_role() -> None:
     settings = DiscordSettings(moderator_roles=("Curators",))
     assert is_moderator(alice(manage_guild=True), settings)
