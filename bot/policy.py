@@ -3,7 +3,9 @@ moderators' usage limits, checked on the bot's side before anything is queued.
 
 `refusal` runs inside the queue's submit lock (its `limits` hook), so it only reads, with one
 exception for the moderators: a prompt refused for a blocked (or, in a server, an NSFW) word
-writes one audit row, saying who tried what. Any other refusal writes nothing."""
+writes one audit row, saying who tried what, unless the same member's refusal by the same rule
+was audited there in the last ten minutes (storage.moderation.REFUSAL_AUDIT_QUIET_S). Any other
+refusal writes nothing."""
 
 from __future__ import annotations
 
@@ -177,7 +179,8 @@ async def _prompt_refusal(
 
 async def _audit_refusal(db: Database, requester: Requester, word: BlockedWord, prompt: str,
                          *, nsfw: bool = False) -> None:
-    """The audit row of a refused prompt, in servers only: DMs have no moderators to read it."""
+    """The audit row of a refused prompt, in servers only: DMs have no moderators to read it.
+    Storage skips it when this member's refusal by this rule was audited a moment ago."""
     if requester.guild_id is not None:
         await audit_refused_prompt(db, guild_id=requester.guild_id, user_id=requester.user_id,
                                    channel_id=requester.channel_id, word=word, prompt=prompt,

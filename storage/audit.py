@@ -1,5 +1,5 @@
-"""The audit log: every moderator action, who did it and what changed, and every prompt a
-blocked word refused, who tried it and which rule matched.
+"""The audit log: every moderator action, who did it and what changed, and the prompts blocked
+words refused, who tried them and which rule matched.
 
 Moderation functions call `write_audit` with their own open transaction, so an action and its
 audit row are committed together or not at all.
@@ -58,16 +58,17 @@ async def audit_log(
     limit: int = 50,
 ) -> list[AuditEntry]:
     """A guild's audit entries, newest first; pass the last entry's id as `before_id` to page.
-    `actions` keeps only those actions, `user_id` only the entries by that user or about them
-    (target `user:<id>`)."""
+    `actions` keeps only those actions, `user_id` only the entries by that user or about them:
+    target `user:<id>`, or a job of theirs (a moderator's `queue.cancel` keeps the job's owner
+    in its before value, the target being the job)."""
     where = ["guild_id = ?", "id < ?"]
     params: list[Any] = [guild_id, before_id if before_id is not None else 2**63 - 1]
     if actions is not None:
         where.append(f"action IN ({', '.join('?' * len(actions))})")
         params += actions
     if user_id is not None:
-        where.append("(actor_id = ? OR target = ?)")
-        params += [user_id, f"user:{user_id}"]
+        where.append("(actor_id = ? OR target = ? OR json_extract(before_json, '$.owner') = ?)")
+        params += [user_id, f"user:{user_id}", user_id]
     rows = await db.fetch_all(
         f"SELECT * FROM audit_log WHERE {' AND '.join(where)} ORDER BY id DESC LIMIT ?",
         (*params, limit),

@@ -1,5 +1,5 @@
 """Guild settings, bans and blocked words: each change is audited in its own transaction, and so
-is each prompt a blocked word refused."""
+is a prompt a blocked word refused (once per member and rule every `REFUSAL_AUDIT_QUIET_S`)."""
 
 from __future__ import annotations
 
@@ -16,6 +16,14 @@ from storage.db import Database
 _MAX_PATTERN = 200
 #: Characters of a refused prompt kept in its audit entry.
 REFUSED_PROMPT_CHARS = 300
+#: After a member's prompt is audited as refused by a rule, further refusals by the same rule
+#: write nothing for this long: any member can send refused prompts, and each one is a row.
+REFUSAL_AUDIT_QUIET_S = 600.0
+#: Their last audited refusal by a rule, through the partial index `audit_refusals` (migration
+#: 0003), which SQLite uses only when the query repeats its `action = 'prompt.refused'` literally.
+_RECENT_REFUSAL = (
+    "SELECT 1 FROM audit_log WHERE guild_id = ? AND actor_id = ? AND target = ? AND at > ?"
+    " AND action = 'prompt.refused' LIMIT 1")
 
 
 @dataclass(frozen=True)
@@ -172,17 +180,25 @@ def first_blocked(words: list[BlockedWord], prompt: str) -> BlockedWord | None:
 async def audit_refused_prompt(
     db: Database, *, guild_id: int, user_id: int, channel_id: int, word: BlockedWord, prompt: str,
     nsfw: bool = False,
-) -> None:
+) -> bool:
     """Audit a prompt refused for `word`: the guild's blocked word, or with `nsfw` one of the
     configured words that run only in age-restricted channels. The member is the actor, the rule
     the target (`word:`, `regex:` or `nsfw:`), and the prompt is cut to `REFUSED_PROMPT_CHARS`.
-    One insert, as it runs inside the queue's submit lock."""
+    Nothing is written if this member's refusal by this rule was audited here less than
+    `REFUSAL_AUDIT_QUIET_S` ago, so that retrying cannot flood the log; returns whether a row was
+    written. One indexed look-up and at most one insert, as it runs inside the queue's submit lock."""
     target = f"nsfw:{word.pattern}" if nsfw else _word_target(word)
     kept = prompt if len(prompt) <= REFUSED_PROMPT_CHARS else prompt[:REFUSED_PROMPT_CHARS - 1] + "…"
+    now = db.now()
     async with db.writing() as connection:
-        await write_audit(connection, at=db.now(), guild_id=guild_id, actor_id=user_id,
+        recent = await connection.execute_fetchall(
+            _RECENT_REFUSAL, (guild_id, user_id, target, now - REFUSAL_AUDIT_QUIET_S))
+        if recent:
+            return False
+        await write_audit(connection, at=now, guild_id=guild_id, actor_id=user_id,
                           action="prompt.refused", target=target, before=None,
                           after={"prompt": kept, "channel_id": channel_id})
+    return True
 
 
 def _blocked(pattern: str, is_regex: bool) -> BlockedWord:

@@ -318,6 +318,12 @@ async def test_queue_show_cancel_pause_and_resume(studio: Studio) -> None:
         ("queue.pause", "queue", s.boss.id),
         ("queue.resume", "queue", s.boss.id),
     ]
+    # /audit user: finds the cancels of the member's jobs, though a moderator did them.
+    about_alice = (await s.ask(s.boss, "audit", {"user": s.alice})).splitlines()
+    assert [line.split(" ")[2:5] for line in about_alice[1:]] == [
+        [f"<@{s.curator.id}>", "queue.cancel", f"`job:{job.id}`:"] for job in (first, second)]
+    assert await s.ask(s.boss, "audit", {"user": s.bob}) == (
+        f"No audit entries by or about <@{s.bob.id}> in this server.")
 
 
 async def test_ban_refuses_submissions_and_cancels_queued_jobs_until_unban(studio: Studio) -> None:
@@ -412,17 +418,19 @@ async def test_audit_shows_refused_prompts_and_moderator_actions_by_kind_and_use
 
 async def test_audit_pages_fit_one_message_and_lead_to_the_next(studio: Studio) -> None:
     s = studio
-    word = "w" * 40
-    await s.ask(s.boss, "blocklist add", {"pattern": word})
-    for _ in range(9):
+    # Nine rules: one member's refusals by one rule are audited once per ten minutes.
+    words = [letter * 40 for letter in "abcdefghi"]
+    for word in words:
+        await s.ask(s.boss, "blocklist add", {"pattern": word})
         with pytest.raises(Refused):
             await s.submit(s.alice, f"{word} {'*' * 400}")  # escaped, each * takes two characters
     filters = {"kind": "refused prompts", "user": s.alice}
     first = await s.ask(s.boss, "audit", filters)
     lines = first.splitlines()
     assert len(first) <= 2000 and len(lines) == 10  # 8 entries
-    refused = f'was refused by `word:{word}` in <#{s.channel.id}>: "{word} ' + "\\*" * 20
-    assert all(refused in line and line.endswith("…") for line in lines[1:-1])
+    for line, word in zip(lines[1:-1], reversed(words), strict=False):
+        refused = f'was refused by `word:{word}` in <#{s.channel.id}>: "{word} ' + "\\*" * 20
+        assert refused in line and line.endswith("…")
     oldest_shown = int(lines[-2].split("`#")[1].split("`")[0])
     assert lines[-1] == f"Older ones: /audit before:{oldest_shown} (with the same kind and user)."
     rest = (await s.ask(s.boss, "audit", filters | {"before": oldest_shown})).splitlines()

@@ -161,6 +161,22 @@ async def test_nsfw_words_run_only_in_age_restricted_channels_and_refusals_are_a
     assert await table_sizes(db) == before
 
 
+async def test_retried_refusals_are_audited_once_per_ten_minutes_and_refused_each_time(
+    db: Database, clock: ManualClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    await block_word(db, actor_id=MOD, guild_id=GUILD, pattern="gore")
+    first_at = clock.now
+    with caplog.at_level(logging.WARNING, logger="bot.policy"):
+        for prompt in ("gore", "more gore", "gore again"):
+            assert "blocked word `gore`" in await refusal(db, config(), alice(), request(prompt))
+            clock.now += 60
+        clock.now = first_at + 10 * 60  # ten minutes after the audited one
+        assert "blocked word `gore`" in await refusal(db, config(), alice(), request("gore at last"))
+    assert len(caplog.records) == 4  # the log still has every refusal
+    assert [(who, what["prompt"]) for who, _, what in await refused_prompts(db)] == [
+        (ALICE, "gore"), (ALICE, "gore at last")]
+
+
 async def test_moderator_maxima_name_the_limit_and_roles_can_raise_them(db: Database) -> None:
     defaults = LimitsSettings()
     await set_limits(db, actor_id=MOD, guild_id=GUILD, scope=Scope.GUILD, target_id=GUILD,

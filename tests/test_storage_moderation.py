@@ -7,13 +7,14 @@ import sqlite3
 
 import pytest
 
-from storage.audit import AuditEntry, audit_log
+from storage.audit import AuditEntry, audit_log, write_audit
 from storage.db import Database
 from storage.jobs import create_job, finish_job, start_job
 from storage.limits import Scope, clear_limits, effective_limits, resolve_limits, set_limits, usage
 from storage.moderation import (
-    BlockedWord, audit_refused_prompt, ban, block_word, blocked_words, first_blocked, get_ban,
-    get_guild_settings, list_bans, set_guild_setting, unban, unblock_word,
+    _RECENT_REFUSAL, REFUSAL_AUDIT_QUIET_S, BlockedWord, audit_refused_prompt, ban, block_word,
+    blocked_words, first_blocked, get_ban, get_guild_settings, list_bans, set_guild_setting, unban,
+    unblock_word,
 )
 from storage.settings import LimitsSettings
 from tests.fixtures.storage import ManualClock, clock, db  # noqa: F401
@@ -170,6 +171,12 @@ async def test_audit_log_filters_by_actions_and_by_the_user_acting_or_concerned(
                                word=BlockedWord("gore", False), prompt="gore")
     await audit_refused_prompt(db, guild_id=GUILD, user_id=8, channel_id=3,
                                word=BlockedWord("nude", False), prompt="nude", nsfw=True)
+    async with db.writing() as connection:  # moderators cancelling jobs of 7 and of 8
+        for job, owner in (("job:aaaa", 7), ("job:bbbb", 8)):
+            await write_audit(connection, at=db.now(), guild_id=GUILD, actor_id=MOD,
+                              action="queue.cancel", target=job,
+                              before={"owner": owner, "state": "queued"}, after=None)
+    await set_guild_setting(db, actor_id=MOD, guild_id=GUILD, key="channels", value=[7])
     await unban(db, actor_id=MOD, guild_id=GUILD, user_id=7)
 
     def seen(entries: list[AuditEntry]) -> list[tuple[str, str]]:
@@ -177,9 +184,47 @@ async def test_audit_log_filters_by_actions_and_by_the_user_acting_or_concerned(
 
     assert seen(await audit_log(db, GUILD, actions=("ban", "unban"))) == [
         ("unban", "user:7"), ("ban", "user:7")]
-    assert seen(await audit_log(db, GUILD, user_id=7)) == [  # banned (target) and refused (actor)
-        ("unban", "user:7"), ("prompt.refused", "word:gore"), ("ban", "user:7")]
+    # Banned (target), refused (actor), and their job cancelled (owner), not a setting holding 7.
+    assert seen(await audit_log(db, GUILD, user_id=7)) == [
+        ("unban", "user:7"), ("queue.cancel", "job:aaaa"), ("prompt.refused", "word:gore"),
+        ("ban", "user:7")]
+    assert seen(await audit_log(db, GUILD, user_id=8)) == [
+        ("queue.cancel", "job:bbbb"), ("prompt.refused", "nsfw:nude")]
+    assert seen(await audit_log(db, GUILD, user_id=MOD, actions=("queue.cancel",))) == [
+        ("queue.cancel", "job:bbbb"), ("queue.cancel", "job:aaaa")]
     assert seen(await audit_log(db, GUILD, actions=("prompt.refused",), user_id=8)) == [
         ("prompt.refused", "nsfw:nude")]
     assert await audit_log(db, GUILD, actions=()) == []
     assert await audit_log(db, GUILD + 1, user_id=7) == []
+
+
+async def test_a_members_refusals_by_one_rule_are_audited_once_per_quiet_period(
+    db: Database, clock: ManualClock
+) -> None:
+    async def refused(user_id: int, word: str, *, nsfw: bool = False, guild: int = GUILD) -> bool:
+        return await audit_refused_prompt(db, guild_id=guild, user_id=user_id, channel_id=3,
+                                          word=BlockedWord(word, False), prompt=f"a {word}",
+                                          nsfw=nsfw)
+
+    assert await refused(7, "gore")
+    clock.now += REFUSAL_AUDIT_QUIET_S - 1
+    assert not await refused(7, "gore")
+    # Another rule (even the same word as an NSFW rule), member or server is its own row.
+    assert await refused(7, "gore", nsfw=True)
+    assert await refused(7, "blood")
+    assert await refused(8, "gore")
+    assert await refused(7, "gore", guild=GUILD + 1)
+    clock.now += 1  # the quiet period counts from the audited refusal, not the skipped one
+    assert await refused(7, "gore")
+    targets = [(e.actor_id, e.target, e.at) for e in reversed(await audit_log(db, GUILD))]
+    start = clock.now - REFUSAL_AUDIT_QUIET_S
+    assert targets == [(7, "word:gore", start), (7, "nsfw:gore", clock.now - 1),
+                       (7, "word:blood", clock.now - 1), (8, "word:gore", clock.now - 1),
+                       (7, "word:gore", clock.now)]
+
+
+async def test_the_recent_refusal_look_up_uses_its_index(db: Database) -> None:
+    """It runs inside the queue's submit lock: a search on all four columns, not a scan."""
+    plan = await db.fetch_all(f"EXPLAIN QUERY PLAN {_RECENT_REFUSAL}", (GUILD, 7, "word:gore", 0.0))
+    [step] = [row["detail"] for row in plan]
+    assert step.endswith("INDEX audit_refusals (guild_id=? AND actor_id=? AND target=? AND at>?)")
