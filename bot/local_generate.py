@@ -45,6 +45,8 @@ def generate(args: argparse.Namespace, config: AppConfig) -> list[Path]:
         sampler, steps, guidance = defaults.default_sampler, defaults.default_steps, defaults.default_guidance
         if args.upscale:
             fields["upscale_factor"] = upscale_factor(model.network.family)
+            if fields["upscale_factor"] == 2 and fields["strength"] is None:  # as the U buttons
+                fields["strength"] = defaults.hires_strength
         if fields.get("upscale_factor") == 4:  # the x4 upscaler's own defaults, as the U buttons use
             sampler, steps, guidance = defaults.upscaler_sampler, defaults.upscaler_steps, defaults.upscaler_guidance
             fields["upscale_noise_level"] = defaults.upscaler_noise_level
@@ -136,7 +138,7 @@ def _model_settings(args: argparse.Namespace, config: AppConfig) -> ModelSetting
         name = "".join(c if c.isalnum() or c in "._-" else "_" for c in args.checkpoint.stem)[:64]
         return ModelSettings(name=name or "checkpoint", checkpoint=args.checkpoint, config=args.model_config)
     upscaler = config.generation.upscaler
-    if args.upscale and upscaler is not None:  # as the U buttons: the configured x4 upscaler
+    if args.upscale and upscaler is not None:  # the configured x4 upscaler (any input size: the operator asks)
         model: ModelSettings | None = next(m for m in config.models if m.name == upscaler)
     else:
         model = default_model(config.models, upscaler)

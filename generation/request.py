@@ -142,6 +142,8 @@ class GenerationRequest(BaseModel):
             raise ValueError("outpaint directions must not repeat")
         if self.upscale_factor != 2 and self.kind is not Kind.UPSCALE:
             raise ValueError(f"an upscale factor is only used by upscale, not by {self.kind}")
+        if self.kind is Kind.UPSCALE and not self.x4 and self.strength is None:
+            raise ValueError("a 2x upscale is an img2img pass over the enlarged image: it needs a strength")
         return self
 
     @property

@@ -28,7 +28,6 @@ from generation.img2img import input_images, repeat_counts
 from generation.pipeline import Inputs, LoadedModel, Progress, denoise, group, to_images, to_pixels
 from generation.request import GenerationRequest
 from generation.schedules import alphas_cumprod
-from generation.settings import GenerationSettings
 from generation.tiling import OVERLAP, TILE, decode_tiled, encode_tiled, tiled
 from models.families import Family
 
@@ -130,7 +129,7 @@ def hires(
     tile: int = TILE,
     overlap: int = OVERLAP,
 ) -> list[list[Image.Image]]:
-    """Lanczos 2x, then img2img at the request's strength (default: `hires_strength`), tiled."""
+    """Lanczos 2x, then img2img at the request's strength, tiled."""
     first, network = requests[0], model.network
     if network.family.conditioning != "crossattn":
         raise ImageInputError(
@@ -142,7 +141,7 @@ def hires(
         raise ImageInputError(f"width and height must be multiples of {f // 2} for this model")
     images = [resize(image, *size) for image in input_images(requests, inputs)]
     init = encode_tiled(network, to_pixels(images, model.device), tile, overlap)  # (R, C, h, w)
-    strength = first.strength or GenerationSettings.model_fields["hires_strength"].default
+    assert first.strength is not None, "the request's validator requires it"
     latents = denoise(model, requests, (size[1] // f, size[0] // f), init=repeat_counts(requests, init),
-                      strength=strength, wrap=_wrap(tile, overlap), progress=progress, cancelled=cancelled)
+                      strength=first.strength, wrap=_wrap(tile, overlap), progress=progress, cancelled=cancelled)
     return group(requests, to_images(decode_tiled(network, latents, tile, overlap)))
