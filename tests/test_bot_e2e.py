@@ -566,15 +566,6 @@ async def test_zoom_out_of_an_upscale_delivers_the_outpainted_canvas(world: Worl
         assert labels(zoomed) == ["U1", "🔄", "V1"]  # a drawn image again, with its own buttons
 
 
-def tiny_x4_upscaler(directory: Path) -> Path:
-    """A tiny x4 upscaler whose VAE scales by 4 like the released one's (the shared fixture's by 2)."""
-    family = tiny_family("x4-upscaler")
-    family = replace(family, vae=replace(family.vae, ch_mult=(1, 2, 4)))
-    path = directory / "x4.safetensors"
-    safetensors.torch.save_file(random_state_dict(family), path)
-    return path
-
-
 async def test_with_an_upscaler_configured_u_upscales_4x_and_the_upscaler_cannot_draw(
         world: World, tmp_path: Path) -> None:
     server = world.server
