@@ -14,7 +14,7 @@ import discord
 from discord import app_commands
 
 from bot.config import AppConfig
-from bot.policy import Requester, allowance, frees_at
+from bot.policy import Requester, allowance, frees_at, images
 from bot.replies import fit_upload
 from generation.queue import FairQueue
 from generation.request import JOB_ID_PATTERN, JobState
@@ -62,7 +62,7 @@ def account_commands(
         files, skipped = await _files(db, detail, interaction.filesize_limit)
         text = _describe_job(detail, queue)
         if skipped:
-            text += f"\n{skipped} images are not attached (expired, missing or too large)."
+            text += f"\nNot attached (expired, missing or too large): {images(skipped)}."
         await interaction.followup.send(text[:2000], files=files, ephemeral=True,
                                         allowed_mentions=discord.AllowedMentions.none())
 
@@ -149,7 +149,7 @@ def _describe_job(detail: JobDetail, queue: FairQueue) -> str:
         lines.append(f"Negative: {discord.utils.escape_markdown(r.negative_prompt)}")
     settings = [f"{r.kind}", f"model {r.model}", f"sampler {r.sampler}", f"{r.steps} steps",
                 f"guidance {r.guidance:g}", f"seed {r.seed}", f"{r.width}x{r.height}",
-                f"{r.count} images", f"cost {job.cost:.1f}"]
+                images(r.count), f"cost {job.cost:.1f}"]
     if r.strength is not None:
         settings.append(f"strength {r.strength:g}")
     lines.append(" · ".join(settings))

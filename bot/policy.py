@@ -133,6 +133,11 @@ async def refusal(
     return reason
 
 
+def images(count: int) -> str:
+    """'1 image', '4 images': counts as members read them."""
+    return f"{count} image" if count == 1 else f"{count} images"
+
+
 def hard_limit_refusal(config: AppConfig, request: GenerationRequest) -> str | None:
     """The engine's limits from `[generation]`, which no moderator can raise."""
     g = config.generation
@@ -215,7 +220,7 @@ async def _limits_refusal(
     if left is not None and request.count > left:
         when = await frees_at(db, requester, limits.window_hours,
                               images=mine.used.images + request.count - limits.daily_images)
-        return (f"This request makes {request.count} images but you have {left} left of your "
+        return (f"This request makes {images(request.count)} but you have {left} left of your "
                 f"{limits.daily_images} per {window}{_freed(when, request)}")
     budget = mine.cost_left
     if budget is not None and request.cost > budget:

@@ -79,7 +79,7 @@ async def test_show_gives_parameters_images_and_lineage(studio: Studio) -> None:
     assert lines[1:] == [
         "Prompt: a castle",
         "upscale · model sd15 · sampler dpmpp_2m_karras · 20 steps · guidance 7 · seed 9 · "
-        "512x512 · 1 images · cost 40.0 · strength 0.5",  # hires 2x: 10 steps on 4x the pixels
+        "512x512 · 1 image · cost 40.0 · strength 0.5",  # hires 2x: 10 steps on 4x the pixels
         "Images: 1 (seed 9)",
         f"Made from image 1 of `{child.id}` (variation, \"a castle\")",
         f"Made from image 2 of `{parent.id}` (txt2img, \"a castle\")",
