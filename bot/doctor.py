@@ -11,6 +11,7 @@ from enum import StrEnum
 
 from bot.config import TOKEN_ENV, AppConfig
 from bot.model_report import describe_checkpoint, upscaler_problem
+from models.families import X4_UPSCALER
 from models.loading import CheckpointError, inspect_checkpoint
 
 
@@ -118,6 +119,9 @@ def _checkpoints(config: AppConfig) -> Iterator[Check]:
             yield Check(Status.FAIL, what, problem,
                         "point its checkpoint at an x4 upscaler (x4-upscaler-ema.safetensors), "
                         "or leave out [generation] upscaler so that U upscales 2x by hires")
+        elif info.family == X4_UPSCALER.name and model.name != config.generation.upscaler:
+            yield Check(Status.WARN, what, f"{model.checkpoint.name} is an x4 upscaler, which cannot draw: "
+                        "members are refused it", f'set [generation] upscaler = "{model.name}" for the U buttons')
         else:
             yield Check(Status.OK, what, f"{model.checkpoint.name}: {describe_checkpoint(info)}")
 

@@ -171,7 +171,10 @@ def test_models_marks_the_upscaler_and_doctor_fails_when_its_file_is_no_x4_upsca
     assert main(["doctor", "--config", str(config)]) == 1
     out = capsys.readouterr().out
     assert f"[FAIL] model tiny: {wrong}\n       fix: point its checkpoint at an x4 upscaler" in out
-    assert "[  ok] model big: " in out and out.endswith("1 problem(s) to fix, 0 warning(s).\n")
+    # big is an x4 upscaler no longer named the upscaler: it cannot draw, so members are refused it
+    assert ("[warn] model big: x4-upscaler.safetensors is an x4 upscaler, which cannot draw: members are refused it\n"
+            '       fix: set [generation] upscaler = "big" for the U buttons') in out
+    assert out.endswith("1 problem(s) to fix, 1 warning(s).\n")
 
 
 def test_generate_draws_with_the_default_model_and_upscales_with_the_x4_upscalers_settings(tmp_path: Path) -> None:
