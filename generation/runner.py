@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import threading
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -23,6 +24,7 @@ from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar
 
 import torch
 
+from generation.images import ImageInputError
 from generation.model_cache import ModelCache
 from generation.queue import FairQueue, Job
 from generation.request import JobState
@@ -74,7 +76,9 @@ class Pipeline(Protocol[M]):
         Check `cancelled(job_id)` before every step; once it is true for every job of the batch,
         stop (return or raise). Results of cancelled jobs are discarded, so a pipeline may also
         drop a cancelled job from the batch. Raise `torch.OutOfMemoryError` when the batch does
-        not fit; report a failure of one job as its `JobResult.error`."""
+        not fit; report a failure of one job as its `JobResult.error`. A raised
+        `generation.images.ImageInputError` tells the user its message; any other exception is
+        logged and the user told of an internal error."""
         ...
 
 
@@ -294,9 +298,10 @@ class Runner(Generic[M]):
     def _run(
         self, worker: _Worker[M], batch: list[Job], loop: asyncio.AbstractEventLoop
     ) -> _Report:
-        """Run `batch`, splitting a part that raised in halves, until every job has an outcome."""
+        """Run `batch`, splitting a part that raised in halves, until every job has an outcome.
+        Each part's jobs get the whole time limit from the moment that part starts."""
         timeout = self._settings.job_timeout_s
-        deadline = time.monotonic() + timeout
+        deadline = math.inf
         by_id = {job.id: job for job in batch}
         report = _Report()
 
@@ -319,7 +324,7 @@ class Runner(Generic[M]):
 
         parts = [batch]
         while parts:
-            live = []
+            live, deadline = [], math.inf  # jobs that wait for their part are not timed
             for job in parts.pop():
                 if (outcome := stopped(job)) is not None:
                     report.outcomes.append(outcome)
@@ -327,7 +332,7 @@ class Runner(Generic[M]):
                     live.append(job)
             if not live:
                 continue
-            model_name, out_of_memory = live[0].request.model, False
+            model_name, out_of_memory, deadline = live[0].request.model, False, time.monotonic() + timeout
             try:
                 model = worker.cache.get(model_name)
                 began = time.monotonic()
@@ -336,9 +341,11 @@ class Runner(Generic[M]):
                 log.warning("out of memory on %s with jobs %s", worker.device, [j.id for j in live])
                 out_of_memory = True
                 error = "ran out of GPU memory even alone; try a smaller size or fewer images"
-            except Exception as exc:
+            except ImageInputError as exc:  # the user's input: its message is for them as it is
+                error = str(exc)
+            except Exception:
                 log.exception("jobs %s failed on %s", [j.id for j in live], worker.device)
-                error = f"generation failed ({type(exc).__name__}: {exc})"
+                error = _INTERNAL
             else:
                 cost_before = report.cost
                 self._collect(live, {r.job_id: r for r in results}, stopped, report)

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import pytest
 import torch
 
+from generation.images import ImageInputError
 from generation.model_cache import ModelCache
 from generation.queue import FairQueue, Job, Submission
 from generation.request import JobState
@@ -70,9 +71,13 @@ class OutOfMemoryAboveOne(Painter):
 
 
 class ExplodesOnBoom(Painter):
+    """A bad input (prompt "boom") and a bug of ours (prompt "bug") each fail only their job."""
+
     def paint(self, batch):
         if any(j.request.prompt == "boom" for j in batch):
-            raise ValueError("the init image could not be decoded")
+            raise ImageInputError("the init image could not be decoded; send a PNG, JPEG or WebP")
+        if any(j.request.prompt == "bug" for j in batch):
+            raise ValueError("an index out of range")
 
 
 class Recorder:
@@ -242,16 +247,16 @@ async def test_out_of_memory_on_a_single_job_fails_it_with_advice():
 
 async def test_an_exception_fails_only_its_job_and_the_thread_serves_on():
     queue, pipeline, hooks = FairQueue(SETTINGS), ExplodesOnBoom(), Recorder()
-    good1, bad, good2 = [await submit(queue, i, prompt=p) for i, p in enumerate(["a", "boom", "c"])]
+    good1, bad, good2, bug = [await submit(queue, i, prompt=p) for i, p in enumerate(["a", "boom", "c", "bug"])]
     runner = start_runner(queue, pipeline, hooks)
-    await hooks.wait_for(3)
-    after = await submit(queue, 7)
     await hooks.wait_for(4)
+    after = await submit(queue, 7)
+    await hooks.wait_for(5)
     await runner.shutdown(1)
     assert hooks.result(bad) == (
-        JobState.FAILED,
-        JobResult(bad.id, error="generation failed (ValueError: the init image could not be decoded)"),
-    )
+        JobState.FAILED, JobResult(bad.id, error="the init image could not be decoded; send a PNG, JPEG or WebP"))
+    state, result = hooks.result(bug)  # no class names nor internals for the user: the log has them
+    assert state is JobState.FAILED and "internal error" in result.error and "index" not in result.error
     assert all(hooks.result(j)[0] is JobState.DONE for j in (good1, good2, after))
     assert len({t.ident for t in pipeline.threads}) == 1 and pipeline.threads[0].is_alive()
 
@@ -306,6 +311,17 @@ async def test_a_job_past_its_time_limit_is_stopped_and_failed():
     assert hooks.result(job) == (
         JobState.FAILED, JobResult(job.id, error="took longer than 0.2 s, the time limit, and was stopped")
     )
+
+
+async def test_each_half_of_a_split_batch_gets_the_whole_time_limit():
+    settings = SETTINGS.model_copy(update={"job_timeout_s": 0.25})
+    queue, hooks = FairQueue(settings), Recorder()
+    jobs = [await submit(queue, owner) for owner in range(2)]
+    # Out of memory together; alone each takes 0.15 s: both halves fit the limit, not their sum.
+    runner = start_runner(queue, OutOfMemoryAboveOne(step_s=0.03, steps=5), hooks, settings=settings)
+    await hooks.wait_for(2)
+    await runner.shutdown(1)
+    assert [hooks.result(j)[0] for j in jobs] == [JobState.DONE, JobState.DONE]
 
 
 async def test_cancelling_a_running_job_stops_it_at_the_next_step():
