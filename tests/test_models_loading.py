@@ -27,7 +27,9 @@ from models.stable_diffusion import StableDiffusion
 from tests.fixtures.checkpoints import tiny_checkpoints  # noqa: F401
 from tests.fixtures.checkpoints import TinyCheckpoints, tiny_family, write_checkpoint
 
-FAMILIES = ["sd1", "sd2-v", "sd1-inpaint", "x4-upscaler"]
+FAMILIES = ["sd1", "sd2", "sd2-v", "sd1-inpaint", "sd2-inpaint", "x4-upscaler"]
+#: SD 2.x txt2img files, whose prediction detection leaves to the probe.
+PROBED = {"sd2", "sd2-v"}
 
 
 @pytest.mark.parametrize("fmt", ["safetensors", "ckpt"])
@@ -40,11 +42,11 @@ def test_loads_strictly_by_yaml_and_by_detection(
     detected = load_checkpoint(path)
 
     assert by_yaml.family == tiny_family(family)
-    # Detection finds the same networks; only SD 2.x's prediction is left to the probe, whose
-    # verdict on random weights means nothing (see test_probe_*).
+    # Detection finds the same networks; only SD 2.x txt2img's prediction is left to the probe,
+    # whose verdict on random weights means nothing (see test_probe_*).
     assert replace(detected.family, prediction=by_yaml.family.prediction) == by_yaml.family
-    if not family.startswith("sd2"):
-        assert detected.family.name == family
+    if family not in PROBED:
+        assert detected.family == by_yaml.family
 
     stored = read_state_dict(path)
     loaded = by_yaml.state_dict()
@@ -393,7 +395,7 @@ def test_yaml_and_override_win_over_the_probe(tmp_path: Path) -> None:
 
 
 def test_sd1_and_inpainting_are_never_probed(tiny_checkpoints: TinyCheckpoints) -> None:
-    for family in ("sd1", "sd1-inpaint"):
+    for family in ("sd1", "sd1-inpaint", "sd2-inpaint"):
         info = inspect_checkpoint(tiny_checkpoints.get(family)[0])
         assert (info.prediction, info.prediction_source) == ("epsilon", "family default")
 
