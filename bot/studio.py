@@ -29,6 +29,7 @@ from storage import jobs as stored
 from storage.db import Database
 from storage.images import ImageRecord, input_path, job_images, save_image
 from storage.maintenance import reconcile
+from storage.moderation import paused_guilds, set_queue_paused
 from storage.retention import apply_retention
 
 log = logging.getLogger(__name__)
@@ -180,7 +181,9 @@ class Studio:
         return job
 
     async def pause(self, guild_id: int, paused: bool) -> None:
-        """Pause or resume a guild's queue (its moderators'); its waiting jobs' messages say so."""
+        """Pause or resume a guild's queue (its moderators'), stored so that a restart keeps it;
+        its waiting jobs' messages say so."""
+        await set_queue_paused(self.db, guild_id, paused)
         if paused:
             self.queue.pause(guild_id)
         else:
@@ -248,7 +251,10 @@ class Studio:
     # -- start-up and housekeeping --
 
     async def _restore(self) -> None:
-        """Queued and running jobs back into the queue in submission order; running ones once."""
+        """Paused guilds paused again; queued and running jobs back into the queue in submission
+        order, running ones once."""
+        for guild_id in await paused_guilds(self.db):
+            self.queue.pause(guild_id)
         rows = await stored.jobs_by_state(self.db, JobState.QUEUED, JobState.RUNNING)
         jobs = [
             Job(row.id, row.request, row.owner_id, row.guild_id, row.weight, row.seq, row.attempts, row.state)

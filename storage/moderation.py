@@ -72,6 +72,28 @@ async def set_guild_setting(
                           action="setting.set", target=key, before=before, after=value)
 
 
+#: The guild_settings key of a guild whose moderators paused its queue.
+_PAUSED = "queue_paused"
+
+
+async def set_queue_paused(db: Database, guild_id: int, paused: bool) -> None:
+    """Remember that a guild's queue is paused (or not), so that a restart keeps it so. Not audited
+    here: the moderator command that pauses writes its own audit row."""
+    async with db.writing() as connection:
+        if paused:
+            await connection.execute(
+                "INSERT INTO guild_settings (guild_id, key, value) VALUES (?, ?, 'true')"
+                " ON CONFLICT (guild_id, key) DO NOTHING", (guild_id, _PAUSED))
+        else:
+            await connection.execute("DELETE FROM guild_settings WHERE guild_id = ? AND key = ?", (guild_id, _PAUSED))
+
+
+async def paused_guilds(db: Database) -> list[int]:
+    """Guilds whose queue their moderators paused."""
+    rows = await db.fetch_all("SELECT guild_id FROM guild_settings WHERE key = ? ORDER BY guild_id", (_PAUSED,))
+    return [row["guild_id"] for row in rows]
+
+
 async def ban(db: Database, *, actor_id: int, guild_id: int, user_id: int, reason: str) -> Ban:
     """Ban a user from generating in a guild (banning again updates the reason)."""
     async with db.writing() as connection:

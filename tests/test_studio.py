@@ -216,3 +216,15 @@ async def test_pausing_a_server_tells_its_waiting_jobs_at_once_and_resuming_give
         assert len(recorder.moves) == told + 1 and recorder.moves[-1][job.id].paused
         await opened.pause(ALICE.guild_id, False)
         assert not recorder.moves[-1][job.id].paused and recorder.moves[-1][job.id].position == 1
+
+
+async def test_a_paused_server_stays_paused_after_a_restart(config: AppConfig) -> None:
+    async with studio(config) as opened:
+        await opened.pause(ALICE.guild_id, True)
+        await opened.pause(99, True)
+        await opened.pause(99, False)
+    async with studio(config) as reopened:
+        assert reopened.queue.is_paused(ALICE.guild_id) and not reopened.queue.is_paused(99)
+        await reopened.pause(ALICE.guild_id, False)
+    async with studio(config) as again:
+        assert not again.queue.is_paused(ALICE.guild_id)
