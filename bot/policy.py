@@ -15,9 +15,9 @@ from dataclasses import dataclass
 import discord
 
 from bot.config import AppConfig, DiscordSettings
-from generation.request import GenerationRequest, JobState
+from generation.request import GenerationRequest
 from storage.db import Database
-from storage.jobs import jobs_by_state
+from storage.jobs import Pending, pending
 from storage.limits import Usage, effective_limits, usage, usage_times
 from storage.moderation import (
     BlockedWord,
@@ -73,29 +73,32 @@ def is_moderator(requester: Requester, settings: DiscordSettings) -> bool:
 
 @dataclass(frozen=True)
 class Allowance:
-    """A requester's limits in one place and what they spent of them in the rolling window."""
+    """A requester's limits in one place, what they spent of them in the rolling window and
+    what their jobs still waiting or running here will spend (charged only when they finish)."""
 
     limits: LimitsSettings
     used: Usage
+    pending: Pending
 
     @property
     def images_left(self) -> int | None:
-        """Images left in the window; None when unlimited."""
+        """Images left in the window after the pending jobs; None when unlimited."""
         limit = self.limits.daily_images
-        return None if limit is None else max(0, limit - self.used.images)
+        return None if limit is None else max(0, limit - self.used.images - self.pending.images)
 
     @property
     def cost_left(self) -> float | None:
         limit = self.limits.daily_cost
-        return None if limit is None else max(0.0, limit - self.used.cost)
+        return None if limit is None else max(0.0, limit - self.used.cost - self.pending.cost)
 
 
 async def allowance(db: Database, config: AppConfig, requester: Requester) -> Allowance:
-    """The effective limits (user, roles, server, defaults) and the usage in their window."""
+    """The effective limits (user, roles, server, defaults), the usage in their window and
+    their unfinished jobs here."""
     limits = await effective_limits(
         db, requester.guild_id, requester.user_id, requester.role_ids, config.limits)
     used = await usage(db, requester.user_id, requester.guild_id, limits.window_hours)
-    return Allowance(limits, used)
+    return Allowance(limits, used, await pending(db, requester.user_id, requester.guild_id))
 
 
 async def frees_at(
@@ -209,37 +212,46 @@ async def _limits_refusal(
     if limits.max_count is not None and request.count > limits.max_count:
         return (f"Your limit here is {limits.max_count} images per request; "
                 f"you asked for {request.count}.")
-    if limits.max_queued is not None:
-        queued = [j for j in await jobs_by_state(db, JobState.QUEUED)
-                  if j.owner_id == requester.user_id and j.guild_id == requester.guild_id]
-        if len(queued) >= limits.max_queued:
-            return (f"You already have {len(queued)} jobs waiting here (your limit is "
-                    f"{limits.max_queued}); wait for one to start or cancel one.")
+    waiting = mine.pending
+    if limits.max_queued is not None and waiting.queued >= limits.max_queued:
+        return (f"You already have {waiting.queued} jobs waiting here (your limit is "
+                f"{limits.max_queued}); wait for one to start or cancel one.")
     window = f"{limits.window_hours:g} hours"
     left = mine.images_left
     if left is not None and request.count > left:
+        limit = limits.daily_images
         when = await frees_at(db, requester, limits.window_hours,
-                              images=mine.used.images + request.count - limits.daily_images)
+                              images=mine.used.images + waiting.images + request.count - limit)
+        held = f" ({waiting.images} in jobs waiting or running)" if waiting.images else ""
         return (f"This request makes {images(request.count)} but you have {left} left of your "
-                f"{limits.daily_images} per {window}{_freed(when, request)}")
+                f"{limit} per {window}{held}"
+                f"{_freed(when, request, whole=request.count > limit, window=window)}")
     budget = mine.cost_left
     if budget is not None and request.cost > budget:
+        limit = limits.daily_cost
         when = await frees_at(db, requester, limits.window_hours,
-                              cost=mine.used.cost + request.cost - limits.daily_cost)
+                              cost=mine.used.cost + waiting.cost + request.cost - limit)
+        held = f" ({waiting.cost:.1f} in jobs waiting or running)" if waiting.cost else ""
         # The member chose nothing of an x4 upscale (they pressed U): name what it is instead.
         what, cheaper = ((f"A 4x upscale of this {request.width}x{request.height} image", "")
                          if request.x4 else
                          ("This request", " (fewer images, steps or pixels cost less)"))
         return (f"{what} costs {request.cost:.1f} units but you have {budget:.1f} left of your "
-                f"{limits.daily_cost:g} per {window}{cheaper}{_freed(when, request)}")
+                f"{limit:g} per {window}{held}{cheaper}"
+                f"{_freed(when, request, whole=request.cost > limit, window=window)}")
     return None
 
 
-def _freed(when: float | None, request: GenerationRequest) -> str:
-    """The end of a window refusal: when it frees up, or that the request is over the limit (and
-    what helps: asking for less, or for an x4 upscale, whose size is the image's, a moderator)."""
+def _freed(when: float | None, request: GenerationRequest, *, whole: bool, window: str) -> str:
+    """The end of a window refusal: when it frees up; or, when finished usage leaving the window
+    cannot free enough, why: unfinished jobs hold the rest (they are charged when they finish,
+    so no time can be given yet), or the request is over the whole limit (and what helps: asking
+    for less, or for an x4 upscale, whose size is the image's, a moderator)."""
     if when is not None:
         return f"; more frees up <t:{int(when) + 1}:R>."
+    if not whole:
+        return (f"; your jobs waiting or running hold the rest, and count for {window} once "
+                "they finish: cancel one, or try again later.")
     if request.x4:
         return ("; that is more than your whole allowance, so it can only run if a moderator "
                 "raises your limit.")

@@ -253,6 +253,33 @@ async def jobs_by_state(db: Database, *states: JobState) -> list[Job]:
     return [job_from_row(row) for row in rows]
 
 
+@dataclass(frozen=True)
+class Pending:
+    """A user's jobs in one place not finished yet: they are charged only at `finish_job`, so
+    limits add these to the usage ledger to stop a member queueing past their allowance."""
+
+    queued: int
+    running: int
+    #: Images asked for (`request.count`); the ledger later charges the images actually stored.
+    images: int
+    cost: float
+
+
+async def pending(db: Database, owner_id: int, guild_id: int | None) -> Pending:
+    """`owner_id`'s queued and running jobs in one guild (or in DMs, `guild_id` None)."""
+    row = await db.fetch_one(
+        "SELECT coalesce(sum(state = 'queued'), 0) AS queued,"
+        " coalesce(sum(state = 'running'), 0) AS running,"
+        " coalesce(sum(json_extract(request, '$.count')), 0) AS images,"
+        " coalesce(sum(cost), 0) AS cost"
+        " FROM jobs WHERE owner_id = ? AND guild_id IS ? AND state IN ('queued', 'running')",
+        (owner_id, guild_id),
+    )
+    assert row is not None  # an aggregate always yields one row
+    return Pending(queued=row["queued"], running=row["running"], images=row["images"],
+                   cost=row["cost"])
+
+
 async def _transition(db: Database, job_id: str, to: JobState, assignments: str,
                       **values: object) -> Job:
     async with db.writing() as connection:

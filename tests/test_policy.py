@@ -15,7 +15,7 @@ from generation.request import GenerationRequest
 from storage.audit import audit_log
 from storage.db import Database
 from storage.images import save_image
-from storage.jobs import create_job, finish_job, start_job
+from storage.jobs import cancel_job, create_job, finish_job, start_job
 from storage.limits import Scope, set_limits
 from storage.moderation import REFUSED_PROMPT_CHARS, ban, block_word, unban
 from storage.settings import LimitsSettings
@@ -237,6 +237,52 @@ async def test_a_request_over_the_whole_allowance_says_to_ask_for_less(db: Datab
     said = await refusal(db, config(daily_images=2), alice(), request(count=3))
     assert said == ("This request makes 3 images but you have 2 left of your 2 per 24 hours; "
                     "the request is larger than your whole allowance, so ask for less.")
+
+
+async def test_jobs_waiting_or_running_count_against_the_images_left(
+    db: Database, clock: ManualClock
+) -> None:
+    """Usage is charged when a job finishes: without counting unfinished jobs a member with 4
+    images left could queue five 4-image jobs."""
+    limited = config(daily_images=4, window_hours=24)
+    first = await create_job(db, request(count=4), owner_id=ALICE, channel_id=CHANNEL,
+                             guild_id=GUILD)
+    said = await refusal(db, limited, alice(), request(count=1))
+    assert said == ("This request makes 1 image but you have 0 left of your 4 per 24 hours "
+                    "(4 in jobs waiting or running); your jobs waiting or running hold the "
+                    "rest, and count for 24 hours once they finish: cancel one, or try again "
+                    "later.")
+    await start_job(db, first.id, device="cpu")  # running still holds them
+    assert "0 left of your 4" in await refusal(db, limited, alice(), request(count=1))
+    # Only this member's jobs in this server count.
+    assert await refusal(db, limited, alice(user_id=BOB), request(count=4)) is None
+    assert await refusal(db, limited, alice(guild_id=OTHER_GUILD), request(count=4)) is None
+    # Finished, it is charged what it stored (2 of 4 images), once: 2 are left.
+    for index in range(2):
+        await save_image(db, first.id, index, 1 + index, png())
+    finished_at = clock.now
+    await finish_job(db, first.id)
+    assert await refusal(db, limited, alice(), request(count=2)) is None
+    # 2 used + 1 waiting + 2 asked = 1 over: the finished job leaving the window frees enough.
+    clock.now += HOUR
+    await create_job(db, request(count=1), owner_id=ALICE, channel_id=CHANNEL, guild_id=GUILD)
+    assert await refusal(db, limited, alice(), request(count=2)) == (
+        "This request makes 2 images but you have 1 left of your 4 per 24 hours (1 in jobs "
+        f"waiting or running); more frees up <t:{int(finished_at + 24 * HOUR) + 1}:R>.")
+
+
+async def test_jobs_waiting_count_against_the_cost_left_until_cancelled(db: Database) -> None:
+    limited = config(daily_images=None, daily_cost=100.0)
+    waiting = await create_job(db, request(count=3), owner_id=ALICE, channel_id=CHANNEL,
+                               guild_id=GUILD)  # 3 x 20 steps of 512x512: 60 units
+    said = await refusal(db, limited, alice(), request(count=3))
+    assert said.startswith("This request costs 60.0 units but you have 40.0 left of your 100 per "
+                           "24 hours (60.0 in jobs waiting or running) (fewer images")
+    assert said.endswith("your jobs waiting or running hold the rest, and count for 24 hours "
+                         "once they finish: cancel one, or try again later.")
+    assert await refusal(db, limited, alice(), request(count=2)) is None  # 40 units fit
+    await cancel_job(db, waiting.id)  # a cancelled job is never charged
+    assert await refusal(db, limited, alice(), request(count=4)) is None
 
 
 async def test_daily_cost_counts_pixels_steps_and_images(db: Database, clock: ManualClock) -> None:

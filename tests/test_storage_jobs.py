@@ -15,8 +15,8 @@ from storage.images import (
 from generation.request import JobState
 from storage.jobs import (
     IllegalTransition, UnknownJob, cancel_job, create_job, fail_job, finish_job,
-    get_job, history, job_detail, jobs_by_state, mark_delivered, requeue_job, set_message, start_job,
-    undelivered,
+    Pending, get_job, history, job_detail, jobs_by_state, mark_delivered, pending, requeue_job,
+    set_message, start_job, undelivered,
 )
 from storage.limits import usage
 from tests.fixtures.storage import ManualClock, clock, db  # noqa: F401
@@ -137,6 +137,27 @@ async def test_jobs_by_state_keep_submission_order(db: Database) -> None:
     waiting = await jobs_by_state(db, JobState.QUEUED, JobState.RUNNING)
     assert [j.id for j in waiting] == [j.id for j in jobs[:4]]
     assert [j.id for j in await jobs_by_state(db, JobState.RUNNING)] == [jobs[1].id, jobs[3].id]
+
+
+async def test_pending_sums_one_owners_unfinished_jobs_in_one_place(db: Database) -> None:
+    async def job(owner: int = 1, guild: int | None = 10, **fields: object) -> str:
+        made = await create_job(db, sample_request(**fields), owner_id=owner, channel_id=2,
+                                guild_id=guild)
+        return made.id
+
+    assert await pending(db, 1, 10) == Pending(queued=0, running=0, images=0, cost=0.0)
+    await job(count=2)  # 40 units
+    await start_job(db, await job(count=3, steps=10), device="cpu")  # 30 units
+    await cancel_job(db, await job(count=4))
+    done = await job(count=4)
+    await start_job(db, done, device="cpu")
+    await finish_job(db, done)  # charged by the usage ledger instead
+    await job(owner=2)
+    await job(guild=11)
+    await job(guild=None, count=2, steps=5)  # 10 units
+    assert await pending(db, 1, 10) == Pending(queued=1, running=1, images=5, cost=70.0)
+    assert await pending(db, 1, None) == Pending(queued=1, running=0, images=2, cost=10.0)
+    assert await pending(db, 2, 11) == Pending(queued=0, running=0, images=0, cost=0.0)
 
 
 async def test_job_detail_has_images_and_lineage(db: Database) -> None:
