@@ -172,7 +172,7 @@ def _describe_job(detail: JobDetail, queue: FairQueue) -> str:
 
 async def _usage_lines(db: Database, config: AppConfig, requester: Requester) -> list[str]:
     mine = await allowance(db, config, requester)
-    limits, used, engine = mine.limits, mine.used, config.generation
+    limits, used, waiting, engine = mine.limits, mine.used, mine.pending, config.generation
     window = f"{limits.window_hours:g} hours"
     place = "in this server" if requester.guild_id is not None else "in direct messages"
     lines = [f"In the last {window} {place} you ran {used.jobs} jobs: {used.images} images, "
@@ -182,17 +182,19 @@ async def _usage_lines(db: Database, config: AppConfig, requester: Requester) ->
         if ban is not None:
             lines.append("You are banned from using Atelier in this server "
                          f"(reason: {ban.reason}).")
-    lines.append(_left("Images", used.images, limits.daily_images, mine.images_left))
-    lines.append(_left("Cost units", used.cost, limits.daily_cost, mine.cost_left))
+    lines.append(_left("Images", used.images, waiting.images, limits.daily_images,
+                       mine.images_left))
+    lines.append(_left("Cost units", used.cost, waiting.cost, limits.daily_cost, mine.cost_left))
 
     def capped(limit: int | None, hard: int) -> int:
         return hard if limit is None else min(limit, hard)
 
-    queued = "no limit" if limits.max_queued is None else f"at most {limits.max_queued}"
+    # The queue refuses past its own per-user cap whatever the moderators allow.
+    queued = capped(limits.max_queued, config.queue.max_queued_per_user)
     lines.append(f"Per request: up to {capped(limits.max_steps, engine.max_steps)} steps, "
                  f"{capped(limits.max_pixels, engine.max_pixels)} pixels per image and "
                  f"{capped(limits.max_count, engine.max_count)} images; jobs waiting at once: "
-                 f"{queued}.")
+                 f"at most {queued}.")
     if used.jobs:
         when = await frees_at(db, requester, limits.window_hours)
         if when is not None:
@@ -200,7 +202,9 @@ async def _usage_lines(db: Database, config: AppConfig, requester: Requester) ->
     return lines
 
 
-def _left(what: str, used: float, limit: float | None, left: float | None) -> str:
+def _left(what: str, used: float, waiting: float, limit: float | None, left: float | None) -> str:
+    """One allowance line; `waiting` (jobs not finished yet) counts against what is left."""
+    held = f", {waiting:g} waiting or running" if waiting else ""
     if limit is None or left is None:
-        return f"{what}: {used:g} used, no limit."
-    return f"{what}: {used:g} of {limit:g} used, {left:g} left."
+        return f"{what}: {used:g} used{held}, no limit."
+    return f"{what}: {used:g} of {limit:g} used{held}, {left:g} left."

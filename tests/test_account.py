@@ -121,12 +121,13 @@ async def test_usage_reports_the_window_and_what_is_left(studio: Studio) -> None
     first = await done(s, s.alice.id, request("one", count=3))  # 60 units
     await done(s, s.alice.id, request("two", steps=10))  # 10 units
     await done(s, s.bob.id, request("not hers", count=4))
+    await s.submit(s.alice, "waiting", count=2)  # 40 units, charged only when it finishes
 
     lines = (await s.ask(s.alice, "usage")).splitlines()
     assert lines == [
         "In the last 24 hours in this server you ran 2 jobs: 4 images, 70.0 cost units.",
-        "Images: 4 of 10 used, 6 left.",
-        "Cost units: 70 of 500 used, 430 left.",
+        "Images: 4 of 10 used, 2 waiting or running, 4 left.",
+        "Cost units: 70 of 500 used, 40 waiting or running, 390 left.",
         "Per request: up to 30 steps, 1048576 pixels per image and 4 images; jobs waiting at "
         "once: at most 3.",
         f"Your oldest usage leaves the window <t:{int(first.finished_at + 24 * 3600) + 1}:R>.",
@@ -138,5 +139,9 @@ async def test_usage_reports_the_window_and_what_is_left(studio: Studio) -> None
         "Images: 0 of 10 used, 10 left.",
         "Cost units: 0 used, no limit.",
         "Per request: up to 30 steps, 1048576 pixels per image and 4 images; jobs waiting at "
-        "once: no limit.",
+        "once: at most 5.",  # no moderators' limit: the queue's own [queue] max_queued_per_user
     ]
+    # A moderators' limit above the queue's cap cannot raise it.
+    await set_limits(s.db, actor_id=s.boss.id, guild_id=s.guild.id, scope=Scope.USER,
+                     target_id=s.bob.id, values={"max_queued": 8}, defaults=s.config.limits)
+    assert "jobs waiting at once: at most 5." in await s.ask(s.bob, "usage")
