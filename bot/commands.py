@@ -243,13 +243,8 @@ class Gestures:
 
     async def submit_message(self, message: discord.Message, request: GenerationRequest,
                              notes: list[str]) -> Job | None:
-        """Queue `request` for the author of `message` and reply to it with the status message."""
-        me = message.guild.me if message.guild else None
-        missing = _missing_permissions(message.channel.permissions_for(me), message.guild) if me else None
-        if missing is not None:  # a reply here would fail too: say it in private
-            with contextlib.suppress(discord.HTTPException):
-                await message.author.send(f"{missing} (in <#{message.channel.id}>)")
-            return None
+        """Queue `request` for the author of `message` and reply to it with the status message (the
+        caller checked that the bot may post there)."""
         requester = Requester.of(message.author, message.channel)
         try:
             job = await self._studio.submit(request, requester, Origin(channel_id=message.channel.id))
@@ -339,6 +334,8 @@ class Gestures:
         # raw_mentions: written in the text, not the ping a reply to the bot's own message carries.
         if message.author.bot or me is None or me.id not in message.raw_mentions:
             return
+        if await _told_cannot_post(message):
+            return
         if message.reference is None or message.reference.message_id is None:
             await message.reply("Reply to a message with an image and mention me with a prompt, e.g. "
                                 f"`{me.mention} a watercolour city --strength 0.5`.", mention_author=False)
@@ -349,8 +346,7 @@ class Gestures:
                 target = await message.channel.fetch_message(message.reference.message_id)
             source = _first_image(target)
             if source is None:
-                raise UserError("the message you replied to has no image; reply to a message with a PNG, JPEG or "
-                                "WebP image")
+                raise UserError(self._no_image(target))
             text = re.sub(rf"<@!?{me.id}>", "", message.content)
             options = parse_flags(text)
             attached = _first_image(message)
@@ -367,6 +363,19 @@ class Gestures:
                                 "Message History here.", mention_author=False)
             return
         await self.submit_message(message, request, notes)
+
+    def _no_image(self, target: discord.Message) -> str:
+        """Why the replied-to message shows no image: it has none, or Discord hid it from the bot
+        (another member's message that does not mention it, without the message-content intent)."""
+        me = self._client.user
+        shown = (self._client.intents.message_content or target.guild is None or me is None
+                 or target.author.id == me.id or any(user.id == me.id for user in target.mentions))
+        if shown:
+            return "the message you replied to has no image; reply to a message with a PNG, JPEG or WebP image"
+        return ("I cannot see images in other members' messages (Discord shows them to me only with the Message "
+                "Content intent), so replies work on my own results. For this image use Remix: right-click or "
+                "long-press the message, then Apps > Remix. Or ask the bot's operator to enable "
+                "`[discord] message_content`.")
 
     def remix_menu(self) -> app_commands.ContextMenu:
         async def remix(interaction: discord.Interaction, message: discord.Message) -> None:
@@ -567,6 +576,18 @@ def _missing_permissions(have: discord.Permissions, guild: discord.Guild | None)
         return None
     return (f"I cannot post in this channel: I am missing {', '.join(missing)}. Ask a moderator to allow it, or use "
             "me in another channel.")
+
+
+async def _told_cannot_post(message: discord.Message) -> bool:
+    """Whether the bot cannot post results where `message` was sent; then its author is told in
+    private (a reply there would fail too), before anything is downloaded."""
+    me = message.guild.me if message.guild else None
+    missing = _missing_permissions(message.channel.permissions_for(me), message.guild) if me else None
+    if missing is None:
+        return False
+    with contextlib.suppress(discord.HTTPException):
+        await message.author.send(f"{missing} (in <#{message.channel.id}>)")
+    return True
 
 
 async def _defer(interaction: discord.Interaction) -> None:

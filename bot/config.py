@@ -45,6 +45,9 @@ class DiscordSettings(BaseModel):
     moderator_roles: tuple[str, ...] = ()
     #: Whether users may use the bot in direct messages.
     allow_dms: bool = False
+    #: Ask for the privileged message-content intent (enable it in the developer portal first): then
+    #: replies that mention the bot work on any member's image, not only on the bot's own results.
+    message_content: bool = False
     #: Words (whole words, any case) whose prompts run only in age-restricted channels.
     nsfw_words: tuple[str, ...] = (
         "nsfw", "nude", "nudity", "naked", "porn", "hentai", "topless", "explicit",

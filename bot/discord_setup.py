@@ -22,12 +22,26 @@ SCOPES = ("bot", "applications.commands")
 
 def intents(settings: DiscordSettings) -> discord.Intents:
     """The minimum: guilds and their messages (a message that mentions the bot carries its content
-    without the privileged message-content intent), plus direct messages when allowed."""
+    without the privileged message-content intent), plus direct messages when allowed, and the
+    message-content intent when the operator enabled it (to see other members' images)."""
     wanted = discord.Intents.none()
     wanted.guilds = True
     wanted.guild_messages = True
     wanted.dm_messages = settings.allow_dms
+    wanted.message_content = settings.message_content
     return wanted
+
+
+def _content_step(settings: DiscordSettings) -> str:
+    """The setup guide's word on the message-content intent, as `[discord] message_content` is set."""
+    dms = " and Direct Messages" if settings.allow_dms else ""
+    if settings.message_content:
+        return f"""enable "Message Content Intent" (Bot > Privileged Gateway Intents):
+     [discord] message_content = true asks for it, besides Guilds and Guild Messages{dms}."""
+    return f"""none are needed. Atelier uses only the Guilds and Guild Messages intents{dms};
+     a message that mentions the bot carries its text without the Message Content intent. Replies
+     then work on the bot's own images (Remix works on any); to reply to other members' images,
+     enable that intent here and set [discord] message_content = true."""
 
 
 def invite_url(application_id: int) -> str:
@@ -50,9 +64,7 @@ def setup_guide(settings: DiscordSettings) -> str:
   1. Open https://discord.com/developers/applications and press "New Application".
   2. In "Bot", press "Reset Token", copy the token and export it (never put it in config.toml):
          export {TOKEN_ENV}='paste-the-token-here'
-  3. Privileged gateway intents: none are needed. Atelier uses only the Guilds and Guild Messages
-     intents{" and Direct Messages" if settings.allow_dms else ""}; a message that mentions the bot carries its text without
-     the Message Content intent.
+  3. Privileged gateway intents: {_content_step(settings)}
   4. The bot needs the scopes {" and ".join(SCOPES)} and these channel permissions:
      View Channels, Send Messages, Send Messages in Threads, Embed Links, Attach Files,
      Read Message History (permissions integer {PERMISSIONS.value}).

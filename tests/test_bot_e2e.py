@@ -260,10 +260,6 @@ async def test_missing_permissions_bad_inputs_and_bans_get_clear_answers(world: 
         too_many = await answer(world.carol, world.channel, {"prompt": "a cat", "steps": 5})
         assert too_many.content == "Your limit here is 2 steps; you asked for 5."
 
-        plain = await server.post_message(world.alice, world.channel, "no picture here")
-        reply = await server.post_message(world.bob, world.channel, f"{server.bot.mention} a cat", reference=plain)
-        said = await server.wait_for(lambda a: a.kind == "message" and a.message.reference is reply)
-        assert "has no image" in said.message.content
         photo = await server.post_message(world.alice, closed, "a photo", attachments=[png_upload("p.png")])
         await server.post_message(world.alice, closed, f"{server.bot.mention} a cat", reference=photo)
         private = server.dm_channel(world.alice)
@@ -272,9 +268,41 @@ async def test_missing_permissions_bad_inputs_and_bans_get_clear_answers(world: 
         assert await bot.studio.db.fetch_all("SELECT id FROM jobs") == []  # nothing was queued
 
 
-async def test_reply_to_an_image_and_remix_run_img2img_and_inpaint(world: World) -> None:
+async def test_without_the_message_content_intent_replies_work_on_the_bots_own_results(world: World) -> None:
+    """Discord hides other members' attachments from a bot without the intent: a reply to one is
+    answered with what does work instead of a misleading "no image"."""
     server = world.server
     async with running(world.config, server) as bot:
+        assert not bot.intents.message_content
+        result, _ = await imagine_from_upload(world, "a harbour")
+        reply = await server.post_message(world.bob, world.channel, f"{server.bot.mention} at night --steps 1",
+                                          reference=result)
+        redone = (await server.wait_for(lambda a: a.kind == "message" and a.message.reference is reply
+                                        and bool(a.message.attachments), TIMEOUT)).message
+        assert f"<@{world.bob.id}>" in redone.content and "img2img" in redone.content
+        assert png_info(redone.attachments[0].data)[1].startswith("at night\nSteps: 1,")
+
+        picture = await server.post_message(world.alice, world.channel, "my photo",
+                                            attachments=[png_upload("photo.png")])
+        asked = await server.post_message(world.bob, world.channel, f"{server.bot.mention} a cat", reference=picture)
+        said = (await server.wait_for(lambda a: a.kind == "message" and a.message.reference is asked)).message
+        assert "has no image" not in said.content
+        assert "replies work on my own results" in said.content and "Apps > Remix" in said.content
+        assert "`[discord] message_content`" in said.content
+        assert len(await bot.studio.db.fetch_all("SELECT id FROM jobs")) == 2  # the imagine and the reply only
+
+
+async def test_reply_to_an_image_and_remix_run_img2img_and_inpaint(world: World) -> None:
+    """With the message-content intent, replies work on any member's image."""
+    server = world.server
+    config = world.config.model_copy(
+        update={"discord": world.config.discord.model_copy(update={"message_content": True})})
+    async with running(config, server) as bot:
+        plain = await server.post_message(world.alice, world.channel, "no picture here")
+        reply = await server.post_message(world.bob, world.channel, f"{server.bot.mention} a cat", reference=plain)
+        said = await server.wait_for(lambda a: a.kind == "message" and a.message.reference is reply)
+        assert said.message.content.startswith("the message you replied to has no image")
+
         picture = await server.post_message(world.alice, world.channel, "my photo",
                                             attachments=[png_upload("photo.png")])
         reply = await server.post_message(world.bob, world.channel,

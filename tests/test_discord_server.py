@@ -96,10 +96,11 @@ class Seen:
 class ExampleBot(commands.Bot):
     """A small but typical bot: guild commands, files, a persistent button, a modal, a context menu."""
 
-    def __init__(self, guild_id: int, seen: Seen) -> None:
+    def __init__(self, guild_id: int, seen: Seen, *, message_content: bool = False) -> None:
         intents = discord.Intents.none()
         intents.guilds = True
         intents.guild_messages = True
+        intents.message_content = message_content
         super().__init__(command_prefix=commands.when_mentioned, intents=intents, guild_ready_timeout=0.05)
         self.home = discord.Object(guild_id)
         self.seen = seen
@@ -197,10 +198,16 @@ class ExampleBot(commands.Bot):
         if message.author == self.user:
             return
         self.seen.messages.append(message)
-        if self.user in message.mentions:
-            replied = message.reference.resolved if message.reference else None
-            about = replied.attachments[0].filename if isinstance(replied, discord.Message) else "nothing"
-            await message.reply(f"heard {message.content!r} about {about}")
+        if self.user in message.mentions and message.reference is not None:
+            replied = message.reference.resolved
+            fetched = await message.channel.fetch_message(message.reference.message_id)
+            await message.reply(f"heard {message.content!r} about {_files(replied)}, fetched {_files(fetched)}")
+
+
+def _files(message: object) -> str:
+    """The file names a message carries, as the bot sees them."""
+    names = [a.filename for a in message.attachments] if isinstance(message, discord.Message) else []
+    return ",".join(names) or "nothing"
 
 
 async def eventually(condition: Callable[[], object], timeout: float = 5.0) -> None:
@@ -241,9 +248,10 @@ async def world(request: pytest.FixtureRequest) -> AsyncIterator[World]:
 
 
 @asynccontextmanager
-async def running(world: World, seen: Seen, caplog: pytest.LogCaptureFixture) -> AsyncIterator[ExampleBot]:
+async def running(world: World, seen: Seen, caplog: pytest.LogCaptureFixture, *,
+                  message_content: bool = False) -> AsyncIterator[ExampleBot]:
     """Log a fresh bot in and connect it; on exit close it and check nothing was left unclosed."""
-    bot = ExampleBot(world.guild.id, seen)
+    bot = ExampleBot(world.guild.id, seen, message_content=message_content)
     connection: asyncio.Task[None] | None = None
     try:
         await bot.login(world.server.token)
@@ -353,17 +361,48 @@ async def test_context_menu_opens_a_modal_whose_submission_reaches_the_bot(
 async def test_message_content_reaches_the_bot_only_when_it_is_mentioned(
     world: World, caplog: pytest.LogCaptureFixture
 ) -> None:
+    """Without the intent, other members' messages reach the bot blank: in gateway events, as the
+    message a reply refers to, and through REST; the bot's own and mentioning messages do not."""
     server = world.server
     seen = Seen()
     image = await server.post_message(world.alice, world.channel, "", attachments=[Upload("base.png", b"png")])
+    tagged = await server.post_message(world.alice, world.channel, f"{server.bot.mention} mine",
+                                       attachments=[Upload("tagged.png", b"png")])
     async with running(world, seen, caplog):
         await server.post_message(world.alice, world.channel, "talking among humans")
         mention = await server.post_message(world.alice, world.channel, f"{server.bot.mention} make it blue",
                                             reference=image)
         reply = (await server.wait_for(lambda a: a.kind == "message" and a.message.reference is mention)).message
-        assert reply.content == f"heard '{server.bot.mention} make it blue' about base.png"
+        assert reply.content == f"heard '{server.bot.mention} make it blue' about nothing, fetched nothing"
         assert reply.mentions == [server.bot, world.alice]  # the quoted mention, and the reply pings its author
         assert [m.content for m in seen.messages] == ["", f"{server.bot.mention} make it blue"]
+
+        about_tagged = await server.post_message(world.alice, world.channel, f"{server.bot.mention} this",
+                                                 reference=tagged)
+        said = (await server.wait_for(lambda a: a.kind == "message" and a.message.reference is about_tagged)).message
+        assert said.content.endswith("about tagged.png, fetched tagged.png")
+
+        ping = await server.slash(world.alice, world.channel, "ping")
+        pong = (await server.wait_for(lambda a: a.interaction is ping and a.kind == "message")).message
+        about_own = await server.post_message(world.alice, world.channel, f"{server.bot.mention} again",
+                                              reference=pong)
+        said = (await server.wait_for(lambda a: a.kind == "message" and a.message.reference is about_own)).message
+        assert said.content.endswith("about pong.bin, fetched pong.bin")
+
+
+async def test_with_the_message_content_intent_the_bot_sees_every_message(
+    world: World, caplog: pytest.LogCaptureFixture
+) -> None:
+    server = world.server
+    seen = Seen()
+    image = await server.post_message(world.alice, world.channel, "", attachments=[Upload("base.png", b"png")])
+    async with running(world, seen, caplog, message_content=True):
+        await server.post_message(world.alice, world.channel, "talking among humans")
+        mention = await server.post_message(world.alice, world.channel, f"{server.bot.mention} make it blue",
+                                            reference=image)
+        reply = (await server.wait_for(lambda a: a.kind == "message" and a.message.reference is mention)).message
+        assert reply.content.endswith("about base.png, fetched base.png")
+        assert seen.messages[0].content == "talking among humans"
 
 
 async def test_expired_token_and_missing_permission_surface_as_discord_errors(

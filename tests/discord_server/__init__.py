@@ -32,8 +32,10 @@ Driver API (`DiscordServer`; all gestures are async and return what they created
   `autocomplete(user, channel, command, options, focused) -> choices`; `press_button(user, message,
   custom_id)`; `context_menu(user, message_or_user, name, channel=)`; `submit_modal(user,
   interaction_or_custom_id, values, channel=)`; `post_message(user, channel, content, attachments=,
-  reference=, mentions=) -> Message` (content reaches a bot without the message-content intent only
-  when it mentions the bot, as on Discord).
+  reference=, mentions=) -> Message`. As on Discord, a bot without the message-content intent gets
+  other members' messages with content, embeds, attachments and components empty (in gateway events,
+  as a reply's `referenced_message`, and from REST GET message(s)) unless they mention the bot or are
+  in a DM; the message a context menu targets stays whole.
 - tokens: `expire_token(interaction_or_token)`, `expire_all_tokens()`: webhooks then answer 401/50027
   and callbacks 404/10062.
 - inspection: `actions` (the ordered `Action` log: kind "callback" | "message" | "edit" | "delete",

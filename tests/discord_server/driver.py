@@ -275,7 +275,7 @@ class DiscordServer:
 
         Mention the bot in `content` (`server.bot.mention`) as a user types it; `mentions` adds pings
         without text (like a reply's ping). Without the message-content intent the bot sees the
-        content only when it is mentioned.
+        content and attachments only when it is mentioned (see `payloads.message_for_bot`).
         """
         message = Message(self._state.ids.next(), channel, user, content, reference=reference)
         message.attachments = [self._upload(channel, upload) for upload in attachments]

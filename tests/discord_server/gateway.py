@@ -125,16 +125,14 @@ class Gateway:
         if message.ephemeral:
             return
         in_dm = message.channel.guild is None
-        data = payloads.message(message)
         for session in self._live(DIRECT_MESSAGES if in_dm else GUILD_MESSAGES):
-            visible = (
-                session.intents & MESSAGE_CONTENT
-                or in_dm
-                or message.author is self._state.bot
-                or self._state.bot in message.mentions
-            )
-            blanked = data if visible else data | {"content": "", "embeds": [], "attachments": [], "components": []}
-            await self._dispatch_to(session, event, blanked)
+            data = payloads.message_for_bot(message, self._state.bot, bool(session.intents & MESSAGE_CONTENT))
+            await self._dispatch_to(session, event, data)
+
+    def content_intent(self) -> bool:
+        """Whether the bot asked for the message-content intent (REST answers follow it too, as
+        Discord's follow the application's setting)."""
+        return any(s.intents & MESSAGE_CONTENT for s in self._live(None))
 
     async def drop(self, code: int, message: bytes) -> None:
         """Close every session (the bot decides from `code` whether to resume or give up)."""

@@ -190,6 +190,30 @@ def message(m: Message, *, referenced: bool = True) -> dict[str, Any]:
     return data
 
 
+def message_for_bot(m: Message, bot: User, content_intent: bool) -> dict[str, Any]:
+    """`message(m)` as the bot receives it, in gateway events and REST alike: without the
+    message-content intent, Discord empties the content fields of `m` and of the message it replies
+    to, except in the bot's own messages, DMs and messages that mention the bot."""
+    data = message(m)
+    if content_intent:
+        return data
+    if not content_visible(m, bot):
+        data |= _blank_content()
+    replied = m.reference
+    if data.get("referenced_message") is not None and replied is not None and not content_visible(replied, bot):
+        data["referenced_message"] |= _blank_content()
+    return data
+
+
+def content_visible(m: Message, bot: User) -> bool:
+    """Whether a bot without the message-content intent sees what `m` says and carries."""
+    return m.author is bot or m.channel.guild is None or bot in m.mentions
+
+
+def _blank_content() -> dict[str, Any]:
+    return {"content": "", "embeds": [], "attachments": [], "components": []}
+
+
 def interaction_metadata(i: Interaction) -> dict[str, Any]:
     data: dict[str, Any] = {
         "id": str(i.id),

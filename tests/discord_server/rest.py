@@ -367,11 +367,15 @@ class RestApi:
             found = [m for m in found if m.id > int(after)]
         newest_first = sorted(found, key=lambda m: m.id, reverse=True)
         chosen = newest_first[-limit:] if after is not None else newest_first[:limit]
-        return _json([payloads.message(m) for m in chosen])
+        return _json([self._as_seen(m) for m in chosen])
 
     async def _get_message(self, request: web.Request) -> web.Response:
         channel = self._channel(request)
-        return _json(payloads.message(self._message(request, channel)))
+        return _json(self._as_seen(self._message(request, channel)))
+
+    def _as_seen(self, message: Message) -> dict[str, Any]:
+        """A user's message as the bot may read it (see `payloads.message_for_bot`)."""
+        return payloads.message_for_bot(message, self._state.bot, self._gateway.content_intent())
 
     async def _create_message(self, request: web.Request) -> web.Response:
         channel = self._channel(request)
