@@ -265,16 +265,19 @@ class Pending:
     cost: float
 
 
+#: Runs at every submit, inside the queue's lock: on the jobs_live_by_owner index (migration 0004).
+_PENDING = (
+    "SELECT coalesce(sum(state = 'queued'), 0) AS queued,"
+    " coalesce(sum(state = 'running'), 0) AS running,"
+    " coalesce(sum(json_extract(request, '$.count')), 0) AS images,"
+    " coalesce(sum(cost), 0) AS cost"
+    " FROM jobs WHERE owner_id = ? AND guild_id IS ? AND state IN ('queued', 'running')"
+)
+
+
 async def pending(db: Database, owner_id: int, guild_id: int | None) -> Pending:
     """`owner_id`'s queued and running jobs in one guild (or in DMs, `guild_id` None)."""
-    row = await db.fetch_one(
-        "SELECT coalesce(sum(state = 'queued'), 0) AS queued,"
-        " coalesce(sum(state = 'running'), 0) AS running,"
-        " coalesce(sum(json_extract(request, '$.count')), 0) AS images,"
-        " coalesce(sum(cost), 0) AS cost"
-        " FROM jobs WHERE owner_id = ? AND guild_id IS ? AND state IN ('queued', 'running')",
-        (owner_id, guild_id),
-    )
+    row = await db.fetch_one(_PENDING, (owner_id, guild_id))
     assert row is not None  # an aggregate always yields one row
     return Pending(queued=row["queued"], running=row["running"], images=row["images"],
                    cost=row["cost"])

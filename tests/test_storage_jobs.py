@@ -14,6 +14,7 @@ from storage.images import (
 )
 from generation.request import JobState
 from storage.jobs import (
+    _PENDING,
     IllegalTransition, UnknownJob, cancel_job, create_job, fail_job, finish_job,
     Pending, get_job, history, job_detail, jobs_by_state, mark_delivered, pending, requeue_job,
     set_message, start_job, undelivered,
@@ -158,6 +159,13 @@ async def test_pending_sums_one_owners_unfinished_jobs_in_one_place(db: Database
     assert await pending(db, 1, 10) == Pending(queued=1, running=1, images=5, cost=70.0)
     assert await pending(db, 1, None) == Pending(queued=1, running=0, images=2, cost=10.0)
     assert await pending(db, 2, 11) == Pending(queued=0, running=0, images=0, cost=0.0)
+
+
+async def test_pending_reads_only_live_jobs_through_their_index(db: Database) -> None:
+    """It runs at every submit inside the queue's lock: not a walk through the member's history."""
+    plan = await db.fetch_all(f"EXPLAIN QUERY PLAN {_PENDING}", (1, 10))
+    [step] = [row["detail"] for row in plan]
+    assert "INDEX jobs_live_by_owner (owner_id=? AND guild_id=?)" in step
 
 
 async def test_job_detail_has_images_and_lineage(db: Database) -> None:
