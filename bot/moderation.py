@@ -181,7 +181,8 @@ class LimitsCommands(_ModeratorGroup, name="limits",
             lines.append(f"In effect for {target.mention}: "
                          f"{_describe(mine.limits.model_dump())}; used {mine.used.images} images "
                          f"and {mine.used.cost:.1f} units in the last "
-                         f"{mine.limits.window_hours:g} hours")
+                         f"{mine.limits.window_hours:g} hours, {mine.pending.images} images and "
+                         f"{mine.pending.cost:.1f} units in jobs waiting or running")
         elif target is not None and len(lines) == 1:
             lines.append(f"{target.mention} has no limits of its own.")
         await _answer(interaction, _fit(lines), allowed_mentions=discord.AllowedMentions.none())

@@ -209,12 +209,13 @@ async def test_limits_set_show_and_reset_per_scope(studio: Studio) -> None:
         f"<@&{s.artists.id}>: max_steps 40",
         f"<@{s.alice.id}>: daily_images unlimited, max_count 2",
     ]
+    await s.submit(s.alice, count=2)  # waiting: not used yet, but held
     shown = await s.ask(s.boss, "limits show", {"target": s.alice})
     assert shown.splitlines()[1:] == [
         f"<@{s.alice.id}>: daily_images unlimited, max_count 2",
         f"In effect for <@{s.alice.id}>: daily_images unlimited, daily_cost unlimited, "
         "max_queued unlimited, max_steps 40, max_pixels unlimited, max_count 2; used 0 images and "
-        "0.0 units in the last 24 hours",
+        "0.0 units in the last 24 hours, 2 images and 40.0 units in jobs waiting or running",
     ]
 
     refusals = {
