@@ -592,15 +592,19 @@ async def _told_cannot_post(message: discord.Message) -> bool:
 
 async def _defer(interaction: discord.Interaction) -> None:
     """Slow work ahead (a download, image decoding and hashing): acknowledge now, as Discord wants
-    an answer within 3 seconds; the "thinking" placeholder later becomes the status message."""
+    an answer within 3 seconds; the public "thinking" placeholder later becomes the status message
+    (or, on an error, gives way to a private answer: see `_say`)."""
     if not interaction.response.is_done():
         await interaction.response.defer(thinking=True)
 
 
 async def _say(interaction: discord.Interaction, text: str) -> None:
-    """An ephemeral answer; after `_defer` the public "thinking" placeholder says it instead
-    (Discord keeps a deferred answer's visibility)."""
-    if interaction.response.is_done():
-        await interaction.edit_original_response(content=text, view=None)
-    else:
+    """An answer only the user sees. After `_defer`, the public placeholder is deleted and the
+    answer follows privately: Discord keeps a deferred answer's visibility, so editing the
+    placeholder would tell the whole channel about one member's bad upload."""
+    if not interaction.response.is_done():
         await interaction.response.send_message(text, ephemeral=True)
+        return
+    with contextlib.suppress(discord.NotFound):
+        await interaction.delete_original_response()
+    await interaction.followup.send(text, ephemeral=True)

@@ -28,6 +28,7 @@ from bot.config import AppConfig, DiscordSettings
 from generation.request import X4_UNET_FLOPS_RATIO, Kind
 from generation.settings import GenerationSettings, ModelSettings, QueueSettings
 from storage import jobs as stored
+from storage.images import image_file, job_images
 from storage.moderation import ban
 from storage.settings import StorageSettings
 from tests.discord_server import Action, Channel, DiscordServer, Guild, Interaction, Message, Upload, User
@@ -107,6 +108,17 @@ def png_info(data: bytes) -> tuple[tuple[int, int], str]:
 
 def labels(message: Message) -> list[str]:
     return [b.get("label") or b.get("emoji", {}).get("name") for b in message.buttons()]
+
+
+async def private_answer(server: DiscordServer, interaction: Interaction) -> Message:
+    """The bot's answer to `interaction` that only its user sees. A public "thinking" placeholder
+    sent first (inputs slow to check: images) must be deleted, never edited into the answer."""
+    found = await server.wait_for(lambda a: a.interaction is interaction and a.kind == "message"
+                                  and a.message.ephemeral)
+    done = server.responses(interaction)
+    assert not [a for a in done if a.kind == "edit"]
+    assert all(a.message.deleted for a in done if a.kind == "message" and not a.message.ephemeral)
+    return found.message
 
 
 def png_upload(name: str) -> Upload:
@@ -233,12 +245,7 @@ async def test_missing_permissions_bad_inputs_and_bans_get_clear_answers(world: 
     await server.refuse_bot_messages(closed)
     async with running(world.config, server) as bot:
         async def answer(user: User, channel: Channel, options: dict) -> Message:
-            """The ephemeral answer, or for inputs slow to check (images) the deferred placeholder
-            edited into it."""
-            asked = await server.slash(user, channel, "imagine", options)
-            found = await server.wait_for(lambda a: a.interaction is asked and (
-                a.kind == "message" and a.message.ephemeral or a.kind == "edit" and bool(a.content)))
-            return found.message
+            return await private_answer(server, await server.slash(user, channel, "imagine", options))
 
         assert "I cannot post in this channel" in (await answer(world.alice, closed, {"prompt": "x"})).content
         text = (await answer(world.alice, world.channel, {"prompt": "x", "image": Upload("a.png", b"not an image")}))
@@ -347,6 +354,26 @@ async def test_reply_to_an_image_and_remix_run_img2img_and_inpaint(world: World)
         assert "inpaint" in remixed.content and f"<@{world.carol.id}>" in remixed.content
 
 
+async def test_problems_found_after_a_public_defer_are_told_only_to_the_user(world: World) -> None:
+    """Button presses and Remix defer publicly before reading images; a problem found then is
+    answered privately and the public placeholder goes away."""
+    server = world.server
+    async with running(world.config, server) as bot:
+        result, job_id = await imagine_from_upload(world, "a harbour")
+        for image in await job_images(bot.studio.db, job_id):  # deleted behind the database's back
+            image_file(bot.studio.db, image).unlink()
+        pressed = await server.press_button(world.bob, result, f"atelier:v1:vary:{job_id}:0")
+        gone = await private_answer(server, pressed)
+        assert gone.content.startswith(f"The images of job `{job_id}` are no longer stored")
+
+        broken = await server.post_message(world.alice, world.channel, "", attachments=[Upload("b.png", b"not a png")])
+        menu = await server.context_menu(world.carol, broken, "Remix")
+        await server.wait_for(lambda a: a.interaction is menu and a.callback_type == 9)
+        submitted = await server.submit_modal(world.carol, menu, {"prompt": "a window"})
+        assert (await private_answer(server, submitted)).content == "the image is not a PNG, JPEG or WebP image"
+        assert len(await bot.studio.db.fetch_all("SELECT id FROM jobs")) == 1
+
+
 def _with_transparent_corner() -> bytes:
     """An opaque 64x64 PNG whose top-left quarter is transparent: an inpaint mask for Remix."""
     rgba = Image.new("RGBA", (64, 64), (200, 150, 60, 255))
@@ -389,8 +416,8 @@ def test_atelier_run_survives_a_restart_mid_queue_with_buttons_working(
 
 
 async def _atelier_run(tmp_path: Path, checkpoints: TinyCheckpoints) -> None:
-    """`atelier run` as operators start it: a queued job outlives SIGTERM, the next process
-    delivers it to the same interaction, and the old result's buttons still work."""
+    """`atelier run` as operators start it: a queued job (and its server's pause) outlives SIGTERM, the next
+    process delivers it to the same interaction once resumed, and the old result's buttons still work."""
     async with DiscordServer() as server:
         guild = await server.create_guild("studio")
         channel = await server.create_channel(guild, "art")
@@ -434,6 +461,7 @@ data_dir = "data"
         assert first.returncode == 0, first.output.decode()
 
         async with _atelier(config, server, guild) as second:
+            await answered(mod, "queue resume", {}, files=False)  # the pause outlived the restart too
             late = (await server.wait_for(message_for(waiting, files=True), TIMEOUT)).message
             assert "Seed: 4," in png_info(late.attachments[0].data)[1] and f"<@{alice.id}>" in late.content
             job_id = result.buttons()[0]["custom_id"].split(":")[3]

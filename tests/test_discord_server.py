@@ -182,6 +182,12 @@ class ExampleBot(commands.Bot):
             await interaction.followup.send(f"{fetched.content}; {history}; {len(original.attachments)} files")
             await second.delete()
 
+        @tree.command(guild=self.home, description="Defer in public, then answer in private")
+        async def private(interaction: discord.Interaction) -> None:
+            await interaction.response.defer(thinking=True)
+            await interaction.delete_original_response()
+            await interaction.followup.send("only you", ephemeral=True)
+
         @tree.context_menu(name="Remix", guild=self.home)
         async def remix(interaction: discord.Interaction, message: discord.Message) -> None:
             await interaction.response.send_modal(RemixModal(message))
@@ -282,7 +288,7 @@ async def test_bot_syncs_answers_with_file_and_button_that_survives_restart(
     async with running(world, Seen(), caplog):
         synced = {(c["name"], c["type"]) for c in server.commands(world.guild)}
         assert synced == {("ping", 1), ("imagine", 1), ("limits", 1), ("slow", 1), ("announce", 1), ("roundtrip", 1),
-                          ("Remix", 3)}
+                          ("private", 1), ("Remix", 3)}
         assert [c["name"] for c in server.commands()] == ["hello"]
 
         ping = await server.slash(world.alice, world.channel, "ping")
@@ -463,6 +469,12 @@ async def test_followups_edits_deletes_and_channel_routes_as_discord_py_uses_the
         with pytest.raises(AssertionError, match=r"matched a reaction that never comes within 0.05s; since #10 the bot "
                                                  r"did:\n  10. edit .* \(ack:v1\) .*'acked by alice'"):
             await server.wait_for(never, timeout=0.05, since=len(server.actions) - 1)
+
+        private = await server.slash(world.alice, world.channel, "private")
+        whisper = await server.wait_for(lambda a: a.interaction is private and a.content == "only you")
+        # Once the public "thinking" message is deleted, a followup is a new message with its own flags.
+        assert [a.kind for a in server.responses(private)] == ["callback", "message", "delete", "message"]
+        assert whisper.message.ephemeral and whisper.message is not private.original and private.original.deleted
 
 
 @pytest.mark.parametrize("world", [{"upload_limit": 8, "reject_double_ack": True}], indirect=True)

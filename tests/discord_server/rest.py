@@ -307,8 +307,9 @@ class RestApi:
             raise ApiError(404, 10015, "Unknown Webhook")
         body, uploads = await self._read_body(request)
         original = interaction.original
-        if original is not None and original.loading and not interaction.followups:
-            # The first followup after a "thinking" defer replaces the thinking message, as on Discord.
+        if original is not None and original.loading and not original.deleted and not interaction.followups:
+            # The first followup after a "thinking" defer replaces the thinking message (keeping its
+            # visibility), as on Discord; once that message is deleted, followups are new messages.
             await self._commit_edit(original, self._edited(original, body, uploads), interaction)
             message = original
         else:
