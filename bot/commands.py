@@ -29,7 +29,7 @@ from bot.replies import DEFAULT_UPLOAD_LIMIT, Delivery, status_editor
 from bot.studio import Origin, Studio
 from bot.styles import STYLES
 from bot.views import Action, status_view
-from generation.images import ImageInputError, fit_size, load_image, split_alpha
+from generation.images import ImageInputError, fit_size, load_image, prepare_mask, split_alpha
 from generation.outpaint import outpaint_size
 from generation.metadata import png_bytes
 from generation.queue import Job, Refused
@@ -197,13 +197,15 @@ class Gestures:
     async def from_image(self, options: Options, source: bytes,
                          mask: bytes | None) -> tuple[GenerationRequest, list[str]]:
         """img2img of `source`, or inpaint when a mask is given or the source has transparent
-        pixels; with notes on what was changed (a downscaled image). Decoding runs off the loop."""
+        pixels; with notes on what was changed (a downscaled image, a resized mask). Decoding runs
+        off the loop; an unusable mask is refused now, not after waiting in the queue."""
         g = self._config.generation
         try:
-            rgb, mask_png = await asyncio.to_thread(_decode_inputs, source, mask)
+            rgb, mask_png, mask_notes = await asyncio.to_thread(_decode_inputs, source, mask)
         except ImageInputError as error:
             raise UserError(str(error)) from None
         width, height, notes = fit_size(*rgb.size, g.max_pixels, g.max_side)
+        notes += mask_notes
         init = await put_input(self._studio.db, await asyncio.to_thread(png_bytes, rgb))
         mask_sha = await put_input(self._studio.db, mask_png) if mask_png is not None else None
         kind = Kind.INPAINT if mask_sha is not None else Kind.IMG2IMG
@@ -558,12 +560,15 @@ def is_mask(data: bytes) -> bool:
     return bool(grey and extreme)
 
 
-def _decode_inputs(source: bytes, mask: bytes | None) -> tuple[Image.Image, bytes | None]:
-    """The source as RGB, and the mask as PNG: the given one, else the source's transparency."""
+def _decode_inputs(source: bytes, mask: bytes | None) -> tuple[Image.Image, bytes | None, list[str]]:
+    """The source as RGB; the mask (the given one, else the source's transparency) checked and made
+    black and white at the source's size, as PNG; and notes on what was changed about the mask."""
     rgb, alpha_mask = split_alpha(load_image(source, MAX_INPUT_PIXELS))
     mask_image = load_image(mask, MAX_INPUT_PIXELS, "mask") if mask is not None else alpha_mask
-    return rgb, png_bytes(mask_image) if mask_image is not None else None
-
+    if mask_image is None:
+        return rgb, None, []
+    binary, notes = prepare_mask(mask_image, rgb.size)
+    return rgb, png_bytes(binary), notes
 
 
 def _missing_permissions(have: discord.Permissions, guild: discord.Guild | None) -> str | None:

@@ -121,10 +121,14 @@ async def private_answer(server: DiscordServer, interaction: Interaction) -> Mes
     return found.message
 
 
-def png_upload(name: str) -> Upload:
+def encoded(image: Image.Image) -> bytes:
     buffer = io.BytesIO()
-    Image.new("RGB", (64, 64), (40, 90, 160)).save(buffer, format="PNG")
-    return Upload(name, buffer.getvalue())
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def png_upload(name: str) -> Upload:
+    return Upload(name, encoded(Image.new("RGB", (64, 64), (40, 90, 160))))
 
 
 async def test_imagine_acknowledges_shows_progress_and_delivers_images_with_buttons(
@@ -250,6 +254,9 @@ async def test_missing_permissions_bad_inputs_and_bans_get_clear_answers(world: 
         assert "I cannot post in this channel" in (await answer(world.alice, closed, {"prompt": "x"})).content
         text = (await answer(world.alice, world.channel, {"prompt": "x", "image": Upload("a.png", b"not an image")}))
         assert "not a PNG, JPEG or WebP" in text.content
+        black = Upload("black.png", encoded(Image.new("L", (64, 64), 0)))
+        all_black = await answer(world.alice, world.channel, {"prompt": "x", "image": png_upload("i.png"), "mask": black})
+        assert "the mask is all black, so there is nothing to repaint" in all_black.content
         mask_only = await answer(world.alice, world.channel, {"prompt": "x", "mask": png_upload("m.png")})
         assert "a mask needs an image to repaint: add the image option too" == mask_only.content
         strength_only = await answer(world.alice, world.channel, {"prompt": "x", "strength": 0.5})
@@ -330,15 +337,23 @@ async def test_reply_to_an_image_and_remix_run_img2img_and_inpaint(world: World)
         await asyncio.sleep(1.0)
         assert len(await bot.studio.db.fetch_all("SELECT id FROM jobs")) == jobs
 
-        mask = Image.new("L", (64, 64), 0)
-        mask.paste(255, (0, 0, 32, 32))
-        buffer = io.BytesIO()
-        mask.save(buffer, format="PNG")
+        mask = Image.new("L", (32, 32), 0)  # half the image's size: resized, and the user is told
+        mask.paste(255, (0, 0, 16, 16))
         masked = await server.post_message(world.carol, world.channel, f"{server.bot.mention} a red door",
-                                           attachments=[Upload("mask.png", buffer.getvalue())], reference=picture)
+                                           attachments=[Upload("mask.png", encoded(mask))], reference=picture)
+        acknowledged = await server.wait_for(lambda a: a.kind == "message" and a.message.reference is masked)
+        assert "\n-# the mask is 32x32 but the image is 64x64: the mask was resized to fit" in acknowledged.content
         inpainted = (await server.wait_for(lambda a: a.kind == "message" and a.message.reference is masked
                                            and bool(a.message.attachments), TIMEOUT)).message
         assert "inpaint" in inpainted.content
+
+        jobs = len(await bot.studio.db.fetch_all("SELECT id FROM jobs"))
+        black = await server.post_message(world.carol, world.channel, f"{server.bot.mention} a red door",
+                                          attachments=[Upload("mask.png", encoded(Image.new("L", (64, 64), 0)))],
+                                          reference=picture)
+        said = await server.wait_for(lambda a: a.kind == "message" and a.message.reference is black)
+        assert said.content.startswith("the mask is all black, so there is nothing to repaint")
+        assert len(await bot.studio.db.fetch_all("SELECT id FROM jobs")) == jobs  # refused before queueing
 
         not_mask = await server.post_message(world.carol, world.channel, f"{server.bot.mention} a red door",
                                              attachments=[png_upload("colour.png")], reference=picture)
@@ -378,9 +393,7 @@ def _with_transparent_corner() -> bytes:
     """An opaque 64x64 PNG whose top-left quarter is transparent: an inpaint mask for Remix."""
     rgba = Image.new("RGBA", (64, 64), (200, 150, 60, 255))
     rgba.paste((0, 0, 0, 0), (0, 0, 32, 32))
-    buffer = io.BytesIO()
-    rgba.save(buffer, format="PNG")
-    return buffer.getvalue()
+    return encoded(rgba)
 
 
 async def test_three_users_are_interleaved_fairly(world: World) -> None:
