@@ -111,7 +111,12 @@ def parse_flags(text: str) -> Options:
 
 def _check(name: str, value: float, low: float, high: float) -> None:
     if not low <= value <= high:
-        raise UserError(f"{name} must be between {low:g} and {high:g}; you gave {value:g}")
+        raise UserError(f"{name} must be between {_number(low)} and {_number(high)}; you gave {_number(value)}")
+
+
+def _number(value: float) -> str:
+    """Integers in full (a seed of 4294967296, not 4.29497e+09), other numbers short (0.5, not 0.500000)."""
+    return str(value) if isinstance(value, int) else f"{value:g}"
 
 
 class Gestures:

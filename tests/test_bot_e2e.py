@@ -295,6 +295,10 @@ async def test_without_the_message_content_intent_replies_work_on_the_bots_own_r
                                         and bool(a.message.attachments), TIMEOUT)).message
         assert f"<@{world.bob.id}>" in redone.content and "img2img" in redone.content
         assert png_info(redone.attachments[0].data)[1].startswith("at night\nSteps: 1,")
+        wordy = await server.post_message(world.bob, world.channel, f"{server.bot.mention} {'x' * 1001}",
+                                          reference=result)
+        said = (await server.wait_for(lambda a: a.kind == "message" and a.message.reference is wordy)).message
+        assert said.content == "the prompt is 1001 characters long; the most allowed is 1000"
 
         picture = await server.post_message(world.alice, world.channel, "my photo",
                                             attachments=[png_upload("photo.png")])
@@ -386,6 +390,12 @@ async def test_problems_found_after_a_public_defer_are_told_only_to_the_user(wor
         await server.wait_for(lambda a: a.interaction is menu and a.callback_type == 9)
         submitted = await server.submit_modal(world.carol, menu, {"prompt": "a window"})
         assert (await private_answer(server, submitted)).content == "the image is not a PNG, JPEG or WebP image"
+        # Discord's client keeps a modal's text within its max_length; the bot checks again all the same.
+        menu = await server.context_menu(world.carol, result, "Remix")
+        await server.wait_for(lambda a: a.interaction is menu and a.callback_type == 9)
+        submitted = await server.submit_modal(world.carol, menu, {"prompt": "y" * 1001})
+        said = await private_answer(server, submitted)
+        assert said.content == "the prompt is 1001 characters long; the most allowed is 1000"
         assert len(await bot.studio.db.fetch_all("SELECT id FROM jobs")) == 1
 
 

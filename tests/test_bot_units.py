@@ -4,17 +4,35 @@ from __future__ import annotations
 
 import io
 import math
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from bot.commands import ASPECTS, Options, UserError, derived_request, is_mask, parse_flags, size_for
+from bot.commands import (
+    ASPECTS,
+    MAX_INPUT_BYTES,
+    MAX_INPUT_PIXELS,
+    MAX_PROMPT,
+    Gestures,
+    Options,
+    UserError,
+    _decode_inputs,
+    _read,
+    derived_request,
+    is_mask,
+    parse_flags,
+    size_for,
+)
+from bot.config import AppConfig
 from bot.replies import fit_upload
 from bot.styles import STYLES
 from bot.views import result_view
-from generation.request import GenerationRequest, Kind
-from generation.settings import GenerationSettings
+from generation.images import ImageInputError
+from generation.request import MAX_SEED, GenerationRequest, Kind
+from generation.settings import GenerationSettings, ModelSettings
+from tests.fixtures.checkpoints import TinyCheckpoints, tiny_checkpoints  # noqa: F401
 
 
 def test_flags_split_prompt_and_options_and_bad_flags_are_named() -> None:
@@ -143,3 +161,56 @@ def test_upscale_buttons_use_the_configured_x4_upscaler_up_to_its_input_limit() 
     for request in (varied, zoomed):
         assert (request.model, request.upscale_factor, request.steps) == ("m", 2, 20)
     assert (varied.kind, zoomed.kind) == (Kind.VARIATION, Kind.OUTPAINT)
+
+
+@pytest.fixture
+def gestures(tiny_checkpoints: TinyCheckpoints) -> Gestures:  # noqa: F811
+    """Gestures over a tiny model; building requests needs only the configuration."""
+    path, yaml_path = tiny_checkpoints.get("sd1")
+    config = AppConfig(models=(ModelSettings(name="tiny", checkpoint=path, config=yaml_path),))
+    return Gestures(None, SimpleNamespace(config=config), None)  # type: ignore[arg-type]
+
+
+async def test_requests_refuse_unknown_samplers_seeds_out_of_range_and_long_prompts(gestures: Gestures) -> None:
+    """What /imagine's option ranges cannot catch: reply flags, and clients that skip the ranges."""
+    longest = await gestures.request(Options(prompt="a" * MAX_PROMPT, sampler="euler", seed=MAX_SEED, count=1))
+    assert (len(longest.prompt), longest.sampler, longest.seed) == (MAX_PROMPT, "euler", MAX_SEED)
+    with pytest.raises(UserError, match=f"the prompt is {MAX_PROMPT + 1} characters long; the most allowed is "
+                                        f"{MAX_PROMPT}"):
+        await gestures.request(parse_flags("b" * (MAX_PROMPT + 1) + " --seed 3"))
+    with pytest.raises(UserError, match="unknown sampler 'euler_b'; allowed: ddim, plms, euler, euler_a"):
+        await gestures.request(parse_flags("a cat --sampler euler_b"))
+    with pytest.raises(UserError, match=f"seed must be between 0 and {MAX_SEED}; you gave {MAX_SEED + 1}"):
+        await gestures.request(Options(prompt="a cat", seed=MAX_SEED + 1, count=1))
+    with pytest.raises(UserError, match="seed must be between 0 and"):
+        await gestures.request(parse_flags("a cat --seed -1"))
+    # Four images take four seeds: the first may be at most MAX_SEED - 3.
+    with pytest.raises(UserError, match=f"seed must be between 0 and {MAX_SEED - 3}; you gave {MAX_SEED}"):
+        await gestures.request(Options(prompt="a cat", seed=MAX_SEED, count=4))
+
+
+class _Upload:
+    """An attachment as discord.py describes it: its size, and some bytes when read."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+
+    async def read(self) -> bytes:
+        return b"read"
+
+
+async def test_uploads_over_20_mb_are_refused_before_they_are_downloaded() -> None:
+    assert await _read(_Upload(MAX_INPUT_BYTES), "image") == b"read"  # type: ignore[arg-type]
+    with pytest.raises(UserError, match="the mask is 25.0 MB; the most allowed is 20 MB"):
+        await _read(_Upload(25 * 2**20), "mask")  # type: ignore[arg-type]
+
+
+def test_images_and_masks_over_the_pixel_cap_are_refused_before_decoding() -> None:
+    side = math.isqrt(MAX_INPUT_PIXELS)
+    huge = encoded(Image.new("1", (side + 1, side)))  # one column over; a 1-bit PNG stays small
+    small = encoded(Image.new("RGB", (64, 64)))
+    with pytest.raises(ImageInputError, match=f"the image is {side + 1}x{side} = {(side + 1) * side} pixels; "
+                                              f"the most allowed is {MAX_INPUT_PIXELS}"):
+        _decode_inputs(huge, None)
+    with pytest.raises(ImageInputError, match=f"the mask is {side + 1}x{side} = "):
+        _decode_inputs(small, huge)
