@@ -73,10 +73,8 @@ class Listener(Protocol):
 Refusal = Callable[[Database, AppConfig, Requester, GenerationRequest], Awaitable[str | None]]
 
 
-async def _png(image: bytes | Image) -> bytes:
+async def _png(image: Image) -> bytes:
     """A result image as PNG bytes, its `parameters` text as the chunk, encoded off the loop."""
-    if isinstance(image, bytes):
-        return image
     return await asyncio.to_thread(png_bytes, image, image.info.get("parameters"))
 
 

@@ -46,11 +46,11 @@ MAX_DELIVERIES = 16
 
 @dataclass(frozen=True)
 class JobResult:
-    """What became of one job: its images (PNG bytes, or PIL images to be encoded by whoever
-    stores them, off the device thread) and their seeds, or `error`, a message for the user."""
+    """What became of one job: its images (PIL images, encoded by whoever stores them, off the
+    device thread; the runner never looks inside) and their seeds, or `error`, a message for the user."""
 
     job_id: str
-    images: tuple[bytes | Image, ...] = ()
+    images: tuple[Image, ...] = ()
     seeds: tuple[int, ...] = ()
     error: str | None = None
 
