@@ -6,10 +6,12 @@ waits for the loop between batches: while one batch runs, the worker already tak
 the queue, awaits its `on_started` hooks and queues it on the device thread, which starts it the
 moment the running one returns (one batch ahead, no more: the queue still decides who goes next,
 only earlier). Results are handed to `on_finished` in tasks of their own, so storing and posting
-them never keeps the device waiting either. The worker thread survives anything a pipeline raises: an out-of-memory error frees memory and retries the batch
-split in halves down to one job, any other exception is narrowed down the same way so it fails
-only the job that caused it. Every job a worker takes completes exactly once (`on_finished`),
-except jobs interrupted by shutdown: they stay running, and the restore at start-up re-runs them.
+them never keeps the device waiting either. The worker thread survives anything a pipeline
+raises: an out-of-memory error frees memory and retries the batch split in halves down to one job
+(and the limit it teaches splits the batch queued behind before it runs), any other exception is
+narrowed down the same way so it fails only the job that caused it. Every job a worker takes
+completes exactly once (`on_finished`), except jobs interrupted by shutdown (the running batch and
+the one behind it): they stay running, and the restore at start-up re-runs them.
 """
 
 from __future__ import annotations
