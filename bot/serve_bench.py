@@ -53,6 +53,8 @@ TINY = replace(
     text=replace(SD1.text, width=32, layers=2, mlp_width=64),
 )
 FAMILIES = {"tiny": TINY, "sd1": SD1, "sd2": SD2_V}
+#: The native square and the 2:3 and 3:2 aspects the bot offers (tiny: small enough for a CPU).
+SIZES = {"tiny": "64x64,64x96,96x64", "sd1": "512x512,512x768,768x512", "sd2": "768x768,640x960,960x640"}
 #: Member classes: (role name, fair-share weight, share of the members).
 CLASSES = (("member", 1.0, 0.6), ("supporter", 2.0, 0.3), ("patron", 4.0, 0.1))
 SERVERS = 3
@@ -122,7 +124,8 @@ def main(argv: list[str]) -> int:
                         help="random weights in this architecture (default: sd1 on CUDA, tiny on the CPU)")
     source.add_argument("--checkpoint", type=Path, help="a real single-file checkpoint instead of random weights")
     parser.add_argument("--sizes", default=None,
-                        help="WxH image sizes, comma-separated (default: the native square and its 2:3 and 3:2)")
+                        help="WxH image sizes, comma-separated (default: the family's square, 2:3 and 3:2; "
+                             "with --checkpoint, SD 1.x's)")
     parser.add_argument("--steps", default="20,25", help="step counts, comma-separated (default 20,25)")
     parser.add_argument("--counts", default="1,2,4", help="images per job, comma-separated (default 1,2,4)")
     parser.add_argument("--sampler", choices=SAMPLER_NAMES, default="dpmpp_2m_karras")
@@ -133,8 +136,7 @@ def main(argv: list[str]) -> int:
     args.family = None if args.checkpoint else args.family or ("sd1" if device.type == "cuda" else "tiny")
     family = FAMILIES[args.family] if args.family else None
     try:
-        native = family.native_size if family else 512
-        sizes = _sizes(args.sizes or f"{native}x{native},{native}x{native * 3 // 2},{native * 3 // 2}x{native}")
+        sizes = _sizes(args.sizes or SIZES[args.family or "sd1"])
         steps, counts = _numbers(args.steps, "--steps"), _numbers(args.counts, "--counts")
         if args.members < 1 or args.jobs < 1:
             raise ValueError("--members and --jobs must be at least 1")
@@ -156,7 +158,7 @@ def main(argv: list[str]) -> int:
         what = args.checkpoint.name if args.checkpoint else f"{args.family or family.name} random weights"
         print(f"atelier bench serve: {what}, {dtype}, {name}, torch {torch.__version__}")
         print(f"trace: {args.members} members in {min(SERVERS, args.members)} servers, {args.jobs} jobs "
-              f"({sum(a.request.count for a in trace)} images), sizes {args.sizes or _format_sizes(sizes)}, "
+              f"({sum(a.request.count for a in trace)} images), sizes {_format_sizes(sizes)}, "
               f"steps {args.steps}, counts {args.counts}, {args.sampler}", flush=True)
         served = asyncio.run(_serve(config, args.device, trace, sizes, min(steps)))
         engine_s, batches = _engine_seconds(config, args.device, served.batches, sizes, min(steps))
