@@ -175,6 +175,8 @@ class Served:
     #: The batches the runner formed, in the order they ran: the jobs of one share their dispatch time.
     batches: list[list[Job]]
     warmup_s: float
+    #: Device seconds of one warm image of the first size, alone: what paces the arrivals.
+    probe_s: float
 
 
 async def _serve(config: AppConfig, device: str, trace: list[Arrival], sizes: list[tuple[int, int]],
@@ -183,14 +185,22 @@ async def _serve(config: AppConfig, device: str, trace: list[Arrival], sizes: li
     timeline = Timeline()
     async with Studio.open(config, (device,), memory_budget(device)) as studio:
         studio.start(timeline)
+
+        async def device_seconds(requests: list[GenerationRequest]) -> float:
+            """Run `requests` one after another (one member's), until stored; the device's seconds."""
+            busy, timeline.expected = studio.busy_seconds()[device], timeline.expected + len(requests)
+            timeline.all_stored.clear()
+            for request in requests:
+                await studio.submit(request, Requester(0, None, 0), Origin(channel_id=0))
+            await timeline.all_stored.wait()
+            return studio.busy_seconds()[device] - busy
+
         began = time.perf_counter()
         warm = [_request(w, h, 1, warm_steps, trace[0].request.sampler, "warm-up", 0) for w, h in sizes]
-        timeline.expected = len(warm)
-        for request in warm:  # the model loads, and each size runs once
-            await studio.submit(request, Requester(0, None, 0), Origin(channel_id=0))
-        await timeline.all_stored.wait()
+        await device_seconds(warm)  # the model loads, and each size runs once
         warmup_s = time.perf_counter() - began
-        rate = sum(r.cost for r in warm) / max(studio.busy_seconds()[device], 1e-9)  # cost units per second
+        probe_s = max(await device_seconds(warm[:1]), 1e-9)
+        rate = warm[0].cost / probe_s  # cost units per second, one image at a time
         timeline.all_stored.clear()
         timeline.expected += len(trace)
         busy_before, jobs = studio.busy_seconds()[device], {}
@@ -199,8 +209,9 @@ async def _serve(config: AppConfig, device: str, trace: list[Arrival], sizes: li
             await _until(began + arrival.at)
             member = arrival.member
             requester = Requester(member.user_id, member.guild_id, member.guild_id, role_names=(member.role,))
+            submitted = time.perf_counter()
             job = await studio.submit(arrival.request, requester, Origin(channel_id=member.guild_id))
-            timeline.submitted[job.id] = time.perf_counter()
+            timeline.submitted[job.id] = submitted
             jobs[job.id] = (arrival, job)
         await timeline.all_stored.wait()
         wall_s = max(timeline.stored_at[j] for j in jobs) - began
@@ -210,7 +221,7 @@ async def _serve(config: AppConfig, device: str, trace: list[Arrival], sizes: li
         if job.started_at is not None:
             by_dispatch.setdefault(job.started_at, []).append(job)
     batches = [by_dispatch[at] for at in sorted(by_dispatch)]
-    return Served(timeline, jobs, wall_s, busy_s, batches, warmup_s)
+    return Served(timeline, jobs, wall_s, busy_s, batches, warmup_s, probe_s)
 
 
 def _engine_seconds(config: AppConfig, device: str, batches: list[list[Job]], sizes: list[tuple[int, int]],
@@ -240,7 +251,8 @@ def _report(served: Served, engine_s: float, batches: int, members: list[Member]
     done = [job_id for job_id in served.jobs if job_id not in timeline.failed]
     images = sum(timeline.images[job_id] for job_id in done)
     delivered_rate, engine_rate = images / served.wall_s, images / engine_s
-    print(f"warm-up       {served.warmup_s:8.2f} s (the model loaded, each size run once)")
+    print(f"warm-up       {served.warmup_s:8.2f} s (the model loaded, each size run once); one image alone "
+          f"{served.probe_s:.2f} s: the trace brings work {OVERLOAD:g}x as fast")
     print(f"delivered     {images:5d} images of {len(done)}/{len(served.jobs)} jobs in {served.wall_s:8.2f} s: "
           f"{delivered_rate:8.3f} images/s")
     print(f"engine alone  {images:5d} images in {batches} batches      in {engine_s:8.2f} s: "
