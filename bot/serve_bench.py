@@ -20,6 +20,7 @@ import argparse
 import asyncio
 import math
 import random
+import re
 import tempfile
 import time
 from collections.abc import Mapping, Sequence
@@ -131,7 +132,13 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--sampler", choices=SAMPLER_NAMES, default="dpmpp_2m_karras")
     parser.add_argument("--seed", type=int, default=0, help="seed of the trace and of the random weights")
     args = parser.parse_args(argv)
+    if not re.fullmatch(r"cpu|cuda(:\d+)?", args.device):
+        parser.error(f"--device: {args.device!r} is not a device; allowed: cpu, cuda, cuda:N")
     device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error(f"--device {args.device}: PyTorch sees no CUDA device here; use --device cpu")
+    if args.checkpoint and not args.checkpoint.is_file():
+        parser.error(f"--checkpoint: {args.checkpoint} is not a file")
     dtype = args.dtype or ("float16" if device.type == "cuda" else "float32")
     args.family = None if args.checkpoint else args.family or ("sd1" if device.type == "cuda" else "tiny")
     family = FAMILIES[args.family] if args.family else None
@@ -155,7 +162,7 @@ def main(argv: list[str]) -> int:
             storage=StorageSettings(data_dir=Path(folder) / "data"),
         )
         name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
-        what = args.checkpoint.name if args.checkpoint else f"{args.family or family.name} random weights"
+        what = args.checkpoint.name if args.checkpoint else f"{args.family} random weights"
         print(f"atelier bench serve: {what}, {dtype}, {name}, torch {torch.__version__}")
         print(f"trace: {args.members} members in {min(SERVERS, args.members)} servers, {args.jobs} jobs "
               f"({sum(a.request.count for a in trace)} images), sizes {_format_sizes(sizes)}, "

@@ -37,11 +37,18 @@ def test_the_serve_bench_delivers_every_job_and_prints_consistent_figures(capsys
     assert rows and sum(int(jobs) for _, jobs, _ in rows) == 6 and sum(int(n) for _, _, n in rows) == images
 
 
-def test_bad_options_are_refused_with_what_is_allowed(capsys: pytest.CaptureFixture[str]) -> None:
+@pytest.mark.parametrize(("options", "message"), [
+    (["--sizes", "512by512"], "'512by512' is not WxH with sides multiple of 8"),
+    (["--steps", "20,x"], "--steps: '20,x' is not a comma-separated list of positive whole numbers"),
+    (["--device", "gpu"], "'gpu' is not a device; allowed: cpu, cuda, cuda:N"),
+    (["--checkpoint", "/nowhere/model.safetensors"], "/nowhere/model.safetensors is not a file"),
+])
+def test_bad_options_are_refused_with_what_is_allowed(
+    options: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
     with pytest.raises(SystemExit) as refused:
-        cli(["bench", "serve", "--sizes", "512by512"])
-    assert refused.value.code == 2
-    assert "'512by512' is not WxH with sides multiple of 8" in capsys.readouterr().err
+        cli(["bench", "serve", *options])
+    assert refused.value.code == 2 and message in capsys.readouterr().err
 
 
 def test_the_trace_mixes_classes_sizes_and_counts_and_arrives_faster_than_the_device() -> None:
