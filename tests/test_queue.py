@@ -407,30 +407,39 @@ async def test_a_guild_pause_and_the_operators_hold_are_lifted_separately():
 
 def test_estimates_leave_out_a_paused_guild_as_if_its_jobs_were_not_there():
     """Positions and ETAs of the other guilds equal those of a queue that never had guild 1's
-    jobs; guild 1's queued jobs are estimated as paused, with neither, and the snapshot marks them
-    paused."""
+    jobs; guild 1's queued jobs are estimated as paused, with the places they would have on resume
+    but no start time, and the snapshot marks them paused."""
 
-    def fill(queue: FairQueue, with_guild_1: bool) -> list[Job]:
-        others = []
+    def fill(queue: FairQueue, with_guild_1: bool) -> tuple[list[Job], list[Job]]:
+        others, mine = [], []
         for i in range(6):
             if with_guild_1:
-                submit(queue, 1, guild=1, steps=30 + i)
+                mine.append(submit(queue, 1, guild=1, steps=30 + i))
             others.append(submit(queue, 2 + i % 2, guild=2, steps=10 + 5 * i))
             others.append(submit(queue, 4, guild=None, steps=20))
-        return others
+        return others, mine
 
-    paused, plain = FairQueue(ROOMY, clock=lambda: 0.0), FairQueue(ROOMY, clock=lambda: 0.0)
+    paused, plain, running = (FairQueue(ROOMY, clock=lambda: 0.0) for _ in range(3))
     paused.pause(1)
-    others, expected_others = fill(paused, True), fill(plain, False)
-    estimates, expected = paused.estimates(), plain.estimates()
+    running.pause(1)
+    (others, mine), (expected_others, _) = fill(paused, True), fill(plain, False)
+    _, mine_running = fill(running, True)
+    running.resume(1)
+    estimates, expected, unpaused = paused.estimates(), plain.estimates(), running.estimates()
     assert len(estimates) == len(paused) == 18
     assert [estimates[j.id] for j in others] == [expected[j.id] for j in expected_others]
-    assert [e for e in estimates.values() if e.paused] == [Estimate(None, None)] * 6
+    # Guild 1's jobs have the places they would have if its moderators resumed now, and no time;
+    # the pause itself stays (the replay resumed a fork).
+    held_places = [estimates[j.id].position for j in mine]
+    assert held_places == [unpaused[j.id].position for j in mine_running]
+    assert all(estimates[j.id].paused and estimates[j.id].starts_in_s is None for j in mine)
     snap = paused.snapshot()
     held = [v for v in snap.queued if v.guild_id == 1]
-    assert len(held) == 6 and all(v.paused and v.position is None and v.starts_in_s is None for v in held)
+    assert len(held) == 6 and all(v.paused and v.starts_in_s is None for v in held)
+    assert [v.position for v in held] == sorted(held_places)
     assert not snap.paused and not any(v.paused for v in snap.queued if v.guild_id != 1)
-    assert [v.guild_id for v in snap.queued[-6:]] == [1] * 6  # listed after every job with a place
+    assert [v.guild_id for v in snap.queued[-6:]] == [1] * 6  # listed after every job that can start
+    assert paused.is_paused(1) and paused.next_batch("cpu", 8)[0].guild_id != 1
 
 
 # -- batching --------------------------------------------------------------------------------
@@ -513,8 +522,9 @@ def test_batched_jobs_are_charged_like_unbatched_ones():
 
 # -- position, ETA, throughput, snapshot ------------------------------------------------------
 
-def test_positions_follow_the_real_dispatch_order():
-    """On one device (on two, a user's next job may wait for their running one: the ETA tests)."""
+def test_positions_follow_the_real_dispatch_order_batches_included():
+    """On one device (on two, a user's next job may wait for their running one: the ETA tests);
+    jobs of equal steps batch, as the runner takes them."""
     queue = FairQueue(ROOMY)
     for owner, n, guild in ((1, 8, 1), (2, 3, 1), (3, 5, 2), (4, 1, None)):
         for i in range(n):
@@ -522,8 +532,13 @@ def test_positions_follow_the_real_dispatch_order():
     (running,) = queue.next_batch("cpu", 1)
     estimates = queue.estimates()
     queue.finish(running, JobState.DONE)
-    order = dispatch_all(queue)
-    assert len(order) == 16  # every job, the DM one (guild None) too
+    order, batched = [], False
+    while batch := queue.next_batch("cpu", ROOMY.max_batch_images):
+        order += batch
+        batched |= len(batch) > 1
+        for job in batch:
+            queue.finish(job, JobState.DONE)
+    assert len(order) == 16 and batched  # every job, the DM one (guild None) too
     assert sorted(estimates, key=lambda i: estimates[i].position) == [j.id for j in order]
     assert [estimates[j.id].position for j in order] == list(range(1, len(order) + 1))
 
