@@ -104,7 +104,7 @@ class Engine:
                 progress(job.id, step, total, preview)
 
         try:
-            grouped = run_batch(model, requests, self._inputs, report, lambda: all(cancelled(j.id) for j in batch))
+            grouped = run_batch(model, requests, self._inputs, report, lambda i: cancelled(batch[i].id))
         except Cancelled:
             return []  # every job was cancelled: the runner records each one
         results = []
