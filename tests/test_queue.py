@@ -618,3 +618,64 @@ def test_the_queue_benchmark_runs(capsys):
     assert main(["--jobs", "300", "--users", "30", "--rounds", "30", "--hours", "0.25"]) == 0
     out = capsys.readouterr().out
     assert "next_batch" in out and "fair queue (SFQ)" in out and "first come first served" in out
+
+
+# -- the ETA learns from the runner ----------------------------------------------------------
+
+def stand_in_seconds(batch: list[Job]) -> float:
+    """A stand-in GPU with a batching speed-up: each step costs a fixed 20 ms plus 10 ms per image,
+    so a batch of n 512x512 images runs at n / (0.02 + 0.01 n) cost units per second (33, 50,
+    67 for 1, 2, 4 images)."""
+    images = sum(job.request.count for job in batch)
+    return batch[0].request.steps * (0.02 + 0.01 * images)
+
+
+def run_stand_in(queue: FairQueue, now: list[float], max_images: int = 4) -> dict[str, float]:
+    """Run everything queued on one stand-in device, recording each batch; the start of each job."""
+    started = {}
+    while batch := queue.next_batch("cpu", max_images):
+        started |= {job.id: now[0] for job in batch}
+        now[0] += stand_in_seconds(batch)
+        asyncio.run(queue.record_batch("cpu", batch, stand_in_seconds(batch)))
+        for job in batch:
+            queue.finish(job, JobState.DONE)
+    return started
+
+
+def test_the_eta_learns_the_rate_of_each_batch_size_and_survives_a_restart():
+    now, saved = [0.0], {}
+
+    async def save(key, rate):
+        saved[key] = rate
+
+    settings = QueueSettings(max_queued_per_user=100, max_batch_images=4)
+    queue = FairQueue(settings, clock=lambda: now[0], initial_throughput=1.0, save_rate=save)
+    # Learning: batches of 1 to 4 images (members' jobs batch; a member's own run in turn).
+    for members in range(1, 5):
+        for owner in range(1, members + 1):
+            submit(queue, owner, steps=10)
+        run_stand_in(queue, now)
+    assert saved == pytest.approx({("sd15", 512, 512, n): n / (0.02 + 0.01 * n) for n in range(1, 5)})
+
+    def backlog(queue: FairQueue) -> list[Job]:
+        return [submit(queue, owner, steps=10) for owner in (1, 2, 3, 4, 5, 1, 2, 1)]
+
+    jobs = backlog(queue)
+    estimates = queue.estimates()
+    started = run_stand_in(queue, now)
+    start = min(started.values())
+    expected = [started[j.id] - start for j in jobs]
+    assert all(estimates[j.id].measured for j in jobs)
+    assert [estimates[j.id].starts_in_s for j in jobs] == pytest.approx(expected)
+    assert max(Counter(started.values()).values()) == 4  # the first batch holds four members' jobs
+
+    # A restart: the stored rates give the same estimates at once; without them, after the first
+    # batch (which starts now, on an idle device) nothing is measured.
+    restarted = FairQueue(settings, clock=lambda: 0.0, rates=saved)
+    fresh = FairQueue(settings, clock=lambda: 0.0)
+    jobs, unknown = backlog(restarted), backlog(fresh)
+    after, guessed = restarted.estimates(), fresh.estimates()
+    started = run_stand_in(restarted, [0.0])
+    assert [after[j.id].starts_in_s for j in jobs] == pytest.approx([started[j.id] for j in jobs])
+    assert all(after[j.id].measured for j in jobs)
+    assert [guessed[j.id].measured for j in unknown] == [True] * 4 + [False] * 4
