@@ -70,8 +70,8 @@ class Listener(Protocol):
         """`job.state` is done, failed (`job.error` says why) or cancelled."""
 
 
-#: The moderators' checks: why a requester may not run a request, or None (`bot.policy.refusal`).
-Refusal = Callable[[Database, AppConfig, Requester, GenerationRequest], Awaitable[str | None]]
+#: The moderators' checks: every reason a requester may not run a request (`bot.policy.problems`).
+Refusal = Callable[[Database, AppConfig, Requester, GenerationRequest], Awaitable[list[str]]]
 
 
 async def _png(image: Image) -> bytes:
@@ -194,9 +194,9 @@ class Studio:
 
     # -- the queue's and the runner's hooks --
 
-    async def _limits(self, submission: Submission) -> str | None:
+    async def _limits(self, submission: Submission) -> list[str]:
         if self._refusal is None:
-            return None
+            return []
         requester, _ = self._submitting.get()
         return await self._refusal(self.db, self.config, requester, submission.request)
 

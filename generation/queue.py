@@ -58,7 +58,20 @@ BatchKey = tuple[str, Kind, int, int, int, str, float | None]
 
 
 class Refused(Exception):
-    """A request the queue will not carry out; `str(error)` is the reason, written for the user."""
+    """A request the queue will not carry out; `str(error)` is the reason, written for the user
+    (`explain`: every reason at once when there are several), `reasons` each one."""
+
+    def __init__(self, *reasons: str) -> None:
+        super().__init__(explain(reasons))
+        self.reasons = reasons
+
+
+def explain(reasons: Sequence[str]) -> str:
+    """One reason as it is; several as one list, so a member can fix everything in one go."""
+    if len(reasons) == 1:
+        return reasons[0]
+    lines = "\n".join(f"- {reason[:1].upper()}{reason[1:]}" for reason in reasons)
+    return f"This request cannot run here, for {len(reasons)} reasons:\n{lines}"
 
 
 @dataclass(frozen=True)
@@ -148,7 +161,8 @@ class Snapshot:
     throughput: Mapping[str, float]
 
 
-LimitCheck = Callable[[Submission], Awaitable[str | None]]
+#: Every reason a submission may not run (the moderators' limits from storage); empty if it may.
+LimitCheck = Callable[[Submission], Awaitable[Sequence[str]]]
 Persist = Callable[[Job], Awaitable[None]]
 #: Stores a new moving average of a batch rate (cost units per second) so a restart keeps it.
 SaveRate = Callable[[RateKey, float], Awaitable[None]]
@@ -392,8 +406,8 @@ class FairQueue:
         save_rate: SaveRate | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        """`devices` are the runner's (ETAs simulate one server each); `limits` returns a refusal
-        reason or None (the moderator limits from storage); `persist` stores an accepted job
+        """`devices` are the runner's (ETAs simulate one server each); `limits` returns every
+        reason to refuse (the moderator limits from storage), told together with the queue's own; `persist` stores an accepted job
         before `submit` returns (if it raises, the job is not queued); `initial_throughput` (cost
         units per second) stands in for a device until the runner has measured it; `rates` are
         the batch rates measured before (`record_batch`), and `save_rate` stores each new one."""
@@ -422,15 +436,17 @@ class FairQueue:
     # -- submitting --
 
     async def submit(self, submission: Submission) -> Job:
-        """Accept a request, or raise `Refused` with the reason (a refusal changes nothing)."""
+        """Accept a request, or raise `Refused` with every reason (a refusal changes nothing)."""
         if submission.weight <= 0:
             raise ValueError(f"a fair-share weight must be > 0, got {submission.weight}")
         async with self._submit_lock:
-            reason = self._refusal(submission.owner_id)
-            if reason is None and self._limits is not None:
-                reason = await self._limits(submission)
-            if reason is not None:
-                raise Refused(reason)
+            if self.draining:
+                raise Refused("Atelier is about to restart and takes no new jobs; try again in a minute")
+            reasons = self._refusals(submission.owner_id)
+            if self._limits is not None:
+                reasons += await self._limits(submission)
+            if reasons:
+                raise Refused(*reasons)
             job = Job(
                 id=new_job_id(),
                 request=submission.request,
@@ -445,20 +461,16 @@ class FairQueue:
             self._enqueue(job)
             return job
 
-    def _refusal(self, owner: int) -> str | None:
+    def _refusals(self, owner: int) -> list[str]:
+        """The queue's own caps (`[queue]`), which no moderator can raise."""
         cap, total = self._settings.max_queued_per_user, self._settings.max_queued_total
-        if self.draining:
-            return "Atelier is about to restart and takes no new jobs; try again in a minute"
+        reasons = []
         if self._queued[owner] >= cap:
-            return (
-                f"you already have {self._queued[owner]} jobs queued (the limit is {cap}); "
-                "wait for one to finish or cancel one"
-            )
+            reasons.append(f"you already have {self._queued[owner]} jobs queued (the limit is {cap}); "
+                           "wait for one to finish or cancel one")
         if self._queued_total >= total:
-            return (
-                f"the queue is full ({total} jobs waiting, the limit); try again in a few minutes"
-            )
-        return None
+            reasons.append(f"the queue is full ({total} jobs waiting, the limit); try again in a few minutes")
+        return reasons
 
     def _enqueue(self, job: Job) -> None:
         self._jobs[job.id] = job

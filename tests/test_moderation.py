@@ -19,7 +19,7 @@ from discord.ext import commands
 from bot.account import account_commands
 from bot.config import AppConfig, DiscordSettings
 from bot.moderation import moderation_commands, regex_refusal
-from bot.policy import Requester, refusal
+from bot.policy import Requester, problems
 from generation.queue import FairQueue, Job, Refused, Submission
 from generation.request import GenerationRequest, JobState
 from storage.audit import audit_log
@@ -123,10 +123,10 @@ async def studio(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> AsyncItera
             await create_job(db, job.request, owner_id=job.owner_id, channel_id=channel.id,
                              job_id=job.id, guild_id=job.guild_id)
 
-        async def limits(submission: Submission) -> str | None:
+        async def limits(submission: Submission) -> list[str]:
             requester = Requester(submission.owner_id, submission.guild_id, channel.id,
                                   submission.role_ids)
-            return await refusal(db, config, requester, submission.request)
+            return await problems(db, config, requester, submission.request)
 
         queue = FairQueue(config.queue, ("cpu",), limits=limits, persist=persist)
 

@@ -243,12 +243,30 @@ def test_refusals_say_what_was_wrong_and_change_nothing():
         submit(queue, 4)
 
 
+async def test_the_queues_caps_and_the_moderators_limits_are_told_together():
+    async def limits(sub: Submission) -> list[str]:
+        return ["Your limit here is 15 steps; you asked for 20.",
+                "Your limit here is 1 images per request; you asked for 2."] if sub.request.count > 1 else []
+
+    queue = FairQueue(QueueSettings(max_queued_per_user=1, max_queued_total=1), limits=limits)
+    await queue.submit(Submission(request(), 1, 1))
+    with pytest.raises(Refused) as refused:
+        await queue.submit(Submission(request(count=2), 1, 1))
+    assert str(refused.value) == (
+        "This request cannot run here, for 4 reasons:\n"
+        "- You already have 1 jobs queued (the limit is 1); wait for one to finish or cancel one\n"
+        "- The queue is full (1 jobs waiting, the limit); try again in a few minutes\n"
+        "- Your limit here is 15 steps; you asked for 20.\n"
+        "- Your limit here is 1 images per request; you asked for 2.")
+    assert len(refused.value.reasons) == 4 and len(queue) == 1
+
+
 async def test_moderator_limits_and_persistence_plug_in():
     persisted, seen = [], []
 
-    async def limits(sub: Submission) -> str | None:
+    async def limits(sub: Submission) -> list[str]:
         seen.append(sub)
-        return "you used your 100 images for today (the limit is 100)" if sub.owner_id == 9 else None
+        return ["you used your 100 images for today (the limit is 100)"] if sub.owner_id == 9 else []
 
     async def persist(job: Job) -> None:
         persisted.append(job.id)
@@ -268,8 +286,9 @@ async def test_moderator_limits_and_persistence_plug_in():
 def test_submissions_are_serialized_across_the_limit_check():
     """Two concurrent submits while the limit check awaits cannot both pass the per-user cap."""
 
-    async def slow_limits(sub: Submission) -> None:
+    async def slow_limits(sub: Submission) -> list[str]:
         await asyncio.sleep(0.01)
+        return []
 
     async def scenario() -> list:
         queue = FairQueue(QueueSettings(max_queued_per_user=1), limits=slow_limits)
