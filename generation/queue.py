@@ -35,10 +35,12 @@ from __future__ import annotations
 
 import asyncio
 import heapq
+import math
 import time
 from collections import Counter, deque
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 
 from generation.request import GenerationRequest, JobState, Kind, new_job_id
 from generation.settings import QueueSettings
@@ -106,8 +108,9 @@ class Job:
     #: Set when the job is cancelled while running; the runner stops it at the next step.
     cancel_reason: str | None = None
 
-    @property
+    @cached_property
     def cost(self) -> float:
+        """The request's cost, computed once: replays read it thousands of times."""
         return self.request.cost
 
     @property
@@ -679,6 +682,8 @@ class FairQueue:
         heapq.heapify(events)
         order = len(events)
         result: dict[str, Estimate] = {}
+        # Jobs not placed yet by batch key: a head with no compatible job left needs no look-ahead.
+        unplaced = Counter(job.batch_key for job in self._jobs.values() if job.state is JobState.QUEUED)
         while events and len(result) < len(self):
             at, _, device, freed, measured = heapq.heappop(events)
             for owner in freed:
@@ -690,7 +695,9 @@ class FairQueue:
                     break
                 heapq.heappush(events, (events[0][0], order, device, [], events[0][4]))
                 continue
-            batch = _gather(tree, head, self._settings.max_batch_images, None)
+            unplaced[head.batch_key] -= 1
+            batch = _gather(tree, head, self._settings.max_batch_images, None, unplaced[head.batch_key])
+            unplaced[head.batch_key] -= len(batch) - 1
             for job in batch:
                 result[job.id] = Estimate(len(result) + 1, at - now, measured=measured)
             seconds, known = self._duration(device, batch)
@@ -730,16 +737,19 @@ class FairQueue:
         return Snapshot(self._paused_all, self.draining, tuple(running), tuple(queued), throughput)
 
 
-def _gather(tree: _Tree, head: Job, max_images: int, max_pixels: float | None) -> list[Job]:
+def _gather(
+    tree: _Tree, head: Job, max_images: int, max_pixels: float | None, compatible: float = math.inf
+) -> list[Job]:
     """`head` (just popped from `tree`) and the compatible jobs among the next `BATCH_LOOKAHEAD`
-    fair picks that are each the head of their flow, taken from `tree` (see `next_batch`)."""
+    fair picks that are each the head of their flow, taken from `tree` (see `next_batch`);
+    `compatible`: how many queued jobs share its batch key, if known (none: no look-ahead)."""
     batch, images = [head], head.request.count
     pixels_per_image = head.request.work_pixels  # SD-equivalent: an x4 image weighs far more
     budget = min(max_images, max_pixels / pixels_per_image if max_pixels else max_images)
-    ahead = tree.fork() if images < budget else None
+    ahead = tree.fork() if images < budget and compatible > 0 else None
     for _ in range(BATCH_LOOKAHEAD if ahead else 0):
         job = ahead.pop()
-        if job is None or images >= budget:
+        if job is None or images >= budget or len(batch) > compatible:
             break
         if job.batch_key == head.batch_key and images + job.request.count <= budget and tree.is_head(job):
             tree.take(job)
