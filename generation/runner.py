@@ -328,12 +328,15 @@ class Runner(Generic[M]):
                 )
             return None
 
+        def tell(outcome: _Outcome) -> None:
+            """Complete a cancelled job now, while its batch-mates run on."""
+            told.add(outcome.job.id)
+            loop.call_soon_threadsafe(self._complete, worker, outcome)
+
         def cancelled(job_id: str) -> bool:
-            job = by_id[job_id]
-            outcome = stopped(job)
+            outcome = stopped(by_id[job_id])
             if outcome is not None and outcome.state is JobState.CANCELLED and job_id not in told:
-                told.add(job_id)  # complete it now, while its batch-mates run on
-                loop.call_soon_threadsafe(self._complete, worker, outcome)
+                tell(outcome)
             return outcome is not None
 
         def progress(job_id: str, step: int, total: int, preview: Any) -> None:
@@ -346,10 +349,12 @@ class Runner(Generic[M]):
             for job in parts.pop():
                 if job.id in told:
                     continue
-                if (outcome := stopped(job)) is not None:
-                    report.outcomes.append(outcome)
-                else:
+                if (outcome := stopped(job)) is None:
                     live.append(job)
+                elif outcome.state is JobState.CANCELLED:
+                    tell(outcome)
+                else:
+                    report.outcomes.append(outcome)
             if not live:
                 continue
             model_name, out_of_memory, deadline = live[0].request.model, False, time.monotonic() + timeout
