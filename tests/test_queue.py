@@ -13,7 +13,6 @@ from hypothesis import strategies as st
 from generation.queue import (
     BATCH_LOOKAHEAD,
     MAX_RERUNS,
-    Estimate,
     FairQueue,
     Job,
     Refused,
