@@ -109,6 +109,8 @@ class Engine:
             return []  # every job was cancelled: the runner records each one
         results = []
         for job, images in zip(batch, grouped, strict=True):
+            if not images:  # cancelled with every request of its strength: the runner told it
+                continue
             seeds = job.request.seeds()
             for image, seed in zip(images, seeds, strict=True):
                 image.info["parameters"] = parameters_text(job.request, seed, model.short_hash)

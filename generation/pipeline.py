@@ -25,7 +25,7 @@ from PIL import Image
 from generation.denoiser import GuidedDenoiser
 from generation.prompts import encode_prompts
 from generation.request import GenerationRequest, Kind
-from generation.samplers import SAMPLERS, BatchNoise, Denoiser, Sampler
+from generation.samplers import SAMPLERS, BatchNoise, Cancelled, Denoiser, Sampler
 from generation.schedules import DiscreteSchedule, ddim_sigmas
 from generation.settings import ModelSettings
 from generation.tiling import OVERLAP, TILE, decode_tiled
@@ -139,7 +139,8 @@ def run_batch(
     real checkpoints; other checkpoints: twice). Raises `generation.images.ImageInputError`, whose
     message is for the user as is, for unusable input images, and `generation.samplers.Cancelled`
     once `cancelled(i)` is true for every request i. A request cancelled before that leaves the
-    UNet batch at the next step (see `denoise`); its images are whatever its latents held."""
+    UNet batch at the next step (see `denoise`); its images are whatever its latents held, or
+    none when every request of its strength was cancelled."""
     check_batch(requests, BATCH_KEY)
     run = _pipeline(requests[0].kind)
     by_strength: dict[float | None, list[int]] = {}
@@ -148,7 +149,12 @@ def run_batch(
     results: list[list[Image.Image]] = [[] for _ in requests]
     for indices in by_strength.values():
         part = None if cancelled is None else (lambda i, indices=indices: cancelled(indices[i]))
-        images = run(model, [requests[i] for i in indices], inputs, progress, part)
+        try:
+            images = run(model, [requests[i] for i in indices], inputs, progress, part)
+        except Cancelled:
+            if cancelled is None or all(cancelled(i) for i in range(len(requests))):
+                raise
+            continue  # only this strength's requests were cancelled: theirs stay without images
         for i, request_images in zip(indices, images, strict=True):
             results[i] = request_images
     return results
