@@ -511,6 +511,12 @@ async def until(condition, timeout: float = 5.0) -> None:
             await asyncio.sleep(0.005)
 
 
+async def settle_loop() -> None:
+    """Let every task that can run on the loop run: what the runner would take, it has taken."""
+    for _ in range(50):
+        await asyncio.sleep(0)
+
+
 async def test_the_next_batch_is_started_and_queued_while_one_runs_and_follows_it_without_the_loop():
     queue, pipeline, hooks = FairQueue(SETTINGS), Held(), Recorder()
     first, second = await submit(queue, 1, steps=4), await submit(queue, 2, steps=5)  # two batches
@@ -532,7 +538,7 @@ async def test_only_one_batch_waits_behind_the_running_one():
     jobs = [await submit(queue, owner, steps=owner + 1) for owner in range(4)]  # four batches
     runner = start_runner(queue, pipeline, hooks)
     await until(lambda: len(hooks.started) == 1 + PREFETCH_BATCHES)
-    await asyncio.sleep(0.05)
+    await settle_loop()
     assert len(hooks.started) == 1 + PREFETCH_BATCHES and len(queue) == 2  # the others stay queued
     pipeline.release.set()
     await hooks.wait_for(4)
@@ -604,8 +610,8 @@ async def test_results_waiting_to_be_delivered_hold_the_next_batches_back():
     runner = start_runner(queue, pipeline, hooks, settings=settings)
     # Taking stops at MAX_DELIVERIES; the batch already queued behind still runs.
     await until(lambda: len(hooks.delivering) == MAX_DELIVERIES + PREFETCH_BATCHES)
-    await asyncio.sleep(0.1)
-    assert len(pipeline.calls) == MAX_DELIVERIES + PREFETCH_BATCHES and len(queue) == 4
+    await settle_loop()
+    assert len(hooks.started) == len(pipeline.calls) == MAX_DELIVERIES + PREFETCH_BATCHES and len(queue) == 4
     hooks.gate.set()
     await hooks.wait_for(len(jobs))
     await runner.shutdown(1)
