@@ -1,10 +1,12 @@
 """The GPU runner with fake pipelines: batching, OOM split, failures, timeouts, cancellation,
 shutdown, the model cache, an event loop that stays responsive during a CPU generation, and the
-next batch queued on the device thread while the current one runs."""
+next batch queued on the device thread while the current one runs (also with the real Engine on
+the meta device standing in for a GPU)."""
 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import threading
 import time
 from dataclasses import dataclass
@@ -12,13 +14,16 @@ from dataclasses import dataclass
 import pytest
 import torch
 
+from generation.engine import Engine
 from generation.images import ImageInputError
 from generation.model_cache import ModelCache
 from generation.queue import FairQueue, Job, Submission
 from generation.request import JobState
 from generation.request import GenerationRequest
 from generation.runner import MAX_DELIVERIES, PREFETCH_BATCHES, JobResult, Runner
-from generation.settings import QueueSettings
+from generation.settings import ModelSettings, QueueSettings
+from tests.fixtures.checkpoints import TinyCheckpoints, tiny_checkpoints  # noqa: F401
+from tests.fixtures.devices import StandInDevice, on_stand_in_device
 
 SETTINGS = QueueSettings(max_queued_per_user=50, max_batch_images=8, job_timeout_s=30)
 
@@ -625,6 +630,51 @@ async def test_busy_seconds_count_the_time_in_pipeline_calls():
     await hooks.wait_for(2)
     await runner.shutdown(1)
     assert 9 * 0.02 <= runner.busy_seconds()["cpu"] < 9 * 0.02 + 0.5
+
+
+class OnStandInDevice:
+    """The real Engine on the meta device standing in for a GPU (tests/fixtures/devices.py), run
+    under the stand-in on the device thread; marks each batch's begin and end and each step in
+    the stand-in's record of what crossed between host and device."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine, self.device = engine, StandInDevice()
+
+    def run(self, model, device, batch, progress, cancelled):
+        def step(job_id, step, total, preview):
+            self.device.traffic.append("step")
+            progress(job_id, step, total, preview)
+
+        with self.device:
+            self.device.traffic.append("begin")
+            try:
+                return self.engine.run(model, device, batch, step, cancelled)
+            finally:
+                self.device.traffic.append("end")
+
+
+async def test_on_a_stand_in_gpu_each_batch_follows_the_last_reading_back_only_its_images(
+        tiny_checkpoints: TinyCheckpoints) -> None:  # noqa: F811
+    path, yaml_path = tiny_checkpoints.get("sd1")
+    engine = Engine((ModelSettings(name="tiny", checkpoint=path, config=yaml_path),), "float32", lambda sha: b"")
+    pipeline, hooks = OnStandInDevice(engine), Recorder()
+    queue = FairQueue(SETTINGS)
+    for owner, steps in ((1, 3), (2, 4)):  # two batches of two images each
+        await queue.submit(Submission(GenerationRequest(
+            prompt="a fox", model="tiny", sampler="euler", steps=steps, guidance=5.0, seed=1, width=64, height=64,
+            count=2), owner, 1))
+    runner = Runner(
+        queue, pipeline, ["cpu"], SETTINGS, load_model=lambda name, device: on_stand_in_device(engine.load(name, "cpu")),
+        model_size=lambda model: 1, model_budget_bytes=10, on_finished=hooks.on_finished,
+    )
+    runner.start()
+    await hooks.wait_for(2, timeout=60)
+    await runner.shutdown(1)
+    assert [(state, len(result.images)) for _, result, state in hooks.finished] == [(JobState.DONE, 2)] * 2
+    runs = [(what, len(list(group))) for what, group in itertools.groupby(pipeline.device.traffic)]
+    uploads = [count for what, count in runs if what == "copy to device"]  # prompts' tokens, the noise
+    assert runs == [("begin", 1), ("copy to device", uploads[0]), ("step", 3), ("read back", 2), ("end", 1),
+                    ("begin", 1), ("copy to device", uploads[1]), ("step", 4), ("read back", 2), ("end", 1)]
 
 
 @pytest.mark.gpu
