@@ -257,6 +257,11 @@ def _report(served: Served, engine_s: float, batches: int, members: list[Member]
     timeline = served.timeline
     done = [job_id for job_id in served.jobs if job_id not in timeline.failed]
     images = sum(timeline.images[job_id] for job_id in done)
+    for job_id, error in timeline.failed.items():
+        print(f"job {job_id} did not finish: {error}")
+    if not images:
+        print("no job was delivered: nothing to measure")
+        return
     delivered_rate, engine_rate = images / served.wall_s, images / engine_s
     print(f"warm-up       {served.warmup_s:8.2f} s (the model loaded, each size run once); one image alone "
           f"{served.probe_s:.2f} s: the trace brings work {OVERLOAD:g}x as fast")
@@ -279,8 +284,6 @@ def _report(served: Served, engine_s: float, batches: int, members: list[Member]
               f"{sum(timeline.images[j] for j in ids):>6} | "
               f"{_percentile(waits, 50):>8.2f} {_percentile(waits, 95):>7.2f} | "
               f"{_percentile(totals, 50):>10.2f} {_percentile(totals, 95):>7.2f}")
-    for job_id, error in timeline.failed.items():
-        print(f"job {job_id} did not finish: {error}")
 
 
 def _members(count: int, rng: random.Random) -> list[Member]:
