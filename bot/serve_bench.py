@@ -59,9 +59,9 @@ SIZES = {"tiny": "64x64,64x96,96x64", "sd1": "512x512,512x768,768x512", "sd2": "
 #: Member classes: (role name, fair-share weight, share of the members).
 CLASSES = (("member", 1.0, 0.6), ("supporter", 2.0, 0.3), ("patron", 4.0, 0.1))
 SERVERS = 3
-#: Arrivals bring work this many times as fast as the device does it one image at a time (the
-#: warm-up measures that), more than batching can absorb: a queue builds up and stays.
-OVERLOAD = 8.0
+#: By default arrivals bring work this many times as fast as the device does it one image at a
+#: time (the warm-up measures that), more than batching can absorb: a queue builds up and stays.
+LOAD = 8.0
 PROMPTS = ("a lighthouse at dusk, oil painting", "a red fox in the snow", "a city of glass, isometric",
            "portrait of an old sailor, charcoal", "a bowl of ramen, studio photo")
 MODEL = "bench"
@@ -130,6 +130,9 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--steps", default="20,25", help="step counts, comma-separated (default 20,25)")
     parser.add_argument("--counts", default="1,2,4", help="images per job, comma-separated (default 1,2,4)")
     parser.add_argument("--sampler", choices=SAMPLER_NAMES, default="dpmpp_2m_karras")
+    parser.add_argument("--load", type=float, default=LOAD,
+                        help=f"work arrives this many times as fast as the device does it one image at a time "
+                             f"(default {LOAD:g}: a queue builds up; near 1, batches form from what arrives)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the trace and of the random weights")
     args = parser.parse_args(argv)
     if not re.fullmatch(r"cpu|cuda(:\d+)?", args.device):
@@ -147,6 +150,8 @@ def main(argv: list[str]) -> int:
         steps, counts = _numbers(args.steps, "--steps"), _numbers(args.counts, "--counts")
         if args.members < 1 or args.jobs < 1:
             raise ValueError("--members and --jobs must be at least 1")
+        if not args.load > 0:
+            raise ValueError(f"--load must be above 0, got {args.load:g}")
         members = _members(args.members, random.Random(args.seed))
         trace = _trace(members, args.jobs, sizes, steps, counts, args.sampler, random.Random(args.seed + 1))
     except ValueError as exc:
@@ -167,7 +172,7 @@ def main(argv: list[str]) -> int:
         print(f"trace: {args.members} members in {min(SERVERS, args.members)} servers, {args.jobs} jobs "
               f"({sum(a.request.count for a in trace)} images), sizes {_format_sizes(sizes)}, "
               f"steps {args.steps}, counts {args.counts}, {args.sampler}", flush=True)
-        served = asyncio.run(_serve(config, args.device, trace, sizes, min(steps)))
+        served = asyncio.run(_serve(config, args.device, trace, sizes, min(steps), args.load))
         engine_s, batches = _engine_seconds(config, args.device, served.batches, sizes, min(steps))
     _report(served, engine_s, batches, members)
     return 1 if served.timeline.failed else 0
@@ -184,10 +189,11 @@ class Served:
     warmup_s: float
     #: Device seconds of one warm image of the first size, alone: what paces the arrivals.
     probe_s: float
+    load: float
 
 
 async def _serve(config: AppConfig, device: str, trace: list[Arrival], sizes: list[tuple[int, int]],
-                 warm_steps: int) -> Served:
+                 warm_steps: int, load: float) -> Served:
     """Run the trace through the real Studio; return what the listener saw and the device's busy time."""
     timeline = Timeline()
     async with Studio.open(config, (device,), memory_budget(device)) as studio:
@@ -212,7 +218,7 @@ async def _serve(config: AppConfig, device: str, trace: list[Arrival], sizes: li
         timeline.expected += len(trace)
         busy_before, jobs = studio.busy_seconds()[device], {}
         began = time.perf_counter()
-        for arrival in _paced(trace, rate):
+        for arrival in _paced(trace, load * rate):
             await _until(began + arrival.at)
             member = arrival.member
             requester = Requester(member.user_id, member.guild_id, member.guild_id, role_names=(member.role,))
@@ -228,7 +234,7 @@ async def _serve(config: AppConfig, device: str, trace: list[Arrival], sizes: li
         if job.started_at is not None:
             by_dispatch.setdefault(job.started_at, []).append(job)
     batches = [by_dispatch[at] for at in sorted(by_dispatch)]
-    return Served(timeline, jobs, wall_s, busy_s, batches, warmup_s, probe_s)
+    return Served(timeline, jobs, wall_s, busy_s, batches, warmup_s, probe_s, load)
 
 
 def _engine_seconds(config: AppConfig, device: str, batches: list[list[Job]], sizes: list[tuple[int, int]],
@@ -264,7 +270,7 @@ def _report(served: Served, engine_s: float, batches: int, members: list[Member]
         return
     delivered_rate, engine_rate = images / served.wall_s, images / engine_s
     print(f"warm-up       {served.warmup_s:8.2f} s (the model loaded, each size run once); one image alone "
-          f"{served.probe_s:.2f} s: the trace brings work {OVERLOAD:g}x as fast")
+          f"{served.probe_s:.2f} s: the trace brings work {served.load:g}x as fast")
     print(f"delivered     {images:5d} images of {len(done)}/{len(served.jobs)} jobs in {served.wall_s:8.2f} s: "
           f"{delivered_rate:8.3f} images/s")
     print(f"engine alone  {images:5d} images in {batches} batches      in {engine_s:8.2f} s: "
@@ -307,9 +313,8 @@ def _trace(members: list[Member], jobs: int, sizes: list[tuple[int, int]], steps
 
 
 def _paced(trace: list[Arrival], rate: float) -> list[Arrival]:
-    """The trace with its arrivals scaled so that work arrives `OVERLOAD` times as fast as the
-    device does it one image at a time (`rate`, cost units per second)."""
-    span = sum(a.request.cost for a in trace) / (OVERLOAD * rate)
+    """The trace with its arrivals scaled so that work arrives at `rate` cost units per second."""
+    span = sum(a.request.cost for a in trace) / rate
     end = trace[-1].at or 1.0
     return [replace(a, at=a.at * span / end) for a in trace]
 
