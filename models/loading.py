@@ -610,7 +610,8 @@ def _resolve(
             source = "yaml"
         else:
             family = detect_family(weights)
-            probe = family.text.kind == "open_clip" and family.conditioning == "crossattn"
+            # SD 2.x txt2img only: SDXL is epsilon unless its YAML or the override says v.
+            probe = family.text.kind == "open_clip" and family.conditioning == "crossattn" and not family.conditioner
             source = "probe" if probe else "family default"
     except CheckpointError as exc:
         raise CheckpointError(f"{path}: {exc}") from exc
