@@ -46,6 +46,10 @@ class GuidedDenoiser:
     #: Extra input channels concatenated after the scaled latent, unscaled (inpainting: mask and
     #: masked-image latent, (B, 5, h, w)), the same for both halves.
     concat: Tensor | None = None
+    #: SDXL's ADM vectors `y` (B, adm) of the conditional and unconditional halves (pooled text
+    #: and size features), passed to the UNet as `y` alongside each half's context.
+    vector: Tensor | None = None
+    vector_uncond: Tensor | None = None
 
     def __post_init__(self) -> None:
         if self.cond.shape != self.uncond.shape:
@@ -57,6 +61,8 @@ class GuidedDenoiser:
             raise ValueError(
                 f"need one guidance value per image ({self.cond.shape[0]}), got {tuple(self.guidance.shape)}"
             )
+        if (self.vector is None) != (self.vector_uncond is None):
+            raise ValueError("give both ADM vectors (vector, vector_uncond) or neither")
         if self.prediction not in ("epsilon", "v"):
             raise ValueError(f"prediction must be 'epsilon' or 'v', got {self.prediction!r}")
         scales = self.guidance.tolist()
@@ -72,15 +78,19 @@ class GuidedDenoiser:
     def tile(self, x: Tensor, sigma: Tensor, concat: Tensor | None) -> Tensor:
         """The prediction for a tile x of the latent, with `concat` cut to the same tile."""
         if self._halves == "cond":
-            out = self._run(x, sigma, self.cond, concat)
+            out = self._run(x, sigma, self.cond, concat, self.vector)
         elif self._halves == "uncond":
-            out = self._run(x, sigma, self.uncond, concat)
+            out = self._run(x, sigma, self.uncond, concat, self.vector_uncond)
         else:
-            out_uncond, out_cond = self._run(x, sigma, torch.cat([self.uncond, self.cond]), concat).chunk(2)
+            vector = None if self.vector is None else torch.cat([self.vector_uncond, self.vector])
+            both = self._run(x, sigma, torch.cat([self.uncond, self.cond]), concat, vector)
+            out_uncond, out_cond = both.chunk(2)
             out = out_uncond + self._scale * (out_cond - out_uncond)
         return self._x0(x, sigma.view(-1, 1, 1, 1), out)
 
-    def _run(self, x: Tensor, sigma: Tensor, context: Tensor, concat: Tensor | None) -> Tensor:
+    def _run(
+        self, x: Tensor, sigma: Tensor, context: Tensor, concat: Tensor | None, vector: Tensor | None
+    ) -> Tensor:
         """One UNet call on as many copies of (x, sigma) as context has rows."""
         copies = context.shape[0] // x.shape[0]
         c_in = (sigma**2 + 1) ** -0.5  # (B,)
@@ -88,7 +98,8 @@ class GuidedDenoiser:
         if concat is not None:
             x_in = torch.cat([x_in, concat.to(x_in).repeat(copies, 1, 1, 1)], dim=1)
         t = self._schedule.sigma_to_t(sigma).repeat(copies)  # (copies * B,)
-        return self.unet(x_in, t, context).to(x.dtype)
+        extra = {} if vector is None else {"y": vector}
+        return self.unet(x_in, t, context, **extra).to(x.dtype)
 
     def _x0(self, x: Tensor, sigma: Tensor, out: Tensor) -> Tensor:
         if self.prediction == "epsilon":

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from generation import sdxl
 from generation.denoiser import GuidedDenoiser
 from generation.prompts import encode_prompts
 from generation.request import GenerationRequest, Kind
@@ -215,25 +216,43 @@ def denoise(
     wrap: Wrap | None = None,
     progress: Progress | None = None,
     cancelled: Callable[[], bool] | None = None,
+    leave: int = 0,
+    noised: bool = False,
 ) -> torch.Tensor:
     """The sampling core of every pipeline: final latents (B, C, h, w), float32, one per image.
 
     init (B, C, h, w): clean latents x0 to start from at `strength` (img2img, see `start`);
     without it sampling starts from the seeds' noise. concat (B, c, h, w): extra UNet input
     channels (inpainting mask + masked latent, the upscaler's low-res image); labels (B,): the
-    UNet's class input (the upscaler's noise level). wrap: replaces the guided denoiser."""
+    UNet's class input (the upscaler's noise level). wrap: replaces the guided denoiser.
+    SDXL (a family with a conditioner) samples as sgm does (`generation.sdxl`). For a refiner
+    (`generation.refiner`): leave the last `leave` steps undone, returning the VP latent where
+    sampling stopped; `noised`: init is such a latent, continued without new noise."""
     check_batch(requests)
     first, network = requests[0], model.network
     per_image = [r for r in requests for _ in range(r.count)]
     seeds = [seed for r in requests for seed in r.seeds()]
-    cond, uncond = encode_conditioning(network, per_image, model.device)
+    vector = vector_uncond = None
+    if network.family.conditioner is None:
+        cond, uncond = encode_conditioning(network, per_image, model.device)
+        sampler = SAMPLERS[first.sampler]
+    else:
+        pixels = (latent_size[0] * network.vae_scale, latent_size[1] * network.vae_scale)
+        cond, uncond, vector, vector_uncond = sdxl.encode_conditioning(network, per_image, model.device, pixels)
+        sampler = sdxl.sampler(first.sampler)
     guidance = torch.tensor([r.guidance for r in per_image])  # (B,), read once by the denoiser
-    sampler = SAMPLERS[first.sampler]
     noise = BatchNoise(seeds, (network.latent_channels, *latent_size), model.device, torch.float32)
     initial = variation_noise(requests, noise.initial())  # (B, C, h, w)
-    sigmas, x = start(sampler, sampler.sigmas(model.schedule, first.steps), first.steps, initial, init, strength)
+    sigmas = sampler.sigmas(model.schedule, first.steps)
+    if network.family.conditioner is None:
+        sigmas, x = start(sampler, sigmas, first.steps, initial, init, strength)
+    else:
+        sigmas, x = sdxl.start(sigmas, initial, init, strength, noised)
+    if leave:
+        sigmas = sigmas[: max(len(sigmas) - leave, 1)]
     guided = GuidedDenoiser(
-        _unet_in(model, labels), model.schedule, cond, uncond, guidance, network.family.prediction, concat
+        _unet_in(model, labels), model.schedule, cond, uncond, guidance, network.family.prediction, concat,
+        vector, vector_uncond,
     )
     denoiser = guided if wrap is None else wrap(guided, initial)
     return sampler.sample(denoiser, x, sigmas, noise=noise, progress=progress, cancelled=cancelled)
@@ -288,11 +307,13 @@ def encode_conditioning(
 
 def _unet_in(model: LoadedModel, labels: torch.Tensor | None = None) -> Callable[..., torch.Tensor]:
     """The UNet taking float32 latents: inputs cast to the weights' dtype, output back to float32.
-    labels (B,): class input per image, repeated for the guidance halves of the UNet batch."""
+    labels (B,): class input per image, repeated for the guidance halves of the UNet batch;
+    y (N, adm): SDXL's ADM vectors, one per row of the UNet batch (cast with the weights)."""
     unet = model.network.unet
 
-    def run(x: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        y = None if labels is None else labels.repeat(x.shape[0] // labels.shape[0])  # (N,)
+    def run(x: torch.Tensor, t: torch.Tensor, context: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        if y is None and labels is not None:
+            y = labels.repeat(x.shape[0] // labels.shape[0])  # (N,)
         return unet(x.to(model.dtype), t, context.to(model.dtype), y=y).float()
 
     return run
