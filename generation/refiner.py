@@ -36,7 +36,22 @@ def refined(
     cancelled: Callable[[], bool] | None = None,
 ) -> list[list[Image.Image]]:
     """The images of each txt2img or img2img request (one batch), finished by the refiner: p =
-    clamp(int(strength (K + 1)) - 1, 0, K) of the K steps run on the refiner."""
+    clamp(int(strength (K + 1)) - 1, 0, K) of the K steps run on the refiner, whose VAE decodes."""
+    latents = refined_latents(base, refiner, requests, inputs, strength, progress, cancelled)
+    return group(requests, decode(refiner, latents))
+
+
+@torch.inference_mode()
+def refined_latents(
+    base: LoadedModel,
+    refiner: LoadedModel,
+    requests: Sequence[GenerationRequest],
+    inputs: Inputs,
+    strength: float = sdxl.DEFAULT_REFINER_STRENGTH,
+    progress: Progress | None = None,
+    cancelled: Callable[[], bool] | None = None,
+) -> torch.Tensor:
+    """The final latents (B, C, h, w), float32, of `refined`."""
     check_pair(base, refiner)
     first, f = requests[0], base.network.vae_scale
     if first.kind not in (Kind.TXT2IMG, Kind.IMG2IMG):
@@ -54,9 +69,9 @@ def refined(
         base, requests, latent_size, init=init, strength=init_strength, leave=leave,
         progress=progress, cancelled=cancelled,
     )
-    if leave:
-        latents = denoise(
-            refiner, requests, latent_size, init=latents.to(refiner.device), strength=strength, noised=True,
-            progress=progress, cancelled=cancelled,
-        )
-    return group(requests, decode(refiner, latents))
+    if not leave:
+        return latents
+    return denoise(
+        refiner, requests, latent_size, init=latents.to(refiner.device), strength=strength, noised=True,
+        progress=progress, cancelled=cancelled,
+    )
