@@ -81,12 +81,20 @@ class Options:
     strength: float | None = None
 
 
-def size_for(aspect: str, native: int) -> tuple[int, int]:
-    """Width and height of `aspect` with about the pixels of a native x native image, multiples of 64."""
+def size_for(aspect: str, native: int, family: str = "") -> tuple[int, int]:
+    """Width and height of `aspect` with about the pixels of a native x native image, multiples of 64.
+    SDXL families get the sizes SDXL was trained at (1024x1024, 896x1152, 832x1216, 768x1344 and
+    the transposes): the short side rounded to 64, the long side the most that keeps the image
+    within native x native pixels."""
     if aspect not in ASPECTS:
         raise UserError(f"unknown aspect {aspect!r}; allowed: {', '.join(ASPECTS)}")
     a, b = (int(part) for part in aspect.split(":"))
-    return round_to_multiple(native * math.sqrt(a / b)), round_to_multiple(native * math.sqrt(b / a))
+    width, height = round_to_multiple(native * math.sqrt(a / b)), round_to_multiple(native * math.sqrt(b / a))
+    if not family.startswith("sdxl") or a == b:
+        return width, height
+    if a < b:
+        return width, native**2 // width // 64 * 64
+    return native**2 // height // 64 * 64, height
 
 
 def parse_flags(text: str) -> Options:
@@ -190,7 +198,7 @@ class Gestures:
         if kind is not Kind.TXT2IMG:
             strength = DEFAULT_STRENGTH if options.strength is None else options.strength
             _check("strength", strength, 0.01, 1.0)
-        width, height = size or size_for(options.aspect, checkpoint.native_size)
+        width, height = size or size_for(options.aspect, checkpoint.native_size, checkpoint.family)
         try:
             return GenerationRequest(
                 kind=kind, prompt=prompt, negative_prompt=negative, model=model, sampler=sampler, steps=steps,
