@@ -33,7 +33,15 @@ from generation.images import ImageInputError, fit_size, load_image, prepare_mas
 from generation.outpaint import outpaint_size
 from generation.metadata import png_bytes
 from generation.queue import Job, Refused
-from generation.request import MAX_SEED, SAMPLER_NAMES, GenerationRequest, Kind, random_seed, round_to_multiple
+from generation.request import (
+    MAX_SEED,
+    SAMPLER_NAMES,
+    GenerationRequest,
+    Kind,
+    random_seed,
+    round_to_multiple,
+    unet_flops_ratio,
+)
 from generation.settings import GenerationSettings, default_model
 from generation.variations import variation_request
 from models.families import X4_UPSCALER
@@ -203,7 +211,7 @@ class Gestures:
             return GenerationRequest(
                 kind=kind, prompt=prompt, negative_prompt=negative, model=model, sampler=sampler, steps=steps,
                 guidance=guidance, seed=seed, width=width, height=height, count=count, init_image=init_image,
-                mask_image=mask_image, strength=strength)
+                mask_image=mask_image, strength=strength, unet_flops_ratio=unet_flops_ratio(checkpoint.family))
         except ValidationError as error:
             raise UserError("; ".join(e["msg"] for e in error.errors())) from None
 

@@ -306,3 +306,44 @@ def test_every_pipeline_runs_sdxl_on_the_stand_in_device_without_syncing(tiny_sd
     assert [image.size for image in images] == [(req.width * scale, req.height * scale)]
     assert len(crossings) >= 3
     assert device.traffic[crossings[0] : crossings[-1]] == []
+
+
+# ------------------------------------------------------------------ what the bot charges
+
+
+def test_sdxl_cost_counts_its_unet_flops_as_measured() -> None:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from generation.request import SDXL_UNET_FLOPS_RATIO, unet_flops_ratio
+    from models.families import SD1, SDXL
+    from models.unet import UNetModel
+
+    def flops_per_latent_pixel(family, side: int) -> float:
+        with torch.device("meta"), torch.no_grad():
+            unet = UNetModel(family.unet)
+            y = torch.zeros(1, family.unet.adm_in_channels) if family.unet.adm_in_channels else None
+            with FlopCounterMode(display=False) as counter:
+                unet(torch.zeros(1, 4, side, side), torch.zeros(1), torch.zeros(1, 77, family.unet.context_dim), y=y)
+        return counter.get_total_flops() / side**2
+
+    ratio = flops_per_latent_pixel(SDXL, 128) / flops_per_latent_pixel(SD1, 64)  # 1024x1024 vs the 512x512 unit
+    assert ratio == pytest.approx(SDXL_UNET_FLOPS_RATIO, rel=0.02)
+    assert unet_flops_ratio("sdxl-refiner") == unet_flops_ratio("sdxl") == SDXL_UNET_FLOPS_RATIO
+    assert unet_flops_ratio("sd1") == 1.0
+    sd = _request(width=1024, height=1024, steps=10)
+    xl = sd.model_copy(update={"unet_flops_ratio": SDXL_UNET_FLOPS_RATIO})
+    assert xl.cost == pytest.approx(SDXL_UNET_FLOPS_RATIO * sd.cost) and sd.cost == pytest.approx(40)
+
+
+async def test_the_bot_sizes_and_charges_sdxl_requests_as_sdxl(tiny_sdxl: TinySDXL) -> None:
+    from types import SimpleNamespace
+
+    from bot.commands import Gestures, Options
+    from bot.config import AppConfig
+
+    path, yaml_path = tiny_sdxl.get("sdxl")
+    config = AppConfig(models=(ModelSettings(name="xl", checkpoint=path, config=yaml_path),))
+    gestures = Gestures(None, SimpleNamespace(config=config), None)  # type: ignore[arg-type]
+    request = await gestures.request(Options(prompt="a cat", aspect="2:3", seed=1, count=1))
+    # the tiny SDXL's native side is 256 (1024 x its 2x VAE / 8): SDXL's 2:3 bucket, scaled
+    assert (request.width, request.height) == (192, 320) and request.unet_flops_ratio == 2.1
