@@ -56,6 +56,10 @@ class LoadedModel:
     #: Decode in VAE tiles above this many output pixels (bounded memory, at a small cost in
     #: fidelity: the VAE's normalization then sees one tile at a time).
     vae_tile_above_pixels: int = 1024 * 1024
+    #: SDXL: the refiner that finishes txt2img and img2img results, running `refiner_strength`
+    #: of the steps (`generation.refiner`); loaded, cached and evicted with this model.
+    refiner: LoadedModel | None = None
+    refiner_strength: float = 0.15
 
     @property
     def native_size(self) -> int:
@@ -140,6 +144,13 @@ def run_batch(
     when `cancelled()` turns true."""
     check_batch(requests, BATCH_KEY)
     run = _pipeline(requests[0].kind)
+    if model.refiner is not None and requests[0].kind in (Kind.TXT2IMG, Kind.IMG2IMG):
+        from generation.refiner import refined  # builds on this module
+
+        refiner, strength = model.refiner, model.refiner_strength
+        run = lambda model, requests, inputs, progress, cancelled: refined(  # noqa: E731
+            model, refiner, requests, inputs, strength, progress, cancelled
+        )
     by_strength: dict[float | None, list[int]] = {}
     for i, request in enumerate(requests):
         by_strength.setdefault(request.strength, []).append(i)

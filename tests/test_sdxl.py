@@ -6,6 +6,7 @@ GeneralConditioner's concatenations. float32 on the CPU, on tiny random-weight f
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from pathlib import Path
 
@@ -347,3 +348,41 @@ async def test_the_bot_sizes_and_charges_sdxl_requests_as_sdxl(tiny_sdxl: TinySD
     request = await gestures.request(Options(prompt="a cat", aspect="2:3", seed=1, count=1))
     # the tiny SDXL's native side is 256 (1024 x its 2x VAE / 8): SDXL's 2:3 bucket, scaled
     assert (request.width, request.height) == (192, 320) and request.unet_flops_ratio == 2.1
+
+
+# ------------------------------------------------------------------ a configured refiner
+
+
+def test_a_configured_refiner_is_loaded_with_its_model_and_finishes_its_images(tiny_sdxl: TinySDXL) -> None:
+    from generation.engine import Engine
+    from generation.settings import check_models
+
+    (base, _), (refiner, _) = tiny_sdxl.get("sdxl"), tiny_sdxl.get("sdxl-refiner")
+    models = check_models((ModelSettings(name="xl", checkpoint=base, refiner="ref", refiner_strength=0.5),
+                           ModelSettings(name="ref", checkpoint=refiner)))
+    engine = Engine(models, "float32", _STORED.__getitem__)
+    model = engine.load("xl", "cpu")
+    assert model.refiner is not None and model.refiner.network.family.name == "sdxl-refiner"
+    assert engine.size(model) == engine.size(dataclasses.replace(model, refiner=None)) + engine.size(model.refiner)
+    req = _request(steps=3)
+    with torch.inference_mode():
+        (ours,) = run_batch(model, [req], _STORED.__getitem__)
+        expected = decode(model.refiner, refined_latents(model, model.refiner, [req], {}.__getitem__, 0.5))
+        (plain,) = run_batch(dataclasses.replace(model, refiner=None), [req], _STORED.__getitem__)
+    assert np.array_equal(np.asarray(ours[0]), np.asarray(expected[0]))
+    assert not np.array_equal(np.asarray(ours[0]), np.asarray(plain[0]))
+    for bad in ("xl", "nope"):
+        with pytest.raises(ValueError, match=f"refiner '{bad}' must name another"):
+            check_models((ModelSettings(name="xl", checkpoint=base, refiner=bad),))
+
+
+def test_models_report_names_the_refiner_and_refuses_a_wrong_one(tiny_sdxl: TinySDXL) -> None:
+    from bot.model_report import describe_models
+
+    (base, _), (refiner, _) = tiny_sdxl.get("sdxl"), tiny_sdxl.get("sdxl-refiner")
+    good = (ModelSettings(name="xl", checkpoint=base, refiner="ref"), ModelSettings(name="ref", checkpoint=refiner))
+    report, ok = describe_models(good)
+    assert ok and "xl (refiner: ref, strength 0.15): " in report and "\n  sdxl-refiner, epsilon" in report
+    wrong = (ModelSettings(name="xl", checkpoint=base, refiner="other"), ModelSettings(name="other", checkpoint=base))
+    report, ok = describe_models(wrong)
+    assert not ok and "error: xl: refiner 'other' is an sdxl checkpoint for an sdxl one" in report
