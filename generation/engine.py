@@ -21,7 +21,6 @@ from PIL import Image
 
 from generation.denoiser import latent_preview
 from generation.metadata import parameters_text
-from generation.refiner import check_pair
 from generation.pipeline import (
     Inputs,
     LoadedModel,
@@ -32,6 +31,7 @@ from generation.pipeline import (
     run_batch,
 )
 from generation.queue import Job
+from generation.refiner import check_pair
 from generation.runner import JobResult, Progress
 from generation.samplers import Cancelled
 from generation.settings import ModelSettings

@@ -143,14 +143,7 @@ def run_batch(
     message is for the user as is, for unusable input images, and `generation.samplers.Cancelled`
     when `cancelled()` turns true."""
     check_batch(requests, BATCH_KEY)
-    run = _pipeline(requests[0].kind)
-    if model.refiner is not None and requests[0].kind in (Kind.TXT2IMG, Kind.IMG2IMG):
-        from generation.refiner import refined  # builds on this module
-
-        refiner, strength = model.refiner, model.refiner_strength
-        run = lambda model, requests, inputs, progress, cancelled: refined(  # noqa: E731
-            model, refiner, requests, inputs, strength, progress, cancelled
-        )
+    run = _pipeline(requests[0].kind, refined=model.refiner is not None)
     by_strength: dict[float | None, list[int]] = {}
     for i, request in enumerate(requests):
         by_strength.setdefault(request.strength, []).append(i)
@@ -162,12 +155,16 @@ def run_batch(
     return results
 
 
-def _pipeline(kind: Kind) -> Callable[..., list[list[Image.Image]]]:
-    """The pipeline function of a kind: (model, requests, inputs, progress, cancelled) -> images."""
+def _pipeline(kind: Kind, refined: bool = False) -> Callable[..., list[list[Image.Image]]]:
+    """The pipeline function of a kind: (model, requests, inputs, progress, cancelled) -> images;
+    `refined`: the model has a refiner, which finishes txt2img and img2img."""
+    # Imported here: these modules build on this one.
+    from generation import img2img, inpaint, outpaint, refiner, upscale
+
+    if refined and kind in (Kind.TXT2IMG, Kind.IMG2IMG):
+        return refiner.finish
     if kind is Kind.TXT2IMG:
         return lambda model, requests, _inputs, progress, cancelled: txt2img(model, requests, progress, cancelled)
-    # Imported here: these modules build on this one.
-    from generation import img2img, inpaint, outpaint, upscale
 
     return {
         Kind.IMG2IMG: img2img.img2img,

@@ -12,7 +12,7 @@ from PIL import Image
 from generation import sdxl
 from generation.images import ImageInputError
 from generation.img2img import input_images, repeat_counts, strength_of
-from generation.pipeline import LoadedModel, Inputs, Progress, decode, denoise, encode, group, to_pixels
+from generation.pipeline import Inputs, LoadedModel, Progress, decode, denoise, encode, group, to_pixels
 from generation.request import GenerationRequest, Kind
 
 
@@ -23,6 +23,20 @@ def check_pair(base: LoadedModel, refiner: LoadedModel) -> None:
         raise ValueError(f"a refiner pipeline needs an SDXL base and an SDXL refiner, got {names[0]} and {names[1]}")
     if base.network.vae_scale != refiner.network.vae_scale or base.network.latent_channels != refiner.network.latent_channels:
         raise ValueError(f"{base.name} and {refiner.name} have different latent spaces")
+
+
+def finish(
+    model: LoadedModel,
+    requests: Sequence[GenerationRequest],
+    inputs: Inputs,
+    progress: Progress | None = None,
+    cancelled: Callable[[], bool] | None = None,
+) -> list[list[Image.Image]]:
+    """`refined` by the model's configured refiner (`LoadedModel.refiner`): run_batch's pipeline
+    for txt2img and img2img when the model has one."""
+    if model.refiner is None:
+        raise ValueError(f"{model.name} has no refiner")
+    return refined(model, model.refiner, requests, inputs, model.refiner_strength, progress, cancelled)
 
 
 @torch.inference_mode()
