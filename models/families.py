@@ -28,7 +28,8 @@ SIZE_KEY_VALUES: dict[str, int] = {
 
 @dataclass(frozen=True)
 class UNetConfig:
-    """`unet_config.params` of the original openaimodel.UNetModel (legacy: False)."""
+    """`unet_config.params` (ldm) or `network_config.params` (sgm) of the original
+    openaimodel.UNetModel (legacy: False)."""
 
     in_channels: int = 4
     out_channels: int = 4
@@ -38,7 +39,8 @@ class UNetConfig:
     attention_resolutions: tuple[int, ...] = (4, 2, 1)
     num_res_blocks: int = 2
     channel_mult: tuple[int, ...] = (1, 2, 4, 4)
-    #: Exactly one of these two is set (> 0): SD 1.x fixes the head count, SD 2.x the head width.
+    #: Exactly one of these two is set (> 0): SD 1.x fixes the head count, SD 2.x and SDXL the
+    #: head width.
     num_heads: int = -1
     num_head_channels: int = -1
     context_dim: int = 768
