@@ -1,8 +1,10 @@
 """The UNet as a sampler's `Denoiser`: VE input scaling, sigma -> timestep, classifier-free guidance
-in one batched UNet call, and the model's epsilon or v output turned into an x0 prediction."""
+in one batched UNet call, and the model's epsilon or v output turned into an x0 prediction; rows
+whose job was cancelled leave the UNet batch at the next call."""
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
@@ -35,7 +37,12 @@ class GuidedDenoiser:
 
     Steps never wait on the device: which halves to run, the guidance scales and the schedule are
     settled on the device once, here. On CUDA a value read back or copied from pageable host memory
-    stalls the kernel queue until the GPU catches up, and at every step that costs real time."""
+    stalls the kernel queue until the GPU catches up, and at every step that costs real time.
+
+    `live()`, asked before every UNet call, names the rows still wanted (None: all). The others
+    leave the UNet batch, so a job cancelled inside a shared batch stops costing GPU time at once:
+    their prediction is their own latent, which the samplers then barely move (their result is
+    discarded), and the live rows are computed as before, each image's math being its own."""
 
     unet: UNet
     schedule: DiscreteSchedule
@@ -46,6 +53,7 @@ class GuidedDenoiser:
     #: Extra input channels concatenated after the scaled latent, unscaled (inpainting: mask and
     #: masked-image latent, (B, 5, h, w)), the same for both halves.
     concat: Tensor | None = None
+    live: Callable[[], Sequence[int] | None] | None = None
     #: SDXL's ADM vectors `y` (B, adm) of the conditional and unconditional halves (pooled text
     #: and size features), passed to the UNet as `y` alongside each half's context.
     vector: Tensor | None = None
@@ -77,15 +85,30 @@ class GuidedDenoiser:
 
     def tile(self, x: Tensor, sigma: Tensor, concat: Tensor | None) -> Tensor:
         """The prediction for a tile x of the latent, with `concat` cut to the same tile."""
+        rows = None if self.live is None else self.live()
+        if rows is None or len(rows) == x.shape[0]:
+            return self._guided(x, sigma, concat, self.cond, self.uncond, self._scale,
+                                self.vector, self.vector_uncond)
+        out = x.clone()  # the dropped rows' "prediction": themselves
+        if rows:
+            keep = torch.tensor(rows, device=x.device)
+            pick = lambda t: None if t is None else t[keep]  # noqa: E731
+            out[keep] = self._guided(x[keep], sigma[keep], pick(concat), self.cond[keep], self.uncond[keep],
+                                     self._scale[keep], pick(self.vector), pick(self.vector_uncond))
+        return out
+
+    def _guided(self, x: Tensor, sigma: Tensor, concat: Tensor | None, cond: Tensor, uncond: Tensor,
+                scale: Tensor, vector: Tensor | None, vector_uncond: Tensor | None) -> Tensor:
+        """The guided x0 prediction of rows x (N, C, h, w) with their own cond, uncond, scale and
+        ADM vectors."""
         if self._halves == "cond":
-            out = self._run(x, sigma, self.cond, concat, self.vector)
+            out = self._run(x, sigma, cond, concat, vector)
         elif self._halves == "uncond":
-            out = self._run(x, sigma, self.uncond, concat, self.vector_uncond)
+            out = self._run(x, sigma, uncond, concat, vector_uncond)
         else:
-            vector = None if self.vector is None else torch.cat([self.vector_uncond, self.vector])
-            both = self._run(x, sigma, torch.cat([self.uncond, self.cond]), concat, vector)
-            out_uncond, out_cond = both.chunk(2)
-            out = out_uncond + self._scale * (out_cond - out_uncond)
+            both = None if vector is None else torch.cat([vector_uncond, vector])
+            out_uncond, out_cond = self._run(x, sigma, torch.cat([uncond, cond]), concat, both).chunk(2)
+            out = out_uncond + scale * (out_cond - out_uncond)
         return self._x0(x, sigma.view(-1, 1, 1, 1), out)
 
     def _run(

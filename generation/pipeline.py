@@ -26,7 +26,7 @@ from generation import sdxl
 from generation.denoiser import GuidedDenoiser
 from generation.prompts import encode_prompts
 from generation.request import GenerationRequest, Kind
-from generation.samplers import SAMPLERS, BatchNoise, Denoiser, Sampler
+from generation.samplers import SAMPLERS, BatchNoise, Cancelled, Denoiser, Sampler
 from generation.schedules import DiscreteSchedule, ddim_sigmas
 from generation.settings import ModelSettings
 from generation.tiling import OVERLAP, TILE, decode_tiled
@@ -38,6 +38,8 @@ from models.stable_diffusion import StableDiffusion
 Progress = Callable[[int, int, torch.Tensor], None]
 #: inputs(sha256) -> the stored bytes of a request's `init_image` / `mask_image`.
 Inputs = Callable[[str], bytes]
+#: cancelled(i): whether request i of a batch was cancelled; asked before every UNet call.
+IsCancelled = Callable[[int], bool]
 #: Wraps the guided denoiser of a run (latent blending, tiling), given the run's start noise.
 Wrap = Callable[[GuidedDenoiser, torch.Tensor], Denoiser]
 
@@ -129,7 +131,7 @@ def run_batch(
     requests: Sequence[GenerationRequest],
     inputs: Inputs,
     progress: Progress | None = None,
-    cancelled: Callable[[], bool] | None = None,
+    cancelled: IsCancelled | None = None,
 ) -> list[list[Image.Image]]:
     """THE entry point for the runner: the images of each request, in order, for any `Kind`.
 
@@ -141,7 +143,9 @@ def run_batch(
     width x height is the INPUT size and the result is larger (x4 upscaler: vae_scale times, 4 for
     real checkpoints; other checkpoints: twice). Raises `generation.images.ImageInputError`, whose
     message is for the user as is, for unusable input images, and `generation.samplers.Cancelled`
-    when `cancelled()` turns true."""
+    once `cancelled(i)` is true for every request i. A request cancelled before that leaves the
+    UNet batch at the next step (see `denoise`); its images are whatever its latents held, or
+    none when every request of its strength was cancelled."""
     check_batch(requests, BATCH_KEY)
     run = _pipeline(requests[0].kind, refined=model.refiner is not None)
     by_strength: dict[float | None, list[int]] = {}
@@ -149,7 +153,13 @@ def run_batch(
         by_strength.setdefault(request.strength, []).append(i)
     results: list[list[Image.Image]] = [[] for _ in requests]
     for indices in by_strength.values():
-        images = run(model, [requests[i] for i in indices], inputs, progress, cancelled)
+        part = None if cancelled is None else (lambda i, indices=indices: cancelled(indices[i]))
+        try:
+            images = run(model, [requests[i] for i in indices], inputs, progress, part)
+        except Cancelled:
+            if cancelled is None or all(cancelled(i) for i in range(len(requests))):
+                raise
+            continue  # only this strength's requests were cancelled: theirs stay without images
         for i, request_images in zip(indices, images, strict=True):
             results[i] = request_images
     return results
@@ -180,7 +190,7 @@ def txt2img(
     model: LoadedModel,
     requests: Sequence[GenerationRequest],
     progress: Progress | None = None,
-    cancelled: Callable[[], bool] | None = None,
+    cancelled: IsCancelled | None = None,
 ) -> list[list[Image.Image]]:
     """The images of each request, in order; all requests run as one UNet batch."""
     return group(requests, decode(model, sample_latents(model, requests, progress, cancelled)))
@@ -200,7 +210,7 @@ def sample_latents(
     model: LoadedModel,
     requests: Sequence[GenerationRequest],
     progress: Progress | None = None,
-    cancelled: Callable[[], bool] | None = None,
+    cancelled: IsCancelled | None = None,
 ) -> torch.Tensor:
     """The final txt2img latents (B, C, h, w), float32, of every image of every request, in order."""
     first = requests[0]
@@ -223,7 +233,7 @@ def denoise(
     labels: torch.Tensor | None = None,
     wrap: Wrap | None = None,
     progress: Progress | None = None,
-    cancelled: Callable[[], bool] | None = None,
+    cancelled: IsCancelled | None = None,
     leave: int = 0,
     noised: bool = False,
 ) -> torch.Tensor:
@@ -233,6 +243,9 @@ def denoise(
     without it sampling starts from the seeds' noise. concat (B, c, h, w): extra UNet input
     channels (inpainting mask + masked latent, the upscaler's low-res image); labels (B,): the
     UNet's class input (the upscaler's noise level). wrap: replaces the guided denoiser.
+    The images of a cancelled request leave the UNet batch at the next call (without labels:
+    those are repeated per whole batch), the others' latents come out as in a run without it;
+    sampling stops once every request is cancelled.
     SDXL (a family with a conditioner) samples as sgm does (`generation.sdxl`). For a refiner
     (`generation.refiner`): leave the last `leave` steps undone, returning the VP latent where
     sampling stopped; `noised`: init is such a latent, continued without new noise."""
@@ -258,12 +271,16 @@ def denoise(
         sigmas, x = sdxl.start(sigmas, initial, init, strength, noised)
     if leave:
         sigmas = sigmas[: max(len(sigmas) - leave, 1)]
+    owner = [i for i, r in enumerate(requests) for _ in range(r.count)]  # request of each image
+    live = None if cancelled is None or labels is not None else (
+        lambda: [row for row, i in enumerate(owner) if not cancelled(i)])
     guided = GuidedDenoiser(
-        _unet_in(model, labels), model.schedule, cond, uncond, guidance, network.family.prediction, concat,
+        _unet_in(model, labels), model.schedule, cond, uncond, guidance, network.family.prediction, concat, live,
         vector, vector_uncond,
     )
     denoiser = guided if wrap is None else wrap(guided, initial)
-    return sampler.sample(denoiser, x, sigmas, noise=noise, progress=progress, cancelled=cancelled)
+    stop = None if cancelled is None else (lambda: all(cancelled(i) for i in range(len(requests))))
+    return sampler.sample(denoiser, x, sigmas, noise=noise, progress=progress, cancelled=stop)
 
 
 def start(

@@ -4,7 +4,7 @@ steps from the base's latent as it is, and the refiner's VAE decodes (see `gener
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import torch
 from PIL import Image
@@ -12,7 +12,7 @@ from PIL import Image
 from generation import sdxl
 from generation.images import ImageInputError
 from generation.img2img import input_images, repeat_counts, strength_of
-from generation.pipeline import Inputs, LoadedModel, Progress, decode, denoise, encode, group, to_pixels
+from generation.pipeline import Inputs, IsCancelled, LoadedModel, Progress, decode, denoise, encode, group, to_pixels
 from generation.request import GenerationRequest, Kind
 
 
@@ -30,7 +30,7 @@ def finish(
     requests: Sequence[GenerationRequest],
     inputs: Inputs,
     progress: Progress | None = None,
-    cancelled: Callable[[], bool] | None = None,
+    cancelled: IsCancelled | None = None,
 ) -> list[list[Image.Image]]:
     """`refined` by the model's configured refiner (`LoadedModel.refiner`): run_batch's pipeline
     for txt2img and img2img when the model has one."""
@@ -47,7 +47,7 @@ def refined(
     inputs: Inputs,
     strength: float = sdxl.DEFAULT_REFINER_STRENGTH,
     progress: Progress | None = None,
-    cancelled: Callable[[], bool] | None = None,
+    cancelled: IsCancelled | None = None,
 ) -> list[list[Image.Image]]:
     """The images of each txt2img or img2img request (one batch), finished by the refiner: p =
     clamp(int(strength (K + 1)) - 1, 0, K) of the K steps run on the refiner, whose VAE decodes."""
@@ -63,7 +63,7 @@ def refined_latents(
     inputs: Inputs,
     strength: float = sdxl.DEFAULT_REFINER_STRENGTH,
     progress: Progress | None = None,
-    cancelled: Callable[[], bool] | None = None,
+    cancelled: IsCancelled | None = None,
 ) -> torch.Tensor:
     """The final latents (B, C, h, w), float32, of `refined`."""
     check_pair(base, refiner)
