@@ -175,6 +175,20 @@ def test_txt2img_is_sgms_sampling(tiny_sdxl: TinySDXL, sampler: str, negative: s
     _assert_same(ours, expected)
 
 
+def test_a_cancelled_request_leaves_an_sdxl_batch_with_its_adm_vectors(tiny_sdxl: TinySDXL) -> None:
+    """Per-request cancellation: the dropped rows take their ADM vectors with them, so the mate's
+    latents equal those of a run without the cancel (its prompt, negative and sizes its own)."""
+    model = _model(tiny_sdxl, "sdxl")
+    mate, doomed = _request(steps=4, seed=21, negative_prompt="dark"), _request(steps=4, seed=7, prompt="a boat")
+    with torch.inference_mode():
+        full = sample_latents(model, [mate, doomed])
+        steps: list[int] = []
+        cut = sample_latents(model, [mate, doomed], progress=lambda step, total, x0: steps.append(step),
+                             cancelled=lambda i: i == 1 and len(steps) >= 2)
+    _assert_same(cut[:1], full[:1])
+    assert (cut[1] - full[1]).abs().max() > 0.1
+
+
 def test_img2img_is_sgms_img2img(tiny_sdxl: TinySDXL) -> None:
     model = _model(tiny_sdxl, "sdxl")
     image = Image.radial_gradient("L").resize((96, 64)).convert("RGB")
