@@ -33,7 +33,15 @@ from generation.images import ImageInputError, fit_size, load_image, prepare_mas
 from generation.outpaint import outpaint_size
 from generation.metadata import png_bytes
 from generation.queue import Job, Refused, explain
-from generation.request import MAX_SEED, SAMPLER_NAMES, GenerationRequest, Kind, random_seed, round_to_multiple
+from generation.request import (
+    MAX_SEED,
+    SAMPLER_NAMES,
+    GenerationRequest,
+    Kind,
+    random_seed,
+    round_to_multiple,
+    unet_flops_ratio,
+)
 from generation.settings import GenerationSettings, default_model
 from generation.variations import variation_request
 from models.families import X4_UPSCALER
@@ -86,12 +94,20 @@ class Options:
     strength: float | None = None
 
 
-def size_for(aspect: str, native: int) -> tuple[int, int]:
-    """Width and height of `aspect` with about the pixels of a native x native image, multiples of 64."""
+def size_for(aspect: str, native: int, family: str = "") -> tuple[int, int]:
+    """Width and height of `aspect` with about the pixels of a native x native image, multiples of 64.
+    SDXL families get the sizes SDXL was trained at (1024x1024, 896x1152, 832x1216, 768x1344 and
+    the transposes): the short side rounded to 64, the long side the most that keeps the image
+    within native x native pixels."""
     if aspect not in ASPECTS:
         raise UserError(f"unknown aspect {aspect!r}; allowed: {', '.join(ASPECTS)}")
     a, b = (int(part) for part in aspect.split(":"))
-    return round_to_multiple(native * math.sqrt(a / b)), round_to_multiple(native * math.sqrt(b / a))
+    width, height = round_to_multiple(native * math.sqrt(a / b)), round_to_multiple(native * math.sqrt(b / a))
+    if not family.startswith("sdxl") or a == b:
+        return width, height
+    if a < b:
+        return width, native**2 // width // 64 * 64
+    return native**2 // height // 64 * 64, height
 
 
 def parse_flags(text: str) -> Options:
@@ -165,7 +181,7 @@ class Gestures:
         """A checked request; `size` (an input image's) replaces the aspect's. Raises `UserError`
         naming every problem of `options` at once."""
         fields, checkpoint = await self._fields(options, kind)
-        width, height = size or size_for(options.aspect, checkpoint.native_size)
+        width, height = size or size_for(options.aspect, checkpoint.native_size, checkpoint.family)
         try:
             return GenerationRequest(kind=kind, width=width, height=height, init_image=init_image,
                                      mask_image=mask_image, **fields)
@@ -225,7 +241,8 @@ class Gestures:
         if problems or checkpoint is None:
             raise UserError(*problems)
         return dict(prompt=prompt, negative_prompt=negative, model=model, sampler=sampler, steps=steps,
-                    guidance=guidance, seed=seed, count=count, strength=strength), checkpoint
+                    guidance=guidance, seed=seed, count=count, strength=strength,
+                    unet_flops_ratio=unet_flops_ratio(checkpoint.family)), checkpoint
 
     async def from_image(self, options: Options, source: bytes,
                          mask: bytes | None) -> tuple[GenerationRequest, list[str]]:

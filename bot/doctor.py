@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 
 from bot.config import TOKEN_ENV, AppConfig
-from bot.model_report import describe_checkpoint, upscaler_problem
+from bot.model_report import describe_checkpoint, refiner_problem, upscaler_problem
 from models.families import X4_UPSCALER
 from models.loading import CheckpointError, inspect_checkpoint
 
@@ -107,10 +107,11 @@ def _checkpoints(config: AppConfig) -> Iterator[Check]:
             "no [[models]] configured",
             "put a checkpoint in ./checkpoints and add a [[models]] table to config.toml",
         )
+    infos = {}
     for model in config.models:
         what = f"model {model.name}"
         try:
-            info = inspect_checkpoint(model.checkpoint, model.config, model.prediction)
+            info = infos[model.name] = inspect_checkpoint(model.checkpoint, model.config, model.prediction)
         except CheckpointError as exc:
             yield Check(Status.FAIL, what, str(exc), f"fix or replace {model.checkpoint}")
             continue
@@ -123,7 +124,13 @@ def _checkpoints(config: AppConfig) -> Iterator[Check]:
             yield Check(Status.WARN, what, f"{model.checkpoint.name} is an x4 upscaler, which cannot draw: "
                         "members are refused it", f'set [generation] upscaler = "{model.name}" for the U buttons')
         else:
-            yield Check(Status.OK, what, f"{model.checkpoint.name}: {describe_checkpoint(info)}")
+            refiner = f", refined by {model.refiner} (strength {model.refiner_strength})" if model.refiner else ""
+            yield Check(Status.OK, what, f"{model.checkpoint.name}: {describe_checkpoint(info)}{refiner}")
+    for model in config.models:
+        problem = refiner_problem(model, infos[model.name], infos.get(model.refiner)) if model.name in infos else None
+        if problem is not None:
+            yield Check(Status.FAIL, f"model {model.name}", problem,
+                        "point refiner at an [[models]] entry holding sd_xl_refiner_1.0.safetensors, or remove it")
 
 
 def _data_dir(config: AppConfig) -> Check:

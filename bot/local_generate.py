@@ -15,7 +15,9 @@ from generation.images import ImageInputError, fit_size, load_image, prepare_mas
 from generation.metadata import parameters_text, png_bytes
 from generation.outpaint import outpaint_size
 from generation.pipeline import load_model, resolve_device, resolve_dtype, run_batch
+from generation.refiner import check_pair, refined
 from generation.request import GenerationRequest, Kind
+from generation.sdxl import DEFAULT_REFINER_STRENGTH
 from generation.settings import GenerationSettings, ModelSettings, default_model
 from generation.upscale import upscale_factor
 
@@ -33,6 +35,7 @@ def output_paths(out: Path, count: int) -> list[Path]:
 
 def generate(args: argparse.Namespace, config: AppConfig) -> list[Path]:
     """Run the generation described by `args` and write its PNGs; return their paths."""
+    _check_refiner_options(args)
     settings = _model_settings(args, config)
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype or config.generation.dtype, device)
@@ -78,7 +81,19 @@ def generate(args: argparse.Namespace, config: AppConfig) -> list[Path]:
         print(f"\rstep {step}/{total}", end="" if step < total else "\n", file=sys.stderr, flush=True)
 
     try:
-        (images_out,) = run_batch(model, [request], stored.__getitem__, progress=show_progress)
+        if args.refiner is None:
+            (images_out,) = run_batch(model, [request], stored.__getitem__, progress=show_progress)
+        else:
+            refiner = load_model(
+                _refiner_settings(args), device, dtype, config.generation.vae_tile_above_pixels
+            )
+            try:
+                check_pair(model, refiner)
+            except ValueError as exc:
+                raise UsageError(str(exc)) from None
+            (images_out,) = refined(
+                model, refiner, [request], stored.__getitem__, args.refiner_strength, progress=show_progress
+            )
     except ImageInputError as exc:
         raise UsageError(str(exc)) from None
     paths = output_paths(args.out, request.count)
@@ -86,6 +101,24 @@ def generate(args: argparse.Namespace, config: AppConfig) -> list[Path]:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(png_bytes(image, parameters_text(request, seed, model.short_hash)))
     return paths
+
+
+def _check_refiner_options(args: argparse.Namespace) -> None:
+    if args.refiner is None:
+        if args.refiner_config is not None or args.refiner_strength is not None:
+            raise UsageError("--refiner-config and --refiner-strength need --refiner")
+        return
+    if args.refiner_strength is None:
+        args.refiner_strength = DEFAULT_REFINER_STRENGTH
+    if not 0.0 <= args.refiner_strength <= 1.0:
+        raise UsageError(f"--refiner-strength must be in [0, 1], got {args.refiner_strength}")
+    if args.mask is not None or args.outpaint or args.upscale:
+        raise UsageError("--refiner finishes txt2img and img2img only, not --mask, --outpaint or --upscale")
+
+
+def _refiner_settings(args: argparse.Namespace) -> ModelSettings:
+    name = "".join(c if c.isalnum() or c in "._-" else "_" for c in args.refiner.stem)[:64]
+    return ModelSettings(name=name or "refiner", checkpoint=args.refiner, config=args.refiner_config)
 
 
 def _image_fields(args: argparse.Namespace, limits: GenerationSettings, stored: dict[str, bytes]) -> dict:

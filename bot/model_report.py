@@ -22,17 +22,34 @@ def upscaler_problem(model: ModelSettings, info: CheckpointInfo, upscaler: str |
             f"{info.family} checkpoint, not an {X4_UPSCALER.name}")
 
 
+def refiner_problem(model: ModelSettings, info: CheckpointInfo, refiner: CheckpointInfo | None) -> str | None:
+    """Why `model`'s `refiner` cannot finish its images: only an SDXL refiner finishes an SDXL
+    base. None when it can, or when there is no refiner (or its file could not be read: that
+    model's own line says why)."""
+    if model.refiner is None or refiner is None:
+        return None
+    if info.family in ("sdxl", "sdxl-inpaint") and refiner.family == "sdxl-refiner":
+        return None
+    return (f"refiner {model.refiner!r} is an {refiner.family} checkpoint for an {info.family} one; a refiner "
+            f"must be an sdxl-refiner finishing an sdxl model")
+
+
 def describe_models(models: tuple[ModelSettings, ...], upscaler: str | None = None) -> tuple[str, bool]:
     """The report and whether every checkpoint could be read (and the `upscaler`, the name in
-    `[generation] upscaler`, is an x4 upscaler)."""
+    `[generation] upscaler`, is an x4 upscaler, and every refiner an SDXL refiner of an SDXL model)."""
     if not models:
         return "no [[models]] configured in the config file; see config.toml for an example", False
     lines, ok = [], True
+    infos: dict[str, CheckpointInfo] = {}
     for model in models:
-        marks = "".join([" (default)" if model.default else "", " (upscaler)" if model.name == upscaler else ""])
+        marks = "".join([
+            " (default)" if model.default else "",
+            " (upscaler)" if model.name == upscaler else "",
+            f" (refiner: {model.refiner}, strength {model.refiner_strength})" if model.refiner else "",
+        ])
         lines.append(f"{model.name}{marks}: {model.checkpoint}")
         try:
-            info = inspect_checkpoint(model.checkpoint, model.config, model.prediction)
+            info = infos[model.name] = inspect_checkpoint(model.checkpoint, model.config, model.prediction)
         except CheckpointError as exc:
             lines.append(f"  error: {exc}")
             ok = False
@@ -41,6 +58,11 @@ def describe_models(models: tuple[ModelSettings, ...], upscaler: str | None = No
         problem = upscaler_problem(model, info, upscaler)
         if problem is not None:
             lines.append(f"  error: {problem}")
+            ok = False
+    for model in models:
+        problem = refiner_problem(model, infos[model.name], infos.get(model.refiner)) if model.name in infos else None
+        if problem is not None:
+            lines.append(f"error: {model.name}: {problem}")
             ok = False
     return "\n".join(lines), ok
 

@@ -54,6 +54,10 @@ class GuidedDenoiser:
     #: masked-image latent, (B, 5, h, w)), the same for both halves.
     concat: Tensor | None = None
     live: Callable[[], Sequence[int] | None] | None = None
+    #: SDXL's ADM vectors `y` (B, adm) of the conditional and unconditional halves (pooled text
+    #: and size features), passed to the UNet as `y` alongside each half's context.
+    vector: Tensor | None = None
+    vector_uncond: Tensor | None = None
 
     def __post_init__(self) -> None:
         if self.cond.shape != self.uncond.shape:
@@ -65,6 +69,8 @@ class GuidedDenoiser:
             raise ValueError(
                 f"need one guidance value per image ({self.cond.shape[0]}), got {tuple(self.guidance.shape)}"
             )
+        if (self.vector is None) != (self.vector_uncond is None):
+            raise ValueError("give both ADM vectors (vector, vector_uncond) or neither")
         if self.prediction not in ("epsilon", "v"):
             raise ValueError(f"prediction must be 'epsilon' or 'v', got {self.prediction!r}")
         scales = self.guidance.tolist()
@@ -81,27 +87,33 @@ class GuidedDenoiser:
         """The prediction for a tile x of the latent, with `concat` cut to the same tile."""
         rows = None if self.live is None else self.live()
         if rows is None or len(rows) == x.shape[0]:
-            return self._guided(x, sigma, concat, self.cond, self.uncond, self._scale)
+            return self._guided(x, sigma, concat, self.cond, self.uncond, self._scale,
+                                self.vector, self.vector_uncond)
         out = x.clone()  # the dropped rows' "prediction": themselves
         if rows:
             keep = torch.tensor(rows, device=x.device)
-            out[keep] = self._guided(x[keep], sigma[keep], None if concat is None else concat[keep],
-                                     self.cond[keep], self.uncond[keep], self._scale[keep])
+            pick = lambda t: None if t is None else t[keep]  # noqa: E731
+            out[keep] = self._guided(x[keep], sigma[keep], pick(concat), self.cond[keep], self.uncond[keep],
+                                     self._scale[keep], pick(self.vector), pick(self.vector_uncond))
         return out
 
     def _guided(self, x: Tensor, sigma: Tensor, concat: Tensor | None, cond: Tensor, uncond: Tensor,
-                scale: Tensor) -> Tensor:
-        """The guided x0 prediction of rows x (N, C, h, w) with their own cond, uncond and scale."""
+                scale: Tensor, vector: Tensor | None, vector_uncond: Tensor | None) -> Tensor:
+        """The guided x0 prediction of rows x (N, C, h, w) with their own cond, uncond, scale and
+        ADM vectors."""
         if self._halves == "cond":
-            out = self._run(x, sigma, cond, concat)
+            out = self._run(x, sigma, cond, concat, vector)
         elif self._halves == "uncond":
-            out = self._run(x, sigma, uncond, concat)
+            out = self._run(x, sigma, uncond, concat, vector_uncond)
         else:
-            out_uncond, out_cond = self._run(x, sigma, torch.cat([uncond, cond]), concat).chunk(2)
+            both = None if vector is None else torch.cat([vector_uncond, vector])
+            out_uncond, out_cond = self._run(x, sigma, torch.cat([uncond, cond]), concat, both).chunk(2)
             out = out_uncond + scale * (out_cond - out_uncond)
         return self._x0(x, sigma.view(-1, 1, 1, 1), out)
 
-    def _run(self, x: Tensor, sigma: Tensor, context: Tensor, concat: Tensor | None) -> Tensor:
+    def _run(
+        self, x: Tensor, sigma: Tensor, context: Tensor, concat: Tensor | None, vector: Tensor | None
+    ) -> Tensor:
         """One UNet call on as many copies of (x, sigma) as context has rows."""
         copies = context.shape[0] // x.shape[0]
         c_in = (sigma**2 + 1) ** -0.5  # (B,)
@@ -109,7 +121,8 @@ class GuidedDenoiser:
         if concat is not None:
             x_in = torch.cat([x_in, concat.to(x_in).repeat(copies, 1, 1, 1)], dim=1)
         t = self._schedule.sigma_to_t(sigma).repeat(copies)  # (copies * B,)
-        return self.unet(x_in, t, context).to(x.dtype)
+        extra = {} if vector is None else {"y": vector}
+        return self.unet(x_in, t, context, **extra).to(x.dtype)
 
     def _x0(self, x: Tensor, sigma: Tensor, out: Tensor) -> Tensor:
         if self.prediction == "epsilon":

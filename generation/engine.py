@@ -9,6 +9,7 @@ device at most once per `preview_every_s`, not at every step.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import time
@@ -30,6 +31,7 @@ from generation.pipeline import (
     run_batch,
 )
 from generation.queue import Job
+from generation.refiner import check_pair
 from generation.runner import JobResult, Progress
 from generation.samplers import Cancelled
 from generation.settings import ModelSettings
@@ -73,12 +75,18 @@ class Engine:
         key = (settings.checkpoint, stat.st_size, stat.st_mtime_ns)
         if key not in self._hashes:
             self._hashes[key] = checkpoint_hash(settings.checkpoint)
-        return load_model(settings, torch_device, dtype, self._vae_tile_above_pixels, self._hashes[key])
+        model = load_model(settings, torch_device, dtype, self._vae_tile_above_pixels, self._hashes[key])
+        if settings.refiner is None:
+            return model
+        refiner = self.load(settings.refiner, device)
+        check_pair(model, refiner)
+        return dataclasses.replace(model, refiner=refiner, refiner_strength=settings.refiner_strength)
 
     @staticmethod
     def size(model: LoadedModel) -> int:
-        """Bytes the model's weights hold (the runner's `model_size`)."""
-        return sum(t.numel() * t.element_size() for t in model.network.state_dict().values())
+        """Bytes the model's weights hold, its refiner's included (the runner's `model_size`)."""
+        own = sum(t.numel() * t.element_size() for t in model.network.state_dict().values())
+        return own + (0 if model.refiner is None else Engine.size(model.refiner))
 
     def run(
         self,

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from generation import sdxl
 from generation.denoiser import GuidedDenoiser
 from generation.prompts import encode_prompts
 from generation.request import GenerationRequest, Kind
@@ -57,6 +58,10 @@ class LoadedModel:
     #: Decode in VAE tiles above this many output pixels (bounded memory, at a small cost in
     #: fidelity: the VAE's normalization then sees one tile at a time).
     vae_tile_above_pixels: int = 1024 * 1024
+    #: SDXL: the refiner that finishes txt2img and img2img results, running `refiner_strength`
+    #: of the steps (`generation.refiner`); loaded, cached and evicted with this model.
+    refiner: LoadedModel | None = None
+    refiner_strength: float = 0.15
 
     @property
     def native_size(self) -> int:
@@ -142,7 +147,7 @@ def run_batch(
     UNet batch at the next step (see `denoise`); its images are whatever its latents held, or
     none when every request of its strength was cancelled."""
     check_batch(requests, BATCH_KEY)
-    run = _pipeline(requests[0].kind)
+    run = _pipeline(requests[0].kind, refined=model.refiner is not None)
     by_strength: dict[float | None, list[int]] = {}
     for i, request in enumerate(requests):
         by_strength.setdefault(request.strength, []).append(i)
@@ -160,12 +165,16 @@ def run_batch(
     return results
 
 
-def _pipeline(kind: Kind) -> Callable[..., list[list[Image.Image]]]:
-    """The pipeline function of a kind: (model, requests, inputs, progress, cancelled) -> images."""
+def _pipeline(kind: Kind, refined: bool = False) -> Callable[..., list[list[Image.Image]]]:
+    """The pipeline function of a kind: (model, requests, inputs, progress, cancelled) -> images;
+    `refined`: the model has a refiner, which finishes txt2img and img2img."""
+    # Imported here: these modules build on this one.
+    from generation import img2img, inpaint, outpaint, refiner, upscale
+
+    if refined and kind in (Kind.TXT2IMG, Kind.IMG2IMG):
+        return refiner.finish
     if kind is Kind.TXT2IMG:
         return lambda model, requests, _inputs, progress, cancelled: txt2img(model, requests, progress, cancelled)
-    # Imported here: these modules build on this one.
-    from generation import img2img, inpaint, outpaint, upscale
 
     return {
         Kind.IMG2IMG: img2img.img2img,
@@ -225,6 +234,8 @@ def denoise(
     wrap: Wrap | None = None,
     progress: Progress | None = None,
     cancelled: IsCancelled | None = None,
+    leave: int = 0,
+    noised: bool = False,
 ) -> torch.Tensor:
     """The sampling core of every pipeline: final latents (B, C, h, w), float32, one per image.
 
@@ -234,22 +245,38 @@ def denoise(
     UNet's class input (the upscaler's noise level). wrap: replaces the guided denoiser.
     The images of a cancelled request leave the UNet batch at the next call (without labels:
     those are repeated per whole batch), the others' latents come out as in a run without it;
-    sampling stops once every request is cancelled."""
+    sampling stops once every request is cancelled.
+    SDXL (a family with a conditioner) samples as sgm does (`generation.sdxl`). For a refiner
+    (`generation.refiner`): leave the last `leave` steps undone, returning the VP latent where
+    sampling stopped; `noised`: init is such a latent, continued without new noise."""
     check_batch(requests)
     first, network = requests[0], model.network
     per_image = [r for r in requests for _ in range(r.count)]
     seeds = [seed for r in requests for seed in r.seeds()]
-    cond, uncond = encode_conditioning(network, per_image, model.device)
+    vector = vector_uncond = None
+    if network.family.conditioner is None:
+        cond, uncond = encode_conditioning(network, per_image, model.device)
+        sampler = SAMPLERS[first.sampler]
+    else:
+        pixels = (latent_size[0] * network.vae_scale, latent_size[1] * network.vae_scale)
+        cond, uncond, vector, vector_uncond = sdxl.encode_conditioning(network, per_image, model.device, pixels)
+        sampler = sdxl.sampler(first.sampler)
     guidance = torch.tensor([r.guidance for r in per_image])  # (B,), read once by the denoiser
-    sampler = SAMPLERS[first.sampler]
     noise = BatchNoise(seeds, (network.latent_channels, *latent_size), model.device, torch.float32)
     initial = variation_noise(requests, noise.initial())  # (B, C, h, w)
-    sigmas, x = start(sampler, sampler.sigmas(model.schedule, first.steps), first.steps, initial, init, strength)
+    sigmas = sampler.sigmas(model.schedule, first.steps)
+    if network.family.conditioner is None:
+        sigmas, x = start(sampler, sigmas, first.steps, initial, init, strength)
+    else:
+        sigmas, x = sdxl.start(sigmas, initial, init, strength, noised)
+    if leave:
+        sigmas = sigmas[: max(len(sigmas) - leave, 1)]
     owner = [i for i, r in enumerate(requests) for _ in range(r.count)]  # request of each image
     live = None if cancelled is None or labels is not None else (
         lambda: [row for row, i in enumerate(owner) if not cancelled(i)])
     guided = GuidedDenoiser(
-        _unet_in(model, labels), model.schedule, cond, uncond, guidance, network.family.prediction, concat, live
+        _unet_in(model, labels), model.schedule, cond, uncond, guidance, network.family.prediction, concat, live,
+        vector, vector_uncond,
     )
     denoiser = guided if wrap is None else wrap(guided, initial)
     stop = None if cancelled is None else (lambda: all(cancelled(i) for i in range(len(requests))))
@@ -305,11 +332,13 @@ def encode_conditioning(
 
 def _unet_in(model: LoadedModel, labels: torch.Tensor | None = None) -> Callable[..., torch.Tensor]:
     """The UNet taking float32 latents: inputs cast to the weights' dtype, output back to float32.
-    labels (B,): class input per image, repeated for the guidance halves of the UNet batch."""
+    labels (B,): class input per image, repeated for the guidance halves of the UNet batch;
+    y (N, adm): SDXL's ADM vectors, one per row of the UNet batch (cast with the weights)."""
     unet = model.network.unet
 
-    def run(x: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        y = None if labels is None else labels.repeat(x.shape[0] // labels.shape[0])  # (N,)
+    def run(x: torch.Tensor, t: torch.Tensor, context: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        if y is None and labels is not None:
+            y = labels.repeat(x.shape[0] // labels.shape[0])  # (N,)
         return unet(x.to(model.dtype), t, context.to(model.dtype), y=y).float()
 
     return run

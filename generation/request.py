@@ -49,6 +49,15 @@ _SD_PIXELS_PER_LATENT = 8 * 8
 #: within 2% of each other (its only self-attention is at 1/8 of the latent). tests/test_upscale.py
 #: recomputes it.
 X4_UNET_FLOPS_RATIO = 0.35
+#: SDXL UNet FLOPs per latent pixel over SD 1.x's, measured the same way: the base 2.10 and the
+#: refiner 2.27 times SD1's on 128x128 latents (1024x1024 images), 1.98 and 2.02 on 64x64; the
+#: SSD-1B-like layout (input depths 0, 0, 2, 2, 4, 4, one-ResBlock middle) 1.31. tests/test_sdxl.py recomputes the base's.
+SDXL_UNET_FLOPS_RATIO = 2.1
+
+
+def unet_flops_ratio(family: str) -> float:
+    """`GenerationRequest.unet_flops_ratio` for a checkpoint family name (`models.families`)."""
+    return SDXL_UNET_FLOPS_RATIO if family.startswith("sdxl") else 1.0
 
 
 #: Job ids: 12 lower-case base32 characters (60 random bits), short enough for button custom ids.
@@ -127,6 +136,9 @@ class GenerationRequest(BaseModel):
     #: Upscale: 4 with an x4 upscaler checkpoint (the output is its VAE's scale times the input:
     #: 4 for the released one), 2 with an ordinary one (hires); the engine checks they match.
     upscale_factor: Literal[2, 4] = 2
+    #: The model's UNet FLOPs per latent pixel over SD 1.x's (`unet_flops_ratio(family)`: SDXL
+    #: 2.1), set by whoever picks the model; `cost` counts it. The x4 upscaler has its own.
+    unet_flops_ratio: float = Field(default=1.0, gt=0.0, le=10.0)
 
     @model_validator(mode="after")
     def _image_matches_kind(self) -> GenerationRequest:
@@ -165,13 +177,13 @@ class GenerationRequest(BaseModel):
         its GPU time and memory follow. Outpaint's width x height is already the canvas, and
         inpainting only the masked part resizes its crop to width x height, so both run on width x
         height; hires runs on the 2x image; the x4 upscaler on a latent as large as the input,
-        with a lighter UNet."""
+        with a lighter UNet; SDXL's UNet does `unet_flops_ratio` times SD's work per pixel."""
         pixels = self.width * self.height
         if self.x4:
             return pixels * _SD_PIXELS_PER_LATENT * X4_UNET_FLOPS_RATIO
         if self.kind is Kind.UPSCALE:
-            return pixels * 2 * 2
-        return pixels
+            return pixels * 2 * 2 * self.unet_flops_ratio
+        return pixels * self.unet_flops_ratio
 
     @property
     def cost(self) -> float:

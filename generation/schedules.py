@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -131,3 +132,13 @@ def uniform_sigmas(schedule: DiscreteSchedule, steps: int) -> Tensor:
     _check_steps(steps, schedule.timesteps)
     ts = torch.linspace(0, schedule.timesteps - 1, steps + 1, dtype=torch.float64).round().long()
     return torch.cat([schedule.sigmas[ts.flip(0)[:-1]], torch.zeros(1)])  # (steps + 1,)
+
+
+def legacy_ddpm_sigmas(schedule: DiscreteSchedule, steps: int) -> Tensor:
+    """sgm's LegacyDDPMDiscretization, as SDXL's YAMLs sample: the training sigmas at the integer
+    timesteps int(x) for x in numpy.linspace(T - 1, 0, steps, endpoint=False) (999, 949... for 20
+    steps; not DDIM's), decreasing, then 0. Every level is a training sigma, so the denoiser's
+    sigma -> t map gives sgm's nearest-index timesteps exactly."""
+    _check_steps(steps, schedule.timesteps)
+    ts = torch.from_numpy(np.linspace(schedule.timesteps - 1, 0, steps, endpoint=False).astype(np.int64))
+    return torch.cat([schedule.sigmas[ts], torch.zeros(1)])  # (steps + 1,)

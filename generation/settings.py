@@ -95,10 +95,14 @@ class ModelSettings(_Settings):
     #: Overrides the detected prediction type of SD 2.x checkpoints.
     prediction: Literal["epsilon", "v"] | None = None
     default: bool = False
+    #: SDXL: the name of a configured SDXL refiner that finishes this model's txt2img and img2img
+    #: images, running `refiner_strength` of their steps (sgm's demo; see generation/refiner.py).
+    refiner: str | None = None
+    refiner_strength: float = Field(default=0.15, ge=0.0, le=1.0)
 
 
 def check_models(models: tuple[ModelSettings, ...]) -> tuple[ModelSettings, ...]:
-    """Names are unique and at most one model is the default."""
+    """Names are unique, at most one model is the default, and refiners name other models."""
     names = [m.name for m in models]
     duplicates = sorted({n for n in names if names.count(n) > 1})
     if duplicates:
@@ -106,6 +110,12 @@ def check_models(models: tuple[ModelSettings, ...]) -> tuple[ModelSettings, ...]
     defaults = [m.name for m in models if m.default]
     if len(defaults) > 1:
         raise ValueError(f"at most one model may be the default; found {', '.join(defaults)}")
+    for model in models:
+        if model.refiner is not None and (model.refiner == model.name or model.refiner not in names):
+            raise ValueError(
+                f"model {model.name}: refiner {model.refiner!r} must name another [[models]] entry; "
+                f"configured: {', '.join(names)}"
+            )
     return models
 
 

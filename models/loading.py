@@ -21,8 +21,12 @@ import yaml
 from models.families import (
     SD1,
     SD2,
+    SDXL,
+    SDXL_REFINER,
     X4_UPSCALER,
+    ConditionerConfig,
     LowScaleConfig,
+    SizeKey,
     Family,
     Prediction,
     TextEncoderConfig,
@@ -35,10 +39,14 @@ from models.unet import UNetModel
 UNET = "model.diffusion_model."
 VAE = "first_stage_model."
 TEXT = "cond_stage_model."
+#: SDXL's text towers and size embedders: `conditioner.embedders.N.`.
+CONDITIONER = "conditioner.embedders."
 _CLIP = TEXT + "transformer.text_model."
 _OPEN_CLIP = TEXT + "model."
+#: Under a tower's prefix: the CLIP (transformers) and OpenCLIP layouts.
+_CLIP_PART, _OPEN_CLIP_PART = "transformer.text_model.", "model."
 #: A constant arange that older transformers saved with CLIP; it is rebuilt, never loaded.
-_CLIP_POSITION_IDS = _CLIP + "embeddings.position_ids"
+_POSITION_IDS = "transformer.text_model.embeddings.position_ids"
 _TORCH_SUFFIXES = (".ckpt", ".pt", ".pth")
 
 PredictionSource = Literal["override", "yaml", "probe", "family default"]
@@ -105,15 +113,18 @@ def model_weights(weights: dict[str, torch.Tensor], path: Path) -> dict[str, tor
     """The tensors of the three networks, without EMA copies, schedules or position ids."""
     if not any(k.startswith(UNET) for k in weights):
         raise CheckpointError(f"{path}: no {UNET}* keys; found {_sample_keys(weights)}")
-    if not any(k.startswith(_CLIP) or k.startswith(_OPEN_CLIP) for k in weights):
+    sdxl = any(re.match(re.escape(CONDITIONER) + r"\d+\." + re.escape(_OPEN_CLIP_PART), k) for k in weights)
+    if not sdxl and not any(k.startswith(_CLIP) or k.startswith(_OPEN_CLIP) for k in weights):
         raise CheckpointError(
-            f"{path}: unrecognised text encoder: expected {_CLIP}* (SD 1.x) or {_OPEN_CLIP}* "
-            f"(SD 2.x) keys; found {_sample_keys(weights, TEXT) or _sample_keys(weights)}"
+            f"{path}: unrecognised text encoder: expected {_CLIP}* (SD 1.x), {_OPEN_CLIP}* "
+            f"(SD 2.x) or {CONDITIONER}N.{_OPEN_CLIP_PART}* (SDXL) keys; found "
+            f"{_sample_keys(weights, TEXT) or _sample_keys(weights, CONDITIONER) or _sample_keys(weights)}"
         )
     if not any(k.startswith(VAE) for k in weights):
         raise CheckpointError(f"{path}: no {VAE}* keys, so no VAE; found {_sample_keys(weights)}")
+    text = CONDITIONER if sdxl else TEXT
     return {
-        k: v for k, v in weights.items() if k.startswith((UNET, VAE, TEXT)) and k != _CLIP_POSITION_IDS
+        k: v for k, v in weights.items() if k.startswith((UNET, VAE, text)) and not k.endswith(_POSITION_IDS)
     }
 
 
@@ -143,6 +154,8 @@ def _shape(weights: dict[str, torch.Tensor], key: str) -> torch.Size:
 def detect_family(weights: dict[str, torch.Tensor]) -> Family:
     """The family and sizes of a checkpoint from key names and shapes alone (prediction: the
     family's default; SD 2.x v-prediction is settled by `predicts_v`)."""
+    if any(k.startswith(CONDITIONER) for k in weights):
+        return _detect_sdxl(weights)
     text = _detect_text(weights)
     if UNET + "label_emb.weight" in weights:
         base = X4_UPSCALER
@@ -162,28 +175,81 @@ def detect_family(weights: dict[str, torch.Tensor]) -> Family:
     return replace(base, conditioning=conditioning, unet=unet, vae=vae, text=text)
 
 
-def _detect_text(weights: dict[str, torch.Tensor]) -> TextEncoderConfig:
-    if _CLIP + "embeddings.token_embedding.weight" in weights:
-        vocab, width = _shape(weights, _CLIP + "embeddings.token_embedding.weight")
+def _detect_text(weights: dict[str, torch.Tensor], prefix: str = TEXT) -> TextEncoderConfig:
+    """The tower under `prefix` (SD 1.x/2.x defaults; SDXL's callers set layer and norm)."""
+    clip = prefix + _CLIP_PART
+    if clip + "embeddings.token_embedding.weight" in weights:
+        vocab, width = _shape(weights, clip + "embeddings.token_embedding.weight")
         return TextEncoderConfig(
             kind="clip",
             vocab_size=vocab,
             width=width,
-            layers=len(_indices(weights, re.escape(_CLIP) + r"encoder\.layers\.(\d+)\.")),
-            max_length=_shape(weights, _CLIP + "embeddings.position_embedding.weight")[0],
-            mlp_width=_shape(weights, _CLIP + "encoder.layers.0.mlp.fc1.weight")[0],
+            layers=len(_indices(weights, re.escape(clip) + r"encoder\.layers\.(\d+)\.")),
+            max_length=_shape(weights, clip + "embeddings.position_embedding.weight")[0],
+            mlp_width=_shape(weights, clip + "encoder.layers.0.mlp.fc1.weight")[0],
             layer="last",
         )
-    vocab, width = _shape(weights, _OPEN_CLIP + "token_embedding.weight")
+    open_clip = prefix + _OPEN_CLIP_PART
+    vocab, width = _shape(weights, open_clip + "token_embedding.weight")
     return TextEncoderConfig(
         kind="open_clip",
         vocab_size=vocab,
         width=width,
-        layers=len(_indices(weights, re.escape(_OPEN_CLIP) + r"transformer\.resblocks\.(\d+)\.")),
-        max_length=_shape(weights, _OPEN_CLIP + "positional_embedding")[0],
-        mlp_width=_shape(weights, _OPEN_CLIP + "transformer.resblocks.0.mlp.c_fc.weight")[0],
-        projection_dim=_shape(weights, _OPEN_CLIP + "text_projection")[1],
+        layers=len(_indices(weights, re.escape(open_clip) + r"transformer\.resblocks\.(\d+)\.")),
+        max_length=_shape(weights, open_clip + "positional_embedding")[0],
+        mlp_width=_shape(weights, open_clip + "transformer.resblocks.0.mlp.c_fc.weight")[0],
+        projection_dim=_shape(weights, open_clip + "text_projection")[1],
         layer="penultimate",
+    )
+
+
+#: The size keys an SDXL conditioner's ADM width implies, by number of Fourier-embedded values.
+_SDXL_SIZES: dict[int, tuple[SizeKey, ...]] = {
+    6: SDXL.conditioner.sizes,  # base: original size, crop, target size
+    5: SDXL_REFINER.conditioner.sizes,  # refiner: original size, crop, aesthetic score
+}
+
+
+def _detect_conditioner(weights: dict[str, torch.Tensor], adm_in_channels: int) -> ConditionerConfig:
+    """The text towers under `conditioner.embedders.N.` (SDXL: hidden states of the penultimate
+    layer, no final norm) and the size embedders the rest of the ADM width implies."""
+    towers = _indices(weights, re.escape(CONDITIONER) + r"(\d+)\.")
+    if towers != list(range(len(towers))):
+        raise CheckpointError(f"conditioner embedders {towers}; expected text towers numbered 0, 1...")
+    texts = tuple(
+        replace(_detect_text(weights, f"{CONDITIONER}{n}."), layer="penultimate", final_norm=False) for n in towers
+    )
+    if texts[-1].kind != "open_clip":
+        raise CheckpointError(
+            f"conditioner towers {[t.kind for t in texts]}: the last must be OpenCLIP (SDXL's pooled ViT-bigG)"
+        )
+    outdim = SDXL.conditioner.outdim
+    values, rest = divmod(adm_in_channels - (texts[-1].projection_dim or 0), outdim)
+    if rest or values not in _SDXL_SIZES:
+        raise CheckpointError(
+            f"label_emb takes {adm_in_channels} features; SDXL needs the pooled text embedding "
+            f"({texts[-1].projection_dim}) plus {outdim} per size value: 6 values (base) or 5 (refiner)"
+        )
+    return ConditionerConfig(texts=texts, sizes=_SDXL_SIZES[values], outdim=outdim)
+
+
+def _detect_sdxl(weights: dict[str, torch.Tensor]) -> Family:
+    adm_in_channels = _shape(weights, UNET + "label_emb.0.0.weight")[1]
+    conditioner = _detect_conditioner(weights, adm_in_channels)
+    base = SDXL_REFINER if "aesthetic_score" in conditioner.sizes else SDXL
+    unet = _detect_unet(weights, base.unet, conditioner.context_dim)
+    conditioning = {4: "crossattn", 9: "hybrid"}.get(unet.in_channels)
+    if conditioning is None or (conditioning == "hybrid" and base is SDXL_REFINER):
+        raise CheckpointError(
+            f"SDXL UNet takes {unet.in_channels} input channels; supported: 4 (base, refiner) or 9 (inpainting)"
+        )
+    return replace(
+        base,
+        conditioning=conditioning,
+        unet=unet,
+        vae=_detect_vae(weights, base.vae.resolution),
+        text=conditioner.texts[-1],
+        conditioner=conditioner,
     )
 
 
@@ -194,14 +260,21 @@ def _attends_to_context(weights: dict[str, torch.Tensor], transformer: str) -> b
     return _shape(weights, attn1 + "to_k.weight")[1] != _shape(weights, attn1 + "to_q.weight")[1]
 
 
+def _transformer_depth(weights: dict[str, torch.Tensor], block: str) -> int:
+    """Transformer blocks of the SpatialTransformer at `block` + "1." (0: none there)."""
+    return len(_indices(weights, re.escape(block) + r"1\.transformer_blocks\.(\d+)\."))
+
+
 def _detect_unet(weights: dict[str, torch.Tensor], base: UNetConfig, context_dim: int) -> UNetConfig:
     """Walk `input_blocks`: a block with `.0.op` is a downsample ending a level, any other holds a
-    ResBlock whose width gives the level's channel multiplier; `.1.proj_in` marks attention."""
+    ResBlock whose width gives the level's channel multiplier and maybe a SpatialTransformer whose
+    block count is its depth; then the output blocks' depths and the middle block."""
     conv_in = _shape(weights, UNET + "input_blocks.0.0.weight")  # (mc, C_in, 3, 3)
     mc = conv_in[0]
     levels: list[list[int]] = [[]]  # per level: output widths of its ResBlocks
     no_self_attention: list[bool] = [False]  # per level
     attention: set[int] = set()
+    depths: list[int] = []  # per input ResBlock
     proj_in_ndim = 4
     for i in _indices(weights, re.escape(UNET) + r"input_blocks\.(\d+)\.")[1:]:
         block = f"{UNET}input_blocks.{i}."
@@ -210,29 +283,49 @@ def _detect_unet(weights: dict[str, torch.Tensor], base: UNetConfig, context_dim
             no_self_attention.append(False)
             continue
         levels[-1].append(_shape(weights, block + "0.out_layers.3.weight")[0])
-        if block + "1.proj_in.weight" in weights:
+        depths.append(_transformer_depth(weights, block))
+        if depths[-1]:
             attention.add(2 ** (len(levels) - 1))
             proj_in_ndim = len(_shape(weights, block + "1.proj_in.weight"))
             no_self_attention[-1] = _attends_to_context(weights, block + "1.")
     res_blocks = {len(widths) for widths in levels}
     if len(res_blocks) != 1 or any(len(set(widths)) != 1 for widths in levels):
         raise CheckpointError(f"UNet levels have uneven blocks {levels}; only uniform levels are supported")
-    depth = len(_indices(weights, re.escape(UNET) + r"middle_block\.1\.transformer_blocks\.(\d+)\."))
+    num_res_blocks = res_blocks.pop()
+    outputs = _indices(weights, re.escape(UNET) + r"output_blocks\.(\d+)\.")
+    output_depths = [_transformer_depth(weights, f"{UNET}output_blocks.{i}.") for i in outputs]
+    for i, depth in enumerate(output_depths):
+        if depth:
+            attention.add(2 ** (len(levels) - 1 - i // (num_res_blocks + 1)))
+    middle = UNET + "middle_block."
+    if middle + "1.proj_in.weight" in weights:
+        middle_depth = _transformer_depth(weights, middle)
+    elif _indices(weights, re.escape(middle) + r"(\d+)\.") == [0]:
+        middle_depth = 0  # a single ResBlock (SSD-1B, Vega)
+    else:
+        raise CheckpointError(
+            f"middle block {_sample_keys(weights, middle)}: expected ResBlock, SpatialTransformer, "
+            f"ResBlock, or a single ResBlock"
+        )
     label_emb = weights.get(UNET + "label_emb.weight")  # (num_classes, 4 mc), x4 upscaler only
+    adm = weights.get(UNET + "label_emb.0.0.weight")  # (4 mc, adm_in_channels), SDXL only
     return replace(
         base,
         in_channels=conv_in[1],
         out_channels=_shape(weights, UNET + "out.2.weight")[0],
         model_channels=mc,
         attention_resolutions=tuple(attention),
-        num_res_blocks=res_blocks.pop(),
+        num_res_blocks=num_res_blocks,
         channel_mult=tuple(widths[0] // mc for widths in levels),
         context_dim=context_dim,
         use_linear_in_transformer=proj_in_ndim == 2 if attention else base.use_linear_in_transformer,
-        transformer_depth=depth,
+        transformer_depth=tuple(depths),
+        transformer_depth_output=tuple(output_depths),
+        transformer_depth_middle=middle_depth,
         num_classes=None if label_emb is None else label_emb.shape[0],
+        adm_in_channels=None if adm is None else adm.shape[1],
         disable_self_attentions=tuple(no_self_attention) if any(no_self_attention) else (),
-        disable_middle_self_attn=_attends_to_context(weights, UNET + "middle_block.1."),
+        disable_middle_self_attn=middle_depth > 0 and _attends_to_context(weights, middle + "1."),
     )
 
 
@@ -261,16 +354,29 @@ def _detect_vae(weights: dict[str, torch.Tensor], resolution: int) -> VAEConfig:
 # ---------------------------------------------------------------- the original YAML
 
 
+def _read_yaml_params(path: Path) -> dict:
+    try:
+        params = yaml.safe_load(Path(path).read_text())["model"]["params"]
+    except (OSError, yaml.YAMLError, KeyError, TypeError) as exc:
+        raise CheckpointError(f"{path}: not an original inference YAML (need model.params): {exc!r}") from exc
+    if not isinstance(params, dict):
+        raise CheckpointError(f"{path}: model.params is a {type(params).__name__}, not a mapping")
+    return params
+
+
 def family_from_yaml(path: Path, text: TextEncoderConfig) -> Family:
     """The family an original inference YAML describes; `text` sizes come from the weights (the
     YAML names only the text encoder's class and layer)."""
+    params = _read_yaml_params(path)
+    if "network_config" in params:
+        raise CheckpointError(
+            f"{path}: an sgm (SDXL) YAML, but the checkpoint holds SD 1.x/2.x weights (cond_stage_model.*)"
+        )
     try:
-        params = yaml.safe_load(Path(path).read_text())["model"]["params"]
         unet_p = params["unet_config"]["params"]
         vae_p = params["first_stage_config"]["params"]
         cond = params["cond_stage_config"]
-        ddconfig = vae_p["ddconfig"]
-    except (OSError, yaml.YAMLError, KeyError, TypeError) as exc:
+    except (KeyError, TypeError) as exc:
         raise CheckpointError(
             f"{path}: not an original inference YAML (need model.params with unet_config, "
             f"first_stage_config and cond_stage_config): {exc!r}"
@@ -296,9 +402,27 @@ def family_from_yaml(path: Path, text: TextEncoderConfig) -> Family:
     num_classes = unet_p.get("num_classes")
     if num_classes is not None and not isinstance(num_classes, int):
         raise CheckpointError(f"{path}: num_classes {num_classes!r}; allowed: an integer (x4 upscaler)")
+    unet, vae = _unet_from_yaml(path, unet_p, num_classes=num_classes), _vae_from_yaml(path, vae_p)
+    return Family(
+        prediction=predictions[parameterization],
+        conditioning=conditioning,
+        unet=unet,
+        vae=vae,
+        text=replace(text, layer=cond.get("params", {}).get("layer", "last")),
+        scale_factor=params.get("scale_factor", 1.0),
+        linear_start=params["linear_start"],
+        linear_end=params["linear_end"],
+        timesteps=params.get("timesteps", 1000),
+        low_scale=_low_scale(params.get("low_scale_config")),
+    )
+
+
+def _unet_from_yaml(path: Path, unet_p: dict, **fields: object) -> UNetConfig:
+    """`unet_config.params` (ldm) or `network_config.params` (sgm); `fields` override."""
     head_channels = unet_p.get("num_head_channels", -1)
+    depth = unet_p.get("transformer_depth", 1)
     try:
-        unet = UNetConfig(
+        return UNetConfig(
             in_channels=unet_p["in_channels"],
             out_channels=unet_p["out_channels"],
             model_channels=unet_p["model_channels"],
@@ -309,12 +433,20 @@ def family_from_yaml(path: Path, text: TextEncoderConfig) -> Family:
             num_head_channels=head_channels,
             context_dim=unet_p["context_dim"],
             use_linear_in_transformer=unet_p.get("use_linear_in_transformer", False),
-            transformer_depth=unet_p.get("transformer_depth", 1),
-            num_classes=num_classes,
+            transformer_depth=depth if isinstance(depth, int) else tuple(depth),
+            transformer_depth_middle=unet_p.get("transformer_depth_middle"),
             disable_self_attentions=tuple(unet_p.get("disable_self_attentions") or ()),
             disable_middle_self_attn=unet_p.get("disable_middle_self_attn", False),
+            **fields,
         )
-        vae = VAEConfig(
+    except (KeyError, TypeError, ValueError) as exc:
+        raise CheckpointError(f"{path}: incomplete or invalid UNet config: {exc!r}") from exc
+
+
+def _vae_from_yaml(path: Path, vae_p: dict) -> VAEConfig:
+    try:
+        ddconfig = vae_p["ddconfig"]
+        return VAEConfig(
             embed_dim=vae_p["embed_dim"],
             z_channels=ddconfig["z_channels"],
             in_channels=ddconfig["in_channels"],
@@ -327,18 +459,103 @@ def family_from_yaml(path: Path, text: TextEncoderConfig) -> Family:
             double_z=ddconfig.get("double_z", True),
         )
     except (KeyError, TypeError, ValueError) as exc:
-        raise CheckpointError(f"{path}: incomplete unet_config or ddconfig: {exc!r}") from exc
-    return Family(
-        prediction=predictions[parameterization],
-        conditioning=conditioning,
+        raise CheckpointError(f"{path}: incomplete ddconfig: {exc!r}") from exc
+
+
+def sdxl_family_from_yaml(path: Path, weights: dict[str, torch.Tensor]) -> Family:
+    """The family an sgm inference YAML (`sd_xl_base.yaml`, `sd_xl_refiner.yaml`) describes; the
+    text towers' sizes come from the weights, their layers from the YAML."""
+    params = _read_yaml_params(path)
+    try:
+        unet_p = dict(params["network_config"]["params"])
+        vae_p = params["first_stage_config"]["params"]
+        emb_models = params["conditioner_config"]["params"]["emb_models"]
+        denoiser = params["denoiser_config"]["params"]
+    except (KeyError, TypeError) as exc:
+        raise CheckpointError(
+            f"{path}: not an sgm inference YAML (need model.params with network_config, "
+            f"conditioner_config, first_stage_config and denoiser_config): {exc!r}"
+        ) from exc
+    texts: list[TextEncoderConfig] = []
+    sizes: list[SizeKey] = []
+    outdims: set[int] = set()
+    for n, emb in enumerate(emb_models):
+        target = str(emb.get("target", "")).rsplit(".", 1)[-1]
+        p = emb.get("params") or {}
+        if target == "ConcatTimestepEmbedderND":
+            sizes.append(emb.get("input_key"))
+            outdims.add(p.get("outdim", 256))
+            continue
+        if sizes or target not in ("FrozenCLIPEmbedder", "FrozenOpenCLIPEmbedder2"):
+            raise CheckpointError(
+                f"{path}: embedder {n} is {target!r}; supported: FrozenCLIPEmbedder and "
+                f"FrozenOpenCLIPEmbedder2 text towers, then ConcatTimestepEmbedderND size embedders"
+            )
+        text = _detect_text(weights, f"{CONDITIONER}{n}.")
+        kind = "clip" if target == "FrozenCLIPEmbedder" else "open_clip"
+        if text.kind != kind:
+            raise CheckpointError(
+                f"{path}: embedder {n} is {target} but the checkpoint holds {text.kind!r} there"
+            )
+        texts.append(_text_layer(path, n, text, p))
+    if len(outdims) > 1:
+        raise CheckpointError(f"{path}: size embedders of different outdim {sorted(outdims)}")
+    scaling = str(denoiser.get("scaling_config", {}).get("target", "")).rsplit(".", 1)[-1]
+    predictions = {"EpsScaling": "epsilon", "VScaling": "v"}
+    discretization = denoiser.get("discretization_config", {})
+    if scaling not in predictions or not str(discretization.get("target", "")).endswith("LegacyDDPMDiscretization"):
+        raise CheckpointError(
+            f"{path}: denoiser scaling {scaling!r} over {discretization.get('target')!r}; supported: "
+            f"EpsScaling or VScaling over LegacyDDPMDiscretization"
+        )
+    schedule = discretization.get("params") or {}
+    try:
+        conditioner = ConditionerConfig(texts=tuple(texts), sizes=tuple(sizes), outdim=outdims.pop() if outdims else 256)
+    except ValueError as exc:
+        raise CheckpointError(f"{path}: {exc}") from exc
+    context = unet_p.get("context_dim")
+    if isinstance(context, list):  # the refiner lists one per level; our UNet takes one width
+        if len(set(context)) != 1:
+            raise CheckpointError(f"{path}: context_dim {context}; only one width for every level is supported")
+        unet_p["context_dim"] = context[0]
+    if unet_p.get("num_classes") != "sequential":
+        raise CheckpointError(f"{path}: num_classes {unet_p.get('num_classes')!r}; SDXL needs 'sequential'")
+    unet = _unet_from_yaml(path, unet_p, adm_in_channels=unet_p.get("adm_in_channels"))
+    if unet.adm_in_channels != conditioner.adm_in_channels or unet.context_dim != conditioner.context_dim:
+        raise CheckpointError(
+            f"{path}: the UNet takes context {unet.context_dim} and ADM {unet.adm_in_channels}, but "
+            f"the conditioner gives {conditioner.context_dim} and {conditioner.adm_in_channels}"
+        )
+    base = SDXL_REFINER if "aesthetic_score" in conditioner.sizes else SDXL
+    return replace(
+        base,
+        prediction=predictions[scaling],
+        conditioning="hybrid" if unet.in_channels == 9 else "crossattn",
         unet=unet,
-        vae=vae,
-        text=replace(text, layer=cond.get("params", {}).get("layer", "last")),
+        vae=_vae_from_yaml(path, vae_p),
+        text=conditioner.texts[-1],
+        conditioner=conditioner,
         scale_factor=params.get("scale_factor", 1.0),
-        linear_start=params["linear_start"],
-        linear_end=params["linear_end"],
-        timesteps=params.get("timesteps", 1000),
-        low_scale=_low_scale(params.get("low_scale_config")),
+        linear_start=schedule.get("linear_start", base.linear_start),
+        linear_end=schedule.get("linear_end", base.linear_end),
+        timesteps=schedule.get("num_timesteps", base.timesteps),
+    )
+
+
+def _text_layer(path: Path, n: int, text: TextEncoderConfig, p: dict) -> TextEncoderConfig:
+    """A tower's layer from its sgm params: CLIP `hidden` at the next-to-last index (11 of 12) or
+    `last`; OpenCLIP `penultimate` or `last`, normed by ln_final only when `legacy`."""
+    layer = p.get("layer", "last")
+    if text.kind == "clip":
+        if layer == "last":
+            return replace(text, layer="last", final_norm=True)
+        if layer == "hidden" and p.get("layer_idx") == text.layers - 1:
+            return replace(text, layer="penultimate", final_norm=False)
+    elif layer in ("last", "penultimate"):
+        return replace(text, layer=layer, final_norm=bool(p.get("legacy", True)))
+    raise CheckpointError(
+        f"{path}: embedder {n} layer {layer!r} (layer_idx {p.get('layer_idx')!r}); supported: CLIP "
+        f"'last' or 'hidden' at layer_idx {text.layers - 1}, OpenCLIP 'last' or 'penultimate'"
     )
 
 
@@ -386,10 +603,15 @@ def _resolve(
     weights = model_weights(read_state_dict(path), Path(path))
     try:
         if config_yaml is not None:
-            family, source = family_from_yaml(config_yaml, _detect_text(weights)), "yaml"
+            if any(k.startswith(CONDITIONER) for k in weights):
+                family = sdxl_family_from_yaml(config_yaml, weights)
+            else:
+                family = family_from_yaml(config_yaml, _detect_text(weights))
+            source = "yaml"
         else:
             family = detect_family(weights)
-            probe = family.text.kind == "open_clip" and family.conditioning == "crossattn"
+            # SD 2.x txt2img only: SDXL is epsilon unless its YAML or the override says v.
+            probe = family.text.kind == "open_clip" and family.conditioning == "crossattn" and not family.conditioner
             source = "probe" if probe else "family default"
     except CheckpointError as exc:
         raise CheckpointError(f"{path}: {exc}") from exc
@@ -431,7 +653,7 @@ def load_checkpoint(
     weights, family, source = _resolve(path, config_yaml, prediction)
     model = _build(family, weights, path, config_yaml)
     model.model.to(device=device, dtype=dtype)
-    model.cond_stage_model.to(device=device, dtype=dtype)
+    (model.cond_stage_model if family.conditioner is None else model.conditioner).to(device=device, dtype=dtype)
     model.first_stage_model.to(device=device, dtype=vae_dtype or dtype)
     if source == "probe" and predicts_v(model.unet):
         model.family = replace(family, prediction="v")

@@ -1,10 +1,12 @@
 """The three networks of a Stable Diffusion checkpoint under their original key prefixes:
-`model.diffusion_model.*`, `first_stage_model.*`, `cond_stage_model.*`."""
+`model.diffusion_model.*`, `first_stage_model.*`, and `cond_stage_model.*` (SD 1.x/2.x) or
+`conditioner.embedders.N.*` (SDXL)."""
 
 from __future__ import annotations
 
 from torch import nn
 
+from models.conditioner import Conditioner
 from models.families import Family
 from models.text_encoders import TextEncoder, build_text_encoder
 from models.unet import UNetModel
@@ -28,7 +30,10 @@ class StableDiffusion(nn.Module):
         self.family = family
         self.model = DiffusionWrapper(UNetModel(family.unet))
         self.first_stage_model = AutoencoderKL(family.vae)
-        self.cond_stage_model: TextEncoder = build_text_encoder(family.text)
+        if family.conditioner is None:
+            self.cond_stage_model: TextEncoder = build_text_encoder(family.text)
+        else:
+            self.conditioner = Conditioner(family.conditioner)
 
     @property
     def unet(self) -> UNetModel:
@@ -40,7 +45,17 @@ class StableDiffusion(nn.Module):
 
     @property
     def text_encoder(self) -> TextEncoder:
+        """The one text tower of SD 1.x/2.x; SDXL has several (`text_encoders`)."""
+        if self.family.conditioner is not None:
+            raise AttributeError(f"{self.family.name} has {len(self.text_encoders)} text towers: use text_encoders")
         return self.cond_stage_model
+
+    @property
+    def text_encoders(self) -> list[TextEncoder]:
+        """Every text tower, in the order their hidden states concatenate."""
+        if self.family.conditioner is None:
+            return [self.cond_stage_model]
+        return self.conditioner.texts
 
     @property
     def vae_scale(self) -> int:

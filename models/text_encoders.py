@@ -51,6 +51,11 @@ class _TextModelHolder(nn.Module):
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
         return self.text_model(input_ids=input_ids, position_ids=position_ids).last_hidden_state
 
+    def penultimate(self, input_ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+        """The output of the next-to-last layer, before the final layer norm."""
+        out = self.text_model(input_ids=input_ids, position_ids=position_ids, output_hidden_states=True)
+        return out.hidden_states[-2]
+
 
 class CLIPTextEncoder(TextEncoder):
     """SD 1.x FrozenCLIPEmbedder: last hidden state of CLIP's text transformer; pads with EOS."""
@@ -78,9 +83,14 @@ class CLIPTextEncoder(TextEncoder):
         self.transformer = _TextModelHolder(text_model)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        """tokens: (B, T) ids -> (B, T, width) last hidden states (after the final layer norm)."""
+        """tokens: (B, T) ids -> (B, T, width) last hidden states (after the final layer norm), or
+        with `layer: penultimate` (SDXL's `layer: hidden, layer_idx: 11`) the next-to-last ones,
+        normed only with `final_norm`."""
         positions = torch.arange(tokens.shape[1], device=tokens.device)[None]  # (1, T)
-        return self.transformer(tokens, positions)
+        if self.config.layer == "last":
+            return self.transformer(tokens, positions)
+        hidden = self.transformer.penultimate(tokens, positions)
+        return self.transformer.text_model.final_layer_norm(hidden) if self.config.final_norm else hidden
 
 
 class _OpenCLIPText(nn.Module):
@@ -110,15 +120,27 @@ class OpenCLIPTextEncoder(TextEncoder):
         self.model = _OpenCLIPText(config)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        """tokens: (B, T) ids -> (B, T, width) hidden states."""
+        """tokens: (B, T) ids -> (B, T, width) hidden states (then ln_final with `final_norm`)."""
+        blocks = self.model.transformer.resblocks
+        x = self._hidden(tokens, len(blocks) - 1 if self.config.layer == "penultimate" else len(blocks))
+        return self.model.ln_final(x) if self.config.final_norm else x
+
+    def pooled(self, tokens: torch.Tensor) -> torch.Tensor:
+        """tokens: (B, T) ids -> (B, projection_dim): open_clip's text embedding, the last layer
+        through ln_final at the EOS token (the highest id), times `text_projection` (SDXL's pooled
+        conditioning)."""
+        x = self.model.ln_final(self._hidden(tokens, len(self.model.transformer.resblocks)))
+        eos = x[torch.arange(x.shape[0], device=x.device), tokens.argmax(dim=-1)]  # (B, D)
+        return eos @ self.model.text_projection
+
+    def _hidden(self, tokens: torch.Tensor, layers: int) -> torch.Tensor:
+        """The output of the first `layers` resblocks, (B, T, width)."""
         t = tokens.shape[1]
         x = self.model.token_embedding(tokens) + self.model.positional_embedding[:t]  # (B, T, D)
         causal = torch.full((t, t), float("-inf"), device=x.device, dtype=x.dtype).triu_(1)
-        blocks = self.model.transformer.resblocks
-        used = len(blocks) - 1 if self.config.layer == "penultimate" else len(blocks)
-        for block in blocks[:used]:
+        for block in self.model.transformer.resblocks[:layers]:
             x = block(x, attn_mask=causal)
-        return self.model.ln_final(x)
+        return x
 
 
 def build_text_encoder(config: TextEncoderConfig) -> TextEncoder:

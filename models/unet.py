@@ -196,8 +196,11 @@ class SpatialTransformer(nn.Module):
 
 
 class UNetModel(nn.Module):
-    """forward(x (B, C_in, H, W), timesteps (B,), context (B, T, D), y (B,) noise-level classes
-    of the x4 upscaler) -> (B, C_out, H, W)."""
+    """forward(x (B, C_in, H, W), timesteps (B,), context (B, T, D), y) -> (B, C_out, H, W), where
+    y is the x4 upscaler's (B,) noise-level classes or SDXL's (B, adm_in_channels) ADM vector.
+
+    One module for SD 1.x/2.x, the x4 upscaler and SDXL (sgm's generalisation): transformer
+    depths per ResBlock, a middle block that may be a single ResBlock, and `label_emb`."""
 
     def __init__(self, config: UNetConfig) -> None:
         super().__init__()
@@ -207,48 +210,54 @@ class UNetModel(nn.Module):
         self.time_embed = nn.Sequential(nn.Linear(mc, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
         if config.num_classes is not None:
             self.label_emb = nn.Embedding(config.num_classes, emb_dim)
+        elif config.adm_in_channels is not None:  # sgm's "sequential": keys label_emb.0.0 / 0.2
+            self.label_emb = nn.Sequential(
+                nn.Sequential(nn.Linear(config.adm_in_channels, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
+            )
 
-        def transformer(channels: int, disable_self_attn: bool) -> SpatialTransformer:
+        def transformer(channels: int, depth: int, disable_self_attn: bool) -> SpatialTransformer:
             heads, dim_head = config.heads(channels)
             return SpatialTransformer(
-                channels, heads, dim_head, config.transformer_depth, config.context_dim,
+                channels, heads, dim_head, depth, config.context_dim,
                 config.use_linear_in_transformer, disable_self_attn,
             )
 
         self.input_blocks = nn.ModuleList(
             [TimestepEmbedSequential(nn.Conv2d(config.in_channels, mc, 3, padding=1))]
         )
+        depths = iter(config.input_depths)
         skip_channels = [mc]
-        ch, ds = mc, 1
+        ch = mc
         for level, mult in enumerate(config.channel_mult):
             for _ in range(config.num_res_blocks):
                 layers: list[nn.Module] = [ResBlock(ch, emb_dim, mult * mc)]
                 ch = mult * mc
-                if ds in config.attention_resolutions:
-                    layers.append(transformer(ch, config.self_attention_disabled(level)))
+                if depth := next(depths):
+                    layers.append(transformer(ch, depth, config.self_attention_disabled(level)))
                 self.input_blocks.append(TimestepEmbedSequential(*layers))
                 skip_channels.append(ch)
             if level != len(config.channel_mult) - 1:
                 self.input_blocks.append(TimestepEmbedSequential(Downsample(ch)))
                 skip_channels.append(ch)
-                ds *= 2
 
-        self.middle_block = TimestepEmbedSequential(
-            ResBlock(ch, emb_dim, ch),
-            transformer(ch, config.disable_middle_self_attn),
-            ResBlock(ch, emb_dim, ch),
-        )
+        middle: list[nn.Module] = [ResBlock(ch, emb_dim, ch)]
+        if config.middle_depth:
+            middle += [
+                transformer(ch, config.middle_depth, config.disable_middle_self_attn),
+                ResBlock(ch, emb_dim, ch),
+            ]
+        self.middle_block = TimestepEmbedSequential(*middle)
 
         self.output_blocks = nn.ModuleList()
+        depths = iter(config.output_depths)
         for level, mult in reversed(list(enumerate(config.channel_mult))):
             for i in range(config.num_res_blocks + 1):
                 layers = [ResBlock(ch + skip_channels.pop(), emb_dim, mult * mc)]
                 ch = mult * mc
-                if ds in config.attention_resolutions:
-                    layers.append(transformer(ch, config.self_attention_disabled(level)))
+                if depth := next(depths):
+                    layers.append(transformer(ch, depth, config.self_attention_disabled(level)))
                 if level and i == config.num_res_blocks:
                     layers.append(Upsample(ch))
-                    ds //= 2
                 self.output_blocks.append(TimestepEmbedSequential(*layers))
 
         self.out = nn.Sequential(
@@ -258,12 +267,16 @@ class UNetModel(nn.Module):
     def forward(
         self, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor, y: torch.Tensor | None = None
     ) -> torch.Tensor:
-        if (y is None) != (self.config.num_classes is None):
-            raise ValueError("y (noise-level classes) is required by, and only by, a UNet with num_classes")
+        takes_y = self.config.num_classes is not None or self.config.adm_in_channels is not None
+        if (y is None) == takes_y:
+            raise ValueError(
+                "y (noise-level classes or the ADM vector) is required by, and only by, a UNet with "
+                "num_classes or adm_in_channels"
+            )
         t_emb = timestep_embedding(timesteps, self.config.model_channels).to(x.dtype)  # (B, mc)
         emb = self.time_embed(t_emb)  # (B, 4 mc)
         if y is not None:
-            emb = emb + self.label_emb(y)
+            emb = emb + self.label_emb(y.to(x.dtype) if y.is_floating_point() else y)
         h = x
         skips = []
         for block in self.input_blocks:

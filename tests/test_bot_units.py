@@ -60,6 +60,13 @@ def test_aspects_keep_about_the_native_pixels_in_multiples_of_64(native: int) ->
         size_for("5:4", 512)
 
 
+def test_sdxl_aspects_are_the_sizes_sdxl_was_trained_at() -> None:
+    sizes = {aspect: size_for(aspect, 1024, "sdxl") for aspect in ASPECTS}
+    assert sizes == {"1:1": (1024, 1024), "2:3": (832, 1216), "3:2": (1216, 832), "3:4": (896, 1152),
+                     "4:3": (1152, 896), "9:16": (768, 1344), "16:9": (1344, 768)}
+    assert all(w % 64 == 0 and h % 64 == 0 and w * h <= 256**2 for w, h in (size_for(a, 256, "sdxl") for a in ASPECTS))
+
+
 def test_styles_wrap_the_prompt_and_add_their_negative_after_the_users() -> None:
     assert {"photographic", "cinematic", "anime", "line-art", "low-poly"} <= set(STYLES)
     prompt, negative = STYLES["anime"].apply("a {curly} fox", "blurry")
