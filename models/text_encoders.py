@@ -21,7 +21,9 @@ EOS_ID = 49407  # <|endoftext|>
 
 
 class TextEncoder(nn.Module):
-    """Shared interface: `tokenize`, the special ids, `max_length`, `forward(tokens) -> states`."""
+    """Shared interface: `tokenize`, the special ids, `max_length`, `embed_tokens(tokens)` and
+    `forward(tokens, token_embeds=None) -> states`; `token_embeds` (B, T, D) replaces the token
+    embeddings (before the positional ones are added): how textual-inversion vectors get in."""
 
     bos_id = BOS_ID
     eos_id = EOS_ID
@@ -37,7 +39,11 @@ class TextEncoder(nn.Module):
         """BPE ids of `text`, lower-cased and cleaned as CLIP does; no BOS/EOS, no truncation."""
         return self._tokenizer.encode(text)
 
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+    def embed_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
+        """(B, T) ids -> (B, T, D) token embeddings, before positions."""
+        raise NotImplementedError
+
+    def forward(self, tokens: torch.Tensor, token_embeds: torch.Tensor | None = None) -> torch.Tensor:
         raise NotImplementedError
 
 
@@ -77,10 +83,23 @@ class CLIPTextEncoder(TextEncoder):
         del text_model.embeddings.position_ids
         self.transformer = _TextModelHolder(text_model)
 
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+    def embed_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.transformer.text_model.embeddings.token_embedding(tokens)
+
+    def forward(self, tokens: torch.Tensor, token_embeds: torch.Tensor | None = None) -> torch.Tensor:
         """tokens: (B, T) ids -> (B, T, width) last hidden states (after the final layer norm)."""
         positions = torch.arange(tokens.shape[1], device=tokens.device)[None]  # (1, T)
-        return self.transformer(tokens, positions)
+        if token_embeds is None:
+            return self.transformer(tokens, positions)
+        # transformers' text model takes no embeddings; its embedding layer does, so they are
+        # handed to that layer for this one call (the model's own code path, nothing rewritten).
+        handle = self.transformer.text_model.embeddings.register_forward_pre_hook(
+            lambda _module, args, kwargs: (args, {**kwargs, "inputs_embeds": token_embeds}), with_kwargs=True
+        )
+        try:
+            return self.transformer(tokens, positions)
+        finally:
+            handle.remove()
 
 
 class _OpenCLIPText(nn.Module):
@@ -109,10 +128,14 @@ class OpenCLIPTextEncoder(TextEncoder):
         super().__init__(config)
         self.model = _OpenCLIPText(config)
 
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+    def embed_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.model.token_embedding(tokens)
+
+    def forward(self, tokens: torch.Tensor, token_embeds: torch.Tensor | None = None) -> torch.Tensor:
         """tokens: (B, T) ids -> (B, T, width) hidden states."""
         t = tokens.shape[1]
-        x = self.model.token_embedding(tokens) + self.model.positional_embedding[:t]  # (B, T, D)
+        embeds = self.model.token_embedding(tokens) if token_embeds is None else token_embeds
+        x = embeds + self.model.positional_embedding[:t]  # (B, T, D)
         causal = torch.full((t, t), float("-inf"), device=x.device, dtype=x.dtype).triu_(1)
         blocks = self.model.transformer.resblocks
         used = len(blocks) - 1 if self.config.layer == "penultimate" else len(blocks)
