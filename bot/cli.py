@@ -201,6 +201,8 @@ def _generate_arguments(sub: argparse.ArgumentParser) -> None:
     sub.add_argument("--upscale", action="store_true", help="upscale --init-image (x4 upscaler or hires 2x)")
     sub.add_argument("--variation-seed", type=int, help="txt2img: blend in this seed's noise")
     sub.add_argument("--variation-strength", type=float, default=0.0, help="how much of --variation-seed")
+    sub.add_argument("--lora-dir", type=Path, help="folder of <lora:NAME:WEIGHT> files (default: the config's lora_dir)")
+    sub.add_argument("--embedding-dir", type=Path, help="folder of embeddings (default: the config's embedding_dir)")
     sub.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
     sub.add_argument("--dtype", choices=("float32", "float16", "bfloat16"))
     sub.add_argument("--out", type=Path, required=True, help="output PNG (PATH-1.png ... with --count)")

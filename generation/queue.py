@@ -37,6 +37,7 @@ from collections import Counter, deque
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
+from generation.prompts import LoraSet, lora_set
 from generation.request import GenerationRequest, JobState, Kind, new_job_id
 from generation.settings import QueueSettings
 
@@ -49,7 +50,7 @@ THROUGHPUT_ALPHA = 0.2
 
 FlowKey = tuple[int | None, int]  # (guild id, user id)
 #: Jobs with equal keys can share one pipeline batch.
-BatchKey = tuple[str, Kind, int, int, int, str, float | None]
+BatchKey = tuple[str, Kind, int, int, int, str, float | None, LoraSet]
 
 
 class Refused(Exception):
@@ -99,7 +100,8 @@ class Job:
     @property
     def batch_key(self) -> BatchKey:
         r = self.request
-        return (r.model, r.kind, r.width, r.height, r.steps, r.sampler, r.strength)
+        # The LoRA set too: it is merged into the weights for the whole batch.
+        return (r.model, r.kind, r.width, r.height, r.steps, r.sampler, r.strength, lora_set(r.prompt))
 
 
 @dataclass(frozen=True)
