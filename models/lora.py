@@ -61,6 +61,10 @@ _PARTS = (
     (".lora_B.weight", "up"),
     (".lora.down.weight", "down"),
     (".lora.up.weight", "up"),
+    (".lora_linear_layer.down.weight", "down"),
+    (".lora_linear_layer.up.weight", "up"),
+    ("_lora.down.weight", "down"),  # diffusers' attention processors: attn1.processor.to_q_lora
+    ("_lora.up.weight", "up"),
     (".alpha", "alpha"),
 )
 #: Key fragments of the LyCORIS / DoRA variants, which are not plain low-rank products.
@@ -226,9 +230,12 @@ def read_header(path: Path, what: str) -> tuple[dict[str, tuple[int, ...]], dict
 
 
 def _normalise(module: str) -> str:
-    """diffusers' older attention-processor names (`attn1.processor.to_q_lora`) -> module paths."""
+    """diffusers' attention-processor names (`attn1.processor.to_q`, `to_out`; in the text encoder
+    `self_attn.to_q` for `q_proj`) -> module paths."""
     module = module.replace(".processor.", ".")
-    return re.sub(r"\.to_(q|k|v)_lora$", r".to_\1", re.sub(r"\.to_out_lora$", ".to_out.0", module))
+    if ".self_attn." in module:
+        return re.sub(r"\.to_(q|k|v|out)$", r".\1_proj", module)
+    return re.sub(r"\.to_out$", ".to_out.0", module)
 
 
 def split_key(key: str) -> tuple[str, str] | None:
@@ -267,11 +274,12 @@ class LoraPatch:
     up: torch.Tensor  # (out, r) or (out, r, 1, 1)
     scale: float  # alpha / rank
 
-    def delta(self, shape: torch.Size, device: torch.device) -> torch.Tensor:
-        """The float32 delta shaped `shape` (the target's, or its rows'), on `device`."""
+    def delta(self, weight: float, shape: torch.Size, device: torch.device) -> torch.Tensor:
+        """The float32 delta at LoRA weight `weight`, shaped `shape` (the target's, or its rows'),
+        on `device`."""
         down = self.down.to(device, torch.float32).flatten(1)  # (r, in * kh * kw)
         up = self.up.to(device, torch.float32).flatten(1)  # (out, r)
-        return (self.scale * (up @ down)).reshape(shape)
+        return (weight * self.scale * (up @ down)).reshape(shape)
 
 
 @dataclass(frozen=True)
@@ -351,7 +359,7 @@ def merged_deltas(network: StableDiffusion, loras: Sequence[tuple[Lora, float]])
             param = params[patch.target.parameter]
             total = deltas.setdefault(patch.target.parameter, torch.zeros(param.shape, device=param.device))
             view = total[patch.target.rows] if patch.target.rows else total
-            view += weight * patch.delta(view.shape, param.device)
+            view += patch.delta(weight, view.shape, param.device)
     yield from deltas.items()
 
 
