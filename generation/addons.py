@@ -27,7 +27,7 @@ from generation.images import ImageInputError
 from generation.prompts import LoraSet, PromptError, check_lora_tags, embedding_words, lora_set
 from models.embeddings import EXTENSIONS as EMBEDDING_EXTENSIONS
 from models.embeddings import check_width, embedding_vectors
-from models.lora import Lora, LoraError, family_label, lora_family, lora_for, read_header, read_safetensors
+from models.lora import AddonFileError, Lora, family_label, lora_family, lora_for, read_header, read_safetensors
 from models.stable_diffusion import StableDiffusion
 
 #: LoRA files whose tensors stay in memory between batches (most recently used).
@@ -106,7 +106,7 @@ def lora_info(path: Path) -> AddonInfo:
     stamp = _stamp(path)
     try:
         shapes, metadata = read_header(path, "LoRA")
-    except LoraError as exc:
+    except AddonFileError as exc:
         return AddonInfo(path.stem, "lora", path, stamp, None, error=str(exc))
     family = lora_family(shapes) or _metadata_family(metadata)
     texts = (path.stem, metadata.get("ss_output_name", ""), metadata.get("modelspec.title", ""),
@@ -119,7 +119,7 @@ def embedding_info(path: Path) -> AddonInfo:
     stamp = _stamp(path)
     try:
         vectors = embedding_vectors(path)
-    except LoraError as exc:
+    except AddonFileError as exc:
         return AddonInfo(path.stem, "embedding", path, stamp, None, error=str(exc))
     return AddonInfo(path.stem, "embedding", path, stamp, family_label(vectors.shape[1]), (path.stem,),
                      vectors=vectors.shape[0])
@@ -240,7 +240,7 @@ class AddonLibrary:
                         while len(self._tensors) > CACHED_LORAS:
                             self._tensors.popitem(last=False)
                 result.append((lora_for(network, name, *cached), weight))
-            except LoraError as exc:
+            except AddonFileError as exc:
                 raise AddonError(str(exc)) from None
         return result
 
@@ -260,7 +260,7 @@ class AddonLibrary:
                     with self._lock:
                         self._vectors[key] = vectors
                 check_width(name, vectors, network.family.text.width)
-            except LoraError as exc:
+            except AddonFileError as exc:
                 raise AddonError(str(exc)) from None
             result[name] = vectors
         return result

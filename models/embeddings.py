@@ -10,14 +10,14 @@ from pathlib import Path
 
 import torch
 
-from models.lora import LoraError, family_label, read_safetensors
+from models.lora import AddonFileError, family_label, read_safetensors
 
 #: Vectors one embedding may hold: it must fit one 75-token chunk.
 MAX_VECTORS = 75
 EXTENSIONS = (".safetensors", ".pt", ".bin")
 
 
-class EmbeddingError(LoraError):
+class EmbeddingError(AddonFileError):
     """An embedding file is unusable with this model; the message says why and what is allowed."""
 
 

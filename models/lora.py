@@ -30,8 +30,12 @@ from models.text_encoders import CLIPTextEncoder
 from models.unet import Downsample, ResBlock, SpatialTransformer, UNetModel, Upsample
 
 
-class LoraError(ValueError):
-    """A LoRA file is unusable with this model; the message says why and what is allowed."""
+class AddonFileError(ValueError):
+    """An add-on file (LoRA, embedding) is unusable; the message says why and what is allowed."""
+
+
+class LoraError(AddonFileError):
+    """A LoRA file is unusable with this model."""
 
 
 #: Family labels by the UNet's cross-attention context width (= the text encoder's output width).
@@ -210,13 +214,13 @@ def _kohya_index(targets: dict[str, Target]) -> dict[str, str]:
 
 def read_safetensors(path: Path, what: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """(tensors on the CPU, the header's metadata) of a .safetensors file; any unreadable file
-    raises LoraError naming it."""
+    raises AddonFileError naming it."""
     try:
         with safe_open(str(path), framework="pt", device="cpu") as file:
             metadata = file.metadata() or {}
             return {key: file.get_tensor(key) for key in file.keys()}, metadata  # noqa: SIM118
     except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
-        raise LoraError(f"{what} {path.name} is not a readable .safetensors file ({exc})") from None
+        raise AddonFileError(f"{what} {path.name} is not a readable .safetensors file ({exc})") from None
 
 
 def read_header(path: Path, what: str) -> tuple[dict[str, tuple[int, ...]], dict[str, str]]:
@@ -226,7 +230,7 @@ def read_header(path: Path, what: str) -> tuple[dict[str, tuple[int, ...]], dict
             shapes = {key: tuple(file.get_slice(key).get_shape()) for key in file.keys()}  # noqa: SIM118
             return shapes, file.metadata() or {}
     except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
-        raise LoraError(f"{what} {path.name} is not a readable .safetensors file ({exc})") from None
+        raise AddonFileError(f"{what} {path.name} is not a readable .safetensors file ({exc})") from None
 
 
 def _normalise(module: str) -> str:
