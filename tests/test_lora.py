@@ -241,3 +241,43 @@ def test_library_lists_triggers_family_lcm_and_rescans(tmp_path: Path) -> None:
     write_lora(folder / "lcm-lora-sdv1-5.safetensors", random_lora(lora_modules(tiny_family("sd1"), blocks=False)))
     assert library.loras()["lcm-lora-sdv1-5"].lcm
     assert library.lcm_hint("a <lora:lcm-lora-sdv1-5:1>") and not library.lcm_hint("a <lora:pixel>")
+
+
+def test_generate_command_with_both_folders(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`atelier generate --lora-dir --embedding-dir`: the PNG says what was used as the web UIs
+    write it, `<lora:x:0>` draws exactly what no LoRA draws, an unknown name is refused."""
+    import hashlib
+
+    import numpy as np
+    from PIL import Image
+
+    from bot.cli import main
+    from tests.fixtures.addons import write_embedding
+    from tests.fixtures.checkpoints import write_checkpoint
+
+    checkpoint, yaml = write_checkpoint(tmp_path, "sd1")
+    lora = write_lora(tmp_path / "loras" / "add_detail.safetensors", random_lora(lora_modules(tiny_family("sd1"))))
+    embedding = write_embedding(tmp_path / "embeddings" / "easynegative.pt", torch.randn(2, 32))
+    common = ["generate", "--checkpoint", str(checkpoint), "--model-config", str(yaml), "--sampler", "euler",
+              "--steps", "2", "--seed", "5", "--width", "64", "--height", "64", "--device", "cpu",
+              "--config", "/dev/null", "--lora-dir", str(tmp_path / "loras"), "--embedding-dir",
+              str(tmp_path / "embeddings"), "--negative-prompt", "(easynegative:1.2), blurry"]
+
+    def draw(prompt: str, name: str) -> Image.Image:
+        assert main([*common, "--prompt", prompt, "--out", str(tmp_path / name)]) == 0
+        return Image.open(tmp_path / name)
+
+    used = draw("a fox <lora:add_detail:0.7>, snow", "used.png")
+    data = lora.read_bytes()
+    addnet = hashlib.sha256(data[8 + int.from_bytes(data[:8], "little"):]).hexdigest()[:12]
+    ti = hashlib.sha256(embedding.read_bytes()).hexdigest()[:12]
+    lines = used.info["parameters"].split("\n")
+    assert lines[0] == "a fox <lora:add_detail:0.7>, snow"
+    assert lines[-1].endswith(f', Lora hashes: "add_detail: {addnet}", TI hashes: "easynegative: {ti}"')
+
+    zero, plain = draw("a fox <lora:add_detail:0>, snow", "zero.png"), draw("a fox , snow", "plain.png")
+    assert np.array_equal(np.asarray(zero), np.asarray(plain))
+    assert not np.array_equal(np.asarray(used), np.asarray(plain))
+
+    assert main([*common, "--prompt", "a <lora:add_detial>", "--out", str(tmp_path / "x.png")]) != 0
+    assert "unknown LoRA 'add_detial'; did you mean add_detail?" in capsys.readouterr().err
