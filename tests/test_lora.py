@@ -281,3 +281,13 @@ def test_generate_command_with_both_folders(tmp_path: Path, capsys: pytest.Captu
 
     assert main([*common, "--prompt", "a <lora:add_detial>", "--out", str(tmp_path / "x.png")]) != 0
     assert "unknown LoRA 'add_detial'; did you mean add_detail?" in capsys.readouterr().err
+
+
+def test_lcm_hints_fill_in_only_what_the_member_left_out() -> None:
+    from generation.addons import sampling_defaults
+
+    defaults = ("dpmpp_2m_karras", 25, 7.0)
+    assert sampling_defaults(False, defaults) == defaults
+    assert sampling_defaults(True, defaults) == ("lcm", 4, 1.5)
+    assert sampling_defaults(True, defaults, sampler="euler", guidance=0.0) == ("euler", 4, 0.0)
+    assert sampling_defaults(True, defaults, steps=6) == ("lcm", 6, 1.5)
