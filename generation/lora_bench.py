@@ -3,9 +3,9 @@
 Random weights in the real SD 1.x / 2.x architectures and a random LoRA of the usual shape (kohya's
 default targets: every Linear and 1x1 convolution of the UNet's transformers and the text encoder's
 attention and MLP) at a given rank. Prints:
-- merge: the time to add the deltas into the weights in place (`LoraMerge.apply`), and restore:
-  the time to copy the kept originals back (bit-exact), per switch, plus the memory the kept
-  originals take;
+- merge: the time to write original + delta into the weights in place (`LoraMerge.apply`) the
+  first time (the originals are copied aside then) and when switching to another set, and the
+  time to restore the originals (bit-exact), plus the memory the kept originals take;
 - the low-rank path's cost instead: the extra time per UNet call of computing x @ down @ up beside
   every targeted layer (forward hooks here, for the measurement only), at a given latent size.
 Switching merged LoRAs costs merge + restore once per batch whose LoRA set differs from the last;
@@ -112,24 +112,24 @@ def main(argv: list[str]) -> int:
     network = random_network(family, device, dtype)
     lora = random_lora(network, args.rank)
     merge = LoraMerge()
-    switch = [0]
-
-    def apply() -> None:
-        switch[0] += 1
-        merge.apply(network, [(lora, 1.0)], (switch[0],))
-
-    def restore() -> None:
-        merge.restore(network)
-        apply()  # the next restore has something to restore
-
     print(f"{args.family} {dtype} on {device}, LoRA rank {args.rank} on {len(lora.patches)} layers "
           f"({sum(p.down.numel() + p.up.numel() for p in lora.patches) * 2 / 2**20:.0f} MiB in float16)")
-    merge_s = _time(apply, device, args.iters)
-    restore_s = _time(restore, device, args.iters) - merge_s
-    kept = sum(network.get_parameter(p.target.parameter).numel() for p in lora.patches if p.target.rows is None)
-    print(f"merge (restore + add deltas): {merge_s * 1000:.0f} ms per switch; restore alone about "
-          f"{max(restore_s, 0) * 1000:.0f} ms; originals kept: {kept * network.unet.time_embed[0].weight.element_size() / 2**20:.0f} MiB")
-    merge.restore(network)
+
+    def timed(fn) -> float:  # noqa: ANN001
+        _sync(device)
+        start = time.perf_counter()
+        fn()
+        _sync(device)
+        return time.perf_counter() - start
+
+    first = timed(lambda: merge.apply(network, [(lora, 1.0)], (0,)))
+    switches = [timed(lambda i=i: merge.apply(network, [(lora, 1.0 + i)], (i,))) for i in range(1, args.iters + 1)]
+    restore = timed(lambda: merge.restore(network))
+    kept = sum(network.get_parameter(name).numel() for name in {p.target.parameter for p in lora.patches})
+    print(f"first merge (originals copied aside): {first * 1000:.0f} ms; switch to another set on the same "
+          f"layers: {statistics.median(switches) * 1000:.0f} ms; restore to no LoRA: {restore * 1000:.0f} ms; "
+          f"originals kept while merged: {kept * network.unet.time_embed[0].weight.element_size() / 2**20:.0f} MiB")
+    merge_s = statistics.median(switches)
 
     f = 8
     side = args.size // f
