@@ -82,6 +82,28 @@ def _low_rank_hooks(network: StableDiffusion, lora: Lora) -> list:
     return handles
 
 
+def unet_flops(family: Family, rank: int, size: int, batch: int) -> tuple[int, int]:
+    """(FLOPs of one guided UNet call at `size` pixels, the low-rank path's extra FLOPs), counted
+    on the meta device (no memory, no time, deterministic)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with torch.device("meta"):
+        network = StableDiffusion(family)
+        lora = random_lora(network, rank)
+        side = size // 8
+        x, t = torch.empty(2 * batch, 4, side, side), torch.empty(2 * batch)
+        context = torch.empty(2 * batch, 77, family.unet.context_dim)
+    counts = []
+    for hooked in (False, True):
+        handles = _low_rank_hooks(network, lora) if hooked else []
+        with FlopCounterMode(display=False) as counter:
+            network.unet(x, t, context)
+        counts.append(counter.get_total_flops())
+        for handle in handles:
+            handle.remove()
+    return counts[0], counts[1] - counts[0]
+
+
 def _time(fn, device: torch.device, iters: int) -> float:  # noqa: ANN001
     fn()  # warm-up
     times = []
@@ -104,10 +126,16 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--size", type=int, default=512, help="image side of the UNet calls (pixels)")
     parser.add_argument("--batch", type=int, default=1, help="images per UNet call (x2 for guidance)")
     parser.add_argument("--iters", type=int, default=5)
+    parser.add_argument("--flops-only", action="store_true", help="count FLOPs only (meta device, instant)")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.float16 if device.type == "cuda" else torch.float32)
     family = FAMILIES[args.family]
+    plain_flops, extra_flops = unet_flops(family, args.rank, args.size, args.batch)
+    print(f"{args.family} UNet call at {args.size}px, batch {2 * args.batch}: {plain_flops / 1e9:.0f} GFLOP; the "
+          f"low-rank path (rank {args.rank}) adds {extra_flops / 1e9:.1f} GFLOP (+{extra_flops / plain_flops * 100:.1f}%)")
+    if args.flops_only:
+        return 0
     torch.manual_seed(0)
     network = random_network(family, device, dtype)
     lora = random_lora(network, args.rank)
