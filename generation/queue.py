@@ -36,6 +36,7 @@ import time
 from collections import Counter, deque
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 
 from generation.prompts import LoraSet, lora_set
 from generation.request import GenerationRequest, JobState, Kind, new_job_id
@@ -97,8 +98,9 @@ class Job:
     def flow(self) -> FlowKey:
         return (self.guild_id, self.owner_id)
 
-    @property
+    @cached_property
     def batch_key(self) -> BatchKey:
+        """Computed once (the request never changes): batching compares it often."""
         r = self.request
         # The LoRA set too: it is merged into the weights for the whole batch.
         return (r.model, r.kind, r.width, r.height, r.steps, r.sampler, r.strength, lora_set(r.prompt))
