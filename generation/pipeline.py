@@ -135,7 +135,11 @@ def check_batch(requests: Sequence[GenerationRequest], key: tuple[str, ...] = (*
 
 def apply_loras(model: LoadedModel, requests: Sequence[GenerationRequest]) -> None:
     """Check the batch's add-on syntax and names, and merge its LoRA set into the model's weights
-    (kept from the previous batch when it is the same set, restored exactly when it is none)."""
+    (kept from the previous batch when it is the same set, restored exactly when it is none). The
+    x4 upscaler takes no add-ons: upscaling an image made with a LoRA runs without it."""
+    if requests[0].x4:
+        model.loras.restore(model.network)
+        return
     wanted = lora_set(requests[0].prompt)
     if model.addons is None:
         if wanted or any(split_lora_tags(r.prompt + r.negative_prompt)[1] for r in requests):
@@ -258,7 +262,8 @@ def denoise(
     first, network = requests[0], model.network
     per_image = [r for r in requests for _ in range(r.count)]
     seeds = [seed for r in requests for seed in r.seeds()]
-    cond, uncond = encode_conditioning(network, per_image, model.device, model.addons)
+    addons = None if first.x4 else model.addons  # the x4 upscaler takes no add-ons (see apply_loras)
+    cond, uncond = encode_conditioning(network, per_image, model.device, addons)
     guidance = torch.tensor([r.guidance for r in per_image])  # (B,), read once by the denoiser
     sampler = SAMPLERS[first.sampler]
     noise = BatchNoise(seeds, (network.latent_channels, *latent_size), model.device, torch.float32)

@@ -291,3 +291,27 @@ def test_lcm_hints_fill_in_only_what_the_member_left_out() -> None:
     assert sampling_defaults(True, defaults) == ("lcm", 4, 1.5)
     assert sampling_defaults(True, defaults, sampler="euler", guidance=0.0) == ("euler", 4, 0.0)
     assert sampling_defaults(True, defaults, steps=6) == ("lcm", 6, 1.5)
+
+
+def test_the_x4_upscaler_upscales_images_made_with_add_ons_without_them(
+        tiny_checkpoints: TinyCheckpoints, tmp_path: Path) -> None:
+    from tests.fixtures.addons import write_embedding
+
+    write_lora(tmp_path / "loras" / "x.safetensors", random_lora(lora_modules(tiny_family("sd1"), blocks=False)))
+    write_embedding(tmp_path / "emb" / "wide.pt", torch.zeros(2, 1024))
+    model = tiny_model(tiny_checkpoints, "x4-upscaler", AddonLibrary(tmp_path / "loras", tmp_path / "emb"))
+    before = {k: v.clone() for k, v in model.network.state_dict().items()}
+    import hashlib
+    import io
+
+    from PIL import Image
+
+    from generation.pipeline import run_batch
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (64, 64), (30, 120, 200)).save(buffer, format="PNG")
+    stored = {hashlib.sha256(buffer.getvalue()).hexdigest(): buffer.getvalue()}
+    up = request("a fox <lora:x:1> wide", kind="upscale", upscale_factor=4, init_image=next(iter(stored)), steps=1)
+    (images,) = run_batch(model, [up], stored.__getitem__)  # neither the LoRA nor the embedding is refused
+    assert images[0].size == (128, 128)
+    assert all(torch.equal(v, before[k]) for k, v in model.network.state_dict().items())
