@@ -78,7 +78,7 @@ class Payload:
 
 def test_bad_embedding_files_get_their_message(tmp_path: Path) -> None:
     evil = tmp_path / "evil.pt"
-    evil.write_bytes(pickle.dumps({"string_to_param": {"*": Payload()}}))
+    evil.write_bytes(pickle.dumps({"string_to_param": {"*": Payload()}}, protocol=2))
     torch.save({"string_to_param": {"*": Payload()}}, tmp_path / "evil2.pt")
     for name in ("evil.pt", "evil2.pt"):
         with pytest.raises(EmbeddingError, match="refused|not a readable"):
