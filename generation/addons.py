@@ -27,7 +27,16 @@ from generation.images import ImageInputError
 from generation.prompts import LoraSet, PromptError, check_lora_tags, embedding_words, lora_set
 from models.embeddings import EXTENSIONS as EMBEDDING_EXTENSIONS
 from models.embeddings import check_width, embedding_vectors
-from models.lora import AddonFileError, Lora, family_label, lora_family, lora_for, read_header, read_safetensors
+from models.lora import (
+    AddonFileError,
+    Lora,
+    family_label,
+    lora_family,
+    lora_for,
+    metadata_family,
+    read_header,
+    read_safetensors,
+)
 from models.stable_diffusion import StableDiffusion
 
 #: LoRA files whose tensors stay in memory between batches (most recently used).
@@ -92,15 +101,6 @@ def _triggers(metadata: Mapping[str, str]) -> tuple[str, ...]:
     return tuple(sorted((t for t in counts if t), key=lambda t: -counts[t])[:MAX_TRIGGERS])
 
 
-def _metadata_family(metadata: Mapping[str, str]) -> str | None:
-    base = (metadata.get("ss_base_model_version", "") + metadata.get("modelspec.architecture", "")).lower()
-    if "xl" in base:
-        return "SDXL"
-    if metadata.get("ss_v2") == "True" or "v2" in base:
-        return "SD 2.x"
-    return "SD 1.x" if ("v1" in base or "sd_v1" in base) else None
-
-
 def lora_info(path: Path) -> AddonInfo:
     """What a LoRA file is, from its header alone (no tensor is read)."""
     stamp = _stamp(path)
@@ -108,7 +108,7 @@ def lora_info(path: Path) -> AddonInfo:
         shapes, metadata = read_header(path, "LoRA")
     except AddonFileError as exc:
         return AddonInfo(path.stem, "lora", path, stamp, None, error=str(exc))
-    family = lora_family(shapes) or _metadata_family(metadata)
+    family = lora_family(shapes) or metadata_family(metadata)
     texts = (path.stem, metadata.get("ss_output_name", ""), metadata.get("modelspec.title", ""),
              metadata.get("modelspec.architecture", ""))
     return AddonInfo(path.stem, "lora", path, stamp, family, _triggers(metadata), is_lcm(*texts))

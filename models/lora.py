@@ -271,6 +271,17 @@ def lora_family(shapes: dict[str, tuple[int, ...]]) -> str | None:
     return None
 
 
+def metadata_family(metadata: dict[str, str]) -> str | None:
+    """The family kohya's or modelspec metadata names (`ss_base_model_version`, `ss_v2`,
+    `modelspec.architecture`), None when it names none."""
+    base = (metadata.get("ss_base_model_version", "") + metadata.get("modelspec.architecture", "")).lower()
+    if "xl" in base:
+        return "SDXL"
+    if metadata.get("ss_v2") == "True" or "v2" in base:
+        return "SD 2.x"
+    return "SD 1.x" if "v1" in base else None
+
+
 @dataclass(frozen=True)
 class LoraPatch:
     """One low-rank update: delta = scale * (up @ down), added to `target`."""
@@ -307,7 +318,7 @@ def lora_for(
     if refused:
         raise LoraError(f"LoRA {name} is a {refused} file; only plain LoRA and LoCon files are supported")
     shapes = {k: tuple(v.shape) for k, v in tensors.items()}
-    family = lora_family(shapes)
+    family = lora_family(shapes) or metadata_family(metadata or {})
     if family is not None and family != model:
         raise LoraError(f"LoRA {name} is for {family}; the model is {model}")
     targets = lora_targets(network)
