@@ -170,7 +170,8 @@ def test_variants_and_other_families_are_refused_by_name() -> None:
     assert "is for SD 2.x" in _refusal(sd2)
     assert fam2.text.width == 1024
     with pytest.raises(LoraError, match="is for SD 2.x; the model is"):  # shapes alone cannot tell
-        lora_for(_sd1(), "v2", ok, {"ss_v2": "True", "ss_base_model_version": "sd_v2"})
+        attn1 = {"unet.mid_block.attentions.0.transformer_blocks.0.attn1.to_q": (64, 64)}
+        lora_for(_sd1(), "v2", lora_file_tensors(random_lora(attn1), "kohya"), {"ss_v2": "True"})
     wrong = lora_file_tensors(random_lora({"text_encoder.text_model.encoder.layers.0.mlp.fc1": (64, 48)}), "kohya")
     assert "does not fit" in _refusal(wrong)
     assert "does not have" in _refusal(lora_file_tensors(random_lora({"unet.down_blocks.9.attentions.0.proj_in": (4, 4)}), "kohya"))
