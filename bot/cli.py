@@ -165,6 +165,7 @@ def _parser() -> argparse.ArgumentParser:
         ("storage", _bench("storage.bench"), "job inserts, state updates and history queries per second"),
         ("queue", _bench("generation.queue_bench"), "submit and dispatch cost, fairness and waits over a day"),
         ("serve", _bench("bot.serve_bench"), "delivered images/s through queue, runner and storage vs the engine alone"),
+        ("lora", _bench("generation.lora_bench"), "LoRA switching: merge and restore vs a low-rank path"),
     ):
         # add_help=False: `atelier bench NAME --help` reaches the benchmark's own parser.
         benches.add_parser(name, help=help, add_help=False).set_defaults(handler=handler, passthrough=True)
@@ -205,6 +206,8 @@ def _generate_arguments(sub: argparse.ArgumentParser) -> None:
     sub.add_argument("--refiner", type=Path, help="SDXL: finish txt2img/img2img with this refiner checkpoint")
     sub.add_argument("--refiner-config", type=Path, help="the refiner's original YAML (sd_xl_refiner.yaml)")
     sub.add_argument("--refiner-strength", type=float, help="share of the steps the refiner runs (default 0.15)")
+    sub.add_argument("--lora-dir", type=Path, help="folder of <lora:NAME:WEIGHT> files (default: the config's lora_dir)")
+    sub.add_argument("--embedding-dir", type=Path, help="folder of embeddings (default: the config's embedding_dir)")
     sub.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
     sub.add_argument("--dtype", choices=("float32", "float16", "bfloat16"))
     sub.add_argument("--out", type=Path, required=True, help="output PNG (PATH-1.png ... with --count)")

@@ -11,6 +11,7 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from bot.config import AppConfig
+from generation.addons import AddonLibrary, sampling_defaults
 from generation.images import ImageInputError, fit_size, load_image, prepare_mask, split_alpha
 from generation.metadata import parameters_text, png_bytes
 from generation.outpaint import outpaint_size
@@ -39,13 +40,17 @@ def generate(args: argparse.Namespace, config: AppConfig) -> list[Path]:
     settings = _model_settings(args, config)
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype or config.generation.dtype, device)
-    model = load_model(settings, device, dtype, config.generation.vae_tile_above_pixels)
     defaults = config.generation
+    addons = AddonLibrary(args.lora_dir or defaults.lora_dir, args.embedding_dir or defaults.embedding_dir)
+    model = load_model(settings, device, dtype, defaults.vae_tile_above_pixels, addons=addons)
     stored = {}  # sha256 -> bytes of the input files, as storage would hand them to the runner
     try:
         fields = _image_fields(args, defaults, stored)
         width, height = fields.pop("width", model.native_size), fields.pop("height", model.native_size)
-        sampler, steps, guidance = defaults.default_sampler, defaults.default_steps, defaults.default_guidance
+        sampler, steps, guidance = sampling_defaults(
+            addons.lcm_hint(args.prompt, settings.name),
+            (defaults.default_sampler, defaults.default_steps, defaults.default_guidance),
+        )
         if args.upscale:
             fields["upscale_factor"] = upscale_factor(model.network.family)
             if fields["upscale_factor"] == 2 and fields["strength"] is None:  # as the U buttons
@@ -94,12 +99,13 @@ def generate(args: argparse.Namespace, config: AppConfig) -> list[Path]:
             (images_out,) = refined(
                 model, refiner, [request], stored.__getitem__, args.refiner_strength, progress=show_progress
             )
-    except ImageInputError as exc:
+    except ImageInputError as exc:  # bad input images, unusable LoRAs or embeddings
         raise UsageError(str(exc)) from None
     paths = output_paths(args.out, request.count)
+    extra = addons.infotext(request.prompt, request.negative_prompt)
     for path, image, seed in zip(paths, images_out, request.seeds(), strict=True):
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(png_bytes(image, parameters_text(request, seed, model.short_hash)))
+        path.write_bytes(png_bytes(image, parameters_text(request, seed, model.short_hash, extra)))
     return paths
 
 

@@ -20,6 +20,7 @@ from PIL.Image import Image
 
 from bot.config import AppConfig
 from bot.policy import Requester
+from generation.addons import AddonLibrary
 from generation.engine import Engine
 from generation.metadata import png_bytes
 from generation.queue import Estimate, FairQueue, Job, RateKey, Submission, role_weight
@@ -95,6 +96,8 @@ class Studio:
         """`rates`: the batch rates measured before (`storage.rates`), for the queue's ETAs."""
         self.config = config
         self.db = db
+        #: The LoRA and embedding folders: the engine reads them; commands list and check them.
+        self.addons = AddonLibrary(config.generation.lora_dir, config.generation.embedding_dir)
         engine = Engine(
             config.models,
             config.generation.dtype,
@@ -102,6 +105,7 @@ class Studio:
             preview=config.discord.preview,
             preview_every_s=config.discord.progress_interval_s,
             vae_tile_above_pixels=config.generation.vae_tile_above_pixels,
+            addons=self.addons,
         )
         self._refusal = refusal
         self.queue = FairQueue(config.queue, devices, limits=self._limits, persist=self._persist,

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
+from generation.addons import AddonLibrary
 from generation.denoiser import latent_preview
 from generation.metadata import parameters_text
 from generation.pipeline import (
@@ -41,7 +42,8 @@ class Engine:
     """Loads the configured checkpoints and runs batches of jobs on them (see the runner's
     `Pipeline` protocol). `inputs(sha256)` returns a stored input image's bytes (img2img, inpaint,
     variations, upscales); `preview` adds a cheap latent-to-RGB image to each progress report, a
-    fresh one at most every `preview_every_s` seconds (reports in between repeat the last one)."""
+    fresh one at most every `preview_every_s` seconds (reports in between repeat the last one);
+    `addons`: the LoRA and embedding folders prompts may use."""
 
     def __init__(
         self,
@@ -53,8 +55,10 @@ class Engine:
         preview_every_s: float = 0.0,
         vae_tile_above_pixels: int = 1024 * 1024,
         clock: Callable[[], float] = time.monotonic,
+        addons: AddonLibrary | None = None,
     ) -> None:
         self._models = {m.name: m for m in models}
+        self._addons = addons
         self._dtype = dtype
         self._vae_tile_above_pixels = vae_tile_above_pixels
         self._inputs = inputs
@@ -75,7 +79,7 @@ class Engine:
         key = (settings.checkpoint, stat.st_size, stat.st_mtime_ns)
         if key not in self._hashes:
             self._hashes[key] = checkpoint_hash(settings.checkpoint)
-        model = load_model(settings, torch_device, dtype, self._vae_tile_above_pixels, self._hashes[key])
+        model = load_model(settings, torch_device, dtype, self._vae_tile_above_pixels, self._hashes[key], self._addons)
         if settings.refiner is None:
             return model
         refiner = self.load(settings.refiner, device)
@@ -120,8 +124,10 @@ class Engine:
             if not images:  # cancelled with every request of its strength: the runner told it
                 continue
             seeds = job.request.seeds()
+            r = job.request
+            extra = self._addons.infotext(r.prompt, r.negative_prompt) if self._addons is not None else []
             for image, seed in zip(images, seeds, strict=True):
-                image.info["parameters"] = parameters_text(job.request, seed, model.short_hash)
+                image.info["parameters"] = parameters_text(r, seed, model.short_hash, extra)
             results.append(JobResult(job.id, tuple(images), tuple(seeds)))
         return results
 

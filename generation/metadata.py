@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import io
+from collections.abc import Sequence
 
 from PIL import Image, PngImagePlugin
 
@@ -21,11 +22,16 @@ SAMPLER_LABELS = {
     "dpmpp_2m_karras": "DPM++ 2M Karras",
     "dpmpp_sde_karras": "DPM++ SDE Karras",
     "unipc": "UniPC",
+    "lcm": "LCM",
 }
 
 
-def parameters_text(request: GenerationRequest, seed: int, model_hash: str) -> str:
-    """prompt, then `Negative prompt: ...` when there is one, then the comma-separated settings."""
+def parameters_text(
+    request: GenerationRequest, seed: int, model_hash: str, extra: Sequence[tuple[str, str]] = ()
+) -> str:
+    """prompt (with its `<lora:...>` tags, as the web UIs keep them), then `Negative prompt: ...`
+    when there is one, then the comma-separated settings, then `extra` fields such as the add-ons'
+    `Lora hashes` / `TI hashes` (`generation.addons.AddonLibrary.infotext`)."""
     lines = [request.prompt]
     if request.negative_prompt:
         lines.append(f"Negative prompt: {request.negative_prompt}")
@@ -42,6 +48,7 @@ def parameters_text(request: GenerationRequest, seed: int, model_hash: str) -> s
         settings.append(("Denoising strength", f"{request.strength:g}"))
     if request.kind is Kind.UPSCALE:  # as the web UIs' hires fix: Size is the input, this its factor
         settings.append(("Hires upscale", request.upscale_factor))
+    settings += extra
     lines.append(", ".join(f"{key}: {value}" for key, value in settings))
     return "\n".join(lines)
 

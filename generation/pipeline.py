@@ -8,6 +8,10 @@ precision, so a seed gives the same image in any batch and on any device up to k
 
 `denoise` is the one sampling core every pipeline shares (txt2img here; img2img, inpaint, outpaint,
 variations and upscale in their own modules); `run_batch` is the one entry point the runner calls.
+
+Add-ons: a batch shares one LoRA set (the queue batches by it), merged into the weights in place
+before the batch and kept until a batch asks for another set (`apply_loras`); `<lora:...>` tags
+are removed from the prompts before encoding and embedding words become their vectors.
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ from __future__ import annotations
 import hashlib
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -23,8 +27,9 @@ import torch
 from PIL import Image
 
 from generation import sdxl
+from generation.addons import AddonError, AddonLibrary
 from generation.denoiser import GuidedDenoiser
-from generation.prompts import encode_prompts
+from generation.prompts import encode_prompts, lora_set, split_lora_tags
 from generation.request import GenerationRequest, Kind
 from generation.samplers import SAMPLERS, BatchNoise, Cancelled, Denoiser, Sampler
 from generation.schedules import DiscreteSchedule, ddim_sigmas
@@ -32,6 +37,7 @@ from generation.settings import ModelSettings
 from generation.tiling import OVERLAP, TILE, decode_tiled
 from generation.variations import variation_noise
 from models.loading import load_checkpoint
+from models.lora import LoraMerge
 from models.stable_diffusion import StableDiffusion
 
 #: progress(step, total, x0 prediction (B, C, h, w)) after each sampler step.
@@ -62,6 +68,10 @@ class LoadedModel:
     #: of the steps (`generation.refiner`); loaded, cached and evicted with this model.
     refiner: LoadedModel | None = None
     refiner_strength: float = 0.15
+    #: The LoRA and embedding folders prompts may use (None: add-ons are refused).
+    addons: AddonLibrary | None = None
+    #: The LoRA set merged into `network`'s weights now.
+    loras: LoraMerge = field(default_factory=LoraMerge, compare=False)
 
     @property
     def native_size(self) -> int:
@@ -88,9 +98,11 @@ def load_model(
     dtype: torch.dtype,
     vae_tile_above_pixels: int = 1024 * 1024,
     short_hash: str | None = None,
+    addons: AddonLibrary | None = None,
 ) -> LoadedModel:
     """Load the checkpoint of `settings` onto `device`. The VAE stays float32: SD's VAE overflows
-    float16 on some images and decodes them black. `short_hash`: the file's known `checkpoint_hash`."""
+    float16 on some images and decodes them black. `short_hash`: the file's known `checkpoint_hash`;
+    `addons`: the LoRA and embedding folders its prompts may use."""
     network = load_checkpoint(
         settings.checkpoint, settings.config, settings.prediction, device, dtype, vae_dtype=torch.float32
     )
@@ -99,7 +111,7 @@ def load_model(
     family = network.family
     schedule = DiscreteSchedule.linear(family.linear_start, family.linear_end, family.timesteps)
     short_hash = short_hash or checkpoint_hash(settings.checkpoint)
-    return LoadedModel(settings.name, network, schedule, short_hash, device, dtype, vae_tile_above_pixels)
+    return LoadedModel(settings.name, network, schedule, short_hash, device, dtype, vae_tile_above_pixels, addons=addons)
 
 
 def checkpoint_hash(path: Path) -> str:
@@ -117,13 +129,35 @@ BATCH_KEY = ("model", "kind", "width", "height", "sampler", "steps")
 
 
 def check_batch(requests: Sequence[GenerationRequest], key: tuple[str, ...] = (*BATCH_KEY, "strength")) -> None:
-    """One UNet batch is one model, kind, size, sampler, step count and strength (strength decides
-    where in the schedule sampling starts)."""
+    """One UNet batch is one model, kind, size, sampler, step count, LoRA set and strength
+    (strength decides where in the schedule sampling starts)."""
     first = requests[0]
     for request in requests[1:]:
-        for field in key:
-            if getattr(request, field) != getattr(first, field):
-                raise ValueError(f"requests of one batch differ in {field}")
+        for name in key:
+            if getattr(request, name) != getattr(first, name):
+                raise ValueError(f"requests of one batch differ in {name}")
+        if lora_set(request.prompt) != lora_set(first.prompt):
+            raise ValueError("requests of one batch differ in their LoRAs")
+
+
+def apply_loras(model: LoadedModel, requests: Sequence[GenerationRequest]) -> None:
+    """Check the batch's add-on syntax and names, and merge its LoRA set into the model's weights
+    (kept from the previous batch when it is the same set, restored exactly when it is none). The
+    x4 upscaler takes no add-ons: upscaling an image made with a LoRA runs without it."""
+    if requests[0].x4:
+        model.loras.restore(model.network)
+        return
+    wanted = lora_set(requests[0].prompt)
+    if model.addons is None:
+        if wanted or any(split_lora_tags(r.prompt + r.negative_prompt)[1] for r in requests):
+            raise AddonError("this bot has no LoRA folder configured: remove the <lora:...> tags")
+        model.loras.restore(model.network)
+        return
+    for request in requests:
+        model.addons.check_prompt(request.prompt, request.negative_prompt)
+    key = model.addons.lora_key(wanted)
+    if key != model.loras.applied:
+        model.loras.apply(model.network, model.addons.loras_for(model.network, wanted), key)
 
 
 def run_batch(
@@ -135,7 +169,8 @@ def run_batch(
 ) -> list[list[Image.Image]]:
     """THE entry point for the runner: the images of each request, in order, for any `Kind`.
 
-    The requests share the queue's batch key (model, kind, width, height, sampler, steps); those
+    The requests share the queue's batch key (model, kind, width, height, sampler, steps, LoRA
+    set: merged into the weights first, see `apply_loras`); those
     of equal strength run as one UNet batch (strength decides where sampling starts, so requests
     of different strengths run one sub-batch after another). `inputs(sha256)` returns the stored
     bytes of each request's `init_image` / `mask_image`. Sizes: txt2img, img2img, variation and
@@ -147,6 +182,7 @@ def run_batch(
     UNet batch at the next step (see `denoise`); its images are whatever its latents held, or
     none when every request of its strength was cancelled."""
     check_batch(requests, BATCH_KEY)
+    apply_loras(model, requests)
     run = _pipeline(requests[0].kind, refined=model.refiner is not None)
     by_strength: dict[float | None, list[int]] = {}
     for i, request in enumerate(requests):
@@ -255,7 +291,8 @@ def denoise(
     seeds = [seed for r in requests for seed in r.seeds()]
     vector = vector_uncond = None
     if network.family.conditioner is None:
-        cond, uncond = encode_conditioning(network, per_image, model.device)
+        addons = None if first.x4 else model.addons  # the x4 upscaler takes no add-ons (see apply_loras)
+        cond, uncond = encode_conditioning(network, per_image, model.device, addons)
         sampler = SAMPLERS[first.sampler]
     else:
         pixels = (latent_size[0] * network.vae_scale, latent_size[1] * network.vae_scale)
@@ -318,14 +355,20 @@ def start(
 
 
 def encode_conditioning(
-    network: StableDiffusion, per_image: Sequence[GenerationRequest], device: torch.device
+    network: StableDiffusion,
+    per_image: Sequence[GenerationRequest],
+    device: torch.device,
+    addons: AddonLibrary | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(cond, uncond), each (B, 77k, D): every distinct prompt and negative prompt is encoded once,
-    all in one text-encoder call, padded to a common chunk count."""
-    texts = list(dict.fromkeys(t for r in per_image for t in (r.prompt, r.negative_prompt)))
-    encoded = encode_prompts(network.text_encoder, texts, device)  # (U, 77k, D)
+    """(cond, uncond), each (B, 77k, D): every distinct prompt and negative prompt, without its
+    `<lora:...>` tags, is encoded once, all in one text-encoder call, padded to a common chunk
+    count; embedding words of `addons` become their vectors."""
+    prompts = [split_lora_tags(r.prompt)[0] for r in per_image]
+    texts = list(dict.fromkeys(t for p, r in zip(prompts, per_image) for t in (p, r.negative_prompt)))
+    embeddings = addons.vectors_for(network, texts) if addons is not None else {}
+    encoded = encode_prompts(network.text_encoder, texts, device, embeddings)  # (U, 77k, D)
     row = {text: i for i, text in enumerate(texts)}
-    cond = encoded[[row[r.prompt] for r in per_image]]
+    cond = encoded[[row[p] for p in prompts]]
     uncond = encoded[[row[r.negative_prompt] for r in per_image]]
     return cond, uncond
 

@@ -7,12 +7,18 @@ own layout (SD 1.x pads with EOS, SD 2.x's open_clip with 0; the web UIs put SD 
 the zeros instead). Weights scale the chunk's hidden states, then the chunk is rescaled to its
 unweighted mean, as the web UIs do (they take that mean over the whole batch; we take it per
 chunk so that a prompt's encoding does not depend on its batch-mates).
+
+Add-ons, as A1111 writes them: `<lora:NAME:WEIGHT>` tags (`split_lora_tags`) are removed from the
+text, leaving nothing in their place; a textual-inversion embedding's name, as a whole word,
+becomes its N vectors as N token positions (kept together in one chunk, as the web UIs do).
 """
 
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from difflib import get_close_matches
 from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
@@ -36,6 +42,73 @@ _SYNTAX = re.compile(
     re.X | re.S,
 )
 _BREAK = re.compile(r"\s*\bBREAK\b\s*")
+_LORA_TAG = re.compile(r"<lora:([^<>]*)>", re.I)
+_LORA_NAME = re.compile(r"^[\w.\- ]{1,100}$")
+#: A LoRA set: (name, weight) pairs sorted by name, one per name, no zero weights.
+LoraSet = tuple[tuple[str, float], ...]
+
+
+class PromptError(ValueError):
+    """A prompt uses the add-on syntax wrongly; the message says what is allowed."""
+
+
+def split_lora_tags(text: str) -> tuple[str, list[tuple[str, float]]]:
+    """(the text without its `<lora:NAME:WEIGHT>` tags, the (name, weight) of each tag in order).
+    `<lora:NAME>` is weight 1; WEIGHT is any float, negative too."""
+    tags = []
+    for m in _LORA_TAG.finditer(text):
+        name, _, weight = m.group(1).partition(":")
+        name = name.strip()
+        if not _LORA_NAME.match(name):
+            raise PromptError(f"{m.group(0)}: a LoRA name is letters, digits, '-', '_', '.' and spaces; "
+                              "write <lora:NAME> or <lora:NAME:WEIGHT>")
+        try:
+            value = float(weight) if weight.strip() else 1.0
+        except ValueError:
+            raise PromptError(f"{m.group(0)}: the weight must be a number, as in <lora:{name}:0.8>") from None
+        if value != value or abs(value) > 100:  # nan, or nonsense
+            raise PromptError(f"{m.group(0)}: the weight must be a number between -100 and 100")
+        tags.append((name, value))
+    return _LORA_TAG.sub("", text), tags
+
+
+def lora_set(prompt: str) -> LoraSet:
+    """The LoRA set a prompt asks for: weights of a repeated name add (deltas are linear); names
+    at weight 0 are dropped, so `<lora:x:0>` is exactly no LoRA."""
+    weights: dict[str, float] = {}
+    for name, weight in split_lora_tags(prompt)[1]:
+        weights[name] = weights.get(name, 0.0) + weight
+    return tuple(sorted((n, w) for n, w in weights.items() if w != 0.0))
+
+
+def check_lora_tags(prompt: str, negative_prompt: str, available: Sequence[str]) -> None:
+    """Refuse (PromptError) LoRA tags in the negative prompt and names not in `available`, naming
+    the closest available ones."""
+    if _LORA_TAG.search(negative_prompt):
+        raise PromptError("<lora:...> tags go in the prompt, not the negative prompt: a LoRA changes the "
+                          "model, so it affects both")
+    for name, _ in split_lora_tags(prompt)[1]:
+        if name not in available:
+            close = get_close_matches(name, list(available), n=3, cutoff=0.5)
+            hint = f"; did you mean {', '.join(close)}?" if close else (
+                f"; available: {', '.join(sorted(available)[:10])}" if available else "; no LoRAs are installed")
+            raise PromptError(f"unknown LoRA {name!r}{hint}")
+
+
+def embedding_words(texts: Sequence[str], names: Sequence[str]) -> list[str]:
+    """The embedding names (of `names`) used as whole words in any of `texts`, case-insensitively."""
+    pattern = _words_pattern(names)
+    if pattern is None:
+        return []
+    used = {m.group(0).lower() for text in texts for m in pattern.finditer(text)}
+    return [name for name in names if name.lower() in used]
+
+
+def _words_pattern(names: Sequence[str]) -> re.Pattern | None:
+    if not names:
+        return None
+    alternatives = "|".join(re.escape(n) for n in sorted(names, key=len, reverse=True))
+    return re.compile(rf"(?<![\w])(?:{alternatives})(?![\w])", re.I)
 
 
 def parse_emphasis(text: str) -> list[tuple[str, float]]:
@@ -93,8 +166,13 @@ class TextEncoder(Protocol):
 
     def tokenize(self, text: str) -> list[int]: ...
 
-    def __call__(self, tokens: Tensor) -> Tensor:
-        """(N, max_length) token ids -> (N, max_length, D) hidden states."""
+    def embed_tokens(self, tokens: Tensor) -> Tensor:
+        """(N, max_length) ids -> (N, max_length, D) token embeddings, before positions."""
+        ...
+
+    def __call__(self, tokens: Tensor, token_embeds: Tensor | None = None) -> Tensor:
+        """(N, max_length) token ids -> (N, max_length, D) hidden states; `token_embeds` replaces
+        the token embeddings (textual inversion)."""
         ...
 
 
@@ -114,10 +192,29 @@ def _wrap(encoder: TextEncoder, tokens: list[int], weights: list[float]) -> Chun
     )
 
 
-def chunk_prompt(encoder: TextEncoder, text: str) -> list[Chunk]:
+def _token_groups(encoder: TextEncoder, text: str, rows: Mapping[str, tuple[int, int]]) -> list[list[int]]:
+    """The text's tokens one per group, except each embedding word: one group of its N placeholder
+    ids -(1 + row) (rows: lower-case name -> (first row in the vector table, N))."""
+    pattern = _words_pattern(list(rows))
+    groups: list[list[int]] = []
+    position = 0
+    for m in pattern.finditer(text) if pattern else ():
+        groups += [[t] for t in encoder.tokenize(text[position : m.start()])]
+        first, n = rows[m.group(0).lower()]
+        groups.append([-(1 + first + r) for r in range(n)])
+        position = m.end()
+    return groups + [[t] for t in encoder.tokenize(text[position:])]
+
+
+def chunk_prompt(encoder: TextEncoder, text: str, embeddings: Mapping[str, int] | None = None) -> list[Chunk]:
     """Split a prompt into chunks of up to max_length - 2 weighted tokens; an empty prompt gives
-    one chunk of BOS, EOS and padding."""
+    one chunk of BOS, EOS and padding. `embeddings`: name -> vector count, in the order of their
+    rows in the vector table; their words become placeholder ids -(1 + row), kept in one chunk."""
     size = encoder.max_length - 2
+    rows, first = {}, 0
+    for name, count in (embeddings or {}).items():
+        rows[name.lower()] = (first, count)
+        first += count
     comma = encoder.tokenize(",")
     comma_id = comma[0] if len(comma) == 1 else None
     chunks: list[Chunk] = []
@@ -134,7 +231,14 @@ def chunk_prompt(encoder: TextEncoder, text: str) -> list[Chunk]:
         if (piece, weight) == BREAK:
             close()
             continue
-        for token in encoder.tokenize(piece):
+        for group in _token_groups(encoder, piece, rows):
+            if group[0] < 0:  # an embedding: its vectors stay together, as the web UIs keep them
+                if len(tokens) + len(group) > size:
+                    close()
+                tokens += group
+                weights += [weight] * len(group)
+                continue
+            (token,) = group
             if len(tokens) == size:
                 backtrack = token != comma_id and last_comma >= 0 and size - last_comma <= COMMA_BACKTRACK
                 cut = last_comma + 1 if backtrack else size
@@ -151,21 +255,33 @@ def chunk_prompt(encoder: TextEncoder, text: str) -> list[Chunk]:
     return chunks
 
 
-def encode_prompts(encoder: TextEncoder, texts: list[str], device: str = "cpu") -> Tensor:
+def encode_prompts(
+    encoder: TextEncoder, texts: list[str], device: str = "cpu", embeddings: Mapping[str, Tensor] | None = None
+) -> Tensor:
     """Encode prompts (positive and negative together) in one encoder call -> (N, 77 * k, D),
-    every prompt padded to the longest one's k chunks with the empty prompt's chunk."""
+    every prompt padded to the longest one's k chunks with the empty prompt's chunk.
+    embeddings: textual-inversion vectors (N_i, D) by name, for the words that use them."""
     import torch  # here only: parsing and chunking stay importable without torch (bot, queue)
 
     if not texts:
         raise ValueError("need at least one prompt to encode")
-    chunked = [chunk_prompt(encoder, text) for text in texts]
+    embeddings = embeddings or {}
+    counts = {name: len(vectors) for name, vectors in embeddings.items()}
+    chunked = [chunk_prompt(encoder, text, counts) for text in texts]
     k = max(len(chunks) for chunks in chunked)
     empty = chunk_prompt(encoder, "")
     flat = [chunk for chunks in chunked for chunk in chunks + empty * (k - len(chunks))]
     tokens = torch.tensor([chunk.tokens for chunk in flat], dtype=torch.long, device=device)  # (N * k, 77)
     weights = torch.tensor([chunk.weights for chunk in flat], dtype=torch.float32, device=device)
 
-    z = encoder(tokens)  # (N * k, 77, D)
+    if any(t < 0 for chunk in flat for t in chunk.tokens):  # decided on the host: no device sync
+        ids = tokens.clamp(min=0)
+        token_embeds = encoder.embed_tokens(ids)  # (N * k, 77, D)
+        table = torch.cat(list(embeddings.values())).to(device, token_embeds.dtype)  # (sum N_i, D)
+        rows = table[(-tokens - 1).clamp(min=0)]  # (N * k, 77, D): placeholder -(1 + r) -> row r
+        z = encoder(ids, torch.where((tokens < 0)[..., None], rows, token_embeds))
+    else:
+        z = encoder(tokens)  # (N * k, 77, D)
     z32 = z.float()
     weighted = z32 * weights[..., None]
     restored = weighted * (z32.mean(dim=(1, 2), keepdim=True) / weighted.mean(dim=(1, 2), keepdim=True))

@@ -42,6 +42,7 @@ from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 
+from generation.prompts import LoraSet, lora_set
 from generation.request import GenerationRequest, JobState, Kind, new_job_id
 from generation.settings import QueueSettings
 
@@ -56,7 +57,7 @@ FlowKey = tuple[int | None, int]  # (guild id, user id)
 #: What a batch's speed depends on: (model, width, height, images in the batch).
 RateKey = tuple[str, int, int, int]
 #: Jobs with equal keys can share one pipeline batch.
-BatchKey = tuple[str, Kind, int, int, int, str, float | None]
+BatchKey = tuple[str, Kind, int, int, int, str, float | None, LoraSet]
 
 
 class Refused(Exception):
@@ -117,10 +118,12 @@ class Job:
     def flow(self) -> FlowKey:
         return (self.guild_id, self.owner_id)
 
-    @property
+    @cached_property
     def batch_key(self) -> BatchKey:
+        """Computed once (the request never changes): batching compares it often."""
         r = self.request
-        return (r.model, r.kind, r.width, r.height, r.steps, r.sampler, r.strength)
+        # The LoRA set too: it is merged into the weights for the whole batch.
+        return (r.model, r.kind, r.width, r.height, r.steps, r.sampler, r.strength, lora_set(r.prompt))
 
 
 @dataclass(frozen=True)

@@ -28,6 +28,7 @@ SamplerName = Literal[
     "dpmpp_2m_karras",
     "dpmpp_sde_karras",
     "unipc",
+    "lcm",
 ]
 SAMPLER_NAMES: tuple[str, ...] = SamplerName.__args__
 #: UNet calls per step where it is not one: the single-step second-order samplers evaluate the

@@ -22,7 +22,14 @@ from typing import Protocol
 import torch
 from torch import Tensor
 
-from generation.schedules import DiscreteSchedule, ddim_sigmas, discrete_sigmas, karras_sigmas, uniform_sigmas
+from generation.schedules import (
+    DiscreteSchedule,
+    ddim_sigmas,
+    discrete_sigmas,
+    karras_sigmas,
+    lcm_sigmas,
+    uniform_sigmas,
+)
 
 #: (x (B, C, H, W) at noise level sigma (B,)) -> predicted clean latent (B, C, H, W).
 Denoiser = Callable[[Tensor, Tensor], Tensor]
@@ -265,6 +272,19 @@ def unipc(model: Denoiser, x: Tensor, sigmas: Tensor, noise: NoiseSource, report
     return x
 
 
+def lcm(model: Denoiser, x: Tensor, sigmas: Tensor, noise: NoiseSource, report: Report) -> Tensor:
+    """The consistency sampler of latent-consistency models (as A1111's and ComfyUI's `lcm`): each
+    step jumps to the model's x0 prediction and, unless it is the last, re-noises it to the next
+    sigma with fresh noise. diffusers' LCMScheduler also blends in c_skip(t) * x with c_skip at most
+    7e-6 at the timesteps LCM uses (its "boundary condition"); like the web UIs we leave it out."""
+    s = sigmas.tolist()
+    for i in range(len(s) - 1):
+        denoised = model(x, _at(x, s[i]))
+        x = denoised + noise() * s[i + 1] if s[i + 1] > 0 else denoised
+        report(i, denoised)
+    return x
+
+
 @dataclass(frozen=True)
 class Sampler:
     """A method with the step spacing it is defined with and the way it starts from pure noise."""
@@ -322,4 +342,5 @@ SAMPLERS: Mapping[str, Sampler] = MappingProxyType({
     "dpmpp_2m_karras": Sampler(dpmpp_2m, karras_sigmas),
     "dpmpp_sde_karras": Sampler(dpmpp_sde, karras_sigmas),
     "unipc": Sampler(unipc, uniform_sigmas, vp_start=True),
+    "lcm": Sampler(lcm, lcm_sigmas, vp_start=True),
 })

@@ -142,3 +142,18 @@ def legacy_ddpm_sigmas(schedule: DiscreteSchedule, steps: int) -> Tensor:
     _check_steps(steps, schedule.timesteps)
     ts = torch.from_numpy(np.linspace(schedule.timesteps - 1, 0, steps, endpoint=False).astype(np.int64))
     return torch.cat([schedule.sigmas[ts], torch.zeros(1)])  # (steps + 1,)
+
+
+#: The distillation schedule of latent-consistency models: 50 timesteps, c = T // 50 apart.
+LCM_ORIGINAL_STEPS = 50
+
+
+def lcm_sigmas(schedule: DiscreteSchedule, steps: int) -> Tensor:
+    """The LCM spacing (diffusers' LCMScheduler, original_inference_steps 50): of the timesteps
+    k c - 1 (k = 1..50, c = T // 50), decreasing, those at indices floor(linspace(0, 50, steps,
+    endpoint=False)); then sigma 0."""
+    _check_steps(steps, LCM_ORIGINAL_STEPS)
+    c = schedule.timesteps // LCM_ORIGINAL_STEPS
+    origin = (torch.arange(1, LCM_ORIGINAL_STEPS + 1) * c - 1).flip(0)  # (50,) decreasing
+    indices = (torch.arange(steps, dtype=torch.float64) * LCM_ORIGINAL_STEPS / steps).floor().long()
+    return torch.cat([schedule.sigmas[origin[indices]], torch.zeros(1)])  # (steps + 1,)

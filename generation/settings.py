@@ -56,6 +56,9 @@ class GenerationSettings(_Settings):
     #: Largest input (width x height) the x4 upscaler takes; larger images are upscaled 2x by hires.
     #: The default admits every /imagine aspect of SD 1.x and 2.x results (at most 640x960).
     upscaler_max_input_pixels: int = Field(default=640 * 960, ge=64 * 64)
+    #: Folders of LoRA (`<lora:NAME:WEIGHT>`) and textual-inversion files; re-read when they change.
+    lora_dir: Path = Path("loras")
+    embedding_dir: Path = Path("embeddings")
 
     @field_validator("device")
     @classmethod

@@ -6,7 +6,9 @@ Both tokenize with the BPE vocabulary that open_clip ships: no hub access, ever.
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterator
 
 import torch
 from open_clip.tokenizer import SimpleTokenizer
@@ -21,7 +23,9 @@ EOS_ID = 49407  # <|endoftext|>
 
 
 class TextEncoder(nn.Module):
-    """Shared interface: `tokenize`, the special ids, `max_length`, `forward(tokens) -> states`."""
+    """Shared interface: `tokenize`, the special ids, `max_length`, `embed_tokens(tokens)` and
+    `forward(tokens, token_embeds=None) -> states`; `token_embeds` (B, T, D) replaces the token
+    embeddings (before the positional ones are added): how textual-inversion vectors get in."""
 
     bos_id = BOS_ID
     eos_id = EOS_ID
@@ -37,7 +41,11 @@ class TextEncoder(nn.Module):
         """BPE ids of `text`, lower-cased and cleaned as CLIP does; no BOS/EOS, no truncation."""
         return self._tokenizer.encode(text)
 
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+    def embed_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
+        """(B, T) ids -> (B, T, D) token embeddings, before positions."""
+        raise NotImplementedError
+
+    def forward(self, tokens: torch.Tensor, token_embeds: torch.Tensor | None = None) -> torch.Tensor:
         raise NotImplementedError
 
 
@@ -82,15 +90,35 @@ class CLIPTextEncoder(TextEncoder):
         del text_model.embeddings.position_ids
         self.transformer = _TextModelHolder(text_model)
 
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+    def embed_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.transformer.text_model.embeddings.token_embedding(tokens)
+
+    def forward(self, tokens: torch.Tensor, token_embeds: torch.Tensor | None = None) -> torch.Tensor:
         """tokens: (B, T) ids -> (B, T, width) last hidden states (after the final layer norm), or
         with `layer: penultimate` (SDXL's `layer: hidden, layer_idx: 11`) the next-to-last ones,
-        normed only with `final_norm`."""
+        normed only with `final_norm`. token_embeds (B, T, width): replace the token embeddings
+        (textual inversion)."""
         positions = torch.arange(tokens.shape[1], device=tokens.device)[None]  # (1, T)
-        if self.config.layer == "last":
-            return self.transformer(tokens, positions)
-        hidden = self.transformer.penultimate(tokens, positions)
+        with self._token_embeds(token_embeds):
+            if self.config.layer == "last":
+                return self.transformer(tokens, positions)
+            hidden = self.transformer.penultimate(tokens, positions)
         return self.transformer.text_model.final_layer_norm(hidden) if self.config.final_norm else hidden
+
+    @contextlib.contextmanager
+    def _token_embeds(self, token_embeds: torch.Tensor | None) -> Iterator[None]:
+        """transformers' text model takes no embeddings; its embedding layer does, so they are
+        handed to that layer for this one call (the model's own code path, nothing rewritten)."""
+        if token_embeds is None:
+            yield
+            return
+        handle = self.transformer.text_model.embeddings.register_forward_pre_hook(
+            lambda _module, args, kwargs: (args, {**kwargs, "inputs_embeds": token_embeds}), with_kwargs=True
+        )
+        try:
+            yield
+        finally:
+            handle.remove()
 
 
 class _OpenCLIPText(nn.Module):
@@ -119,24 +147,30 @@ class OpenCLIPTextEncoder(TextEncoder):
         super().__init__(config)
         self.model = _OpenCLIPText(config)
 
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        """tokens: (B, T) ids -> (B, T, width) hidden states (then ln_final with `final_norm`)."""
+    def embed_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.model.token_embedding(tokens)
+
+    def forward(self, tokens: torch.Tensor, token_embeds: torch.Tensor | None = None) -> torch.Tensor:
+        """tokens: (B, T) ids -> (B, T, width) hidden states (then ln_final with `final_norm`);
+        token_embeds (B, T, width) replace the token embeddings (textual inversion)."""
         blocks = self.model.transformer.resblocks
-        x = self._hidden(tokens, len(blocks) - 1 if self.config.layer == "penultimate" else len(blocks))
+        layers = len(blocks) - 1 if self.config.layer == "penultimate" else len(blocks)
+        x = self._hidden(tokens, layers, token_embeds)
         return self.model.ln_final(x) if self.config.final_norm else x
 
-    def pooled(self, tokens: torch.Tensor) -> torch.Tensor:
+    def pooled(self, tokens: torch.Tensor, token_embeds: torch.Tensor | None = None) -> torch.Tensor:
         """tokens: (B, T) ids -> (B, projection_dim): open_clip's text embedding, the last layer
         through ln_final at the EOS token (the highest id), times `text_projection` (SDXL's pooled
         conditioning)."""
-        x = self.model.ln_final(self._hidden(tokens, len(self.model.transformer.resblocks)))
+        x = self.model.ln_final(self._hidden(tokens, len(self.model.transformer.resblocks), token_embeds))
         eos = x[torch.arange(x.shape[0], device=x.device), tokens.argmax(dim=-1)]  # (B, D)
         return eos @ self.model.text_projection
 
-    def _hidden(self, tokens: torch.Tensor, layers: int) -> torch.Tensor:
+    def _hidden(self, tokens: torch.Tensor, layers: int, token_embeds: torch.Tensor | None = None) -> torch.Tensor:
         """The output of the first `layers` resblocks, (B, T, width)."""
         t = tokens.shape[1]
-        x = self.model.token_embedding(tokens) + self.model.positional_embedding[:t]  # (B, T, D)
+        embeds = self.model.token_embedding(tokens) if token_embeds is None else token_embeds
+        x = embeds + self.model.positional_embedding[:t]  # (B, T, D)
         causal = torch.full((t, t), float("-inf"), device=x.device, dtype=x.dtype).triu_(1)
         for block in self.model.transformer.resblocks[:layers]:
             x = block(x, attn_mask=causal)

@@ -25,7 +25,9 @@ def refusal(tmp_path: Path, text: str) -> str:
 
 def test_shipped_config_equals_the_documented_defaults() -> None:
     config = load_config(REPO / "config.toml")
-    assert config.model_dump(exclude={"storage"}) == AppConfig().model_dump(exclude={"storage"})
+    paths = {"storage": True, "generation": {"lora_dir", "embedding_dir"}}
+    assert config.model_dump(exclude=paths) == AppConfig().model_dump(exclude=paths)
+    assert (config.generation.lora_dir, config.generation.embedding_dir) == (REPO / "loras", REPO / "embeddings")
     assert config.storage.data_dir == REPO / "data"
     assert config.storage.database_path == REPO / "data" / "atelier.sqlite3"
 

@@ -134,3 +134,23 @@ def test_native_size_read_from_the_file_matches_the_loaded_model(
     settings = ModelSettings(name=family, checkpoint=path, config=yaml_path)
     loaded = Engine([settings], "float32", INPUTS.__getitem__).load(family, "cpu")
     assert inspect_checkpoint(path, yaml_path).native_size == loaded.native_size == {"sd1": 128, "sd2-v": 192}[family]
+
+
+def test_jobs_with_a_lora_are_refused_or_drawn_with_their_hashes(tiny_checkpoints: TinyCheckpoints,  # noqa: F811
+                                                                 tmp_path) -> None:
+    from generation.addons import AddonError, AddonLibrary
+    from tests.fixtures.addons import lora_modules, random_lora, write_lora
+    from tests.fixtures.checkpoints import tiny_family
+
+    write_lora(tmp_path / "style.safetensors", random_lora(lora_modules(tiny_family("sd1"))))
+    library = AddonLibrary(tmp_path, None)
+    path, yaml_path = tiny_checkpoints.get("sd1")
+    engine = Engine([ModelSettings(name="tiny", checkpoint=path, config=yaml_path)], "float32",
+                    INPUTS.__getitem__, addons=library)
+    model = engine.load("tiny", "cpu")
+    (result,) = engine.run(model, "cpu", [job("cccccccccccc", prompt="a fox <lora:style:0.5>", count=1)],
+                           lambda *_: None, lambda _: False)
+    hash_ = library.short_hash(library.loras()["style"])
+    assert decoded(result.images[0])[1].endswith(f', Lora hashes: "style: {hash_}"')
+    with pytest.raises(AddonError, match="unknown LoRA 'stlye'; did you mean style"):
+        engine.run(model, "cpu", [job("dddddddddddd", prompt="<lora:stlye>")], lambda *_: None, lambda _: False)

@@ -17,7 +17,7 @@ import pytest
 import torch
 import yaml
 from PIL import Image
-from diffusers import DDIMScheduler, EulerDiscreteScheduler, UNet2DConditionModel
+from diffusers import DDIMScheduler, EulerDiscreteScheduler, LCMScheduler, UNet2DConditionModel
 from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint, create_unet_diffusers_config_from_ldm
 
 from generation.pipeline import (
@@ -111,6 +111,28 @@ def test_euler_equals_diffusers_euler(tiny_checkpoints: TinyCheckpoints) -> None
     start = start_noise(req.seeds(), (4, 32, 48)) * scheduler.sigmas[0].item()
     expected = diffusers_loop(reference_unet(tiny_checkpoints, "sd1"), scheduler, model, req, start)
     assert_same(sample_latents(model, [req]), expected)
+
+
+@pytest.mark.parametrize("steps", [1, 4, 6])
+@torch.no_grad()
+def test_lcm_equals_diffusers_lcm_scheduler(tiny_checkpoints: TinyCheckpoints, steps: int) -> None:
+    """diffusers' LCMScheduler (the LCM authors' sampler) as the oracle: its timesteps, its x0 jump
+    and its re-noising with the seed's generator, drawn after the start noise as BatchNoise draws.
+    timestep_scaling is raised so that its boundary-condition blend c_skip(t) x (at most 7e-6 at
+    the default scaling) vanishes, as in the web UIs' LCM sampler and ours."""
+    model, req = tiny_model(tiny_checkpoints, "sd1"), request(sampler="lcm", steps=steps, guidance=1.5, count=1)
+    scheduler = LCMScheduler(**SCHEDULE, timestep_scaling=1e6)
+    scheduler.set_timesteps(steps)
+    unet = reference_unet(tiny_checkpoints, "sd1")
+    cond, uncond = encode_conditioning(model.network, [req], torch.device("cpu"))
+    generator = torch.Generator("cpu").manual_seed(req.seed)
+    latents = torch.randn((1, 4, 32, 48), generator=generator)
+    for t in scheduler.timesteps:
+        out_uncond, out_cond = unet(torch.cat([latents, latents]), t, encoder_hidden_states=torch.cat([uncond, cond])
+                                    ).sample.chunk(2)
+        latents = scheduler.step(out_uncond + req.guidance * (out_cond - out_uncond), t, latents,
+                                 generator=generator).prev_sample
+    assert_same(sample_latents(model, [req]), latents)
 
 
 def test_an_image_depends_on_its_seed_not_on_its_batch(tiny_checkpoints: TinyCheckpoints) -> None:

@@ -7,7 +7,16 @@ import pytest
 import torch
 from open_clip.tokenizer import SimpleTokenizer
 
-from generation.prompts import BREAK, chunk_prompt, encode_prompts, parse_emphasis
+from generation.prompts import (
+    BREAK,
+    PromptError,
+    check_lora_tags,
+    chunk_prompt,
+    encode_prompts,
+    lora_set,
+    parse_emphasis,
+    split_lora_tags,
+)
 
 EXAMPLE = (
     "cinematic film still, 4k, realistic, ((cinematic photo:1.3)) of panda wearing a blue spacesuit, "
@@ -184,3 +193,38 @@ def test_a_long_real_prompt_breaks_after_a_comma() -> None:
     assert first[-1] == encoder.tokenize(",")[0] and len(first) == 70  # 10 whole phrases
     rest = [t for c in chunks[1:] for t in c.tokens if t not in (49406, 49407, 0)]
     assert first + rest == encoder.tokenize(text)
+
+
+@pytest.mark.parametrize(("text", "clean", "tags"), [
+    ("a cat <lora:add_detail:0.6> in snow", "a cat  in snow", [("add_detail", 0.6)]),
+    ("<lora:my-style_v2>cat<LORA:x:-1.5>", "cat", [("my-style_v2", 1.0), ("x", -1.5)]),
+    ("(cat:1.2)<lora:a:.5>, dog", "(cat:1.2), dog", [("a", 0.5)]),
+    ("no tags <here>", "no tags <here>", []),
+])
+def test_lora_tags_are_removed_leaving_nothing(text: str, clean: str, tags: list) -> None:
+    assert split_lora_tags(text) == (clean, tags)
+
+
+def test_lora_sets_add_repeats_and_drop_zero_weights() -> None:
+    assert lora_set("<lora:b:0.5> x <lora:a> <lora:b:0.25> <lora:c:0>") == (("a", 1.0), ("b", 0.75))
+    assert lora_set("plain") == () == lora_set("<lora:x:0>")
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    ("<lora:a:b>", "the weight must be a number"),
+    ("<lora::1>", "a LoRA name is"),
+    ("<lora:a:nan>", "between -100 and 100"),
+])
+def test_malformed_lora_tags_are_refused(text: str, message: str) -> None:
+    with pytest.raises(PromptError, match=message):
+        split_lora_tags(text)
+
+
+def test_lora_names_are_checked_with_the_closest_offered() -> None:
+    with pytest.raises(PromptError, match="did you mean add_detail"):
+        check_lora_tags("<lora:add_detal>", "", ["add_detail", "pixel"])
+    with pytest.raises(PromptError, match="no LoRAs are installed"):
+        check_lora_tags("<lora:x>", "", [])
+    with pytest.raises(PromptError, match="not the negative prompt"):
+        check_lora_tags("a", "<lora:pixel:1>", ["pixel"])
+    check_lora_tags("<lora:pixel:0.3> a", "ugly", ["pixel"])

@@ -475,6 +475,22 @@ def test_compatible_jobs_batch_and_incompatible_ones_wait_their_turn():
     assert queue.next_batch("cpu", max_images=1) == [e]  # the head always goes, alone
 
 
+def test_jobs_batch_by_their_lora_set_whatever_the_tags_order_or_zero_weights():
+    queue = FairQueue(ROOMY)
+
+    def with_prompt(owner: int, prompt: str) -> Job:
+        r = request().model_copy(update={"prompt": prompt})
+        return asyncio.run(queue.submit(Submission(r, owner, 1, 1.0)))
+
+    a = with_prompt(1, "a fox <lora:x:0.5> <lora:y>")
+    b = with_prompt(2, "<lora:y:1><lora:x:0.5> a cat <lora:z:0>")
+    c = with_prompt(3, "a fox <lora:x:0.6> <lora:y>")
+    d = with_prompt(4, "a fox")
+    assert queue.next_batch("cpu", max_images=8) == [a, b]
+    assert queue.next_batch("cpu", max_images=8) == [c]
+    assert queue.next_batch("cpu", max_images=8) == [d]
+
+
 def test_a_memory_bound_counts_the_work_an_x4_image_takes_not_its_input_pixels():
     queue = FairQueue(ROOMY)
     x4 = GenerationRequest.model_validate(
