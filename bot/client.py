@@ -73,6 +73,7 @@ class AtelierBot(commands.Bot):
             self.gestures.remix_menu(),
             *moderation_commands(studio.db, studio.queue, config, studio.cancel, studio.pause),
             *account_commands(studio.db, studio.queue, config),
+            *self.gestures.addons.commands(),
         ):
             self.tree.add_command(command, guild=home)
         await self.tree.sync(guild=home)

@@ -20,6 +20,7 @@ from PIL.Image import Image
 
 from bot.config import AppConfig
 from bot.policy import Requester
+from generation.addons import AddonLibrary
 from generation.engine import Engine
 from generation.metadata import png_bytes
 from generation.queue import Estimate, FairQueue, Job, Submission, role_weight
@@ -92,6 +93,8 @@ class Studio:
     ) -> None:
         self.config = config
         self.db = db
+        #: The LoRA and embedding folders: one library for the engine and the bot's checks and listings.
+        self.addons = AddonLibrary(config.generation.lora_dir, config.generation.embedding_dir)
         engine = Engine(
             config.models,
             config.generation.dtype,
@@ -99,6 +102,7 @@ class Studio:
             preview=config.discord.preview,
             preview_every_s=config.discord.progress_interval_s,
             vae_tile_above_pixels=config.generation.vae_tile_above_pixels,
+            addons=self.addons,
         )
         self._refusal = refusal
         self.queue = FairQueue(config.queue, devices, limits=self._limits, persist=self._persist)
