@@ -1,0 +1,118 @@
+"""LoRAs and embeddings end to end: the real bot against the loopback Discord server, with a tiny
+checkpoint and tiny LoRA and embedding files in its folders (see tests/test_bot_e2e.py)."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import discord
+import pytest
+import torch
+
+from generation.request import JobState
+from storage import jobs as stored
+from tests.discord_server import DiscordServer
+from tests.fixtures.addons import lora_modules, random_lora, write_embedding, write_lora
+from tests.fixtures.checkpoints import TinyCheckpoints, tiny_checkpoints, tiny_family  # noqa: F401
+from tests.test_bot_e2e import TIMEOUT, World, make_config, message_for, png_info, private_answer, running
+
+
+@pytest.fixture
+async def world(tmp_path: Path, tiny_checkpoints: TinyCheckpoints) -> AsyncIterator[World]:  # noqa: F811
+    """test_bot_e2e's world, with a LoRA folder (add_detail, an LCM LoRA) and an embedding."""
+    modules = lora_modules(tiny_family("sd1"))
+    write_lora(tmp_path / "loras" / "add_detail.safetensors", random_lora(modules, size=0.2))
+    write_lora(tmp_path / "loras" / "lcm-lora-tiny.safetensors", random_lora(modules, seed=1, size=0.2))
+    write_embedding(tmp_path / "embeddings" / "easynegative.safetensors", torch.randn(2, 32))
+    async with DiscordServer() as server:
+        guild = await server.create_guild("studio")
+        channel = await server.create_channel(guild, "art")
+        users = [server.create_user(name) for name in ("alice", "bob", "carol", "mod")]
+        moderators = await server.create_role(guild, "moderators",
+                                              permissions=discord.Permissions(manage_guild=True).value)
+        for user in users[:3]:
+            await server.add_member(guild, user)
+        await server.add_member(guild, users[3], roles=[moderators])
+        config = make_config(server, tmp_path / "data", tiny_checkpoints, guild)
+        folders = dict(lora_dir=tmp_path / "loras", embedding_dir=tmp_path / "embeddings")
+        config = config.model_copy(update={"generation": config.generation.model_copy(update=folders)})
+        yield World(server, config, guild, channel, *users)
+        assert server.log.server_errors == []
+
+
+async def test_a_lora_and_an_embedding_reach_the_png_and_the_buttons_keep_them(world: World) -> None:
+    server = world.server
+    async with running(world.config, server) as bot:
+        choices = await server.autocomplete(world.alice, world.channel, "imagine", {"prompt": "a fox <lora:add"},
+                                            "prompt")
+        assert [c["value"] for c in choices] == ["a fox <lora:add_detail:1>"]
+
+        asked = await server.slash(world.alice, world.channel, "imagine", {
+            "prompt": "a fox <lora:add_detail:0.7>", "negative": "easynegative, blurry", "seed": 3, "steps": 2})
+        result = (await server.wait_for(message_for(asked, files=True), TIMEOUT)).message
+        library = bot.studio.addons
+        lora_hash = library.short_hash(library.loras()["add_detail"])
+        ti_hash = library.short_hash(library.embeddings()["easynegative"])
+        _, parameters = png_info(result.attachments[0].data)
+        assert parameters.startswith("a fox <lora:add_detail:0.7>\nNegative prompt: easynegative, blurry\n")
+        assert f'Lora hashes: "add_detail: {lora_hash}", TI hashes: "easynegative: {ti_hash}"' in parameters
+        job_id = result.buttons()[0]["custom_id"].split(":")[3]
+        job = await stored.get_job(bot.studio.db, job_id)
+        assert job.request.prompt == "a fox <lora:add_detail:0.7>" and job.cost == pytest.approx(
+            2 * 128 * 128 / (512 * 512) + 1.0)  # two steps at 128x128 and one LoRA merge
+
+        rerun = await server.press_button(world.bob, result, f"atelier:v1:rerun:{job_id}:0")
+        again = (await server.wait_for(message_for(rerun, files=True), TIMEOUT)).message
+        assert f'Lora hashes: "add_detail: {lora_hash}"' in png_info(again.attachments[0].data)[1]
+
+        reply = await server.post_message(world.carol, world.channel,
+                                          f"{server.bot.mention} a fox <lora:add_detail:0.5> --no easynegative --steps 2",
+                                          reference=result)
+        redone = (await server.wait_for(lambda a: a.kind == "message" and a.message.reference is reply
+                                        and bool(a.message.attachments), TIMEOUT)).message
+        assert f'Lora hashes: "add_detail: {lora_hash}", TI hashes:' in png_info(redone.attachments[0].data)[1]
+        typo = await server.post_message(world.carol, world.channel, f"{server.bot.mention} a fox <lora:add_detai>",
+                                         reference=result)
+        said = (await server.wait_for(lambda a: a.kind == "message" and a.message.reference is typo)).message
+        assert said.content == "unknown LoRA 'add_detai'; did you mean add_detail?"
+
+        menu = await server.context_menu(world.carol, result, "Remix")
+        await server.wait_for(lambda a: a.interaction is menu and a.callback_type == 9)
+        submitted = await server.submit_modal(world.carol, menu, {"prompt": "a wolf", "negative": "<lora:add_detail>"})
+        assert (await private_answer(server, submitted)).content.startswith("<lora:...> tags go in the prompt")
+        menu = await server.context_menu(world.carol, result, "Remix")
+        await server.wait_for(lambda a: a.interaction is menu and a.callback_type == 9)
+        submitted = await server.submit_modal(world.carol, menu, {"prompt": "a wolf <lora:add_detail:0.4>"})
+        remixed = (await server.wait_for(message_for(submitted, files=True), TIMEOUT)).message
+        assert f'Lora hashes: "add_detail: {lora_hash}"' in png_info(remixed.attachments[0].data)[1]
+
+        lcm = await server.slash(world.alice, world.channel, "imagine", {"prompt": "a fox <lora:lcm-lora-tiny>"})
+        fast = (await server.wait_for(message_for(lcm, files=True), TIMEOUT)).message
+        assert "Steps: 4, Sampler: LCM, CFG scale: 1.5" in png_info(fast.attachments[0].data)[1]
+
+
+async def test_unknown_and_disallowed_loras_are_refused_at_once(world: World) -> None:
+    server = world.server
+    async with running(world.config, server) as bot:
+        async def refusal(prompt: str, negative: str | None = None) -> str:
+            options = {"prompt": prompt} | ({"negative": negative} if negative else {})
+            return (await private_answer(server, await server.slash(world.alice, world.channel, "imagine",
+                                                                      options))).content
+
+        assert await refusal("a fox <lora:add_detial:0.7>") == "unknown LoRA 'add_detial'; did you mean add_detail?"
+        assert (await refusal("a fox", "<lora:add_detail>")).startswith("<lora:...> tags go in the prompt")
+
+        disallowed = await server.slash(world.mod, world.channel, "addons disallow", {"name": "add_detail"})
+        said = (await server.wait_for(lambda a: a.interaction is disallowed and a.kind == "message")).message
+        assert said.content == "LoRA `add_detail`: not allowed." and said.ephemeral
+        assert await refusal("a fox <lora:add_detail:0.7>") == (
+            "LoRA add_detail is not allowed in this server (/loras lists those that are)")
+        listed = await server.slash(world.alice, world.channel, "loras", {})
+        text = (await server.wait_for(lambda a: a.interaction is listed and a.kind == "message")).message.content
+        assert "`lcm-lora-tiny`" in text and "`easynegative`" in text and "add_detail" not in text
+
+        refused = await server.slash(world.alice, world.channel, "addons allow", {"name": "add_detail"})
+        answer = (await server.wait_for(lambda a: a.interaction is refused and a.kind == "message")).message
+        assert answer.content.startswith("Only moderators")
+        assert await stored.jobs_by_state(bot.studio.db, *JobState) == []  # nothing was queued
