@@ -14,11 +14,14 @@ from __future__ import annotations
 import asyncio
 import fnmatch
 import re
+from collections.abc import Sequence
 from difflib import get_close_matches
+from pathlib import Path
 from typing import Literal
 
 import discord
 from discord import app_commands
+from PIL import Image
 
 from bot.config import DiscordSettings
 from bot.moderation import _answer, _fit, _ModeratorGroup
@@ -28,6 +31,7 @@ from generation.prompts import PromptError, _words_pattern, check_lora_tags, emb
 from generation.request import GenerationRequest
 from storage.addons import EVERY, AddonRules, addon_rules, reset_addon_rules, set_addon_rule
 from storage.db import Database
+from storage.images import ImageRecord, ImageStatus, image_file
 
 #: Discord's limits: characters of one message, choices of one autocompletion and characters of
 #: a choice's name and value.
@@ -297,3 +301,26 @@ async def without_addons(request: GenerationRequest, addons: Addons) -> Generati
 
     return request.model_copy(update=dict(prompt=strip(request.prompt) or UPSCALER_FALLBACK_PROMPT,
                                           negative_prompt=strip(request.negative_prompt)))
+
+
+#: The web UIs' add-on fields in a PNG's `parameters` text, as the engine writes them.
+_HASH_FIELDS = re.compile(r'\b(Lora hashes|TI hashes): "([^"]*)"')
+
+
+async def stored_hashes(db: Database, images: Sequence[ImageRecord]) -> str | None:
+    """`Lora hashes: ...; TI hashes: ...` of a job, as its first stored image carries them (the
+    files' versions it was made with), for /show; None without add-ons or images."""
+    image = next((i for i in images if i.status is ImageStatus.OK), None)
+    if image is None:
+        return None
+    try:
+        parameters = await asyncio.to_thread(_parameters, image_file(db, image))
+    except (OSError, ValueError):  # gone, or not an image any more: /show says so for the files
+        return None
+    fields = _HASH_FIELDS.findall(parameters)
+    return "; ".join(f"{key}: {value}" for key, value in fields) or None
+
+
+def _parameters(path: Path) -> str:
+    with Image.open(path) as image:
+        return str(image.info.get("parameters", ""))

@@ -62,6 +62,13 @@ async def test_a_lora_and_an_embedding_reach_the_png_and_the_buttons_keep_them(w
         assert job.request.prompt == "a fox <lora:add_detail:0.7>" and job.cost == pytest.approx(
             2 * 128 * 128 / (512 * 512) + 1.0)  # two steps at 128x128 and one LoRA merge
 
+        shown = await server.slash(world.alice, world.channel, "show", {"job": job_id})
+        text = (await server.wait_for(lambda a: a.interaction is shown and a.kind == "edit"
+                                      and a.content.startswith("**Job"))
+                ).content
+        assert "Prompt: a fox <lora:add\\_detail:0.7>" in text
+        assert f"Lora hashes: add_detail: {lora_hash}; TI hashes: easynegative: {ti_hash}" in text
+
         rerun = await server.press_button(world.bob, result, f"atelier:v1:rerun:{job_id}:0")
         again = (await server.wait_for(message_for(rerun, files=True), TIMEOUT)).message
         assert f'Lora hashes: "add_detail: {lora_hash}"' in png_info(again.attachments[0].data)[1]
