@@ -110,6 +110,8 @@ async def test_unknown_and_disallowed_loras_are_refused_at_once(world: World) ->
         assert await refusal("a fox <lora:add_detial:0.7>") == "unknown LoRA 'add_detial'; did you mean add_detail?"
         assert (await refusal("a fox", "<lora:add_detail>")).startswith("<lora:...> tags go in the prompt")
 
+        offered = await server.autocomplete(world.mod, world.channel, "addons disallow", {"name": "e"}, "name")
+        assert [c["value"] for c in offered] == ["add_detail", "easynegative"]
         disallowed = await server.slash(world.mod, world.channel, "addons disallow", {"name": "add_detail"})
         said = (await server.wait_for(lambda a: a.interaction is disallowed and a.kind == "message")).message
         assert said.content == "LoRA `add_detail`: not allowed." and said.ephemeral
