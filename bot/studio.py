@@ -93,7 +93,7 @@ class Studio:
     ) -> None:
         self.config = config
         self.db = db
-        #: The LoRA and embedding folders: one library for the engine and the bot's checks and listings.
+        #: The LoRA and embedding folders: the engine reads them; commands list and check them.
         self.addons = AddonLibrary(config.generation.lora_dir, config.generation.embedding_dir)
         engine = Engine(
             config.models,

@@ -355,22 +355,28 @@ def load_lora(path: Path, network: StableDiffusion) -> Lora:
 
 
 def merged_deltas(network: StableDiffusion, loras: Sequence[tuple[Lora, float]]) -> Iterator[tuple[str, torch.Tensor]]:
-    """(parameter name, float32 delta of the whole parameter) of a LoRA set: deltas add."""
+    """(parameter name, float32 delta of the whole parameter) of a LoRA set, one parameter at a
+    time (memory: one delta): the deltas of all LoRAs on a parameter add."""
     params = dict(network.named_parameters())
-    deltas: dict[str, torch.Tensor] = {}
+    by_parameter: dict[str, list[tuple[LoraPatch, float]]] = {}
     for lora, weight in loras:
         for patch in lora.patches:
-            param = params[patch.target.parameter]
-            total = deltas.setdefault(patch.target.parameter, torch.zeros(param.shape, device=param.device))
+            by_parameter.setdefault(patch.target.parameter, []).append((patch, weight))
+    for name, patches in by_parameter.items():
+        param = params[name]
+        total = torch.zeros(param.shape, device=param.device)
+        for patch, weight in patches:
             view = total[patch.target.rows] if patch.target.rows else total
             view += patch.delta(weight, view.shape, param.device)
-    yield from deltas.items()
+        yield name, total
 
 
 class LoraMerge:
-    """The LoRA set merged into one loaded model's weights. `apply` restores the previous set's
-    originals (bit for bit: they were copied aside) and merges the new set; an unchanged set costs
-    nothing. Weights change in place only: parameter tensors keep their identity and storage."""
+    """The LoRA set merged into one loaded model's weights. The originals of the weights a set
+    touches are copied aside when first touched; `apply` writes each touched weight as original +
+    the new set's delta, and copies back (bit for bit) those the new set leaves alone; an unchanged
+    set costs nothing. Weights change in place only (`copy_`): parameter tensors keep their
+    identity and storage, so compiled and CUDA graphs over them stay valid without recompiling."""
 
     def __init__(self) -> None:
         self._originals: dict[str, torch.Tensor] = {}
@@ -382,13 +388,18 @@ class LoraMerge:
         weights, and whatever identifies the files' contents) so an unchanged set is kept."""
         if key == self.applied:
             return
-        self.restore(network)
         params = dict(network.named_parameters())
+        touched = {p.target.parameter for lora, _ in loras for p in lora.patches}
+        self.applied = ()  # until the new set is complete
         try:
+            for name in [n for n in self._originals if n not in touched]:
+                params[name].copy_(self._originals.pop(name))
             for name, delta in merged_deltas(network, loras):
                 param = params[name]
-                self._originals[name] = param.detach().clone()
-                param.copy_((param.float() + delta).to(param.dtype))
+                original = self._originals.get(name)
+                if original is None:
+                    original = self._originals[name] = param.detach().clone()
+                param.copy_((original.float() + delta).to(param.dtype))
         except BaseException:
             self.restore(network)
             raise
