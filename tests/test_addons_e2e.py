@@ -8,9 +8,11 @@ from pathlib import Path
 
 import discord
 import pytest
+import safetensors.torch
 import torch
 
 from generation.request import JobState
+from models.lora import family_label
 from storage import jobs as stored
 from tests.discord_server import DiscordServer
 from tests.fixtures.addons import lora_modules, random_lora, write_embedding, write_lora
@@ -109,9 +111,14 @@ async def test_unknown_and_disallowed_loras_are_refused_at_once(world: World) ->
 
         assert await refusal("a fox <lora:add_detial:0.7>") == "unknown LoRA 'add_detial'; did you mean add_detail?"
         assert (await refusal("a fox", "<lora:add_detail>")).startswith("<lora:...> tags go in the prompt")
+        xl = {"lora_te1_text_model_encoder_layers_0_self_attn_q_proj.lora_down.weight": torch.zeros(4, 768),
+              "lora_te1_text_model_encoder_layers_0_self_attn_q_proj.lora_up.weight": torch.zeros(768, 4)}
+        safetensors.torch.save_file(xl, world.config.generation.lora_dir / "xl_style.safetensors")
+        assert await refusal("a fox <lora:xl_style>") == (
+            f"LoRA xl_style is for SDXL; the model tiny is {family_label(32)}")  # the tiny SD 1.x model's width
 
         offered = await server.autocomplete(world.mod, world.channel, "addons disallow", {"name": "e"}, "name")
-        assert [c["value"] for c in offered] == ["add_detail", "easynegative"]
+        assert [c["value"] for c in offered] == ["add_detail", "xl_style", "easynegative"]
         disallowed = await server.slash(world.mod, world.channel, "addons disallow", {"name": "add_detail"})
         said = (await server.wait_for(lambda a: a.interaction is disallowed and a.kind == "message")).message
         assert said.content == "LoRA `add_detail`: not allowed." and said.ephemeral
