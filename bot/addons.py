@@ -111,7 +111,7 @@ class Addons:
                     check_lora_tags(f"<lora:{info}>", "", usable)
                 except PromptError as error:
                     found.append(str(error) if usable or not loras else
-                                 f"unknown LoRA {info!r}; this server allows no LoRAs")
+                                 f"unknown LoRA {info!r}; no LoRAs can be used here")
             elif (reason := self.why_not(info, rules, requester)) is not None:
                 found.append(reason)
             elif family is not None and info.family is not None and info.family != family:

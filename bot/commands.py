@@ -179,9 +179,10 @@ class Gestures:
             if options.style not in STYLES:
                 raise UserError(f"unknown style {options.style!r}; allowed: {', '.join(STYLES)}")
             prompt, negative = STYLES[options.style].apply(prompt, negative)
+        lcm = await asyncio.to_thread(self.addons.library.lcm_hint, prompt, model)  # reads new LoRA files
         sampler, steps, guidance = sampling_defaults(  # an LCM model or LoRA has its own defaults
-            self.addons.library.lcm_hint(prompt, model), (g.default_sampler, g.default_steps, g.default_guidance),
-            options.sampler, options.steps, options.guidance)
+            lcm, (g.default_sampler, g.default_steps, g.default_guidance), options.sampler, options.steps,
+            options.guidance)
         if sampler not in SAMPLER_NAMES:
             raise UserError(f"unknown sampler {sampler!r}; allowed: {', '.join(SAMPLER_NAMES)}")
         count = g.default_count if options.count is None else options.count
