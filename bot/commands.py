@@ -33,6 +33,7 @@ from bot.views import Action, status_view
 from generation.addons import sampling_defaults
 from generation.images import ImageInputError, fit_size, load_image, prepare_mask, split_alpha
 from generation.outpaint import outpaint_size
+from generation.prompts import PromptError
 from generation.metadata import png_bytes
 from generation.queue import Job, Refused
 from generation.request import MAX_SEED, SAMPLER_NAMES, GenerationRequest, Kind, random_seed, round_to_multiple
@@ -179,7 +180,10 @@ class Gestures:
             if options.style not in STYLES:
                 raise UserError(f"unknown style {options.style!r}; allowed: {', '.join(STYLES)}")
             prompt, negative = STYLES[options.style].apply(prompt, negative)
-        lcm = await asyncio.to_thread(self.addons.library.lcm_hint, prompt, model)  # reads new LoRA files
+        try:
+            lcm = await asyncio.to_thread(self.addons.library.lcm_hint, prompt, model)  # reads new LoRA files
+        except PromptError as error:  # a malformed <lora:...> tag
+            raise UserError(str(error)) from None
         sampler, steps, guidance = sampling_defaults(  # an LCM model or LoRA has its own defaults
             lcm, (g.default_sampler, g.default_steps, g.default_guidance), options.sampler, options.steps,
             options.guidance)

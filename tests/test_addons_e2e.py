@@ -111,6 +111,8 @@ async def test_unknown_and_disallowed_loras_are_refused_at_once(world: World) ->
 
         assert await refusal("a fox <lora:add_detial:0.7>") == "unknown LoRA 'add_detial'; did you mean add_detail?"
         assert (await refusal("a fox", "<lora:add_detail>")).startswith("<lora:...> tags go in the prompt")
+        assert await refusal("a fox <lora:add_detail:zz>") == (
+            "<lora:add_detail:zz>: the weight must be a number, as in <lora:add_detail:0.8>")
         xl = {"lora_te1_text_model_encoder_layers_0_self_attn_q_proj.lora_down.weight": torch.zeros(4, 768),
               "lora_te1_text_model_encoder_layers_0_self_attn_q_proj.lora_up.weight": torch.zeros(768, 4)}
         safetensors.torch.save_file(xl, world.config.generation.lora_dir / "xl_style.safetensors")
