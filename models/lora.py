@@ -364,10 +364,16 @@ def merged_deltas(network: StableDiffusion, loras: Sequence[tuple[Lora, float]])
             by_parameter.setdefault(patch.target.parameter, []).append((patch, weight))
     for name, patches in by_parameter.items():
         param = params[name]
-        total = torch.zeros(param.shape, device=param.device)
+        total: torch.Tensor | None = None
         for patch, weight in patches:
-            view = total[patch.target.rows] if patch.target.rows else total
-            view += patch.delta(weight, view.shape, param.device)
+            if patch.target.rows is not None:
+                total = torch.zeros(param.shape, device=param.device) if total is None else total
+                view = total[patch.target.rows]
+                view += patch.delta(weight, view.shape, param.device)
+            elif total is None:
+                total = patch.delta(weight, param.shape, param.device)
+            else:
+                total += patch.delta(weight, param.shape, param.device)
         yield name, total
 
 
@@ -399,7 +405,10 @@ class LoraMerge:
                 original = self._originals.get(name)
                 if original is None:
                     original = self._originals[name] = param.detach().clone()
-                param.copy_((original.float() + delta).to(param.dtype))
+                if param.dtype == torch.float32:  # straight into the parameter's storage
+                    torch.add(original, delta, out=param)
+                else:
+                    param.copy_(original.float().add_(delta))
         except BaseException:
             self.restore(network)
             raise
