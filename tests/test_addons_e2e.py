@@ -12,12 +12,14 @@ import safetensors.torch
 import torch
 
 from generation.request import JobState
+from generation.settings import ModelSettings
 from models.lora import family_label
 from storage import jobs as stored
 from tests.discord_server import DiscordServer
 from tests.fixtures.addons import lora_modules, random_lora, write_embedding, write_lora
 from tests.fixtures.checkpoints import TinyCheckpoints, tiny_checkpoints, tiny_family  # noqa: F401
-from tests.test_bot_e2e import TIMEOUT, World, make_config, message_for, png_info, private_answer, running
+from tests.test_bot_e2e import (TIMEOUT, World, imagine_from_upload, make_config, message_for, png_info, private_answer,
+                                 running, tiny_x4_upscaler)
 
 
 @pytest.fixture
@@ -134,3 +136,25 @@ async def test_unknown_and_disallowed_loras_are_refused_at_once(world: World) ->
         answer = (await server.wait_for(lambda a: a.interaction is refused and a.kind == "message")).message
         assert answer.content.startswith("Only moderators")
         assert await stored.jobs_by_state(bot.studio.db, *JobState) == []  # nothing was queued
+
+
+async def test_the_x4_upscaler_runs_without_the_drawing_models_add_ons_and_keeps_them_for_later(
+        world: World, tmp_path: Path) -> None:
+    server = world.server
+    x4 = tiny_x4_upscaler(tmp_path)
+    models = (*world.config.models, ModelSettings(name="x4", checkpoint=x4))
+    generation = world.config.generation.model_copy(update=dict(upscaler="x4", upscaler_steps=2))
+    config = world.config.model_copy(update=dict(models=models, generation=generation))
+    async with running(config, server):
+        first, job_id = await imagine_from_upload(world, "a lighthouse <lora:add_detail:0.7>, easynegative")
+        assert 'Lora hashes: "add_detail: ' in png_info(first.attachments[0].data)[1]
+        upscale = await server.press_button(world.bob, first, f"atelier:v1:upscale:{job_id}:0")
+        upscaled = (await server.wait_for(message_for(upscale, files=True), TIMEOUT)).message
+        size, parameters = png_info(upscaled.attachments[0].data)
+        assert size == (256, 256) and parameters.startswith("a lighthouse\n") and "hashes" not in parameters
+        upscaled_id = upscaled.buttons()[0]["custom_id"].split(":")[3]
+        subtle = await server.press_button(world.bob, upscaled, f"atelier:v1:subtle:{upscaled_id}:0")
+        varied = (await server.wait_for(message_for(subtle, files=True), TIMEOUT)).message
+        parameters = png_info(varied.attachments[0].data)[1]  # drawn again by the model that drew it, with its LoRA
+        assert parameters.startswith("a lighthouse <lora:add_detail:0.7>, easynegative\n")
+        assert 'Lora hashes: "add_detail: ' in parameters and "Model: tiny" in parameters
