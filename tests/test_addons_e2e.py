@@ -3,10 +3,9 @@ checkpoint and tiny LoRA and embedding files in its folders (see tests/test_bot_
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from dataclasses import replace
 from pathlib import Path
 
-import discord
 import pytest
 import safetensors.torch
 import torch
@@ -15,34 +14,24 @@ from generation.request import JobState
 from generation.settings import ModelSettings
 from models.lora import family_label
 from storage import jobs as stored
-from tests.discord_server import DiscordServer
 from tests.fixtures.addons import lora_modules, random_lora, write_embedding, write_lora
-from tests.fixtures.checkpoints import TinyCheckpoints, tiny_checkpoints, tiny_family  # noqa: F401
-from tests.test_bot_e2e import (TIMEOUT, World, imagine_from_upload, make_config, message_for, png_info, private_answer,
-                                 running, tiny_x4_upscaler)
+from tests.fixtures.checkpoints import tiny_checkpoints, tiny_family  # noqa: F401
+from tests.test_bot_e2e import TIMEOUT, World, imagine_from_upload, message_for, png_info, private_answer, running
+from tests.test_bot_e2e import tiny_x4_upscaler
+from tests.test_bot_e2e import world as base_world  # noqa: F401
 
 
 @pytest.fixture
-async def world(tmp_path: Path, tiny_checkpoints: TinyCheckpoints) -> AsyncIterator[World]:  # noqa: F811
+def world(base_world: World, tmp_path: Path) -> World:
     """test_bot_e2e's world, with a LoRA folder (add_detail, an LCM LoRA) and an embedding."""
     modules = lora_modules(tiny_family("sd1"))
     write_lora(tmp_path / "loras" / "add_detail.safetensors", random_lora(modules, size=0.2))
     write_lora(tmp_path / "loras" / "lcm-lora-tiny.safetensors", random_lora(modules, seed=1, size=0.2))
     write_embedding(tmp_path / "embeddings" / "easynegative.safetensors", torch.randn(2, 32))
-    async with DiscordServer() as server:
-        guild = await server.create_guild("studio")
-        channel = await server.create_channel(guild, "art")
-        users = [server.create_user(name) for name in ("alice", "bob", "carol", "mod")]
-        moderators = await server.create_role(guild, "moderators",
-                                              permissions=discord.Permissions(manage_guild=True).value)
-        for user in users[:3]:
-            await server.add_member(guild, user)
-        await server.add_member(guild, users[3], roles=[moderators])
-        config = make_config(server, tmp_path / "data", tiny_checkpoints, guild)
-        folders = dict(lora_dir=tmp_path / "loras", embedding_dir=tmp_path / "embeddings")
-        config = config.model_copy(update={"generation": config.generation.model_copy(update=folders)})
-        yield World(server, config, guild, channel, *users)
-        assert server.log.server_errors == []
+    folders = dict(lora_dir=tmp_path / "loras", embedding_dir=tmp_path / "embeddings")
+    config = base_world.config
+    return replace(base_world, config=config.model_copy(update={
+        "generation": config.generation.model_copy(update=folders)}))
 
 
 async def test_a_lora_and_an_embedding_reach_the_png_and_the_buttons_keep_them(world: World) -> None:
