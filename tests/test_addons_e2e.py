@@ -10,7 +10,7 @@ import pytest
 import safetensors.torch
 import torch
 
-from generation.request import JobState
+from generation.request import LORA_MERGE_UNITS, JobState
 from generation.settings import ModelSettings
 from models.lora import family_label
 from storage import jobs as stored
@@ -53,12 +53,11 @@ async def test_a_lora_and_an_embedding_reach_the_png_and_the_buttons_keep_them(w
         job_id = result.buttons()[0]["custom_id"].split(":")[3]
         job = await stored.get_job(bot.studio.db, job_id)
         assert job.request.prompt == "a fox <lora:add_detail:0.7>" and job.cost == pytest.approx(
-            2 * 128 * 128 / (512 * 512) + 1.0)  # two steps at 128x128 and one LoRA merge
+            2 * 128 * 128 / (512 * 512) + LORA_MERGE_UNITS)  # two steps at 128x128 and one LoRA merge
 
         shown = await server.slash(world.alice, world.channel, "show", {"job": job_id})
         text = (await server.wait_for(lambda a: a.interaction is shown and a.kind == "edit"
-                                      and a.content.startswith("**Job"))
-                ).content
+                                      and a.content.startswith("**Job"))).content
         assert "Prompt: a fox <lora:add\\_detail:0.7>" in text
         assert f"Lora hashes: add_detail: {lora_hash}; TI hashes: easynegative: {ti_hash}" in text
 
@@ -66,9 +65,8 @@ async def test_a_lora_and_an_embedding_reach_the_png_and_the_buttons_keep_them(w
         again = (await server.wait_for(message_for(rerun, files=True), TIMEOUT)).message
         assert f'Lora hashes: "add_detail: {lora_hash}"' in png_info(again.attachments[0].data)[1]
 
-        reply = await server.post_message(world.carol, world.channel,
-                                          f"{server.bot.mention} a fox <lora:add_detail:0.5> --no easynegative --steps 2",
-                                          reference=result)
+        text = f"{server.bot.mention} a fox <lora:add_detail:0.5> --no easynegative --steps 2"
+        reply = await server.post_message(world.carol, world.channel, text, reference=result)
         redone = (await server.wait_for(lambda a: a.kind == "message" and a.message.reference is reply
                                         and bool(a.message.attachments), TIMEOUT)).message
         assert f'Lora hashes: "add_detail: {lora_hash}", TI hashes:' in png_info(redone.attachments[0].data)[1]
