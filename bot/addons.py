@@ -32,6 +32,7 @@ from generation.request import GenerationRequest
 from storage.addons import EVERY, AddonRules, addon_rules, reset_addon_rules, set_addon_rule
 from storage.db import Database
 from storage.images import ImageRecord, ImageStatus, image_file
+from storage.moderation import BlockedWord, audit_refused_prompt
 
 #: Discord's limits: characters of one message, choices of one autocompletion and characters of
 #: a choice's name and value.
@@ -114,6 +115,11 @@ class Addons:
                                  f"unknown LoRA {info!r}; no LoRAs can be used here")
             elif (reason := self.why_not(info, rules, requester)) is not None:
                 found.append(reason)
+                if requester.guild_id is not None and self.nsfw(info.name) and rules.allows(info.kind, info.name):
+                    await audit_refused_prompt(  # as prompts with NSFW words are, for the moderators
+                        self.db, guild_id=requester.guild_id, user_id=requester.user_id,
+                        channel_id=requester.channel_id, word=BlockedWord(info.name, is_regex=False),
+                        prompt=request.prompt, nsfw=True)
             elif family is not None and info.family is not None and info.family != family:
                 found.append(f"{_WHAT[info.kind]} {info.name} is for {info.family}; the model {request.model} "
                              f"is {family}")

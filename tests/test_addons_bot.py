@@ -84,6 +84,11 @@ async def test_nsfw_add_ons_run_in_age_restricted_channels(addons: Addons) -> No
     nsfw_channel = Requester(user_id=1, guild_id=GUILD, channel_id=6, channel_nsfw=True)
     assert await addons.problems(request("x <lora:nsfw_body:0.5>"), nsfw_channel, TINY) == []
     assert addons.nsfw("nsfw_body") and addons.nsfw("NSFW_x") and not addons.nsfw("add_detail")
+    # Refused elsewhere, and audited for the moderators as prompts with NSFW words are.
+    assert await addons.problems(request("x <lora:nsfw_body:0.5>"), HERE, TINY) == [
+        "LoRA nsfw_body runs only in age-restricted channels; try it in one"]
+    (entry,) = await audit_log(addons.db, GUILD)
+    assert (entry.action, entry.target, entry.actor_id) == ("prompt.refused", "nsfw:nsfw_body", HERE.user_id)
 
 
 async def test_moderators_rules_allow_and_refuse_files(addons: Addons, db: Database) -> None:  # noqa: F811
