@@ -118,9 +118,11 @@ def _block_names(unet: UNetModel) -> dict[str, str]:
             level, j = level + 1, 0
         else:
             j += 1
+    seen = {"resnets": 0, "attentions": 0}
     for k, layer in enumerate(unet.middle_block):
         kind = "resnets" if isinstance(layer, ResBlock) else "attentions"
-        names[f"mid_block.{kind}.{sum(isinstance(m, type(layer)) for m in unet.middle_block[:k])}"] = f"middle_block.{k}"
+        names[f"mid_block.{kind}.{seen[kind]}"] = f"middle_block.{k}"
+        seen[kind] += 1
     level, j = 0, 0
     for i, block in enumerate(unet.output_blocks):
         add(f"up_blocks.{level}", j, block, f"output_blocks.{i}")
