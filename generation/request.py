@@ -54,10 +54,11 @@ X4_UNET_FLOPS_RATIO = 0.35
 LORA_TAG = re.compile(r"<lora:([^<>]*)>", re.I)
 #: Cost units of merging one LoRA into a model's weights and restoring them afterwards. Merging is
 #: done once per batch, but each job that asks for a LoRA is charged it (its batch may be alone).
-#: Measured on the CPU in float32 (docs/PERFORMANCE.md, "LoRA merge"): merge and restore of a
-#: full-size SD 1.x LoCon (rank 32, every UNet and text-encoder layer) took 1.09 times one guided
-#: 512x512 UNet call (one unit), a rank-128 attention-and-MLP LoRA 0.21 times.
-LORA_MERGE_UNITS = 1.0
+#: Measured on the CPU in float32 (docs/PERFORMANCE.md, "LoRA merge, for the cost of a job"): the
+#: first merge and the restore of a full-size SD 1.x LoCon (rank 32, every UNet block layer and
+#: text-encoder layer) take 0.19 of one guided 512x512 UNet call (one unit), a rank-32 LoRA on
+#: kohya's default targets 0.21 ("LoRA switching").
+LORA_MERGE_UNITS = 0.2
 
 
 #: Job ids: 12 lower-case base32 characters (60 random bits), short enough for button custom ids.
