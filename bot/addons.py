@@ -268,7 +268,7 @@ class AddonsCommands(_ModeratorGroup, name="addons",
     @app_commands.command(name="show", description="This server's rules for LoRAs and embeddings")
     async def show(self, interaction: discord.Interaction) -> None:
         assert interaction.guild_id is not None
-        rules = (await addon_rules(self.db, interaction.guild_id)).rules
+        rules = (await addon_rules(self._db, interaction.guild_id)).rules
         lines = []
         for kind in ("lora", "embedding"):
             default = rules.get((kind, EVERY), True)
@@ -284,7 +284,7 @@ class AddonsCommands(_ModeratorGroup, name="addons",
                                                     "is allowed again")
     async def reset(self, interaction: discord.Interaction) -> None:
         assert interaction.guild_id is not None
-        removed = await reset_addon_rules(self.db, actor_id=interaction.user.id, guild_id=interaction.guild_id)
+        removed = await reset_addon_rules(self._db, actor_id=interaction.user.id, guild_id=interaction.guild_id)
         await _answer(interaction, f"Removed {removed} rule{'s' if removed != 1 else ''}: every LoRA and "
                                    "embedding in the folders is allowed here." if removed else
                       "This server has no rules: every LoRA and embedding in the folders is allowed here.")

@@ -122,7 +122,25 @@ async def test_unknown_and_disallowed_loras_are_refused_at_once(world: World) ->
         refused = await server.slash(world.alice, world.channel, "addons allow", {"name": "add_detail"})
         answer = (await server.wait_for(lambda a: a.interaction is refused and a.kind == "message")).message
         assert answer.content.startswith("Only moderators")
+
+        async def moderate(command: str, options: dict[str, str]) -> str:
+            asked = await server.slash(world.mod, world.channel, command, options)
+            return (await server.wait_for(lambda a: a.interaction is asked and a.kind == "message")).message.content
+
+        assert await moderate("addons disallow", {"name": "*", "kind": "embedding"}) == (
+            "Every embedding without a rule of its own: not allowed.")
+        assert await moderate("addons allow", {"name": "add_detial"}) == (
+            "There is no LoRA or embedding named `add_detial`; did you mean `add_detail`?")
+        assert await moderate("addons show", {}) == (
+            "**LoRAs**: allowed unless listed\n- `add_detail`: not allowed\n"
+            "**embeddings**: not allowed unless listed")
+        audited = await moderate("audit", {"kind": "add-ons"})
+        assert "addons.disallow `lora:add_detail`" in audited and "addons.disallow `embedding:*`" in audited
+        assert await moderate("addons reset", {}) == (
+            "Removed 2 rules: every LoRA and embedding in the folders is allowed here.")
         assert await stored.jobs_by_state(bot.studio.db, *JobState) == []  # nothing was queued
+        # The member refused /addons was told once: no "something went wrong" followed.
+        assert [a.message.content[:15] for a in server.responses(refused) if a.message] == ["Only moderators"]
 
 
 async def test_the_x4_upscaler_runs_without_the_drawing_models_add_ons_and_keeps_them_for_later(
