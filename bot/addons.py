@@ -170,8 +170,10 @@ class Addons:
             lines.append(f"-# {hidden} more only in age-restricted channels.")
         pages = _pages(lines, MESSAGE_CHARS - 40)
         page = min(page, len(pages))
-        footer = f"\n-# Page {page} of {len(pages)}: /loras page:{page + 1} for more." if page < len(pages) else ""
-        return pages[page - 1] + footer
+        if len(pages) == 1:
+            return pages[0]
+        more = f": /loras page:{page + 1} for more" if page < len(pages) else ""
+        return f"{pages[page - 1]}\n-# Page {page} of {len(pages)}{more}."
 
 
 def _line(info: AddonInfo) -> str:

@@ -152,6 +152,23 @@ async def test_listing_shows_families_triggers_and_fits_a_message(addons: Addons
     assert await addons.listing(HERE) == "No LoRAs or embeddings can be used here."
 
 
+async def test_long_listings_are_paged(folders: tuple[Path, Path], db: Database, tmp_path: Path) -> None:  # noqa: F811
+    """Eighty LoRAs with long trigger lists: pages that fit a message, each saying where it is."""
+    tags = '{"img": {' + ", ".join(f'"trigger word {i}": {i}' for i in range(10)) + "}}"
+    modules = lora_modules(tiny_family("sd1"), blocks=False)
+    one = random_lora(dict(list(modules.items())[:1]))
+    for i in range(80):
+        write_lora(tmp_path / f"style_{i:02}.safetensors", one, metadata={"ss_tag_frequency": tags})
+    addons = Addons(AddonLibrary(tmp_path, None), db, DiscordSettings())
+    first = await addons.listing(HERE)
+    count = int(first.rsplit("of ", 1)[1].split(":")[0])
+    pages = [first, *[await addons.listing(HERE, page) for page in range(2, count + 1)]]
+    assert count > 1 and all(len(page) <= MESSAGE_CHARS for page in pages)
+    assert first.endswith(f"-# Page 1 of {count}: /loras page:2 for more.")
+    assert pages[-1].endswith(f"-# Page {count} of {count}.") and await addons.listing(HERE, 99) == pages[-1]
+    assert sum(page.count("- `style_") for page in pages) == 80
+
+
 def test_pages_cut_between_lines_within_the_limit() -> None:
     lines = [f"- `lora_{i:03}` · SD 1.x · triggers: " + "word, " * 40 for i in range(60)]
     pages = _pages(lines, MESSAGE_CHARS - 40)
