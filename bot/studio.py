@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
@@ -23,7 +23,7 @@ from bot.policy import Requester
 from generation.addons import AddonLibrary
 from generation.engine import Engine
 from generation.metadata import png_bytes
-from generation.queue import Estimate, FairQueue, Job, Submission, role_weight
+from generation.queue import Estimate, FairQueue, Job, RateKey, Submission, role_weight
 from generation.request import GenerationRequest, JobState
 from generation.runner import JobResult, Runner
 from storage import jobs as stored
@@ -31,6 +31,7 @@ from storage.db import Database
 from storage.images import ImageRecord, input_path, job_images, save_image
 from storage.maintenance import reconcile
 from storage.moderation import paused_guilds, set_queue_paused
+from storage.rates import load_rates, save_rate
 from storage.retention import apply_retention
 
 log = logging.getLogger(__name__)
@@ -70,8 +71,8 @@ class Listener(Protocol):
         """`job.state` is done, failed (`job.error` says why) or cancelled."""
 
 
-#: The moderators' checks: why a requester may not run a request, or None (`bot.policy.refusal`).
-Refusal = Callable[[Database, AppConfig, Requester, GenerationRequest], Awaitable[str | None]]
+#: The moderators' checks: every reason a requester may not run a request (`bot.policy.problems`).
+Refusal = Callable[[Database, AppConfig, Requester, GenerationRequest], Awaitable[list[str]]]
 
 
 async def _png(image: Image) -> bytes:
@@ -90,7 +91,9 @@ class Studio:
         devices: tuple[str, ...],
         model_budget_bytes: int,
         refusal: Refusal | None = None,
+        rates: Mapping[RateKey, float] | None = None,
     ) -> None:
+        """`rates`: the batch rates measured before (`storage.rates`), for the queue's ETAs."""
         self.config = config
         self.db = db
         #: The LoRA and embedding folders: the engine reads them; commands list and check them.
@@ -105,14 +108,15 @@ class Studio:
             addons=self.addons,
         )
         self._refusal = refusal
-        self.queue = FairQueue(config.queue, devices, limits=self._limits, persist=self._persist)
+        self.queue = FairQueue(config.queue, devices, limits=self._limits, persist=self._persist,
+                               rates=rates, save_rate=self._save_rate)
         self._runner = Runner(
             self.queue, engine, devices, config.queue,
             load_model=engine.load, model_size=engine.size, model_budget_bytes=model_budget_bytes,
             on_started=self._started, on_progress=self._progressed, on_finished=self._finished,
         )
         #: Who submits and from where, for the queue's hooks, which run in the submitting task.
-        self._submitting: ContextVar[tuple[Requester, Origin]] = ContextVar("submitting")
+        self._submitting: ContextVar[tuple[Requester, Origin, tuple[str, ...]]] = ContextVar("submitting")
         self._listener: Listener | None = None
         self._tasks: list[asyncio.Task] = []
         self._running = False
@@ -130,7 +134,7 @@ class Studio:
         """Open the database, tidy it and restore unfinished jobs into the queue. `devices` are
         concrete ("cpu", "cuda:0"); `refusal` runs at submit, inside the queue's lock."""
         async with Database.open(config.storage) as db:
-            studio = cls(config, db, devices, model_budget_bytes, refusal)
+            studio = cls(config, db, devices, model_budget_bytes, refusal, await load_rates(db))
             await reconcile(db)
             await apply_retention(db)
             await studio._restore()
@@ -161,11 +165,13 @@ class Studio:
 
     # -- what the commands call --
 
-    async def submit(self, request: GenerationRequest, requester: Requester, origin: Origin) -> Job:
-        """Queue a request (stored before this returns); raises `Refused` with the reason."""
+    async def submit(self, request: GenerationRequest, requester: Requester, origin: Origin,
+                     problems: Sequence[str] = ()) -> Job:
+        """Queue a request (stored before this returns); raises `Refused` with every reason, those
+        the caller found first (`problems`: its LoRAs and embeddings) with the studio's own."""
         weight = role_weight(self.config.queue.role_weights, requester.role_names)
         submission = Submission(request, requester.user_id, requester.guild_id, weight, requester.role_ids)
-        token = self._submitting.set((requester, origin))
+        token = self._submitting.set((requester, origin, tuple(problems)))
         try:
             job = await self.queue.submit(submission)
         finally:
@@ -194,20 +200,23 @@ class Studio:
 
     # -- the queue's and the runner's hooks --
 
-    async def _limits(self, submission: Submission) -> str | None:
+    async def _limits(self, submission: Submission) -> list[str]:
+        requester, _, problems = self._submitting.get()
         if self._refusal is None:
-            return None
-        requester, _ = self._submitting.get()
-        return await self._refusal(self.db, self.config, requester, submission.request)
+            return list(problems)
+        return [*await self._refusal(self.db, self.config, requester, submission.request), *problems]
 
     async def _persist(self, job: Job) -> None:
-        _, origin = self._submitting.get()
+        _, origin, _ = self._submitting.get()
         await stored.create_job(
             self.db, job.request, job_id=job.id, owner_id=job.owner_id, guild_id=job.guild_id,
             channel_id=origin.channel_id, interaction_id=origin.interaction_id,
             interaction_token=origin.interaction_token, token_expires_at=origin.token_expires_at,
             parent_job_id=origin.parent_job_id, parent_index=origin.parent_index, weight=job.weight,
         )
+
+    async def _save_rate(self, key: RateKey, rate: float) -> None:
+        await save_rate(self.db, key, rate)
 
     async def _started(self, job: Job) -> None:
         row = await stored.start_job(self.db, job.id, device=job.device or "")

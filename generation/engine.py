@@ -108,11 +108,13 @@ class Engine:
                 progress(job.id, step, total, preview)
 
         try:
-            grouped = run_batch(model, requests, self._inputs, report, lambda: all(cancelled(j.id) for j in batch))
+            grouped = run_batch(model, requests, self._inputs, report, lambda i: cancelled(batch[i].id))
         except Cancelled:
             return []  # every job was cancelled: the runner records each one
         results = []
         for job, images in zip(batch, grouped, strict=True):
+            if not images:  # cancelled with every request of its strength: the runner told it
+                continue
             seeds = job.request.seeds()
             r = job.request
             extra = self._addons.infotext(r.prompt, r.negative_prompt) if self._addons is not None else []

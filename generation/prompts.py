@@ -275,12 +275,12 @@ def encode_prompts(
     tokens = torch.tensor([chunk.tokens for chunk in flat], dtype=torch.long, device=device)  # (N * k, 77)
     weights = torch.tensor([chunk.weights for chunk in flat], dtype=torch.float32, device=device)
 
-    placeholders = tokens < 0
-    if placeholders.any():
-        table = torch.cat(list(embeddings.values())).to(device)  # (sum N_i, D)
-        token_embeds = encoder.embed_tokens(tokens.clamp(min=0))  # (N * k, 77, D)
-        token_embeds[placeholders] = table[-tokens[placeholders] - 1].to(token_embeds.dtype)
-        z = encoder(tokens.clamp(min=0), token_embeds)
+    if any(t < 0 for chunk in flat for t in chunk.tokens):  # decided on the host: no device sync
+        ids = tokens.clamp(min=0)
+        token_embeds = encoder.embed_tokens(ids)  # (N * k, 77, D)
+        table = torch.cat(list(embeddings.values())).to(device, token_embeds.dtype)  # (sum N_i, D)
+        rows = table[(-tokens - 1).clamp(min=0)]  # (N * k, 77, D): placeholder -(1 + r) -> row r
+        z = encoder(ids, torch.where((tokens < 0)[..., None], rows, token_embeds))
     else:
         z = encoder(tokens)  # (N * k, 77, D)
     z32 = z.float()

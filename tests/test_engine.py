@@ -103,6 +103,22 @@ def test_cancelled_batch_stops_and_img2img_reads_its_stored_input(engine: Engine
     assert "Denoising strength: 0.5" in parameters
 
 
+def test_cancelling_every_job_of_one_strength_leaves_the_other_strengths_running(
+        tiny_checkpoints: TinyCheckpoints) -> None:  # noqa: F811
+    """`run_batch` runs one UNet batch per strength; those whose jobs were all cancelled stop, and
+    the others finish with the images they would have had alone (the queue never batches two
+    strengths today; without previews, which assume one UNet batch)."""
+    path, yaml_path = tiny_checkpoints.get("sd1")
+    engine = Engine([ModelSettings(name="tiny", checkpoint=path, config=yaml_path)], "float32", INPUTS.__getitem__)
+    model, sha = engine.load("tiny", "cpu"), next(iter(INPUTS))
+    remixes = [job(job_id, kind=Kind.IMG2IMG, init_image=sha, strength=strength, steps=4, count=1)
+               for job_id, strength in (("ffffffffffff", 0.5), ("gggggggggggg", 0.75))]
+    results = engine.run(model, "cpu", remixes, lambda *a: None, lambda job_id: job_id == "gggggggggggg")
+    (alone,) = engine.run(model, "cpu", remixes[:1], lambda *a: None, lambda _: False)
+    assert [r.job_id for r in results] == ["ffffffffffff"]
+    assert np.array_equal(decoded(results[0].images[0])[0], decoded(alone.images[0])[0])
+
+
 def test_size_counts_every_weight_byte_and_unknown_models_are_named(engine: Engine) -> None:
     model = engine.load("tiny", "cpu")
     expected = sum(p.numel() * 4 for p in model.network.state_dict().values() if p.dtype == torch.float32)
@@ -118,3 +134,23 @@ def test_native_size_read_from_the_file_matches_the_loaded_model(
     settings = ModelSettings(name=family, checkpoint=path, config=yaml_path)
     loaded = Engine([settings], "float32", INPUTS.__getitem__).load(family, "cpu")
     assert inspect_checkpoint(path, yaml_path).native_size == loaded.native_size == {"sd1": 128, "sd2-v": 192}[family]
+
+
+def test_jobs_with_a_lora_are_refused_or_drawn_with_their_hashes(tiny_checkpoints: TinyCheckpoints,  # noqa: F811
+                                                                 tmp_path) -> None:
+    from generation.addons import AddonError, AddonLibrary
+    from tests.fixtures.addons import lora_modules, random_lora, write_lora
+    from tests.fixtures.checkpoints import tiny_family
+
+    write_lora(tmp_path / "style.safetensors", random_lora(lora_modules(tiny_family("sd1"))))
+    library = AddonLibrary(tmp_path, None)
+    path, yaml_path = tiny_checkpoints.get("sd1")
+    engine = Engine([ModelSettings(name="tiny", checkpoint=path, config=yaml_path)], "float32",
+                    INPUTS.__getitem__, addons=library)
+    model = engine.load("tiny", "cpu")
+    (result,) = engine.run(model, "cpu", [job("cccccccccccc", prompt="a fox <lora:style:0.5>", count=1)],
+                           lambda *_: None, lambda _: False)
+    hash_ = library.short_hash(library.loras()["style"])
+    assert decoded(result.images[0])[1].endswith(f', Lora hashes: "style: {hash_}"')
+    with pytest.raises(AddonError, match="unknown LoRA 'stlye'; did you mean style"):
+        engine.run(model, "cpu", [job("dddddddddddd", prompt="<lora:stlye>")], lambda *_: None, lambda _: False)

@@ -282,6 +282,13 @@ def test_generate_command_with_both_folders(tmp_path: Path, capsys: pytest.Captu
     assert main([*common, "--prompt", "a <lora:add_detial>", "--out", str(tmp_path / "x.png")]) != 0
     assert "unknown LoRA 'add_detial'; did you mean add_detail?" in capsys.readouterr().err
 
+    # An LCM-LoRA makes LCM's sampler, steps and guidance the defaults of what was not chosen.
+    write_lora(tmp_path / "loras" / "lcm-lora-sdv1-5.safetensors", random_lora(lora_modules(tiny_family("sd1"))))
+    unchosen = [a for a in common if a not in ("--sampler", "euler", "--steps", "2")]
+    assert main([*unchosen, "--prompt", "a fox <lora:lcm-lora-sdv1-5>", "--out", str(tmp_path / "lcm.png")]) == 0
+    settings = Image.open(tmp_path / "lcm.png").info["parameters"].split("\n")[-1]
+    assert settings.startswith("Steps: 4, Sampler: LCM, CFG scale: 1.5, ")
+
 
 def test_lcm_hints_fill_in_only_what_the_member_left_out() -> None:
     from generation.addons import sampling_defaults
@@ -291,3 +298,50 @@ def test_lcm_hints_fill_in_only_what_the_member_left_out() -> None:
     assert sampling_defaults(True, defaults) == ("lcm", 4, 1.5)
     assert sampling_defaults(True, defaults, sampler="euler", guidance=0.0) == ("euler", 4, 0.0)
     assert sampling_defaults(True, defaults, steps=6) == ("lcm", 6, 1.5)
+
+
+def test_the_x4_upscaler_upscales_images_made_with_add_ons_without_them(
+        tiny_checkpoints: TinyCheckpoints, tmp_path: Path) -> None:
+    from tests.fixtures.addons import write_embedding
+
+    write_lora(tmp_path / "loras" / "x.safetensors", random_lora(lora_modules(tiny_family("sd1"), blocks=False)))
+    write_embedding(tmp_path / "emb" / "wide.pt", torch.zeros(2, 1024))
+    model = tiny_model(tiny_checkpoints, "x4-upscaler", AddonLibrary(tmp_path / "loras", tmp_path / "emb"))
+    before = {k: v.clone() for k, v in model.network.state_dict().items()}
+    import hashlib
+    import io
+
+    from PIL import Image
+
+    from generation.pipeline import run_batch
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (64, 64), (30, 120, 200)).save(buffer, format="PNG")
+    stored = {hashlib.sha256(buffer.getvalue()).hexdigest(): buffer.getvalue()}
+    up = request("a fox <lora:x:1> wide", kind="upscale", upscale_factor=4, init_image=next(iter(stored)), steps=1)
+    (images,) = run_batch(model, [up], stored.__getitem__)  # neither the LoRA nor the embedding is refused
+    assert images[0].size == (128, 128)
+    assert all(torch.equal(v, before[k]) for k, v in model.network.state_dict().items())
+
+
+@pytest.mark.parametrize("family", ["sd1", "sd2"])
+def test_text_encoder_targets_are_diffusers_clip_conversion(family: str) -> None:
+    """Every text-encoder LoRA module lands on the weight (or OpenCLIP in_proj rows) diffusers'
+    own single-file converters turn into that HF CLIP module, and all of them are reachable."""
+    from diffusers.loaders.single_file_utils import convert_ldm_clip_checkpoint, convert_open_clip_checkpoint
+
+    fam = tiny_family(family)
+    state = random_state_dict(fam)
+    if fam.text.kind == "clip":
+        hf = convert_ldm_clip_checkpoint(state)
+    else:
+        hf = convert_open_clip_checkpoint(None, state)
+    with torch.device("meta"):
+        targets = {n: t for n, t in lora_targets(StableDiffusion(fam)).items() if n.startswith("text_encoder.")}
+    expected = {k.removesuffix(".weight") for k, v in hf.items()
+                if ".layers." in k and k.endswith(".weight") and v.dim() == 2}
+    assert {n.removeprefix("text_encoder.") for n in targets} == expected
+    for name, target in targets.items():
+        original = state[target.parameter]
+        original = original[target.rows] if target.rows else original
+        assert torch.equal(hf[name.removeprefix("text_encoder.") + ".weight"], original), name
