@@ -14,6 +14,7 @@ from generation.request import LORA_MERGE_UNITS, JobState
 from generation.settings import ModelSettings
 from models.lora import family_label
 from storage import jobs as stored
+from storage.moderation import ban
 from tests.fixtures.addons import lora_modules, random_lora, write_embedding, write_lora
 from tests.fixtures.checkpoints import tiny_checkpoints, tiny_family  # noqa: F401
 from tests.test_bot_e2e import TIMEOUT, World, imagine_from_upload, message_for, png_info, private_answer, running
@@ -99,6 +100,11 @@ async def test_unknown_and_disallowed_loras_are_refused_at_once(world: World) ->
                                                                       options))).content
 
         assert await refusal("a fox <lora:add_detial:0.7>") == "unknown LoRA 'add_detial'; did you mean add_detail?"
+        await ban(bot.studio.db, actor_id=world.mod.id, guild_id=world.guild.id, user_id=world.bob.id, reason="spam")
+        both = await server.slash(world.bob, world.channel, "imagine", {"prompt": "a fox <lora:add_detial:0.7>"})
+        assert (await private_answer(server, both)).content == (  # with the studio's reasons, in one answer
+            "This request cannot run here, for 2 reasons:\n- You are banned from using Atelier in this server "
+            "(reason: spam).\n- Unknown LoRA 'add_detial'; did you mean add_detail?")
         assert (await refusal("a fox", "<lora:add_detail>")).startswith("<lora:...> tags go in the prompt")
         assert await refusal("a fox <lora:add_detail:zz>") == (
             "<lora:add_detail:zz>: the weight must be a number, as in <lora:add_detail:0.8>")
