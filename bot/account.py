@@ -13,6 +13,7 @@ from typing import Any
 import discord
 from discord import app_commands
 
+from bot.addons import stored_hashes
 from bot.config import AppConfig
 from bot.policy import Requester, allowance, frees_at, images
 from bot.replies import fit_upload, queue_place
@@ -61,6 +62,8 @@ def account_commands(
         await interaction.response.defer(ephemeral=True, thinking=True)
         files, skipped = await _files(db, detail, interaction.filesize_limit)
         text = _describe_job(detail, queue)
+        if (hashes := await stored_hashes(db, detail.images)) is not None:
+            text += f"\n{hashes}"
         if skipped:
             text += f"\nNot attached (expired, missing or too large): {images(skipped)}."
         await interaction.followup.send(text[:2000], files=files, ephemeral=True,

@@ -73,6 +73,7 @@ class AtelierBot(commands.Bot):
             self.gestures.remix_menu(),
             *moderation_commands(studio.db, studio.queue, config, studio.cancel, studio.pause),
             *account_commands(studio.db, studio.queue, config),
+            *self.gestures.addons.commands(),
         ):
             self.tree.add_command(command, guild=home)
         await self.tree.sync(guild=home)
@@ -83,7 +84,10 @@ class AtelierBot(commands.Bot):
         studio.start(self.delivery)
 
     async def _command_failed(self, interaction: discord.Interaction, error: app_commands.AppCommandError) -> None:
-        """A bug of ours, or Discord failing us: log it with the command, tell the user plainly."""
+        """A bug of ours, or Discord failing us: log it with the command, tell the user plainly.
+        Refused checks (moderator-only commands) have answered the member themselves."""
+        if isinstance(error, app_commands.CheckFailure):
+            return
         name = interaction.command.qualified_name if interaction.command else "?"
         log.error("/%s failed for user %s", name, interaction.user.id, exc_info=error)
         text = "Something went wrong on my side; it has been logged for the bot's operators. Please try again."

@@ -22,6 +22,7 @@ from discord import app_commands
 from PIL import Image
 from pydantic import ValidationError
 
+from bot.addons import Addons, without_addons
 from bot.config import AppConfig
 from bot.moderation import audit_cancel
 from bot.policy import Requester, is_moderator
@@ -29,8 +30,10 @@ from bot.replies import DEFAULT_UPLOAD_LIMIT, Delivery, status_editor
 from bot.studio import Origin, Studio
 from bot.styles import STYLES
 from bot.views import Action, status_view
+from generation.addons import sampling_defaults
 from generation.images import ImageInputError, fit_size, load_image, prepare_mask, split_alpha
 from generation.outpaint import outpaint_size
+from generation.prompts import PromptError
 from generation.metadata import png_bytes
 from generation.queue import Job, Refused, explain
 from generation.request import (
@@ -46,6 +49,7 @@ from generation.settings import GenerationSettings, default_model
 from generation.variations import variation_request
 from models.families import X4_UPSCALER
 from models.loading import CheckpointError, CheckpointInfo, inspect_checkpoint
+from models.lora import family_label
 from storage import jobs as stored
 from storage.images import ImageStatus, image_file, job_images, put_input
 
@@ -154,6 +158,7 @@ class Gestures:
         self._config: AppConfig = studio.config
         #: What each model's file holds (family, native size), read on first use.
         self._checkpoints: dict[str, CheckpointInfo] = {}
+        self.addons = Addons(studio.addons, studio.db, self._config.discord)
 
     async def checkpoint(self, model: str) -> CheckpointInfo:
         """What the file of the configured `model` holds, read once, off the loop."""
@@ -223,12 +228,17 @@ class Gestures:
                 problems.append(f"unknown style {options.style!r}; allowed: {', '.join(STYLES)}")
             else:
                 prompt, negative = STYLES[options.style].apply(prompt, negative)
-        sampler = options.sampler or g.default_sampler
+        try:
+            lcm = await asyncio.to_thread(self.addons.library.lcm_hint, prompt, model)  # reads new LoRA files
+        except PromptError as error:  # a malformed <lora:...> tag
+            problems.append(str(error))
+            lcm = False
+        sampler, steps, guidance = sampling_defaults(  # an LCM model or LoRA has its own defaults
+            lcm, (g.default_sampler, g.default_steps, g.default_guidance), options.sampler, options.steps,
+            options.guidance)
         if sampler not in SAMPLER_NAMES:
             problems.append(f"unknown sampler {sampler!r}; allowed: {', '.join(SAMPLER_NAMES)}")
         count = g.default_count if options.count is None else options.count
-        steps = g.default_steps if options.steps is None else options.steps
-        guidance = g.default_guidance if options.guidance is None else options.guidance
         _check(problems, "count", count, 1, g.max_count)
         _check(problems, "steps", steps, 1, g.max_steps)
         _check(problems, "guidance", guidance, 0, g.max_guidance)
@@ -277,7 +287,7 @@ class Gestures:
             interaction_token=interaction.token, token_expires_at=interaction.expires_at.timestamp(),
             parent_job_id=parent[0] if parent else None, parent_index=parent[1] if parent else None)
         try:
-            job = await self._studio.submit(request, requester, origin)
+            job = await self._submit(request, requester, origin)
         except Refused as refused:
             await _say(interaction, str(refused))
             return None
@@ -300,7 +310,7 @@ class Gestures:
         caller checked that the bot may post there)."""
         requester = Requester.of(message.author, message.channel)
         try:
-            job = await self._studio.submit(request, requester, Origin(channel_id=message.channel.id))
+            job = await self._submit(request, requester, Origin(channel_id=message.channel.id))
         except Refused as refused:
             await message.reply(str(refused), mention_author=False)
             return None
@@ -311,6 +321,16 @@ class Gestures:
         self._delivery.acknowledged(job.id, text, status.edit)
         await stored.set_message(self._studio.db, job.id, status.id)
         return job
+
+    async def _submit(self, request: GenerationRequest, requester: Requester, origin: Origin) -> Job:
+        """Every path's one way into the queue: the problems of its LoRAs and embeddings are
+        refused (`Refused`) together with the studio's own reasons."""
+        try:
+            family = family_label((await self.checkpoint(request.model)).context_dim)
+        except UserError:  # unreadable: the runner says so
+            family = None
+        problems = await self.addons.problems(request, requester, family)
+        return await self._studio.submit(request, requester, origin, problems)
 
     def _ack_text(self, job: Job, notes: list[str]) -> str:
         """The queue position and ETA, and what was changed about the input (as Discord subtext)."""
@@ -371,6 +391,10 @@ class Gestures:
                 await _say(interaction, str(error))
                 return
             await self.submit_interaction(interaction, request, notes=notes)
+
+        @imagine.autocomplete("prompt")
+        async def complete_prompt(interaction: discord.Interaction, current: str) -> list[app_commands.Choice[str]]:
+            return await self.addons.complete_prompt(Requester.of(interaction.user, interaction.channel), current)
 
         @imagine.autocomplete("model")
         async def complete_model(interaction: discord.Interaction, current: str) -> list[app_commands.Choice[str]]:
@@ -474,6 +498,8 @@ class Gestures:
                     source = await self._drawn_by(job)
                 request, notes = derived_request(action, source, sha, (image.width, image.height),
                                                  self._config.generation)
+                if request.x4:  # the upscaler is another model: the drawing model's add-ons do not fit it
+                    request = await without_addons(request, self.addons)
                 if request.x4 and (await self.checkpoint(request.model)).family != UPSCALER_FAMILY:
                     log.error("[generation] upscaler = %r is not an x4 upscaler checkpoint", request.model)
                     raise UserError(f"This bot's upscaler, {request.model}, is not an x4 upscaler checkpoint; ask "
@@ -492,7 +518,8 @@ class Gestures:
             raise UserError(f"Job `{job.id}` no longer says which model drew the image it upscaled, so it cannot "
                             "be varied or zoomed out. Start again with /imagine.")
         return job.request.model_copy(update=dict(model=drawn.model, sampler=drawn.sampler, steps=drawn.steps,
-                                                  guidance=drawn.guidance))
+                                                  guidance=drawn.guidance, prompt=drawn.prompt,
+                                                  negative_prompt=drawn.negative_prompt))
 
     async def cancel(self, interaction: discord.Interaction, job_id: str) -> None:
         requester = Requester.of(interaction.user, interaction.channel)

@@ -52,6 +52,9 @@ class DiscordSettings(BaseModel):
     nsfw_words: tuple[str, ...] = (
         "nsfw", "nude", "nudity", "naked", "porn", "hentai", "topless", "explicit",
     )
+    #: LoRAs and embeddings (file stems; `*` and `?` wildcards, any case) usable only in
+    #: age-restricted channels.
+    nsfw_addons: tuple[str, ...] = ()
     #: Least seconds between two progress edits of one message.
     progress_interval_s: float = Field(default=1.5, ge=0.5)
     #: Attach a small preview (a cheap latent-to-RGB image, no VAE) to progress edits.

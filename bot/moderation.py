@@ -52,6 +52,7 @@ AUDIT_KINDS: dict[str, tuple[str, ...]] = {
     "bans": ("ban", "unban"),
     "blocklist": ("blocklist.add", "blocklist.remove"),
     "queue": ("queue.pause", "queue.resume", "queue.cancel"),
+    "add-ons": ("addons.allow", "addons.disallow", "addons.reset"),
 }
 #: Entries on one /audit page, each cut to `_AUDIT_LINE_CHARS`, so that a page with its first and
 #: last lines (at most 200 characters together) fits one message.

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
@@ -116,7 +116,7 @@ class Studio:
             on_started=self._started, on_progress=self._progressed, on_finished=self._finished,
         )
         #: Who submits and from where, for the queue's hooks, which run in the submitting task.
-        self._submitting: ContextVar[tuple[Requester, Origin]] = ContextVar("submitting")
+        self._submitting: ContextVar[tuple[Requester, Origin, tuple[str, ...]]] = ContextVar("submitting")
         self._listener: Listener | None = None
         self._tasks: list[asyncio.Task] = []
         self._running = False
@@ -169,11 +169,13 @@ class Studio:
 
     # -- what the commands call --
 
-    async def submit(self, request: GenerationRequest, requester: Requester, origin: Origin) -> Job:
-        """Queue a request (stored before this returns); raises `Refused` with the reason."""
+    async def submit(self, request: GenerationRequest, requester: Requester, origin: Origin,
+                     problems: Sequence[str] = ()) -> Job:
+        """Queue a request (stored before this returns); raises `Refused` with every reason, those
+        the caller found first (`problems`: its LoRAs and embeddings) with the studio's own."""
         weight = role_weight(self.config.queue.role_weights, requester.role_names)
         submission = Submission(request, requester.user_id, requester.guild_id, weight, requester.role_ids)
-        token = self._submitting.set((requester, origin))
+        token = self._submitting.set((requester, origin, tuple(problems)))
         try:
             job = await self.queue.submit(submission)
         finally:
@@ -203,13 +205,13 @@ class Studio:
     # -- the queue's and the runner's hooks --
 
     async def _limits(self, submission: Submission) -> list[str]:
+        requester, _, problems = self._submitting.get()
         if self._refusal is None:
-            return []
-        requester, _ = self._submitting.get()
-        return await self._refusal(self.db, self.config, requester, submission.request)
+            return list(problems)
+        return [*await self._refusal(self.db, self.config, requester, submission.request), *problems]
 
     async def _persist(self, job: Job) -> None:
-        _, origin = self._submitting.get()
+        _, origin, _ = self._submitting.get()
         await stored.create_job(
             self.db, job.request, job_id=job.id, owner_id=job.owner_id, guild_id=job.guild_id,
             channel_id=origin.channel_id, interaction_id=origin.interaction_id,

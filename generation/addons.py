@@ -295,7 +295,7 @@ def sampling_defaults(
     model or a LoRA is LCM (`AddonLibrary.lcm_hint`), else the configured `defaults`."""
     base = (LCM_SAMPLER, LCM_STEPS, LCM_GUIDANCE) if lcm else defaults
     return (
-        sampler or base[0],
-        steps or base[1],
+        base[0] if sampler is None else sampler,
+        base[1] if steps is None else steps,  # 0 is the member's (refused as out of range), not a default
         base[2] if guidance is None else guidance,
     )

@@ -21,6 +21,8 @@ from collections.abc import Mapping, Sequence
 from difflib import get_close_matches
 from typing import TYPE_CHECKING, Protocol
 
+from generation.request import LORA_TAG as _LORA_TAG
+
 if TYPE_CHECKING:
     from torch import Tensor
 
@@ -42,7 +44,6 @@ _SYNTAX = re.compile(
     re.X | re.S,
 )
 _BREAK = re.compile(r"\s*\bBREAK\b\s*")
-_LORA_TAG = re.compile(r"<lora:([^<>]*)>", re.I)
 _LORA_NAME = re.compile(r"^[\w.\- ]{1,100}$")
 #: A LoRA set: (name, weight) pairs sorted by name, one per name, no zero weights.
 LoraSet = tuple[tuple[str, float], ...]

@@ -61,6 +61,17 @@ def unet_flops_ratio(family: str) -> float:
     return SDXL_UNET_FLOPS_RATIO if family.startswith("sdxl") else 1.0
 
 
+#: `<lora:NAME:WEIGHT>` tags, A1111's syntax: `generation.prompts` parses them, `cost` counts them.
+LORA_TAG = re.compile(r"<lora:([^<>]*)>", re.I)
+#: Cost units of merging one LoRA into a model's weights and restoring them afterwards. Merging is
+#: done once per batch, but each job that asks for a LoRA is charged it (its batch may be alone).
+#: Measured on the CPU in float32 (docs/PERFORMANCE.md, "LoRA merge, for the cost of a job"): the
+#: first merge and the restore of a full-size SD 1.x LoCon (rank 32, every UNet block layer and
+#: text-encoder layer) take 0.19 of one guided 512x512 UNet call (one unit), a rank-32 LoRA on
+#: kohya's default targets 0.21 ("LoRA switching").
+LORA_MERGE_UNITS = 0.2
+
+
 #: Job ids: 12 lower-case base32 characters (60 random bits), short enough for button custom ids.
 JOB_ID_PATTERN = re.compile(r"^[a-z2-7]{12}$")
 
@@ -187,10 +198,16 @@ class GenerationRequest(BaseModel):
         return pixels * self.unet_flops_ratio
 
     @property
+    def loras(self) -> int:
+        """How many LoRA files the prompt's tags name (each is merged into the weights)."""
+        return len({m.group(1).partition(":")[0].strip() for m in LORA_TAG.finditer(self.prompt)})
+
+    @property
     def cost(self) -> float:
-        """GPU cost in units of one 512x512 SD image-step: work pixels x UNet calls x images."""
+        """GPU cost in units of one 512x512 SD image-step: work pixels x UNet calls x images, plus
+        `LORA_MERGE_UNITS` per LoRA."""
         calls = self.denoising_steps * UNET_CALLS_PER_STEP.get(self.sampler, 1)
-        return self.count * calls * self.work_pixels / _UNIT_PIXELS
+        return self.count * calls * self.work_pixels / _UNIT_PIXELS + self.loras * LORA_MERGE_UNITS
 
     def seeds(self) -> list[int]:
         """Seed of each image: image i of a request with seed S uses S + i (the engine contract)."""

@@ -67,6 +67,7 @@ class CheckpointInfo:
     parameters: dict[str, int]  # "unet", "vae", "text_encoder" -> parameter count
     dtype: str  # the dtype most UNet tensors are stored in, e.g. "float16"
     native_size: int  # the image side the family was trained at (Family.native_size)
+    context_dim: int  # the UNet's conditioning width, which LoRAs and embeddings must match
 
 
 def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
@@ -687,4 +688,5 @@ def inspect_checkpoint(
         parameters=dict(counts),
         dtype=dtypes.most_common(1)[0][0],
         native_size=family.native_size,
+        context_dim=family.unet.context_dim,
     )

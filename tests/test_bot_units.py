@@ -30,6 +30,7 @@ from bot.config import AppConfig
 from bot.replies import fit_upload
 from bot.styles import STYLES
 from bot.views import result_view
+from generation.addons import AddonLibrary
 from generation.images import ImageInputError
 from generation.request import MAX_SEED, SAMPLER_NAMES, GenerationRequest, Kind
 from generation.settings import GenerationSettings, ModelSettings
@@ -176,7 +177,8 @@ def gestures(tiny_checkpoints: TinyCheckpoints) -> Gestures:  # noqa: F811
     """Gestures over a tiny model; building requests needs only the configuration."""
     path, yaml_path = tiny_checkpoints.get("sd1")
     config = AppConfig(models=(ModelSettings(name="tiny", checkpoint=path, config=yaml_path),))
-    return Gestures(None, SimpleNamespace(config=config), None)  # type: ignore[arg-type]
+    studio = SimpleNamespace(config=config, db=None, addons=AddonLibrary(None, None))
+    return Gestures(None, studio, None)  # type: ignore[arg-type]
 
 
 async def test_requests_refuse_unknown_samplers_seeds_out_of_range_and_long_prompts(gestures: Gestures) -> None:
