@@ -11,7 +11,6 @@ at definition time, and the option ranges come from the configuration.
 import asyncio
 import contextlib
 import logging
-import math
 import re
 from dataclasses import dataclass
 from typing import Literal
@@ -33,7 +32,15 @@ from generation.images import ImageInputError, fit_size, load_image, prepare_mas
 from generation.outpaint import outpaint_size
 from generation.metadata import png_bytes
 from generation.queue import Job, Refused
-from generation.request import MAX_SEED, SAMPLER_NAMES, GenerationRequest, Kind, random_seed, round_to_multiple
+from generation.request import (
+    ASPECTS,
+    MAX_SEED,
+    SAMPLER_NAMES,
+    GenerationRequest,
+    Kind,
+    aspect_size,
+    random_seed,
+)
 from generation.settings import GenerationSettings, default_model
 from generation.variations import variation_request
 from models.families import X4_UPSCALER
@@ -43,7 +50,6 @@ from storage.images import ImageStatus, image_file, job_images, put_input
 
 log = logging.getLogger(__name__)
 
-ASPECTS = ("1:1", "2:3", "3:2", "3:4", "4:3", "9:16", "16:9")
 #: Longest prompt a user may type (styles add their own words around it).
 MAX_PROMPT = 1000
 #: Largest upload read, and largest decoded image, before anything is resized.
@@ -83,10 +89,10 @@ class Options:
 
 def size_for(aspect: str, native: int) -> tuple[int, int]:
     """Width and height of `aspect` with about the pixels of a native x native image, multiples of 64."""
-    if aspect not in ASPECTS:
-        raise UserError(f"unknown aspect {aspect!r}; allowed: {', '.join(ASPECTS)}")
-    a, b = (int(part) for part in aspect.split(":"))
-    return round_to_multiple(native * math.sqrt(a / b)), round_to_multiple(native * math.sqrt(b / a))
+    try:
+        return aspect_size(aspect, native)
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
 
 
 def parse_flags(text: str) -> Options:

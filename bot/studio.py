@@ -20,6 +20,7 @@ from PIL.Image import Image
 
 from bot.config import AppConfig
 from bot.policy import Requester
+from generation.compiled import Compiling, cache_dir_in
 from generation.engine import Engine
 from generation.metadata import png_bytes
 from generation.queue import Estimate, FairQueue, Job, Submission, role_weight
@@ -99,6 +100,8 @@ class Studio:
             preview=config.discord.preview,
             preview_every_s=config.discord.progress_interval_s,
             vae_tile_above_pixels=config.generation.vae_tile_above_pixels,
+            vae_dtype=config.generation.vae_dtype,
+            compiling=Compiling.of(config.generation, cache_dir_in(config.storage.data_dir)),
         )
         self._refusal = refusal
         self.queue = FairQueue(config.queue, devices, limits=self._limits, persist=self._persist)

@@ -12,6 +12,7 @@ variations and upscale in their own modules); `run_batch` is the one entry point
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import math
 from collections.abc import Callable, Sequence
@@ -21,8 +22,9 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
+from torch import nn
 
-from generation.denoiser import GuidedDenoiser
+from generation.denoiser import GuidedDenoiser, UNet
 from generation.prompts import encode_prompts
 from generation.request import GenerationRequest, Kind
 from generation.samplers import SAMPLERS, BatchNoise, Denoiser, Sampler
@@ -55,6 +57,11 @@ class LoadedModel:
     #: Decode in VAE tiles above this many output pixels (bounded memory, at a small cost in
     #: fidelity: the VAE's normalization then sees one tile at a time).
     vae_tile_above_pixels: int = 1024 * 1024
+    #: The UNet call of the pipelines when not the eager `network.unet` (compiled execution).
+    unet: UNet | None = None
+    #: A half-precision copy of the VAE's decoding half (post_quant_conv, decoder) that `decode`
+    #: uses first; None decodes in float32 only.
+    vae_decoder: nn.Module | None = None
 
     @property
     def native_size(self) -> int:
@@ -75,15 +82,25 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     return getattr(torch, dtype)
 
 
+def resolve_vae_dtype(vae_dtype: str, device: torch.device) -> torch.dtype:
+    """"auto" is float16 on CUDA (decode overflows are caught and redone in float32) and float32
+    on the CPU."""
+    if vae_dtype == "auto":
+        return torch.float16 if device.type == "cuda" else torch.float32
+    return getattr(torch, vae_dtype)
+
+
 def load_model(
     settings: ModelSettings,
     device: torch.device,
     dtype: torch.dtype,
     vae_tile_above_pixels: int = 1024 * 1024,
     short_hash: str | None = None,
+    vae_dtype: torch.dtype = torch.float32,
 ) -> LoadedModel:
     """Load the checkpoint of `settings` onto `device`. The VAE stays float32: SD's VAE overflows
-    float16 on some images and decodes them black. `short_hash`: the file's known `checkpoint_hash`."""
+    float16 on some images and decodes them black; a half `vae_dtype` adds a copy of its decoding
+    half in that dtype, which `decode` tries first. `short_hash`: the file's known `checkpoint_hash`."""
     network = load_checkpoint(
         settings.checkpoint, settings.config, settings.prediction, device, dtype, vae_dtype=torch.float32
     )
@@ -92,7 +109,16 @@ def load_model(
     family = network.family
     schedule = DiscreteSchedule.linear(family.linear_start, family.linear_end, family.timesteps)
     short_hash = short_hash or checkpoint_hash(settings.checkpoint)
-    return LoadedModel(settings.name, network, schedule, short_hash, device, dtype, vae_tile_above_pixels)
+    decoder = None if vae_dtype == torch.float32 else half_decoder(network, vae_dtype)
+    return LoadedModel(settings.name, network, schedule, short_hash, device, dtype, vae_tile_above_pixels,
+                       vae_decoder=decoder)
+
+
+def half_decoder(network: StableDiffusion, dtype: torch.dtype) -> nn.Module:
+    """The VAE's decode, post_quant_conv then decoder, copied in `dtype` (the float32 VAE stays
+    for encoding and for images the copy cannot decode)."""
+    vae = network.vae
+    return nn.Sequential(copy.deepcopy(vae.post_quant_conv), copy.deepcopy(vae.decoder)).to(dtype)
 
 
 def checkpoint_hash(path: Path) -> str:
@@ -289,7 +315,7 @@ def encode_conditioning(
 def _unet_in(model: LoadedModel, labels: torch.Tensor | None = None) -> Callable[..., torch.Tensor]:
     """The UNet taking float32 latents: inputs cast to the weights' dtype, output back to float32.
     labels (B,): class input per image, repeated for the guidance halves of the UNet batch."""
-    unet = model.network.unet
+    unet = model.network.unet if model.unet is None else model.unet
 
     def run(x: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         y = None if labels is None else labels.repeat(x.shape[0] // labels.shape[0])  # (N,)
@@ -312,11 +338,18 @@ def encode(network: StableDiffusion, pixels: torch.Tensor) -> torch.Tensor:
 
 def decode(model: LoadedModel, latents: torch.Tensor) -> list[Image.Image]:
     """VAE.decode(z / scale_factor), then round(clamp((x + 1) / 2, 0, 1) * 255) per pixel; in
-    tiles when the images are larger than `model.vae_tile_above_pixels`."""
+    tiles (float32) when the images are larger than `model.vae_tile_above_pixels`."""
     network, (h, w) = model.network, latents.shape[-2:]
     if h * w * network.vae_scale**2 > model.vae_tile_above_pixels:
         return to_images(decode_tiled(network, latents, TILE, OVERLAP))
-    return to_images(network.vae.decode(latents.float() / network.family.scale_factor))
+    z = latents.float() / network.family.scale_factor
+    if model.vae_decoder is None:
+        return to_images(network.vae.decode(z))
+    x = model.vae_decoder(z.to(next(model.vae_decoder.parameters()).dtype)).float()  # (B, 3, H, W)
+    overflowed = ~torch.isfinite(x).flatten(1).all(dim=1)  # (B,)
+    if overflowed.any():  # those images again in float32 (one read back per batch, after sampling)
+        x[overflowed] = network.vae.decode(z[overflowed])
+    return to_images(x)
 
 
 def to_images(x: torch.Tensor) -> list[Image.Image]:

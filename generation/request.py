@@ -184,6 +184,18 @@ class GenerationRequest(BaseModel):
         return [self.seed + i for i in range(self.count)]
 
 
+#: The /imagine aspect presets, width:height.
+ASPECTS = ("1:1", "2:3", "3:2", "3:4", "4:3", "9:16", "16:9")
+
+
+def aspect_size(aspect: str, native: int) -> tuple[int, int]:
+    """Width and height of `aspect` with about the pixels of a native x native image, multiples of 64."""
+    if aspect not in ASPECTS:
+        raise ValueError(f"unknown aspect {aspect!r}; allowed: {', '.join(ASPECTS)}")
+    a, b = (int(part) for part in aspect.split(":"))
+    return round_to_multiple(native * math.sqrt(a / b)), round_to_multiple(native * math.sqrt(b / a))
+
+
 def round_to_multiple(value: float, multiple: int = 64) -> int:
     """Nearest positive multiple of `multiple` (sizes must be latent- and UNet-aligned)."""
     return max(multiple, int(math.floor(value / multiple + 0.5)) * multiple)

@@ -9,7 +9,12 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from generation.request import SamplerName
+from generation.request import ASPECTS, SamplerName
+
+#: torch.compile modes; "reduce-overhead" and "max-autotune" replay CUDA graphs on CUDA.
+CompileMode = Literal["reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs", "default"]
+#: UNet batch rows padded up to the next bucket, or one graph per exact row count.
+CompileBatches = Literal["buckets", "exact"]
 
 _DEVICE = re.compile(r"^(auto|cpu|cuda|cuda:\d+)$")
 
@@ -56,6 +61,20 @@ class GenerationSettings(_Settings):
     #: Largest input (width x height) the x4 upscaler takes; larger images are upscaled 2x by hires.
     #: The default admits every /imagine aspect of SD 1.x and 2.x results (at most 640x960).
     upscaler_max_input_pixels: int = Field(default=640 * 960, ge=64 * 64)
+    #: Compiled UNet graphs: "auto" compiles on CUDA and not on the CPU, "on" on any device,
+    #: "off" never. Shapes without a ready graph run eagerly while it is built in the background.
+    compile: Literal["auto", "on", "off"] = "auto"
+    #: torch.compile mode on CUDA (the CPU always uses "default": no CUDA graphs there).
+    compile_mode: CompileMode = "reduce-overhead"
+    compile_batches: CompileBatches = "buckets"
+    #: Images per batch that get a graph ("buckets"): a batch runs padded to the next one.
+    compile_buckets: tuple[int, ...] = (1, 2, 4, 8)
+    #: Aspects (of the /imagine presets) at each model's native size whose graphs are built at
+    #: load, in the background, for every bucket; () builds graphs only as jobs need them.
+    compile_warmup: tuple[str, ...] = ("1:1",)
+    #: VAE decode precision: "auto" is float16 on CUDA (an image that overflows it is decoded
+    #: again in float32) and float32 on the CPU.
+    vae_dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
 
     @field_validator("device")
     @classmethod
@@ -65,6 +84,21 @@ class GenerationSettings(_Settings):
                 raise ValueError(f"{device!r} is not a device; allowed: auto, cpu, cuda, cuda:N")
         if isinstance(value, tuple) and not value:
             raise ValueError("the device list is empty; allowed: auto, cpu, cuda, cuda:N")
+        return value
+
+    @field_validator("compile_buckets")
+    @classmethod
+    def _valid_buckets(cls, value: tuple[int, ...]) -> tuple[int, ...]:
+        if not value or any(b < 1 for b in value):
+            raise ValueError(f"compile_buckets must be image counts >= 1, got {list(value)}")
+        return tuple(sorted(set(value)))
+
+    @field_validator("compile_warmup")
+    @classmethod
+    def _valid_aspects(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        for aspect in value:
+            if aspect not in ASPECTS:
+                raise ValueError(f"compile_warmup: unknown aspect {aspect!r}; allowed: {', '.join(ASPECTS)}")
         return value
 
     @model_validator(mode="after")
