@@ -346,3 +346,55 @@ def test_the_real_inductor_compiles_the_tiny_unet_and_a_txt2img_run_equals_eager
         torch.testing.assert_close(model.unet(x, t, context), eager.network.unet(x, t, context), rtol=0, atol=1e-5)
     for a, b in zip(txt2img(eager, [req])[0], txt2img(model, [req])[0], strict=True):
         assert np.abs(np.asarray(a).astype(int) - np.asarray(b).astype(int)).max() <= 1
+
+
+def tiny_vae_model(checkpoints: TinyCheckpoints, vae_dtype: torch.dtype) -> LoadedModel:
+    path, yaml_path = checkpoints.get("sd1")
+    return load_model(ModelSettings(name="tiny", checkpoint=path, config=yaml_path), CPU, torch.float32,
+                      vae_dtype=vae_dtype)
+
+
+def test_half_vae_decode_redecodes_only_overflowed_images_in_float32(tiny_checkpoints: TinyCheckpoints) -> None:  # noqa: F811
+    """post_quant_conv scaled so that a latent of unit size overflows float16 (65504) while a
+    zero latent does not: that image alone is decoded again by the float32 VAE, to the bit."""
+    half = tiny_vae_model(tiny_checkpoints, torch.float16)
+    full = tiny_vae_model(tiny_checkpoints, torch.float32)
+    assert full.vae_decoder is None and half.vae_decoder is not None
+    for model in (half, full):
+        with torch.no_grad():
+            model.network.vae.post_quant_conv.weight.mul_(2e4)
+    with torch.no_grad():
+        half.vae_decoder[0].weight.copy_(half.network.vae.post_quant_conv.weight.half())
+    latents = torch.cat([torch.zeros(1, 4, 8, 8), torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(1))])
+    float32_rows: list[int] = []
+    half.network.vae.decoder.register_forward_pre_hook(lambda module, args: float32_rows.append(args[0].shape[0]))
+    with torch.inference_mode():
+        assert not torch.isfinite(half.vae_decoder(latents[1:].half() / 0.18215)).all()  # the crafted overflow
+        got, expected = decode(half, latents), decode(full, latents)
+    assert float32_rows == [1]  # the overflowed image only
+    assert np.array_equal(np.asarray(got[1]), np.asarray(expected[1]))
+    assert np.abs(np.asarray(got[0]).astype(int) - np.asarray(expected[0]).astype(int)).max() <= 2
+
+
+def test_half_vae_decode_is_close_to_float32_and_the_float32_path_is_the_vaes_own(
+        tiny_checkpoints: TinyCheckpoints) -> None:  # noqa: F811
+    half = tiny_vae_model(tiny_checkpoints, torch.float16)
+    full = tiny_vae_model(tiny_checkpoints, torch.float32)
+    latents = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(2))
+    with torch.inference_mode():
+        own = full.network.vae.decode(latents / full.network.family.scale_factor)
+        got, expected = decode(half, latents), decode(full, latents)
+    reference = ((own + 1) / 2).clamp(0, 1).mul(255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    assert all(np.array_equal(np.asarray(image), pixels) for image, pixels in zip(expected, reference, strict=True))
+    for a, b in zip(got, expected, strict=True):
+        difference = np.abs(np.asarray(a).astype(int) - np.asarray(b).astype(int))
+        assert difference.max() <= 3 and difference.mean() < 0.5
+
+
+def test_engine_vae_dtype_adds_the_half_decoder_and_counts_its_bytes(tiny_checkpoints: TinyCheckpoints) -> None:  # noqa: F811
+    auto = engine_with(tiny_checkpoints, Compiling()).load("tiny", "cpu")  # "auto": float32 on the CPU
+    half = engine_with(tiny_checkpoints, Compiling(), vae_dtype="float16").load("tiny", "cpu")
+    assert auto.vae_decoder is None and auto.unet is None
+    assert next(half.vae_decoder.parameters()).dtype == torch.float16
+    decoder_bytes = sum(p.numel() * 2 for p in half.vae_decoder.parameters())
+    assert Engine.size(half) == Engine.size(auto) + decoder_bytes
