@@ -398,3 +398,22 @@ def test_engine_vae_dtype_adds_the_half_decoder_and_counts_its_bytes(tiny_checkp
     assert next(half.vae_decoder.parameters()).dtype == torch.float16
     decoder_bytes = sum(p.numel() * 2 for p in half.vae_decoder.parameters())
     assert Engine.size(half) == Engine.size(auto) + decoder_bytes
+
+
+def test_doctor_shows_the_setting_and_each_models_graphs(tmp_path: Path) -> None:
+    from bot.config import load_config
+    from bot.doctor import format_checks, run_checks
+    from generation.compiled import CompileStatus, GraphStatus, cache_dir_in, write_status
+
+    config_path = tmp_path / "atelier.toml"
+    config_path.write_text('[generation]\ndevice = "cpu"\ncompile_warmup = ["1:1", "16:9"]\n'
+                           '[storage]\ndata_dir = "state"\n')
+    config = load_config(config_path)
+    graphs = (GraphStatus("2 rows", State.READY, 61.0, None), GraphStatus("8 rows", State.BUILDING, None, None),
+              GraphStatus("16 rows", State.FAILED, None, "RuntimeError('x')"))
+    write_status(cache_dir_in(config.storage.data_dir), CompileStatus("sd15", "cuda:0", "reduce-overhead", graphs))
+    text = format_checks(run_checks(config, {}))
+    assert ('[  ok] compiled execution: compile = "auto": compiled on CUDA devices (the CPU runs eagerly), '
+            "mode reduce-overhead, buckets [1, 2, 4, 8], warm-up ['1:1', '16:9']") in text
+    assert "[warn] compiled graphs of sd15 on cuda:0: 0 queued, 1 building, 1 ready, 1 failed (as of " in text
+    assert "; eager for good: 16 rows\n       fix: the bot's log says why each failed" in text
