@@ -27,7 +27,7 @@ from generation.compiled import (
     torch_compiler,
 )
 from generation.engine import Engine
-from generation.pipeline import LoadedModel, decode, load_model, txt2img
+from generation.pipeline import LoadedModel, decode, load_model, sample_latents, txt2img
 from generation.request import GenerationRequest
 from generation.settings import GenerationSettings, ModelSettings
 from tests.fixtures.checkpoints import TinyCheckpoints, tiny_checkpoints  # noqa: F401
@@ -236,9 +236,9 @@ def test_compile_mode_per_device() -> None:
         GenerationSettings(compile_buckets=(0, 2))
 
 
-def engine_with(checkpoints: TinyCheckpoints, compiling: Compiling, family: str = "sd1", **kwargs) -> Engine:
-    path, yaml_path = checkpoints.get(family)
-    return Engine([ModelSettings(name="tiny", checkpoint=path, config=yaml_path)], "float32",
+def engine_with(checkpoints: TinyCheckpoints, compiling: Compiling, dtype: str = "float32", **kwargs) -> Engine:
+    path, yaml_path = checkpoints.get("sd1")
+    return Engine([ModelSettings(name="tiny", checkpoint=path, config=yaml_path)], dtype,
                   {}.__getitem__, compiling=compiling, **kwargs)
 
 
@@ -417,3 +417,43 @@ def test_doctor_shows_the_setting_and_each_models_graphs(tmp_path: Path) -> None
             "mode reduce-overhead, buckets [1, 2, 4, 8], warm-up ['1:1', '16:9']") in text
     assert "[warn] compiled graphs of sd15 on cuda:0: 0 queued, 1 building, 1 ready, 1 failed (as of " in text
     assert "; eager for good: 16 rows\n       fix: the bot's log says why each failed" in text
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_compiled_cuda_graphs_give_the_eager_image_and_never_synchronize(
+        tiny_checkpoints: TinyCheckpoints, dtype: str) -> None:  # noqa: F811
+    """compile = "auto" on CUDA: reduce-overhead (CUDA graphs). Within the tolerances of
+    test_pipeline's GPU test, and the compiled steps queue work without waiting on the GPU."""
+    eager = engine_with(tiny_checkpoints, Compiling("off"), dtype, vae_dtype="float32").load("tiny", "cuda")
+    model = engine_with(tiny_checkpoints, Compiling("auto"), dtype, vae_dtype="float32").load("tiny", "cuda")
+    assert isinstance(model.unet, CompiledUNet) and model.unet.status().mode == "reduce-overhead"
+    req = request(count=3, steps=6)  # 6 guided rows in the graph of 8
+    model.unet.warm_up([GraphKey.txt2img(8, 4, (32, 32), 77, 32, getattr(torch, dtype))])
+    model.unet.wait()
+    assert model.unet.status().count(State.READY) == 1, model.unet.status()
+
+    def progress(step: int, total: int, x0: Tensor) -> None:
+        if step == 1:
+            torch.cuda.set_sync_debug_mode("error")
+
+    try:
+        latents = sample_latents(model, [req], progress)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert torch.isfinite(latents).all()
+    for a, b in zip(txt2img(eager, [req])[0], txt2img(model, [req])[0], strict=True):
+        assert np.asarray(b).astype(float).std() > 1.0, "a blank image"
+        assert np.abs(np.asarray(a).astype(float) - np.asarray(b).astype(float)).mean() <= (
+            1.0 if dtype == "float32" else 6.0)
+
+
+@pytest.mark.gpu
+def test_half_vae_decode_on_a_gpu_is_close_to_float32(tiny_checkpoints: TinyCheckpoints) -> None:  # noqa: F811
+    full = engine_with(tiny_checkpoints, Compiling("off"), "float16", vae_dtype="float32").load("tiny", "cuda")
+    half = engine_with(tiny_checkpoints, Compiling("off"), "float16").load("tiny", "cuda")  # auto: float16
+    assert next(half.vae_decoder.parameters()).dtype == torch.float16
+    latents = torch.randn(2, 4, 32, 32, generator=torch.Generator().manual_seed(3)).cuda()
+    with torch.inference_mode():
+        for a, b in zip(decode(full, latents), decode(half, latents), strict=True):
+            assert np.abs(np.asarray(a).astype(float) - np.asarray(b).astype(float)).mean() <= 1.0
