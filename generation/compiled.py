@@ -114,6 +114,8 @@ class State(StrEnum):
     BUILDING = "building"
     READY = "ready"
     FAILED = "failed"
+    #: Past the graph limit: eager for good.
+    SKIPPED = "skipped"
 
 
 @dataclass
@@ -162,7 +164,9 @@ def torch_compiler(mode: CompileMode) -> Compiler:
 class CompiledUNet:
     """A UNet call (x, t, context, y=None) -> out that runs each key's compiled graph once it is
     ready and the eager UNet until then. Thread-safe: calls may come from any thread while the
-    background thread builds. `on_change` hears every change of a graph's state."""
+    background thread builds. Past `max_graphs` keys (each holds compiled code and, with CUDA
+    graphs, device memory) new shapes run eagerly for good: a bot sees few sizes, but uploaded
+    images bring odd ones. `on_change` hears every change of a graph's state."""
 
     def __init__(
         self,
@@ -173,12 +177,14 @@ class CompiledUNet:
         device: torch.device,
         mode: str = "reduce-overhead",
         bucketing: Bucketing = Bucketing(),
+        max_graphs: int = 32,
         on_change: Callable[[CompileStatus], None] | None = None,
     ) -> None:
         self._unet = unet
         self._compiler = compiler
         self._model, self._device, self._mode = model, device, mode
         self._bucketing = bucketing
+        self._max_graphs = max_graphs
         self._on_change = on_change
         self._cuda_graphs = device.type == "cuda" and mode in CUDA_GRAPH_MODES
         self._graphs: dict[GraphKey, Graph] = {}
@@ -236,9 +242,14 @@ class CompiledUNet:
         with self._lock:
             if key in self._graphs:
                 return
-            self._graphs[key] = Graph()
-            self._pending = [f for f in self._pending if not f.done()]
-            self._pending.append(self._builder.submit(_build, weakref.ref(self), key, label))
+            building = sum(g.state is not State.SKIPPED for g in self._graphs.values()) < self._max_graphs
+            self._graphs[key] = Graph() if building else Graph(State.SKIPPED)
+            if building:
+                self._pending = [f for f in self._pending if not f.done()]
+                self._pending.append(self._builder.submit(_build, weakref.ref(self), key, label))
+        if not building:
+            log.info("the UNet of %s has %d graphs, the most allowed: %s runs eagerly", self._model,
+                     self._max_graphs, key.describe())
         self._changed()
 
     def _build(self, key: GraphKey, label: str) -> None:
@@ -308,6 +319,7 @@ class Compiling:
     bucketing: Bucketing = Bucketing()
     #: Aspects whose graphs are built at load, at the model's native size, for every bucket.
     warmup: tuple[str, ...] = ()
+    max_graphs: int = 32
     #: Inductor's cache (a restart finds its compiled code there) and `status/`; None: torch's default.
     cache_dir: Path | None = None
     #: mode -> compiler; tests inject stand-ins.
@@ -315,8 +327,8 @@ class Compiling:
 
     @classmethod
     def of(cls, settings: GenerationSettings, cache_dir: Path | None) -> Compiling:
-        return cls(settings.compile, settings.compile_mode,
-                   Bucketing(settings.compile_batches, settings.compile_buckets), settings.compile_warmup, cache_dir)
+        return cls(settings.compile, settings.compile_mode, Bucketing(settings.compile_batches, settings.compile_buckets),
+                   settings.compile_warmup, settings.compile_max_graphs, cache_dir)
 
     def mode_on(self, device: torch.device) -> CompileMode | None:
         """The torch.compile mode on `device`, None for eager: "auto" compiles on CUDA only, and
@@ -335,7 +347,7 @@ class Compiling:
             os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(self.cache_dir.resolve())
         on_change = None if self.cache_dir is None else lambda status: write_status(self.cache_dir, status)
         return CompiledUNet(unet, self.compiler(mode), model=model, device=device, mode=mode,
-                            bucketing=self.bucketing, on_change=on_change)
+                            bucketing=self.bucketing, max_graphs=self.max_graphs, on_change=on_change)
 
     def warmup_keys(self, family: Family, dtype: torch.dtype, vae_scale: int) -> list[GraphKey]:
         """The graphs of guided txt2img steps (rows = twice each bucket) of one prompt chunk at each

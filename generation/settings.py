@@ -72,6 +72,8 @@ class GenerationSettings(_Settings):
     #: Aspects (of the /imagine presets) at each model's native size whose graphs are built at
     #: load, in the background, for every bucket; () builds graphs only as jobs need them.
     compile_warmup: tuple[str, ...] = ("1:1",)
+    #: Graphs one loaded model may hold; further shapes (odd upload sizes) run eagerly.
+    compile_max_graphs: int = Field(default=32, ge=1)
     #: VAE decode precision: "auto" is float16 on CUDA (an image that overflows it is decoded
     #: again in float32) and float32 on the CPU.
     vae_dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"

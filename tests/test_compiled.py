@@ -110,6 +110,18 @@ def test_a_new_shape_runs_eagerly_then_on_its_bucket_graph_with_padding_sliced_o
         "4 rows x 4 x 8x8 latent, 3 tokens", "4 rows x 4 x 4x4 latent, 5 tokens"]
 
 
+def test_shapes_past_the_graph_limit_run_eagerly_for_good(caplog: pytest.LogCaptureFixture) -> None:
+    compiler = StandInCompiler()
+    unet = CompiledUNet(RowwiseUNet(), compiler, model="m", device=CPU, bucketing=Bucketing("exact"), max_graphs=2)
+    with caplog.at_level(logging.INFO, logger="generation.compiled"):
+        for rows in (1, 2, 3, 3, 1):
+            x, t, context = inputs(rows)
+            torch.testing.assert_close(unet(x, t, context), RowwiseUNet()(x, t, context))
+            unet.wait()
+    assert [g.state for g in unet.status().graphs] == [State.READY, State.READY, State.SKIPPED]
+    assert compiler.rows == [1, 2, 1] and caplog.text.count("the most allowed") == 1
+
+
 def test_bucket_rows_and_exact_rows() -> None:
     buckets = Bucketing("buckets", (1, 2, 4, 8))
     assert buckets.row_buckets() == [1, 2, 4, 8, 16]
@@ -229,7 +241,7 @@ def test_compile_mode_per_device() -> None:
     assert Compiling("off").mode_on(cuda) is None
     settings = GenerationSettings(compile="on", compile_batches="exact", compile_buckets=(4, 1, 4),
                                   compile_warmup=("1:1", "16:9"))
-    assert Compiling.of(settings, None) == Compiling("on", "reduce-overhead", Bucketing("exact", (1, 4)), ("1:1", "16:9"))
+    assert Compiling.of(settings, None) == Compiling("on", "reduce-overhead", Bucketing("exact", (1, 4)), ("1:1", "16:9"), 32)
     with pytest.raises(ValueError, match="unknown aspect '5:4'; allowed: 1:1, 2:3"):
         GenerationSettings(compile_warmup=("5:4",))
     with pytest.raises(ValueError, match="compile_buckets must be image counts >= 1"):
@@ -415,7 +427,7 @@ def test_doctor_shows_the_setting_and_each_models_graphs(tmp_path: Path) -> None
     text = format_checks(run_checks(config, {}))
     assert ('[  ok] compiled execution: compile = "auto": compiled on CUDA devices (the CPU runs eagerly), '
             "mode reduce-overhead, buckets [1, 2, 4, 8], warm-up ['1:1', '16:9']") in text
-    assert "[warn] compiled graphs of sd15 on cuda:0: 0 queued, 1 building, 1 ready, 1 failed (as of " in text
+    assert "[warn] compiled graphs of sd15 on cuda:0: 0 queued, 1 building, 1 ready, 1 failed, 0 skipped (as of " in text
     assert "; eager for good: 16 rows\n       fix: the bot's log says why each failed" in text
 
 
