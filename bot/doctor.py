@@ -131,11 +131,11 @@ def _checkpoints(config: AppConfig) -> Iterator[Check]:
 
 def _compiled(config: AppConfig) -> Iterator[Check]:
     """The compile setting, then each model's graphs as the bot last wrote them (while it runs: now)."""
-    generation = config.generation
+    g = config.generation
     where = {"auto": "on CUDA devices (the CPU runs eagerly)", "on": "on every device", "off": "never"}
     yield Check(Status.OK, "compiled execution",
-                f'compile = "{generation.compile}": compiled {where[generation.compile]}, mode {generation.compile_mode}, '
-                f"{generation.compile_batches} {list(generation.compile_buckets)}, warm-up {list(generation.compile_warmup)}")
+                f'compile = "{g.compile}": compiled {where[g.compile]}, mode {g.compile_mode}, '
+                f"{g.compile_batches} {list(g.compile_buckets)}, warm-up {list(g.compile_warmup)}")
     folder = cache_dir_in(config.storage.data_dir)
     try:
         statuses = read_statuses(folder)

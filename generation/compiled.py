@@ -327,8 +327,9 @@ class Compiling:
 
     @classmethod
     def of(cls, settings: GenerationSettings, cache_dir: Path | None) -> Compiling:
-        return cls(settings.compile, settings.compile_mode, Bucketing(settings.compile_batches, settings.compile_buckets),
-                   settings.compile_warmup, settings.compile_max_graphs, cache_dir)
+        bucketing = Bucketing(settings.compile_batches, settings.compile_buckets)
+        return cls(settings.compile, settings.compile_mode, bucketing, settings.compile_warmup,
+                   settings.compile_max_graphs, cache_dir)
 
     def mode_on(self, device: torch.device) -> CompileMode | None:
         """The torch.compile mode on `device`, None for eager: "auto" compiles on CUDA only, and

@@ -83,7 +83,8 @@ def main(argv: list[str]) -> int:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     vae = "float32" if model.vae_decoder is None else str(next(model.vae_decoder.parameters()).dtype)
     print(f"{args.family} UNet, random weights, {dtype} (VAE decode {vae}), {name}, torch {torch.__version__}, "
-          f"SDPA {args.sdpa_backend or 'auto'}" + (f", compile mode {mode}, {args.compile_batches} rows" if compiled else ""))
+          f"SDPA {args.sdpa_backend or 'auto'}"
+          + (f", compile mode {mode}, {args.compile_batches} rows" if compiled else ""))
     columns = [("UNet ms/step", 12), ("image s", 8), ("images/s", 8)]
     if compiled:
         columns += [("compile s", 9), ("compiled ms", 11), ("x", 5), ("image s", 8), ("images/s", 8)]
