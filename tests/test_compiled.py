@@ -445,6 +445,8 @@ def test_compiled_cuda_graphs_give_the_eager_image_and_never_synchronize(
     model.unet.wait()
     assert model.unet.status().count(State.READY) == 1, model.unet.status()
 
+    compiled_images = txt2img(model, [req])[0]  # the device thread records its CUDA graph here
+
     def progress(step: int, total: int, x0: Tensor) -> None:
         if step == 1:
             torch.cuda.set_sync_debug_mode("error")
@@ -454,7 +456,8 @@ def test_compiled_cuda_graphs_give_the_eager_image_and_never_synchronize(
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert torch.isfinite(latents).all()
-    for a, b in zip(txt2img(eager, [req])[0], txt2img(model, [req])[0], strict=True):
+    assert model.unet.status().count(State.READY) == 1, model.unet.status()  # no silent fall back to eager
+    for a, b in zip(txt2img(eager, [req])[0], compiled_images, strict=True):
         assert np.asarray(b).astype(float).std() > 1.0, "a blank image"
         assert np.abs(np.asarray(a).astype(float) - np.asarray(b).astype(float)).mean() <= (
             1.0 if dtype == "float32" else 6.0)
