@@ -19,12 +19,12 @@ from __future__ import annotations
 import json
 import logging
 import os
+import queue
 import threading
 import time
 import types
 import weakref
 from collections.abc import Callable, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from enum import StrEnum
 from pathlib import Path
@@ -189,8 +189,11 @@ class CompiledUNet:
         self._cuda_graphs = device.type == "cuda" and mode in CUDA_GRAPH_MODES
         self._graphs: dict[GraphKey, Graph] = {}
         self._lock = threading.Lock()
-        self._builder = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"compile-{model}")
-        self._pending: list[Future] = []
+        #: Builds to run, in order, on one daemon thread (a process never waits for it to exit).
+        self._todo: queue.SimpleQueue[tuple[GraphKey, str] | None] = queue.SimpleQueue()
+        self._builder: threading.Thread | None = None
+        self._unfinished = 0
+        self._idle = threading.Condition(self._lock)
 
     def __call__(self, x: Tensor, t: Tensor, context: Tensor, y: Tensor | None = None) -> Tensor:
         rows = x.shape[0]
@@ -219,10 +222,9 @@ class CompiledUNet:
 
     def wait(self, timeout: float | None = None) -> None:
         """Block until every queued build is done (benchmarks and tests; jobs never wait)."""
-        with self._lock:
-            pending = list(self._pending)
-        for future in pending:
-            future.result(timeout)
+        with self._idle:
+            if not self._idle.wait_for(lambda: self._unfinished == 0, timeout):
+                raise TimeoutError(f"compile builds of {self._model} still running after {timeout} s")
 
     def status(self) -> CompileStatus:
         with self._lock:
@@ -245,8 +247,14 @@ class CompiledUNet:
             building = sum(g.state is not State.SKIPPED for g in self._graphs.values()) < self._max_graphs
             self._graphs[key] = Graph() if building else Graph(State.SKIPPED)
             if building:
-                self._pending = [f for f in self._pending if not f.done()]
-                self._pending.append(self._builder.submit(_build, weakref.ref(self), key, label))
+                self._unfinished += 1
+                self._todo.put((key, label))
+                if self._builder is None:
+                    self._builder = threading.Thread(target=_builds, args=(weakref.ref(self), self._todo),
+                                                     name=f"compile {self._model}", daemon=True)
+                    self._builder.start()
+                    # The thread holds no reference to this object: it ends when this is collected.
+                    weakref.finalize(self, self._todo.put, None)
         if not building:
             log.info("the UNet of %s has %d graphs, the most allowed: %s runs eagerly", self._model,
                      self._max_graphs, key.describe())
@@ -294,11 +302,20 @@ class CompiledUNet:
                 log.warning("compile status listener failed", exc_info=True)
 
 
-def _build(owner: weakref.ref[CompiledUNet], key: GraphKey, label: str) -> None:
-    """A queued build, skipped when its model was unloaded meanwhile (the queue holds no model)."""
-    compiled = owner()
-    if compiled is not None:
-        compiled._build(key, label)
+def _builds(owner: weakref.ref[CompiledUNet], todo: queue.SimpleQueue[tuple[GraphKey, str] | None]) -> None:
+    """The builder thread: queued builds in order, until its `CompiledUNet` is collected (a model
+    unloaded meanwhile is not kept alive by its queued builds)."""
+    while (item := todo.get()) is not None:
+        compiled = owner()
+        if compiled is None:
+            return
+        try:
+            compiled._build(*item)
+        finally:
+            with compiled._idle:
+                compiled._unfinished -= 1
+                compiled._idle.notify_all()
+        del compiled
 
 
 def _pad(v: Tensor, rows: int) -> Tensor:

@@ -6,6 +6,7 @@ with its float32 re-decode of images that overflow."""
 from __future__ import annotations
 
 import dataclasses
+import gc
 import logging
 import os
 import threading
@@ -120,6 +121,19 @@ def test_shapes_past_the_graph_limit_run_eagerly_for_good(caplog: pytest.LogCapt
             unet.wait()
     assert [g.state for g in unet.status().graphs] == [State.READY, State.READY, State.SKIPPED]
     assert compiler.rows == [1, 2, 1] and caplog.text.count("the most allowed") == 1
+
+
+def test_the_builder_thread_is_a_daemon_that_ends_with_its_model() -> None:
+    """A stop never waits for queued compiles, and an unloaded model's thread goes with it."""
+    unet = CompiledUNet(RowwiseUNet(), StandInCompiler(), model="unloaded", device=CPU)
+    unet(*inputs(2))
+    unet.wait()
+    (thread,) = [t for t in threading.enumerate() if t.name == "compile unloaded"]
+    assert thread.daemon
+    del unet
+    gc.collect()
+    thread.join(10)
+    assert not thread.is_alive()
 
 
 def test_bucket_rows_and_exact_rows() -> None:
