@@ -15,7 +15,7 @@ from discord import app_commands
 
 from bot.config import AppConfig
 from bot.policy import Requester, allowance, frees_at, images
-from bot.replies import fit_upload
+from bot.replies import fit_upload, queue_place
 from generation.queue import FairQueue
 from generation.request import JOB_ID_PATTERN, JobState
 from storage.db import Database
@@ -137,11 +137,8 @@ def _describe_job(detail: JobDetail, queue: FairQueue) -> str:
     lines = [f"**Job `{job.id}`** by <@{job.owner_id}> · {job.state} · "
              f"<t:{int(job.created_at)}:f>"]
     estimate = queue.estimates().get(job.id) if job.state is JobState.QUEUED else None
-    if estimate is not None and estimate.paused:
-        lines.append("Queued; this server's moderators have paused the queue for now.")
-    elif estimate is not None:
-        lines.append(f"Queued at #{estimate.position}, starting in about "
-                     f"{max(1, round(estimate.starts_in_s))} s.")
+    if estimate is not None:
+        lines.append(f"Queued{queue_place(estimate)}")
     if job.error:
         lines.append(f"Error: {job.error}")
     lines.append(f"Prompt: {discord.utils.escape_markdown(r.prompt)}")

@@ -62,7 +62,7 @@ class AtelierBot(commands.Bot):
         devices = tuple(str(resolve_device(d)) for d in config.generation.devices)
         budget = min(memory_budget(d) for d in devices)
         studio = await self._stack.enter_async_context(
-            Studio.open(config, devices, budget, refusal=policy.refusal))
+            Studio.open(config, devices, budget, refusal=policy.problems))
         self.delivery = Delivery(self, studio.db, config.discord)
         self.studio, self.gestures = studio, Gestures(self, studio, self.delivery)
         self.add_dynamic_items(JobButton, CancelButton)

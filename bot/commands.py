@@ -13,7 +13,7 @@ import contextlib
 import logging
 import re
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import discord
 import numpy as np
@@ -31,7 +31,7 @@ from bot.views import Action, status_view
 from generation.images import ImageInputError, fit_size, load_image, prepare_mask, split_alpha
 from generation.outpaint import outpaint_size
 from generation.metadata import png_bytes
-from generation.queue import Job, Refused
+from generation.queue import Job, Refused, explain
 from generation.request import (
     ASPECTS,
     MAX_SEED,
@@ -67,7 +67,12 @@ _FLAGS = {"no": "negative", "strength": "strength", "seed": "seed", "steps": "st
 
 
 class UserError(Exception):
-    """Something the user asked for cannot be done; the message says what and what is allowed."""
+    """Something the user asked for cannot be done; the message says what and what is allowed,
+    for every problem found at once (`generation.queue.explain`)."""
+
+    def __init__(self, *problems: str) -> None:
+        super().__init__(explain(problems))
+        self.problems = problems
 
 
 @dataclass(frozen=True)
@@ -99,25 +104,29 @@ def parse_flags(text: str) -> Options:
     """`a castle --no fog --strength 0.5 --seed 3` -> Options; the prompt is the text before the
     first flag."""
     parts = _FLAG.split(text)
-    prompt, values = parts[0].strip(), {}
+    prompt, values, problems = parts[0].strip(), {}, []
     for name, value in zip(parts[1::2], parts[2::2], strict=True):
         field = _FLAGS.get(name)
         if field is None:
-            raise UserError(f"unknown flag --{name}; allowed: {', '.join('--' + f for f in _FLAGS)}")
-        values[field] = value.strip()
+            problems.append(f"unknown flag --{name}; allowed: {', '.join('--' + f for f in _FLAGS)}")
+        else:
+            values[field] = value.strip()
     converters = {"strength": float, "seed": int, "steps": int, "guidance": float, "count": int}
     typed: dict[str, object] = {}
     for field, value in values.items():
         try:
             typed[field] = converters.get(field, str)(value)
         except ValueError:
-            raise UserError(f"--{field} needs a number, not {value!r}") from None
+            problems.append(f"--{field} needs a number, not {value!r}")
+    if problems:
+        raise UserError(*problems)
     return Options(prompt=prompt, **typed)
 
 
-def _check(name: str, value: float, low: float, high: float) -> None:
+def _check(problems: list[str], name: str, value: float, low: float, high: float) -> None:
+    """Adds to `problems` when `value` is outside [low, high]."""
     if not low <= value <= high:
-        raise UserError(f"{name} must be between {_number(low)} and {_number(high)}; you gave {_number(value)}")
+        problems.append(f"{name} must be between {_number(low)} and {_number(high)}; you gave {_number(value)}")
 
 
 def _number(value: float) -> str:
@@ -158,52 +167,71 @@ class Gestures:
     # -- requests --
 
     async def request(self, options: Options, *, kind: Kind = Kind.TXT2IMG, size: tuple[int, int] | None = None,
-                init_image: str | None = None, mask_image: str | None = None) -> GenerationRequest:
-        """A checked request; `size` (an input image's) replaces the aspect's."""
-        g = self._config.generation
+                      init_image: str | None = None, mask_image: str | None = None) -> GenerationRequest:
+        """A checked request; `size` (an input image's) replaces the aspect's. Raises `UserError`
+        naming every problem of `options` at once."""
+        fields, checkpoint = await self._fields(options, kind)
+        width, height = size or size_for(options.aspect, checkpoint.native_size)
+        try:
+            return GenerationRequest(kind=kind, width=width, height=height, init_image=init_image,
+                                     mask_image=mask_image, **fields)
+        except ValidationError as error:
+            raise UserError(*(e["msg"] for e in error.errors())) from None
+
+    async def check(self, options: Options, kind: Kind, *, also: tuple[str, ...] = ()) -> None:
+        """Raise `UserError` naming every problem of `options`, with `also` (problems the caller
+        found first), before slow work such as decoding an image."""
+        try:
+            await self._fields(options, kind)
+        except UserError as error:
+            raise UserError(*also, *error.problems) from None
+        if also:
+            raise UserError(*also)
+
+    async def _fields(self, options: Options, kind: Kind) -> tuple[dict[str, Any], CheckpointInfo]:
+        """The request's fields from `options` and its model's checkpoint, or `UserError` with
+        every problem found."""
+        g, problems = self._config.generation, []
         default = default_model(self._config.models, g.upscaler)
         if default is None:
             raise UserError("no models are configured on this bot; ask its operator")
-        model = options.model or default.name
+        model, checkpoint = options.model or default.name, None
         if model not in (m.name for m in self._config.models):
-            raise UserError(f"unknown model {model!r}; available: {', '.join(self.drawing_models())}")
-        checkpoint = None if model == g.upscaler else await self.checkpoint(model)
-        if checkpoint is None or checkpoint.family == UPSCALER_FAMILY:
-            raise UserError(f"{model} is an upscaler: it only enlarges images (the U buttons use it) and cannot "
-                            f"draw; pick one of: {', '.join(self.drawing_models())}")
-        prompt = options.prompt.strip()
+            problems.append(f"unknown model {model!r}; available: {', '.join(self.drawing_models())}")
+        else:
+            checkpoint = None if model == g.upscaler else await self.checkpoint(model)
+            if checkpoint is None or checkpoint.family == UPSCALER_FAMILY:
+                problems.append(f"{model} is an upscaler: it only enlarges images (the U buttons use it) and "
+                                f"cannot draw; pick one of: {', '.join(self.drawing_models())}")
+        prompt, negative = options.prompt.strip(), options.negative
         if not prompt:
-            raise UserError("the prompt is empty; describe what to draw")
+            problems.append("the prompt is empty; describe what to draw")
         if len(prompt) > MAX_PROMPT:
-            raise UserError(f"the prompt is {len(prompt)} characters long; the most allowed is {MAX_PROMPT}")
-        negative = options.negative
+            problems.append(f"the prompt is {len(prompt)} characters long; the most allowed is {MAX_PROMPT}")
         if options.style is not None:
             if options.style not in STYLES:
-                raise UserError(f"unknown style {options.style!r}; allowed: {', '.join(STYLES)}")
-            prompt, negative = STYLES[options.style].apply(prompt, negative)
+                problems.append(f"unknown style {options.style!r}; allowed: {', '.join(STYLES)}")
+            else:
+                prompt, negative = STYLES[options.style].apply(prompt, negative)
         sampler = options.sampler or g.default_sampler
         if sampler not in SAMPLER_NAMES:
-            raise UserError(f"unknown sampler {sampler!r}; allowed: {', '.join(SAMPLER_NAMES)}")
+            problems.append(f"unknown sampler {sampler!r}; allowed: {', '.join(SAMPLER_NAMES)}")
         count = g.default_count if options.count is None else options.count
         steps = g.default_steps if options.steps is None else options.steps
         guidance = g.default_guidance if options.guidance is None else options.guidance
-        _check("count", count, 1, g.max_count)
-        _check("steps", steps, 1, g.max_steps)
-        _check("guidance", guidance, 0, g.max_guidance)
-        seed = random_seed(count) if options.seed is None else options.seed
-        _check("seed", seed, 0, MAX_SEED - count + 1)
+        _check(problems, "count", count, 1, g.max_count)
+        _check(problems, "steps", steps, 1, g.max_steps)
+        _check(problems, "guidance", guidance, 0, g.max_guidance)
+        seed = random_seed(max(1, count)) if options.seed is None else options.seed
+        _check(problems, "seed", seed, 0, MAX_SEED - max(1, count) + 1)
         strength = None
         if kind is not Kind.TXT2IMG:
             strength = DEFAULT_STRENGTH if options.strength is None else options.strength
-            _check("strength", strength, 0.01, 1.0)
-        width, height = size or size_for(options.aspect, checkpoint.native_size)
-        try:
-            return GenerationRequest(
-                kind=kind, prompt=prompt, negative_prompt=negative, model=model, sampler=sampler, steps=steps,
-                guidance=guidance, seed=seed, width=width, height=height, count=count, init_image=init_image,
-                mask_image=mask_image, strength=strength)
-        except ValidationError as error:
-            raise UserError("; ".join(e["msg"] for e in error.errors())) from None
+            _check(problems, "strength", strength, 0.01, 1.0)
+        if problems or checkpoint is None:
+            raise UserError(*problems)
+        return dict(prompt=prompt, negative_prompt=negative, model=model, sampler=sampler, steps=steps,
+                    guidance=guidance, seed=seed, count=count, strength=strength), checkpoint
 
     async def from_image(self, options: Options, source: bytes,
                          mask: bytes | None) -> tuple[GenerationRequest, list[str]]:
@@ -211,6 +239,7 @@ class Gestures:
         pixels; with notes on what was changed (a downscaled image, a resized mask). Decoding runs
         off the loop; an unusable mask is refused now, not after waiting in the queue."""
         g = self._config.generation
+        await self.check(options, Kind.IMG2IMG)  # the options' problems, before any decoding
         try:
             rgb, mask_png, mask_notes = await asyncio.to_thread(_decode_inputs, source, mask)
         except ImageInputError as error:
@@ -496,7 +525,7 @@ def derived_request(action: Action, source: GenerationRequest, sha: str, size: t
     try:
         return GenerationRequest.model_validate(base.model_dump() | changes), notes
     except ValidationError as error:
-        raise UserError("; ".join(e["msg"] for e in error.errors())) from None
+        raise UserError(*(e["msg"] for e in error.errors())) from None
 
 
 def _upscale_changes(width: int, height: int, settings: GenerationSettings) -> tuple[dict, list[str]]:
@@ -529,11 +558,13 @@ class RemixModal(discord.ui.Modal, title="Remix"):
 
     async def on_submit(self, interaction: discord.Interaction) -> None:
         try:
+            strength, problems = None, ()
             try:
                 strength = float(self.strength.value) if self.strength.value else None
-            except ValueError:
-                raise UserError(f"strength must be a number between 0.01 and 1, not {self.strength.value!r}") from None
+            except ValueError:  # told with whatever else the form got wrong
+                problems = (f"strength must be a number between 0.01 and 1, not {self.strength.value!r}",)
             options = Options(prompt=self.prompt.value, negative=self.negative.value, strength=strength)
+            await self._gestures.check(options, Kind.IMG2IMG, also=problems)
             await _defer(interaction)
             request, notes = await self._gestures.from_image(options, await _read(self._source, "image"), None)
         except UserError as error:

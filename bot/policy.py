@@ -1,7 +1,9 @@
 """Who is asking, and whether they may: bans, blocked words, age-restricted prompts, DMs and the
-moderators' usage limits, checked on the bot's side before anything is queued.
+moderators' usage limits, checked on the bot's side before anything is queued. Every broken limit
+is told at once (the engine's, the prompt's, the moderators'), so one answer is enough to fix a
+request.
 
-`refusal` runs inside the queue's submit lock (its `limits` hook), so it only reads, with one
+`problems` runs inside the queue's submit lock (its `limits` hook), so it only reads, with one
 exception for the moderators: a prompt refused for a blocked (or, in a server, an NSFW) word
 writes one audit row, saying who tried what, unless the same member's refusal by the same rule
 was audited there in the last ten minutes (storage.moderation.REFUSAL_AUDIT_QUIET_S). Any other
@@ -15,6 +17,7 @@ from dataclasses import dataclass
 import discord
 
 from bot.config import AppConfig, DiscordSettings
+from generation.queue import explain
 from generation.request import GenerationRequest
 from storage.db import Database
 from storage.jobs import Pending, pending
@@ -115,25 +118,33 @@ async def frees_at(
     return None
 
 
-async def refusal(
+async def problems(
     db: Database, config: AppConfig, requester: Requester, request: GenerationRequest
-) -> str | None:
-    """Why `requester` may not run `request` here, written for them; None if they may.
+) -> list[str]:
+    """Every reason `requester` may not run `request` here, written for them; empty if they may.
 
-    Order: where (DMs), who (bans), what the engine allows, what the prompt says, then the
-    moderators' limits, so the most fundamental reason is the one given."""
+    Where (DMs) and who (bans) are told alone: nothing else matters then. Otherwise every limit
+    the request breaks, at once: the engine's (`[generation]`), the prompt's, then the
+    moderators' limits for this member (a field over the engine's limit is not told twice)."""
     if requester.guild_id is None and not config.discord.allow_dms:
-        return "Atelier does not work in direct messages here; use it in a server channel."
+        return ["Atelier does not work in direct messages here; use it in a server channel."]
     if requester.guild_id is not None:
         ban = await get_ban(db, requester.guild_id, requester.user_id)
         if ban is not None:
-            return f"You are banned from using Atelier in this server (reason: {ban.reason})."
-    reason = hard_limit_refusal(config, request)
-    if reason is None:
-        reason = await _prompt_refusal(db, config.discord, requester, request)
-    if reason is None:
-        reason = await _limits_refusal(db, config, requester, request)
-    return reason
+            return [f"You are banned from using Atelier in this server (reason: {ban.reason})."]
+    hard = hard_limit_problems(config, request)
+    reasons = list(hard.values())
+    if (prompt := await _prompt_refusal(db, config.discord, requester, request)) is not None:
+        reasons.append(prompt)
+    return reasons + await _limits_problems(db, config, requester, request, over_hard=set(hard))
+
+
+async def refusal(
+    db: Database, config: AppConfig, requester: Requester, request: GenerationRequest
+) -> str | None:
+    """`problems` as one answer (`generation.queue.explain`); None if there are none."""
+    reasons = await problems(db, config, requester, request)
+    return explain(reasons) if reasons else None
 
 
 def images(count: int) -> str:
@@ -141,23 +152,25 @@ def images(count: int) -> str:
     return f"{count} image" if count == 1 else f"{count} images"
 
 
-def hard_limit_refusal(config: AppConfig, request: GenerationRequest) -> str | None:
-    """The engine's limits from `[generation]`, which no moderator can raise."""
+def hard_limit_problems(config: AppConfig, request: GenerationRequest) -> dict[str, str]:
+    """The engine's limits from `[generation]`, which no moderator can raise, that `request`
+    breaks: what was asked and what is allowed, by field."""
     g = config.generation
-    size = f"{request.width}x{request.height}"
+    size, pixels = f"{request.width}x{request.height}", request.width * request.height
+    broken = {}
     if request.steps > g.max_steps:
-        return f"Steps must be between 1 and {g.max_steps}; you asked for {request.steps}."
-    if request.width * request.height > g.max_pixels:
-        return (f"An image may have at most {g.max_pixels} pixels (width x height); "
-                f"{size} has {request.width * request.height}.")
+        broken["steps"] = f"Steps must be between 1 and {g.max_steps}; you asked for {request.steps}."
+    if pixels > g.max_pixels:
+        broken["pixels"] = (f"An image may have at most {g.max_pixels} pixels (width x height); "
+                            f"{size} has {pixels}.")
     if max(request.width, request.height) > g.max_side:
-        return f"Each side of an image must be at most {g.max_side} pixels; you asked for {size}."
+        broken["side"] = f"Each side of an image must be at most {g.max_side} pixels; you asked for {size}."
     if request.count > g.max_count:
-        return f"Count must be between 1 and {g.max_count}; you asked for {request.count}."
+        broken["count"] = f"Count must be between 1 and {g.max_count}; you asked for {request.count}."
     if request.guidance > g.max_guidance:
-        return (f"Guidance must be between 0 and {g.max_guidance:g}; "
-                f"you asked for {request.guidance:g}.")
-    return None
+        broken["guidance"] = (f"Guidance must be between 0 and {g.max_guidance:g}; "
+                              f"you asked for {request.guidance:g}.")
+    return broken
 
 
 async def _prompt_refusal(
@@ -195,27 +208,31 @@ async def _audit_refusal(db: Database, requester: Requester, word: BlockedWord, 
                                    nsfw=nsfw)
 
 
-async def _limits_refusal(
-    db: Database, config: AppConfig, requester: Requester, request: GenerationRequest
-) -> str | None:
-    """The moderators' limits for this member: per-request maxima, queued jobs, the window."""
+async def _limits_problems(
+    db: Database, config: AppConfig, requester: Requester, request: GenerationRequest,
+    *, over_hard: set[str],
+) -> list[str]:
+    """The moderators' limits for this member that `request` breaks: per-request maxima (those
+    of fields in `over_hard`, already over the engine's limit, are not told again), queued jobs,
+    the window's images and cost."""
     mine = await allowance(db, config, requester)
-    limits = mine.limits
+    limits, broken = mine.limits, []
     # An x4 upscale runs the operator's configured step count, which the member did not choose;
     # its cost still counts against the window below.
-    if limits.max_steps is not None and request.steps > limits.max_steps and not request.x4:
-        return f"Your limit here is {limits.max_steps} steps; you asked for {request.steps}."
+    if (limits.max_steps is not None and request.steps > limits.max_steps and not request.x4
+            and "steps" not in over_hard):
+        broken.append(f"Your limit here is {limits.max_steps} steps; you asked for {request.steps}.")
     pixels = request.width * request.height
-    if limits.max_pixels is not None and pixels > limits.max_pixels:
-        return (f"Your limit here is {limits.max_pixels} pixels per image; "
-                f"{request.width}x{request.height} has {pixels}.")
-    if limits.max_count is not None and request.count > limits.max_count:
-        return (f"Your limit here is {limits.max_count} images per request; "
-                f"you asked for {request.count}.")
+    if limits.max_pixels is not None and pixels > limits.max_pixels and "pixels" not in over_hard:
+        broken.append(f"Your limit here is {limits.max_pixels} pixels per image; "
+                      f"{request.width}x{request.height} has {pixels}.")
+    if limits.max_count is not None and request.count > limits.max_count and "count" not in over_hard:
+        broken.append(f"Your limit here is {limits.max_count} images per request; "
+                      f"you asked for {request.count}.")
     waiting = mine.pending
     if limits.max_queued is not None and waiting.queued >= limits.max_queued:
-        return (f"You already have {waiting.queued} jobs waiting here (your limit is "
-                f"{limits.max_queued}); wait for one to start or cancel one.")
+        broken.append(f"You already have {waiting.queued} jobs waiting here (your limit is "
+                      f"{limits.max_queued}); wait for one to start or cancel one.")
     window = f"{limits.window_hours:g} hours"
     left = mine.images_left
     if left is not None and request.count > left:
@@ -223,9 +240,9 @@ async def _limits_refusal(
         when = await frees_at(db, requester, limits.window_hours,
                               images=mine.used.images + waiting.images + request.count - limit)
         held = f" ({waiting.images} in jobs waiting or running)" if waiting.images else ""
-        return (f"This request makes {images(request.count)} but you have {left} left of your "
-                f"{limit} per {window}{held}"
-                f"{_freed(when, request, whole=request.count > limit, window=window)}")
+        broken.append(f"This request makes {images(request.count)} but you have {left} left of your "
+                      f"{limit} per {window}{held}"
+                      f"{_freed(when, request, whole=request.count > limit, window=window)}")
     budget = mine.cost_left
     if budget is not None and request.cost > budget:
         limit = limits.daily_cost
@@ -236,10 +253,10 @@ async def _limits_refusal(
         what, cheaper = ((f"A 4x upscale of this {request.width}x{request.height} image", "")
                          if request.x4 else
                          ("This request", " (fewer images, steps or pixels cost less)"))
-        return (f"{what} costs {request.cost:.1f} units but you have {budget:.1f} left of your "
-                f"{limit:g} per {window}{held}{cheaper}"
-                f"{_freed(when, request, whole=request.cost > limit, window=window)}")
-    return None
+        broken.append(f"{what} costs {request.cost:.1f} units but you have {budget:.1f} left of your "
+                      f"{limit:g} per {window}{held}{cheaper}"
+                      f"{_freed(when, request, whole=request.cost > limit, window=window)}")
+    return broken
 
 
 def _freed(when: float | None, request: GenerationRequest, *, whole: bool, window: str) -> str:

@@ -114,6 +114,17 @@ def _encode(image: Image.Image, fmt: str, quality: int) -> bytes:
     return buffer.getvalue()
 
 
+def queue_place(estimate: Estimate) -> str:
+    """': position 2, starts in about 30 s' (the time only when measured rates are behind it), or
+    with the place it will have, that the moderators paused the queue."""
+    place = "" if estimate.position is None else f": position {estimate.position}"
+    if estimate.paused:
+        return f"{place}; this server's moderators have paused the queue for now."
+    if estimate.measured and estimate.starts_in_s is not None:
+        return f"{place}, starts {eta_text(estimate.starts_in_s)}"
+    return place
+
+
 def eta_text(seconds: float) -> str:
     if seconds < 1:
         return "now"
@@ -158,13 +169,10 @@ class Delivery:
         self.acknowledged(job.id, "", edit)
 
     def queued_text(self, job_id: str, owner_id: int, estimate: Estimate | None) -> str:
-        """A waiting job's status: its place and start, or that its server's queue is paused."""
-        if estimate is not None and estimate.paused:
-            return f"<@{owner_id}> `{job_id}` is queued; this server's moderators have paused the queue for now."
+        """A waiting job's status: its place, and its start or that its server's queue is paused."""
         if estimate is None:
             return f"<@{owner_id}> `{job_id}` is starting…"
-        return (f"<@{owner_id}> `{job_id}` is queued: position {estimate.position}, "
-                f"starts {eta_text(estimate.starts_in_s)}")
+        return f"<@{owner_id}> `{job_id}` is queued{queue_place(estimate)}"
 
     # -- the studio's events --
 

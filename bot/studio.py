@@ -23,7 +23,7 @@ from bot.policy import Requester
 from generation.compiled import Compiling, cache_dir_in
 from generation.engine import Engine
 from generation.metadata import png_bytes
-from generation.queue import Estimate, FairQueue, Job, Submission, role_weight
+from generation.queue import Estimate, FairQueue, Job, RateKey, Submission, role_weight
 from generation.request import GenerationRequest, JobState
 from generation.runner import JobResult, Runner
 from storage import jobs as stored
@@ -31,6 +31,7 @@ from storage.db import Database
 from storage.images import ImageRecord, input_path, job_images, save_image
 from storage.maintenance import reconcile
 from storage.moderation import paused_guilds, set_queue_paused
+from storage.rates import load_rates, save_rate
 from storage.retention import apply_retention
 
 log = logging.getLogger(__name__)
@@ -70,8 +71,8 @@ class Listener(Protocol):
         """`job.state` is done, failed (`job.error` says why) or cancelled."""
 
 
-#: The moderators' checks: why a requester may not run a request, or None (`bot.policy.refusal`).
-Refusal = Callable[[Database, AppConfig, Requester, GenerationRequest], Awaitable[str | None]]
+#: The moderators' checks: every reason a requester may not run a request (`bot.policy.problems`).
+Refusal = Callable[[Database, AppConfig, Requester, GenerationRequest], Awaitable[list[str]]]
 
 
 async def _png(image: Image) -> bytes:
@@ -90,7 +91,9 @@ class Studio:
         devices: tuple[str, ...],
         model_budget_bytes: int,
         refusal: Refusal | None = None,
+        rates: Mapping[RateKey, float] | None = None,
     ) -> None:
+        """`rates`: the batch rates measured before (`storage.rates`), for the queue's ETAs."""
         self.config = config
         self.db = db
         engine = Engine(
@@ -104,7 +107,8 @@ class Studio:
             compiling=Compiling.of(config.generation, cache_dir_in(config.storage.data_dir)),
         )
         self._refusal = refusal
-        self.queue = FairQueue(config.queue, devices, limits=self._limits, persist=self._persist)
+        self.queue = FairQueue(config.queue, devices, limits=self._limits, persist=self._persist,
+                               rates=rates, save_rate=self._save_rate)
         self._runner = Runner(
             self.queue, engine, devices, config.queue,
             load_model=engine.load, model_size=engine.size, model_budget_bytes=model_budget_bytes,
@@ -129,7 +133,7 @@ class Studio:
         """Open the database, tidy it and restore unfinished jobs into the queue. `devices` are
         concrete ("cpu", "cuda:0"); `refusal` runs at submit, inside the queue's lock."""
         async with Database.open(config.storage) as db:
-            studio = cls(config, db, devices, model_budget_bytes, refusal)
+            studio = cls(config, db, devices, model_budget_bytes, refusal, await load_rates(db))
             await reconcile(db)
             await apply_retention(db)
             await studio._restore()
@@ -193,9 +197,9 @@ class Studio:
 
     # -- the queue's and the runner's hooks --
 
-    async def _limits(self, submission: Submission) -> str | None:
+    async def _limits(self, submission: Submission) -> list[str]:
         if self._refusal is None:
-            return None
+            return []
         requester, _ = self._submitting.get()
         return await self._refusal(self.db, self.config, requester, submission.request)
 
@@ -207,6 +211,9 @@ class Studio:
             interaction_token=origin.interaction_token, token_expires_at=origin.token_expires_at,
             parent_job_id=origin.parent_job_id, parent_index=origin.parent_index, weight=job.weight,
         )
+
+    async def _save_rate(self, key: RateKey, rate: float) -> None:
+        await save_rate(self.db, key, rate)
 
     async def _started(self, job: Job) -> None:
         row = await stored.start_job(self.db, job.id, device=job.device or "")

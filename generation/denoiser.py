@@ -1,8 +1,10 @@
 """The UNet as a sampler's `Denoiser`: VE input scaling, sigma -> timestep, classifier-free guidance
-in one batched UNet call, and the model's epsilon or v output turned into an x0 prediction."""
+in one batched UNet call, and the model's epsilon or v output turned into an x0 prediction; rows
+whose job was cancelled leave the UNet batch at the next call."""
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
@@ -35,7 +37,12 @@ class GuidedDenoiser:
 
     Steps never wait on the device: which halves to run, the guidance scales and the schedule are
     settled on the device once, here. On CUDA a value read back or copied from pageable host memory
-    stalls the kernel queue until the GPU catches up, and at every step that costs real time."""
+    stalls the kernel queue until the GPU catches up, and at every step that costs real time.
+
+    `live()`, asked before every UNet call, names the rows still wanted (None: all). The others
+    leave the UNet batch, so a job cancelled inside a shared batch stops costing GPU time at once:
+    their prediction is their own latent, which the samplers then barely move (their result is
+    discarded), and the live rows are computed as before, each image's math being its own."""
 
     unet: UNet
     schedule: DiscreteSchedule
@@ -46,6 +53,7 @@ class GuidedDenoiser:
     #: Extra input channels concatenated after the scaled latent, unscaled (inpainting: mask and
     #: masked-image latent, (B, 5, h, w)), the same for both halves.
     concat: Tensor | None = None
+    live: Callable[[], Sequence[int] | None] | None = None
 
     def __post_init__(self) -> None:
         if self.cond.shape != self.uncond.shape:
@@ -71,13 +79,26 @@ class GuidedDenoiser:
 
     def tile(self, x: Tensor, sigma: Tensor, concat: Tensor | None) -> Tensor:
         """The prediction for a tile x of the latent, with `concat` cut to the same tile."""
+        rows = None if self.live is None else self.live()
+        if rows is None or len(rows) == x.shape[0]:
+            return self._guided(x, sigma, concat, self.cond, self.uncond, self._scale)
+        out = x.clone()  # the dropped rows' "prediction": themselves
+        if rows:
+            keep = torch.tensor(rows, device=x.device)
+            out[keep] = self._guided(x[keep], sigma[keep], None if concat is None else concat[keep],
+                                     self.cond[keep], self.uncond[keep], self._scale[keep])
+        return out
+
+    def _guided(self, x: Tensor, sigma: Tensor, concat: Tensor | None, cond: Tensor, uncond: Tensor,
+                scale: Tensor) -> Tensor:
+        """The guided x0 prediction of rows x (N, C, h, w) with their own cond, uncond and scale."""
         if self._halves == "cond":
-            out = self._run(x, sigma, self.cond, concat)
+            out = self._run(x, sigma, cond, concat)
         elif self._halves == "uncond":
-            out = self._run(x, sigma, self.uncond, concat)
+            out = self._run(x, sigma, uncond, concat)
         else:
-            out_uncond, out_cond = self._run(x, sigma, torch.cat([self.uncond, self.cond]), concat).chunk(2)
-            out = out_uncond + self._scale * (out_cond - out_uncond)
+            out_uncond, out_cond = self._run(x, sigma, torch.cat([uncond, cond]), concat).chunk(2)
+            out = out_uncond + scale * (out_cond - out_uncond)
         return self._x0(x, sigma.view(-1, 1, 1, 1), out)
 
     def _run(self, x: Tensor, sigma: Tensor, context: Tensor, concat: Tensor | None) -> Tensor:

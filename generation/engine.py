@@ -124,11 +124,13 @@ class Engine:
                 progress(job.id, step, total, preview)
 
         try:
-            grouped = run_batch(model, requests, self._inputs, report, lambda: all(cancelled(j.id) for j in batch))
+            grouped = run_batch(model, requests, self._inputs, report, lambda i: cancelled(batch[i].id))
         except Cancelled:
             return []  # every job was cancelled: the runner records each one
         results = []
         for job, images in zip(batch, grouped, strict=True):
+            if not images:  # cancelled with every request of its strength: the runner told it
+                continue
             seeds = job.request.seeds()
             for image, seed in zip(images, seeds, strict=True):
                 image.info["parameters"] = parameters_text(job.request, seed, model.short_hash)

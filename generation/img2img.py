@@ -4,13 +4,13 @@ sampled from there (the contract is in `generation.pipeline.start`)."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import torch
 from PIL import Image
 
 from generation.images import ImageInputError, load_image, resize, split_alpha
-from generation.pipeline import Inputs, LoadedModel, Progress, decode, denoise, encode, group, to_pixels
+from generation.pipeline import Inputs, IsCancelled, LoadedModel, Progress, decode, denoise, encode, group, to_pixels
 from generation.request import GenerationRequest
 
 #: Largest input image decoded at run time; the bot applies the configured, smaller limits at
@@ -52,7 +52,7 @@ def img2img(
     requests: Sequence[GenerationRequest],
     inputs: Inputs,
     progress: Progress | None = None,
-    cancelled: Callable[[], bool] | None = None,
+    cancelled: IsCancelled | None = None,
 ) -> list[list[Image.Image]]:
     """The images of each img2img or variation request, all in one UNet batch."""
     first, f = requests[0], model.network.vae_scale

@@ -11,7 +11,7 @@ every pixel where the blurred mask is 0 is the input's, bit for bit."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -31,7 +31,7 @@ from generation.images import (
     split_alpha,
 )
 from generation.img2img import RUN_TIME_MAX_PIXELS, repeat_counts
-from generation.pipeline import Inputs, LoadedModel, Progress, decode, denoise, encode, group, to_pixels
+from generation.pipeline import Inputs, IsCancelled, LoadedModel, Progress, decode, denoise, encode, group, to_pixels
 from generation.request import GenerationRequest
 from generation.samplers import Denoiser
 
@@ -76,7 +76,7 @@ def inpaint(
     requests: Sequence[GenerationRequest],
     inputs: Inputs,
     progress: Progress | None = None,
-    cancelled: Callable[[], bool] | None = None,
+    cancelled: IsCancelled | None = None,
 ) -> list[list[Image.Image]]:
     """The images of each inpaint request, all in one UNet batch."""
     images, masks = zip(*(request_inputs(r, inputs) for r in requests), strict=True)
@@ -89,7 +89,7 @@ def inpaint_images(
     images: Sequence[Image.Image],
     masks: Sequence[Image.Image],
     progress: Progress | None = None,
-    cancelled: Callable[[], bool] | None = None,
+    cancelled: IsCancelled | None = None,
 ) -> list[list[Image.Image]]:
     """Repaint each request's binary mask (L, white = repaint) on its RGB image, both at the
     request's width x height; the results are those images with only the (blurred) mask changed."""
@@ -120,7 +120,7 @@ def repaint_latents(
     images: Sequence[Image.Image],
     masks: Sequence[Image.Image],
     progress: Progress | None = None,
-    cancelled: Callable[[], bool] | None = None,
+    cancelled: IsCancelled | None = None,
 ) -> Tensor:
     """The final latents (B, C, h, w) of every image of every request, before decoding and
     compositing; images RGB and masks binary L, one per request, at the request's size."""

@@ -7,7 +7,7 @@ within the limits, and the input image is resized to the canvas minus the margin
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -16,7 +16,7 @@ from PIL import Image, ImageFilter
 from generation.images import ImageInputError
 from generation.img2img import input_images
 from generation.inpaint import inpaint_images
-from generation.pipeline import Inputs, LoadedModel, Progress
+from generation.pipeline import Inputs, IsCancelled, LoadedModel, Progress
 from generation.request import GenerationRequest
 
 
@@ -64,7 +64,7 @@ def outpaint(
     requests: Sequence[GenerationRequest],
     inputs: Inputs,
     progress: Progress | None = None,
-    cancelled: Callable[[], bool] | None = None,
+    cancelled: IsCancelled | None = None,
 ) -> list[list[Image.Image]]:
     """The width x height results of each outpaint request, all in one UNet batch."""
     canvases, masks = [], []

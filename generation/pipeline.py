@@ -27,7 +27,7 @@ from torch import nn
 from generation.denoiser import GuidedDenoiser, UNet
 from generation.prompts import encode_prompts
 from generation.request import GenerationRequest, Kind
-from generation.samplers import SAMPLERS, BatchNoise, Denoiser, Sampler
+from generation.samplers import SAMPLERS, BatchNoise, Cancelled, Denoiser, Sampler
 from generation.schedules import DiscreteSchedule, ddim_sigmas
 from generation.settings import ModelSettings
 from generation.tiling import OVERLAP, TILE, decode_tiled
@@ -39,6 +39,8 @@ from models.stable_diffusion import StableDiffusion
 Progress = Callable[[int, int, torch.Tensor], None]
 #: inputs(sha256) -> the stored bytes of a request's `init_image` / `mask_image`.
 Inputs = Callable[[str], bytes]
+#: cancelled(i): whether request i of a batch was cancelled; asked before every UNet call.
+IsCancelled = Callable[[int], bool]
 #: Wraps the guided denoiser of a run (latent blending, tiling), given the run's start noise.
 Wrap = Callable[[GuidedDenoiser, torch.Tensor], Denoiser]
 
@@ -150,7 +152,7 @@ def run_batch(
     requests: Sequence[GenerationRequest],
     inputs: Inputs,
     progress: Progress | None = None,
-    cancelled: Callable[[], bool] | None = None,
+    cancelled: IsCancelled | None = None,
 ) -> list[list[Image.Image]]:
     """THE entry point for the runner: the images of each request, in order, for any `Kind`.
 
@@ -162,7 +164,9 @@ def run_batch(
     width x height is the INPUT size and the result is larger (x4 upscaler: vae_scale times, 4 for
     real checkpoints; other checkpoints: twice). Raises `generation.images.ImageInputError`, whose
     message is for the user as is, for unusable input images, and `generation.samplers.Cancelled`
-    when `cancelled()` turns true."""
+    once `cancelled(i)` is true for every request i. A request cancelled before that leaves the
+    UNet batch at the next step (see `denoise`); its images are whatever its latents held, or
+    none when every request of its strength was cancelled."""
     check_batch(requests, BATCH_KEY)
     run = _pipeline(requests[0].kind)
     by_strength: dict[float | None, list[int]] = {}
@@ -170,7 +174,13 @@ def run_batch(
         by_strength.setdefault(request.strength, []).append(i)
     results: list[list[Image.Image]] = [[] for _ in requests]
     for indices in by_strength.values():
-        images = run(model, [requests[i] for i in indices], inputs, progress, cancelled)
+        part = None if cancelled is None else (lambda i, indices=indices: cancelled(indices[i]))
+        try:
+            images = run(model, [requests[i] for i in indices], inputs, progress, part)
+        except Cancelled:
+            if cancelled is None or all(cancelled(i) for i in range(len(requests))):
+                raise
+            continue  # only this strength's requests were cancelled: theirs stay without images
         for i, request_images in zip(indices, images, strict=True):
             results[i] = request_images
     return results
@@ -197,7 +207,7 @@ def txt2img(
     model: LoadedModel,
     requests: Sequence[GenerationRequest],
     progress: Progress | None = None,
-    cancelled: Callable[[], bool] | None = None,
+    cancelled: IsCancelled | None = None,
 ) -> list[list[Image.Image]]:
     """The images of each request, in order; all requests run as one UNet batch."""
     return group(requests, decode(model, sample_latents(model, requests, progress, cancelled)))
@@ -217,7 +227,7 @@ def sample_latents(
     model: LoadedModel,
     requests: Sequence[GenerationRequest],
     progress: Progress | None = None,
-    cancelled: Callable[[], bool] | None = None,
+    cancelled: IsCancelled | None = None,
 ) -> torch.Tensor:
     """The final txt2img latents (B, C, h, w), float32, of every image of every request, in order."""
     first = requests[0]
@@ -240,14 +250,17 @@ def denoise(
     labels: torch.Tensor | None = None,
     wrap: Wrap | None = None,
     progress: Progress | None = None,
-    cancelled: Callable[[], bool] | None = None,
+    cancelled: IsCancelled | None = None,
 ) -> torch.Tensor:
     """The sampling core of every pipeline: final latents (B, C, h, w), float32, one per image.
 
     init (B, C, h, w): clean latents x0 to start from at `strength` (img2img, see `start`);
     without it sampling starts from the seeds' noise. concat (B, c, h, w): extra UNet input
     channels (inpainting mask + masked latent, the upscaler's low-res image); labels (B,): the
-    UNet's class input (the upscaler's noise level). wrap: replaces the guided denoiser."""
+    UNet's class input (the upscaler's noise level). wrap: replaces the guided denoiser.
+    The images of a cancelled request leave the UNet batch at the next call (without labels:
+    those are repeated per whole batch), the others' latents come out as in a run without it;
+    sampling stops once every request is cancelled."""
     check_batch(requests)
     first, network = requests[0], model.network
     per_image = [r for r in requests for _ in range(r.count)]
@@ -258,11 +271,15 @@ def denoise(
     noise = BatchNoise(seeds, (network.latent_channels, *latent_size), model.device, torch.float32)
     initial = variation_noise(requests, noise.initial())  # (B, C, h, w)
     sigmas, x = start(sampler, sampler.sigmas(model.schedule, first.steps), first.steps, initial, init, strength)
+    owner = [i for i, r in enumerate(requests) for _ in range(r.count)]  # request of each image
+    live = None if cancelled is None or labels is not None else (
+        lambda: [row for row, i in enumerate(owner) if not cancelled(i)])
     guided = GuidedDenoiser(
-        _unet_in(model, labels), model.schedule, cond, uncond, guidance, network.family.prediction, concat
+        _unet_in(model, labels), model.schedule, cond, uncond, guidance, network.family.prediction, concat, live
     )
     denoiser = guided if wrap is None else wrap(guided, initial)
-    return sampler.sample(denoiser, x, sigmas, noise=noise, progress=progress, cancelled=cancelled)
+    stop = None if cancelled is None else (lambda: all(cancelled(i) for i in range(len(requests))))
+    return sampler.sample(denoiser, x, sigmas, noise=noise, progress=progress, cancelled=stop)
 
 
 def start(

@@ -24,18 +24,23 @@ as large as that job, while SFQ lets a newly active flow go next after at most t
 Submit and dispatch are O(log n) with heaps (stale entries are skipped lazily); cancelling is
 O(log n) plus the length of its owner's queue.
 
-Position and ETA come from replaying the same scheduler on a copy-on-write fork of the tree,
-O(n log n) per call; batching looks a few picks ahead on such a fork. Nothing here imports torch.
+Position and ETA come from replaying the same scheduler, batching included, on a copy-on-write fork
+of the tree, O(n log n) per call; batching looks a few picks ahead on such a fork. A batch lasts its
+cost over the rate measured for batches of its model, size and image count (`record_batch`), so the
+ETA includes the speed-up of batching; until a size was measured, the device's average stands in
+and the estimate says it is not `measured`. Nothing here imports torch.
 """
 
 from __future__ import annotations
 
 import asyncio
 import heapq
+import math
 import time
 from collections import Counter, deque
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 
 from generation.request import GenerationRequest, JobState, Kind, new_job_id
 from generation.settings import QueueSettings
@@ -48,12 +53,27 @@ BATCH_LOOKAHEAD = 16
 THROUGHPUT_ALPHA = 0.2
 
 FlowKey = tuple[int | None, int]  # (guild id, user id)
+#: What a batch's speed depends on: (model, width, height, images in the batch).
+RateKey = tuple[str, int, int, int]
 #: Jobs with equal keys can share one pipeline batch.
 BatchKey = tuple[str, Kind, int, int, int, str, float | None]
 
 
 class Refused(Exception):
-    """A request the queue will not carry out; `str(error)` is the reason, written for the user."""
+    """A request the queue will not carry out; `str(error)` is the reason, written for the user
+    (`explain`: every reason at once when there are several), `reasons` each one."""
+
+    def __init__(self, *reasons: str) -> None:
+        super().__init__(explain(reasons))
+        self.reasons = reasons
+
+
+def explain(reasons: Sequence[str]) -> str:
+    """One reason as it is; several as one list, so a member can fix everything in one go."""
+    if len(reasons) == 1:
+        return reasons[0]
+    lines = "\n".join(f"- {reason[:1].upper()}{reason[1:]}" for reason in reasons)
+    return f"This request cannot run here, for {len(reasons)} reasons:\n{lines}"
 
 
 @dataclass(frozen=True)
@@ -88,8 +108,9 @@ class Job:
     #: Set when the job is cancelled while running; the runner stops it at the next step.
     cancel_reason: str | None = None
 
-    @property
+    @cached_property
     def cost(self) -> float:
+        """The request's cost, computed once: replays read it thousands of times."""
         return self.request.cost
 
     @property
@@ -104,15 +125,15 @@ class Job:
 
 @dataclass(frozen=True)
 class Estimate:
-    """Where a queued job stands: 1-based place in the dispatch order, seconds until it starts;
-    both None while its guild's moderators have paused it (it has neither until they resume)."""
+    """Where a queued job stands: 1-based place in the dispatch order and seconds until it starts.
+    While its guild's moderators have paused it, `position` is its place were they to resume now
+    and `starts_in_s` is None. `measured`: every batch before its start has a measured rate, so
+    the time is worth showing (otherwise it rests on a guess)."""
 
     position: int | None
     starts_in_s: float | None
-
-    @property
-    def paused(self) -> bool:
-        return self.position is None
+    paused: bool = False
+    measured: bool = False
 
 
 @dataclass(frozen=True)
@@ -128,7 +149,7 @@ class JobView:
     position: int | None
     starts_in_s: float | None
     device: str | None
-    #: Queued in a guild paused by its moderators: no position until it resumes.
+    #: Queued in a guild paused by its moderators: its position is where it would be on resume.
     paused: bool = False
 
 
@@ -143,8 +164,17 @@ class Snapshot:
     throughput: Mapping[str, float]
 
 
-LimitCheck = Callable[[Submission], Awaitable[str | None]]
+#: Every reason a submission may not run (the moderators' limits from storage); empty if it may.
+LimitCheck = Callable[[Submission], Awaitable[Sequence[str]]]
 Persist = Callable[[Job], Awaitable[None]]
+#: Stores a new moving average of a batch rate (cost units per second) so a restart keeps it.
+SaveRate = Callable[[RateKey, float], Awaitable[None]]
+
+
+def rate_key(batch: Sequence[Job]) -> RateKey:
+    """The key a batch's measured rate is kept under (its jobs share model and size)."""
+    r = batch[0].request
+    return (r.model, r.width, r.height, sum(job.request.count for job in batch))
 
 
 def role_weight(role_weights: Mapping[str, float], roles: Iterable[str]) -> float:
@@ -201,7 +231,7 @@ class _Tree:
         self._guilds: dict[int | None, _GuildFlow] = {}
         self._running: dict[int, int] = {}
         self._owner_flows: dict[int, set[FlowKey]] = parent._owner_flows if parent else {}
-        self._paused: set[int] = parent._paused if parent else set()
+        self._paused: set[int] = set(parent._paused) if parent else set()
         self._heap: list[_Entry] = list(parent._heap) if parent else []
         self._v = parent._v if parent else 0.0
         self._order = parent._order if parent else 0
@@ -214,7 +244,7 @@ class _Tree:
     def _user(self, key: FlowKey) -> _UserFlow:
         flow = self._users.get(key)
         if flow is None:
-            base = self._parent._users.get(key) if self._parent else None
+            base = self._parent._find(key, "user") if self._parent else None
             flow = self._users[key] = base.copy() if base else _UserFlow()
             if base is None:
                 self._owner_flows.setdefault(key[1], set()).add(key)
@@ -223,14 +253,21 @@ class _Tree:
     def _guild(self, key: int | None) -> _GuildFlow:
         flow = self._guilds.get(key)
         if flow is None:
-            base = self._parent._guilds.get(key) if self._parent else None
+            base = self._parent._find(key, "guild") if self._parent else None
             flow = self._guilds[key] = base.copy() if base else _GuildFlow()
         return flow
 
-    def _seen(self, key: object, level: str) -> _Flow:
-        """A flow for reading only: no copy in a fork."""
+    def _find(self, key: object, level: str) -> _Flow | None:
+        """A flow for reading only, from the nearest fork that has it (no copy); None if none."""
         own = self._users if level == "user" else self._guilds
-        return own[key] if key in own or self._parent is None else self._parent._seen(key, level)
+        if key in own or self._parent is None:
+            return own.get(key)
+        return self._parent._find(key, level)
+
+    def _seen(self, key: object, level: str) -> _Flow:
+        flow = self._find(key, level)
+        assert flow is not None, f"a heap entry without its {level} flow"
+        return flow
 
     def running(self, owner: int) -> int:
         if owner in self._running or self._parent is None:
@@ -297,6 +334,9 @@ class _Tree:
 
     def is_paused(self, guild: int | None) -> bool:
         return guild in self._paused
+
+    def paused_guilds(self) -> set[int]:
+        return set(self._paused)
 
     # -- eligibility --
 
@@ -365,12 +405,15 @@ class FairQueue:
         limits: LimitCheck | None = None,
         persist: Persist | None = None,
         initial_throughput: float = 10.0,
+        rates: Mapping[RateKey, float] | None = None,
+        save_rate: SaveRate | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        """`devices` are the runner's (ETAs simulate one server each); `limits` returns a refusal
-        reason or None (the moderator limits from storage); `persist` stores an accepted job
+        """`devices` are the runner's (ETAs simulate one server each); `limits` returns every
+        reason to refuse (the moderator limits from storage), told together with the queue's own; `persist` stores an accepted job
         before `submit` returns (if it raises, the job is not queued); `initial_throughput` (cost
-        units per second) stands in for a device until the runner has measured it."""
+        units per second) stands in for a device until the runner has measured it; `rates` are
+        the batch rates measured before (`record_batch`), and `save_rate` stores each new one."""
         self._settings = settings
         self._limits = limits
         self._persist = persist
@@ -383,6 +426,11 @@ class FairQueue:
         self._initial_throughput = initial_throughput
         self._throughput = {device: initial_throughput for device in devices}
         self._measured: set[str] = set()
+        #: Batch rates (cost units per second) by (model, width, height), then images per batch.
+        self._rates: dict[tuple[str, int, int], dict[int, float]] = {}
+        for (model, width, height, images), rate in (rates or {}).items():
+            self._rates.setdefault((model, width, height), {})[images] = rate
+        self._save_rate = save_rate
         self._submit_lock = asyncio.Lock()
         self._changed = asyncio.Event()
         self._paused_all = False
@@ -391,15 +439,17 @@ class FairQueue:
     # -- submitting --
 
     async def submit(self, submission: Submission) -> Job:
-        """Accept a request, or raise `Refused` with the reason (a refusal changes nothing)."""
+        """Accept a request, or raise `Refused` with every reason (a refusal changes nothing)."""
         if submission.weight <= 0:
             raise ValueError(f"a fair-share weight must be > 0, got {submission.weight}")
         async with self._submit_lock:
-            reason = self._refusal(submission.owner_id)
-            if reason is None and self._limits is not None:
-                reason = await self._limits(submission)
-            if reason is not None:
-                raise Refused(reason)
+            if self.draining:
+                raise Refused("Atelier is about to restart and takes no new jobs; try again in a minute")
+            reasons = self._refusals(submission.owner_id)
+            if self._limits is not None:
+                reasons += await self._limits(submission)
+            if reasons:
+                raise Refused(*reasons)
             job = Job(
                 id=new_job_id(),
                 request=submission.request,
@@ -414,20 +464,16 @@ class FairQueue:
             self._enqueue(job)
             return job
 
-    def _refusal(self, owner: int) -> str | None:
+    def _refusals(self, owner: int) -> list[str]:
+        """The queue's own caps (`[queue]`), which no moderator can raise."""
         cap, total = self._settings.max_queued_per_user, self._settings.max_queued_total
-        if self.draining:
-            return "Atelier is about to restart and takes no new jobs; try again in a minute"
+        reasons = []
         if self._queued[owner] >= cap:
-            return (
-                f"you already have {self._queued[owner]} jobs queued (the limit is {cap}); "
-                "wait for one to finish or cancel one"
-            )
+            reasons.append(f"you already have {self._queued[owner]} jobs queued (the limit is {cap}); "
+                           "wait for one to finish or cancel one")
         if self._queued_total >= total:
-            return (
-                f"the queue is full ({total} jobs waiting, the limit); try again in a few minutes"
-            )
-        return None
+            reasons.append(f"the queue is full ({total} jobs waiting, the limit); try again in a few minutes")
+        return reasons
 
     def _enqueue(self, job: Job) -> None:
         self._jobs[job.id] = job
@@ -527,22 +573,7 @@ class FairQueue:
         if head is None:
             return []
         self._throughput.setdefault(device, self._initial_throughput)
-        batch, images = [head], head.request.count
-        pixels_per_image = head.request.work_pixels  # SD-equivalent: an x4 image weighs far more
-        budget = min(max_images, max_pixels / pixels_per_image if max_pixels else max_images)
-        ahead = self._tree.fork() if images < budget else None
-        for _ in range(BATCH_LOOKAHEAD if ahead else 0):
-            job = ahead.pop()
-            if job is None or images >= budget:
-                break
-            if (
-                job.batch_key == head.batch_key
-                and images + job.request.count <= budget
-                and self._tree.is_head(job)
-            ):
-                self._tree.take(job)
-                batch.append(job)
-                images += job.request.count
+        batch = _gather(self._tree, head, max_images, max_pixels)
         now = self._clock()
         self._queued_total -= len(batch)
         for job in batch:
@@ -570,6 +601,32 @@ class FairQueue:
         self._tree.release(job.owner_id)
         self._changed.set()
 
+    async def record_batch(self, device: str, batch: Sequence[Job], seconds: float) -> None:
+        """Fold one batch that ran to its end in `seconds` into the moving averages: the device's
+        throughput and the rate of batches of its model, size and image count, which `save_rate`
+        stores (an error there is the caller's to log; the average is kept in memory anyway)."""
+        cost = sum(job.cost for job in batch)
+        if cost <= 0 or seconds <= 0:
+            return
+        self.record_throughput(device, cost, seconds)
+        model, width, height, images = key = rate_key(batch)
+        rates = self._rates.setdefault((model, width, height), {})
+        old = rates.get(images)
+        rates[images] = cost / seconds if old is None else (
+            THROUGHPUT_ALPHA * cost / seconds + (1 - THROUGHPUT_ALPHA) * old)
+        if self._save_rate is not None:
+            await self._save_rate(key, rates[images])
+
+    def rate(self, key: RateKey) -> float | None:
+        """The measured rate of batches like `key`: of its image count, else of the nearest count
+        measured for that model and size (the fewer images, the more conservative); None if that
+        model and size never ran."""
+        model, width, height, images = key
+        rates = self._rates.get((model, width, height))
+        if not rates:
+            return None
+        return rates[min(rates, key=lambda n: (abs(n - images), n))]
+
     def record_throughput(self, device: str, cost: float, seconds: float) -> None:
         """Fold one measured batch into the device's moving average of cost units per second."""
         if cost <= 0 or seconds <= 0:
@@ -589,45 +646,73 @@ class FairQueue:
         return self._jobs.get(job_id)
 
     def estimates(self) -> dict[str, Estimate]:
-        """Position and expected start of every queued job, by replaying the scheduler on a fork
-        with the measured throughput: O(n log n). Assumes no batching and no new arrivals, and
-        that the operator's hold ends now. Jobs of paused guilds get a `paused` estimate (no place,
-        no start), so their status can say so; the others are placed as if those were not there."""
-        tree, now = self._tree.fork(), self._clock()
-        # Each device frees up when its running batch ends (estimated), releasing its owners.
-        started = {device: now for device in self._throughput}
-        cost = dict.fromkeys(self._throughput, 0.0)
-        owners: dict[str, list[int]] = {device: [] for device in self._throughput}
-        for job in self._jobs.values():
-            if job.state is JobState.RUNNING:
-                started[job.device] = min(started[job.device], job.started_at)
-                cost[job.device] += job.cost
-                owners[job.device].append(job.owner_id)
-        events = [
-            (max(now, started[d] + cost[d] / self._throughput[d]), order, d, owners[d])
-            for order, d in enumerate(self._throughput)
-        ]
+        """Position and expected start of every queued job, by replaying the scheduler, batches
+        and all, on a fork: O(n log n). Assumes no new arrivals and that the operator's hold ends
+        now. The jobs of paused guilds are placed as if the pause ended now, with no start time
+        (`paused`); the others as if those were not there."""
+        result = self._replay(self._tree.fork())
+        held = [job for job in self._jobs.values()
+                if job.state is JobState.QUEUED and self._tree.is_paused(job.guild_id)]
+        if held:
+            resumed = self._tree.fork()
+            for guild in resumed.paused_guilds():
+                resumed.resume(guild)
+            places = self._replay(resumed)
+            result.update((job.id, Estimate(places[job.id].position if job.id in places else None,
+                                            None, paused=True)) for job in held)
+        return result
+
+    def _replay(self, tree: _Tree) -> dict[str, Estimate]:
+        """Dispatch everything eligible in `tree` onto the devices in simulated time: each device
+        frees up when its batch ends (at the measured rate), releasing its owners' slots."""
+        now = self._clock()
+        events = []  # (when the device frees up, order, device, owners released, measured)
+        for order, device in enumerate(self._throughput):
+            running = [job for job in self._jobs.values()
+                       if job.state is JobState.RUNNING and job.device == device]
+            batches: dict[float | None, list[Job]] = {}
+            for job in running:
+                batches.setdefault(job.started_at, []).append(job)
+            busy, measured = 0.0, True
+            for batch in batches.values():
+                seconds, known = self._duration(device, batch)
+                busy, measured = busy + seconds, measured and known
+            began = min((job.started_at or now for job in running), default=now)
+            events.append((max(now, began + busy), order, device, [j.owner_id for j in running], measured))
         heapq.heapify(events)
         order = len(events)
         result: dict[str, Estimate] = {}
+        # Jobs not placed yet by batch key: a head with no compatible job left needs no look-ahead.
+        unplaced = Counter(job.batch_key for job in self._jobs.values() if job.state is JobState.QUEUED)
         while events and len(result) < len(self):
-            at, _, device, freed = heapq.heappop(events)
+            at, _, device, freed, measured = heapq.heappop(events)
             for owner in freed:
                 tree.release(owner)
-            job = tree.pop()
+            head = tree.pop()
             order += 1
-            if job is None:  # everyone left waits for a running job of theirs: idle until one ends
+            if head is None:  # everyone left waits for a running job of theirs: idle until one ends
                 if not any(event[3] for event in events):
                     break
-                heapq.heappush(events, (events[0][0], order, device, []))
+                heapq.heappush(events, (events[0][0], order, device, [], events[0][4]))
                 continue
-            result[job.id] = Estimate(len(result) + 1, at - now)
-            end = at + job.cost / self._throughput[device]
-            heapq.heappush(events, (end, order, device, [job.owner_id]))
-        held = Estimate(None, None)
-        result.update((job.id, held) for job in self._jobs.values()
-                      if job.state is JobState.QUEUED and self._tree.is_paused(job.guild_id))
+            unplaced[head.batch_key] -= 1
+            batch = _gather(tree, head, self._settings.max_batch_images, None, unplaced[head.batch_key])
+            unplaced[head.batch_key] -= len(batch) - 1
+            for job in batch:
+                result[job.id] = Estimate(len(result) + 1, at - now, measured=measured)
+            seconds, known = self._duration(device, batch)
+            heapq.heappush(events, (at + seconds, order, device, [j.owner_id for j in batch],
+                                    measured and known))
         return result
+
+    def _duration(self, device: str, batch: Sequence[Job]) -> tuple[float, bool]:
+        """Seconds `batch` takes on `device`, and whether a measured rate says so (else the
+        device's average throughput guesses it)."""
+        cost = sum(job.cost for job in batch)
+        rate = self.rate(rate_key(batch))
+        if rate is None:
+            return cost / self._throughput.get(device, self._initial_throughput), False
+        return cost / rate, True
 
     def snapshot(self) -> Snapshot:
         """Everything queued and running, with positions, for moderators."""
@@ -646,7 +731,28 @@ class FairQueue:
         running = [view(j) for j in self._jobs.values() if j.state is JobState.RUNNING]
         queued = sorted(
             (view(j) for j in self._jobs.values() if j.state is JobState.QUEUED),
-            key=lambda v: v.position if v.position is not None else len(self._jobs),
+            key=lambda v: (v.paused, v.position if v.position is not None else len(self._jobs)),
         )
         throughput = dict(self._throughput)
         return Snapshot(self._paused_all, self.draining, tuple(running), tuple(queued), throughput)
+
+
+def _gather(
+    tree: _Tree, head: Job, max_images: int, max_pixels: float | None, compatible: float = math.inf
+) -> list[Job]:
+    """`head` (just popped from `tree`) and the compatible jobs among the next `BATCH_LOOKAHEAD`
+    fair picks that are each the head of their flow, taken from `tree` (see `next_batch`);
+    `compatible`: how many queued jobs share its batch key, if known (none: no look-ahead)."""
+    batch, images = [head], head.request.count
+    pixels_per_image = head.request.work_pixels  # SD-equivalent: an x4 image weighs far more
+    budget = min(max_images, max_pixels / pixels_per_image if max_pixels else max_images)
+    ahead = tree.fork() if images < budget and compatible > 0 else None
+    for _ in range(BATCH_LOOKAHEAD if ahead else 0):
+        job = ahead.pop()
+        if job is None or images >= budget or len(batch) > compatible:
+            break
+        if job.batch_key == head.batch_key and images + job.request.count <= budget and tree.is_head(job):
+            tree.take(job)
+            batch.append(job)
+            images += job.request.count
+    return batch

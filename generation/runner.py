@@ -8,6 +8,8 @@ survives anything a pipeline raises: an out-of-memory error frees memory and ret
 split in halves down to one job, any other exception is narrowed down the same way so it fails
 only the job that caused it. Every job a worker takes completes exactly once (`on_finished`),
 except jobs interrupted by shutdown: they stay running, and the restore at start-up re-runs them.
+A job cancelled while its batch runs completes as soon as the pipeline first sees it cancelled
+(its owner is told then, not when its batch-mates finish); a pipeline may drop it from the batch.
 """
 
 from __future__ import annotations
@@ -97,9 +99,8 @@ class _Report:
     outcomes: list[_Outcome] = field(default_factory=list)
     #: Work pixels (images x `GenerationRequest.work_pixels`) of the smallest part that ran out of memory.
     oom_pixels: float | None = None
-    #: Cost and seconds of the pipeline calls that succeeded, for the throughput average.
-    cost: float = 0.0
-    seconds: float = 0.0
+    #: Pipeline calls whose every job came out done, and their seconds: the measured rates.
+    timed: list[tuple[list[Job], float]] = field(default_factory=list)
 
 
 _Call = tuple[Callable[[], Any], asyncio.Future, asyncio.AbstractEventLoop]
@@ -253,17 +254,26 @@ class Runner(Generic[M]):
                 report = _Report([_failed(job, _INTERNAL) for job in batch])
             if report.oom_pixels is not None:
                 worker.max_pixels = min(worker.max_pixels or report.oom_pixels, report.oom_pixels)
-            self._queue.record_throughput(worker.device, report.cost, report.seconds)
-            for outcome in report.outcomes:
+            for jobs, seconds in report.timed:
                 try:
-                    if outcome.state is not None:
-                        self._queue.finish(outcome.job, outcome.state)
-                except Exception:  # a bug of ours in one job's bookkeeping: it is still answered
-                    log.exception("runner %s could not finish job %s", worker.device, outcome.job.id)
-                delivery = asyncio.create_task(self._deliver(outcome), name=f"deliver {outcome.job.id}")
-                self._deliveries.add(delivery)
-                delivery.add_done_callback(self._deliveries.discard)
+                    await self._queue.record_batch(worker.device, jobs, seconds)
+                except Exception:  # storing a rate: the ETA may forget it, nothing else suffers
+                    log.exception("runner %s could not record the rate of jobs %s", worker.device,
+                                  [j.id for j in jobs])
+            for outcome in report.outcomes:
+                self._complete(worker, outcome)
             worker.busy = False
+
+    def _complete(self, worker: _Worker[M], outcome: _Outcome) -> None:
+        """Finish a job in the queue and deliver its result in a task of its own."""
+        try:
+            if outcome.state is not None:
+                self._queue.finish(outcome.job, outcome.state)
+        except Exception:  # a bug of ours in one job's bookkeeping: it is still answered
+            log.exception("runner %s could not finish job %s", worker.device, outcome.job.id)
+        delivery = asyncio.create_task(self._deliver(outcome), name=f"deliver {outcome.job.id}")
+        self._deliveries.add(delivery)
+        delivery.add_done_callback(self._deliveries.discard)
 
     async def _deliver(self, outcome: _Outcome) -> None:
         """The job's last progress report, then its result (unless a shutdown interrupted it)."""
@@ -304,6 +314,8 @@ class Runner(Generic[M]):
         deadline = math.inf
         by_id = {job.id: job for job in batch}
         report = _Report()
+        #: Jobs cancelled mid-batch whose completion was already sent to the loop.
+        told: set[str] = set()
 
         def stopped(job: Job) -> _Outcome | None:
             if self._aborting.is_set():
@@ -316,20 +328,33 @@ class Runner(Generic[M]):
                 )
             return None
 
+        def tell(outcome: _Outcome) -> None:
+            """Complete a cancelled job now, while its batch-mates run on."""
+            told.add(outcome.job.id)
+            loop.call_soon_threadsafe(self._complete, worker, outcome)
+
         def cancelled(job_id: str) -> bool:
-            return stopped(by_id[job_id]) is not None
+            outcome = stopped(by_id[job_id])
+            if outcome is not None and outcome.state is JobState.CANCELLED and job_id not in told:
+                tell(outcome)
+            return outcome is not None
 
         def progress(job_id: str, step: int, total: int, preview: Any) -> None:
-            loop.call_soon_threadsafe(self._progress, by_id[job_id], step, total, preview)
+            if job_id not in told:  # a job completed mid-batch shows no more progress
+                loop.call_soon_threadsafe(self._progress, by_id[job_id], step, total, preview)
 
         parts = [batch]
         while parts:
             live, deadline = [], math.inf  # jobs that wait for their part are not timed
             for job in parts.pop():
-                if (outcome := stopped(job)) is not None:
-                    report.outcomes.append(outcome)
-                else:
+                if job.id in told:
+                    continue
+                if (outcome := stopped(job)) is None:
                     live.append(job)
+                elif outcome.state is JobState.CANCELLED:
+                    tell(outcome)
+                else:
+                    report.outcomes.append(outcome)
             if not live:
                 continue
             model_name, out_of_memory, deadline = live[0].request.model, False, time.monotonic() + timeout
@@ -347,19 +372,21 @@ class Runner(Generic[M]):
                 log.exception("jobs %s failed on %s", [j.id for j in live], worker.device)
                 error = _INTERNAL
             else:
-                cost_before = report.cost
-                self._collect(live, {r.job_id: r for r in results}, stopped, report)
-                if report.cost > cost_before:  # time spent on cancelled work says nothing of speed
-                    report.seconds += time.monotonic() - began
+                seconds = time.monotonic() - began
+                done = self._collect([j for j in live if j.id not in told],
+                                     {r.job_id: r for r in results}, stopped, report)
+                if done == len(live):  # time spent on cancelled or failed work says nothing of speed
+                    report.timed.append((live, seconds))
                 continue
             if out_of_memory:  # outside the except block, so the traceback no longer pins tensors
                 self._free_memory(worker, model_name)
                 if len(live) > 1:
                     half_pixels = _pixels(live) / 2
                     report.oom_pixels = min(report.oom_pixels or half_pixels, half_pixels)
+            live = [j for j in live if j.id not in told]
             if len(live) == 1:
                 report.outcomes.append(stopped(live[0]) or _failed(live[0], error))
-            else:
+            elif len(live) > 1:
                 half = (len(live) + 1) // 2
                 parts += [live[half:], live[:half]]  # the first half runs first
         return report
@@ -370,16 +397,19 @@ class Runner(Generic[M]):
         results: dict[str, JobResult],
         stopped: Callable[[Job], _Outcome | None],
         report: _Report,
-    ) -> None:
-        """Outcomes of a pipeline call that returned: a finished image stands unless cancelled."""
+    ) -> int:
+        """Outcomes of a pipeline call that returned: a finished image stands unless cancelled.
+        Returns how many jobs came out done."""
+        done = 0
         for job in jobs:
             result = results.get(job.id)
             if result is not None and result.error is None and job.cancel_reason is None:
                 report.outcomes.append(_Outcome(job, JobState.DONE, result))
-                report.cost += job.cost
+                done += 1
             else:
                 failed = _Outcome(job, JobState.FAILED, result) if result else None
                 report.outcomes.append(stopped(job) or failed or _failed(job, _INTERNAL))
+        return done
 
     @staticmethod
     def _free_memory(worker: _Worker[M], keep: str) -> None:

@@ -25,7 +25,7 @@ from torch import Tensor
 from generation.denoiser import GuidedDenoiser
 from generation.images import ImageInputError, resize
 from generation.img2img import input_images, repeat_counts
-from generation.pipeline import Inputs, LoadedModel, Progress, denoise, group, to_images, to_pixels
+from generation.pipeline import Inputs, IsCancelled, LoadedModel, Progress, denoise, group, to_images, to_pixels
 from generation.request import GenerationRequest
 from generation.schedules import alphas_cumprod
 from generation.tiling import OVERLAP, TILE, decode_tiled, encode_tiled, tiled
@@ -58,7 +58,7 @@ def upscale(
     requests: Sequence[GenerationRequest],
     inputs: Inputs,
     progress: Progress | None = None,
-    cancelled: Callable[[], bool] | None = None,
+    cancelled: IsCancelled | None = None,
     tile: int = TILE,
     overlap: int = OVERLAP,
 ) -> list[list[Image.Image]]:
@@ -88,7 +88,7 @@ def x4_upscale(
     requests: Sequence[GenerationRequest],
     inputs: Inputs,
     progress: Progress | None = None,
-    cancelled: Callable[[], bool] | None = None,
+    cancelled: IsCancelled | None = None,
     tile: int = TILE,
     overlap: int = OVERLAP,
 ) -> list[list[Image.Image]]:
@@ -102,7 +102,7 @@ def x4_latents(
     requests: Sequence[GenerationRequest],
     images: Sequence[Image.Image],
     progress: Progress | None = None,
-    cancelled: Callable[[], bool] | None = None,
+    cancelled: IsCancelled | None = None,
     tile: int = TILE,
     overlap: int = OVERLAP,
 ) -> Tensor:
@@ -125,7 +125,7 @@ def hires(
     requests: Sequence[GenerationRequest],
     inputs: Inputs,
     progress: Progress | None = None,
-    cancelled: Callable[[], bool] | None = None,
+    cancelled: IsCancelled | None = None,
     tile: int = TILE,
     overlap: int = OVERLAP,
 ) -> list[list[Image.Image]]:

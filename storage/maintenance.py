@@ -148,7 +148,8 @@ async def _drop_missing_inputs(db: Database, report: ReconcileReport) -> None:
 
 
 async def check(settings: StorageSettings) -> CheckReport:
-    """`atelier db check`: SQLite's integrity check, file reconciliation, and row counts."""
+    """`atelier db check`: SQLite's integrity check, file reconciliation, and row counts, with
+    the audit log's size (its text bytes and the age of its oldest entry: retention bounds it)."""
     async with Database.open(settings) as db:
         async with db.reading() as connection:
             integrity = [row[0] for row in await connection.execute_fetchall(
@@ -156,6 +157,9 @@ async def check(settings: StorageSettings) -> CheckReport:
             violations = len(await connection.execute_fetchall("PRAGMA foreign_key_check"))
             (version,) = (await connection.execute_fetchall("PRAGMA user_version"))[0]
             counts = dict(await connection.execute_fetchall(_COUNTS))
+            oldest = (await connection.execute_fetchall("SELECT min(at) FROM audit_log"))[0][0]
+            if oldest is not None:
+                counts["audit oldest entry, days ago"] = int((db.now() - oldest) // 86_400)
         return CheckReport(integrity, violations, version, counts, await reconcile(db))
 
 
@@ -167,6 +171,8 @@ UNION ALL SELECT 'inputs', count(*) FROM inputs
 UNION ALL SELECT 'usage rows', count(*) FROM usage
 UNION ALL SELECT 'bans', count(*) FROM bans
 UNION ALL SELECT 'audit entries', count(*) FROM audit_log
+UNION ALL SELECT 'audit bytes', coalesce(sum(length(action) + length(target)
+    + coalesce(length(before_json), 0) + coalesce(length(after_json), 0)), 0) FROM audit_log
 """
 
 

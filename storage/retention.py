@@ -9,6 +9,8 @@ What is kept, and why:
   report says so. A job whose image is the parent of a queued or running job is always kept.
 - Files are shared by equal images; a file is deleted only when no `ok` row still needs it.
 - Uploaded inputs expire by age only (since their last use); they are small next to results.
+- The audit log expires by age only (`audit_max_age_days`, a year by default): moderators look
+  back months, not forever, and refused prompts are members' words kept no longer than needed.
 """
 
 from __future__ import annotations
@@ -41,6 +43,8 @@ class RetentionReport:
     deleted_files: int = 0
     freed_bytes: int = 0
     expired_inputs: int = 0
+    #: Audit log entries deleted for age.
+    expired_audit: int = 0
     #: Still above max_bytes because everything left is protected.
     over_cap: bool = False
 
@@ -51,14 +55,19 @@ class RetentionReport:
             self.deleted_files + other.deleted_files,
             self.freed_bytes + other.freed_bytes,
             self.expired_inputs + other.expired_inputs,
+            self.expired_audit + other.expired_audit,
             self.over_cap or other.over_cap,
         )
 
 
 async def apply_retention(db: Database, *, protect_s: float = DEFAULT_PROTECT_S) -> RetentionReport:
-    """Run both rules once (call it periodically and at start-up)."""
+    """Run every rule once (call it periodically and at start-up)."""
     settings, now = db.settings, db.now()
     report = RetentionReport()
+    if settings.audit_max_age_days is not None:
+        cutoff = now - settings.audit_max_age_days * _SECONDS_PER_DAY
+        while expired := await _expire_audit(db, cutoff):
+            report += RetentionReport(expired_audit=expired)
     if settings.max_age_days is not None:
         cutoff = now - settings.max_age_days * _SECONDS_PER_DAY
         while (batch := await _expire_oldest(db, cutoff, need_bytes=None)).expired_jobs:
@@ -112,6 +121,15 @@ async def _expire_oldest(db: Database, cutoff: float, need_bytes: int | None) ->
         await asyncio.to_thread(_unlink_all, db.images_dir, list(doomed))
     return RetentionReport(expired_jobs=len(chosen), expired_images=len(expired),
                            deleted_files=len(doomed), freed_bytes=sum(doomed.values()))
+
+
+async def _expire_audit(db: Database, cutoff: float) -> int:
+    """Delete up to `_BATCH` audit entries older than `cutoff`; how many went."""
+    async with db.writing() as connection:
+        cursor = await connection.execute(
+            "DELETE FROM audit_log WHERE id IN (SELECT id FROM audit_log WHERE at < ? LIMIT ?)",
+            (cutoff, _BATCH))
+        return cursor.rowcount
 
 
 async def _expire_inputs(db: Database, cutoff: float) -> RetentionReport:

@@ -23,6 +23,9 @@ class StorageSettings(_Settings):
     max_age_days: float | None = Field(default=None, gt=0)
     #: Delete the oldest images once the folder holds more than this many bytes (None: no cap).
     max_bytes: int | None = Field(default=None, gt=0)
+    #: Delete audit log entries (moderator actions, refused prompts) older than this many days
+    #: (None keeps them forever).
+    audit_max_age_days: float | None = Field(default=365.0, gt=0)
     #: Image files with no database row are removed once older than this (a write may be in flight).
     orphan_grace_s: float = Field(default=3600.0, ge=0)
 

@@ -95,7 +95,8 @@ async def test_show_gives_parameters_images_and_lineage(studio: Studio) -> None:
     assert "strength 0.4" in child_text and "cost 8.0" in child_text  # 0.4 x 20 steps
 
     queued = await s.submit(s.bob, "soon")
-    assert "Queued at #1, starting in about 1 s." in (await s.ask(s.bob, "show", {"job": queued.id}))
+    shown = (await s.ask(s.bob, "show", {"job": queued.id})).splitlines()
+    assert "Queued: position 1, starts now" in shown  # nothing runs
 
 
 async def test_show_hides_other_places_jobs_and_explains_bad_ids(studio: Studio) -> None:

@@ -19,13 +19,14 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import discord
+import numpy as np
 import pytest
 import safetensors.torch
 from PIL import Image
 
 from bot.client import AtelierBot
 from bot.config import AppConfig, DiscordSettings
-from generation.request import X4_UNET_FLOPS_RATIO, Kind
+from generation.request import X4_UNET_FLOPS_RATIO, JobState, Kind
 from generation.settings import GenerationSettings, ModelSettings, QueueSettings
 from storage import jobs as stored
 from storage.images import image_file, job_images
@@ -688,3 +689,76 @@ async def test_with_an_upscaler_configured_u_upscales_4x_and_the_upscaler_cannot
         size, parameters = png_info(zoomed.attachments[0].data)
         assert size == (128, 128) and "Steps: 2, Sampler: Euler, CFG scale: 7, " in parameters
         assert parameters.endswith("Model: tiny, Denoising strength: 1")
+
+
+# -- issue 12: refusals that name everything, the place in line while paused, cancel inside a batch --
+
+async def test_one_refusal_names_every_limit_the_request_breaks(world: World) -> None:
+    server = world.server
+    async with running(world.config, server):
+        limited = await server.slash(world.mod, world.channel, "limits set",
+                                     {"scope": "user", "target": world.carol, "max_steps": 2, "max_count": 1})
+        await server.wait_for(lambda a: a.interaction is limited and a.kind == "message")
+        asked = await server.slash(world.carol, world.channel, "imagine", {"prompt": "a cat", "steps": 5, "count": 2})
+        assert (await private_answer(server, asked)).content == (
+            "This request cannot run here, for 2 reasons:\n"
+            "- Your limit here is 2 steps; you asked for 5.\n"
+            "- Your limit here is 1 images per request; you asked for 2.")
+
+
+async def test_a_paused_queue_shows_places_that_move_when_a_job_ahead_is_cancelled(world: World) -> None:
+    server = world.server
+    async with running(world.config, server):
+        paused = await server.slash(world.mod, world.channel, "queue pause", {})
+        await server.wait_for(lambda a: a.interaction is paused and a.kind == "message")
+        acks = []
+        for user in (world.alice, world.bob, world.carol):
+            asked = await server.slash(user, world.channel, "imagine", {"prompt": "a tree", "steps": 1})
+            acks.append((await server.wait_for(lambda a, i=asked: a.interaction is i and a.kind == "message")).message)
+        held = "; this server's moderators have paused the queue for now."
+        assert [ack.content.endswith(f"position {n}{held}") for n, ack in enumerate(acks, start=1)] == [True] * 3
+        since = len(server.actions)
+        pressed = await server.press_button(world.alice, acks[0], acks[0].buttons()[0]["custom_id"])
+        await server.wait_for(lambda a: a.interaction is pressed and a.kind == "message")
+        for n, ack in ((1, acks[1]), (2, acks[2])):  # both move up one place, still paused
+            await server.wait_for(lambda a, m=ack, n=n: a.kind == "edit" and a.message is m
+                                  and (a.content or "").endswith(f"position {n}{held}"), since=since)
+
+
+async def test_a_job_cancelled_in_a_shared_batch_is_answered_at_once_and_its_mates_images_are_unchanged(
+        world: World) -> None:
+    """Alice's and Bob's requests run as one batch; Bob cancels while it runs: he is told before the
+    batch ends, and Alice's image equals the one of the same batch run without the cancel."""
+    server = world.server
+    async with running(world.config, server) as bot:
+        async def shared_batch(cancel: bool) -> bytes:
+            bot.studio.queue.pause()  # both wait, then leave together in one batch
+            asked = [await server.slash(user, world.channel, "imagine", {"prompt": "a lighthouse", "steps": 10,
+                                                                          "seed": seed})
+                     for user, seed in ((world.alice, 11), (world.bob, 12))]
+            acks = [(await server.wait_for(lambda a, i=i: a.interaction is i and a.kind == "message")).message
+                    for i in asked]
+            jobs = [bot.studio.queue.get(ack.buttons()[0]["custom_id"].split(":")[3]) for ack in acks]
+            bot.studio.queue.resume()
+            async with asyncio.timeout(TIMEOUT):  # the runner takes both at once: one batch
+                while any(job.state is not JobState.RUNNING for job in jobs):
+                    await asyncio.sleep(0.01)
+            assert jobs[0].started_at == jobs[1].started_at
+            if cancel:
+                await server.press_button(world.bob, acks[1], acks[1].buttons()[0]["custom_id"])
+                await server.wait_for(lambda a: a.kind == "edit" and a.message is acks[1]
+                                      and "was cancelled" in (a.content or ""), TIMEOUT)
+                assert not [a for a in server.actions if message_for(asked[0], files=True)(a)]  # still drawing
+                assert jobs[0].state is JobState.RUNNING
+            result = (await server.wait_for(message_for(asked[0], files=True), TIMEOUT)).message
+            if not cancel:
+                await server.wait_for(message_for(asked[1], files=True), TIMEOUT)
+            return result.attachments[0].data
+
+        cancelled, plain = await shared_batch(cancel=True), await shared_batch(cancel=False)
+        with Image.open(io.BytesIO(cancelled)) as a, Image.open(io.BytesIO(plain)) as b:
+            difference = np.abs(np.asarray(a, dtype=int) - np.asarray(b, dtype=int))
+        assert difference.max() <= 1  # one pixel level: the smaller UNet batch's kernel rounding at most
+        rows = await bot.studio.db.fetch_all("SELECT owner_id, state FROM jobs")
+        assert sorted((row["owner_id"] == world.bob.id, row["state"]) for row in rows) == [
+            (False, "done"), (False, "done"), (True, "cancelled"), (True, "done")]

@@ -17,6 +17,7 @@ from bot.commands import (
     MAX_PROMPT,
     Gestures,
     Options,
+    _FLAGS,
     UserError,
     _decode_inputs,
     _read,
@@ -30,7 +31,7 @@ from bot.replies import fit_upload
 from bot.styles import STYLES
 from bot.views import result_view
 from generation.images import ImageInputError
-from generation.request import MAX_SEED, GenerationRequest, Kind
+from generation.request import MAX_SEED, SAMPLER_NAMES, GenerationRequest, Kind
 from generation.settings import GenerationSettings, ModelSettings
 from tests.fixtures.checkpoints import TinyCheckpoints, tiny_checkpoints  # noqa: F401
 
@@ -187,6 +188,32 @@ async def test_requests_refuse_unknown_samplers_seeds_out_of_range_and_long_prom
     # Four images take four seeds: the first may be at most MAX_SEED - 3.
     with pytest.raises(UserError, match=f"seed must be between 0 and {MAX_SEED - 3}; you gave {MAX_SEED}"):
         await gestures.request(Options(prompt="a cat", seed=MAX_SEED, count=4))
+
+
+async def test_every_problem_of_a_request_or_of_reply_flags_is_named_at_once(gestures: Gestures) -> None:
+    """Issue 12: several things wrong with what a member typed are told in one answer."""
+    with pytest.raises(UserError) as flags:
+        parse_flags("a cat --size 3 --seed three --steps many --colour red")
+    assert flags.value.problems == (
+        f"unknown flag --size; allowed: {', '.join('--' + f for f in _FLAGS)}",
+        f"unknown flag --colour; allowed: {', '.join('--' + f for f in _FLAGS)}",
+        "--seed needs a number, not 'three'",
+        "--steps needs a number, not 'many'")
+    assert str(flags.value).startswith("This request cannot run here, for 4 reasons:\n- Unknown flag --size;")
+    with pytest.raises(UserError) as options:
+        await gestures.request(parse_flags("a cat --sampler euler_b --steps 0 --guidance 99 --count 9 --model sdxl"))
+    assert options.value.problems == (
+        "unknown model 'sdxl'; available: tiny",
+        "unknown sampler 'euler_b'; allowed: " + ", ".join(SAMPLER_NAMES),
+        "count must be between 1 and 4; you gave 9",
+        "steps must be between 1 and 60; you gave 0",
+        "guidance must be between 0 and 20; you gave 99")
+    with pytest.raises(UserError) as remix:  # the Remix form's bad strength and empty prompt together
+        await gestures.check(Options(prompt=" "), Kind.IMG2IMG, also=("strength must be a number between 0.01 "
+                                                                       "and 1, not 'lots'",))
+    assert remix.value.problems == ("strength must be a number between 0.01 and 1, not 'lots'",
+                                    "the prompt is empty; describe what to draw")
+    await gestures.check(Options(prompt="a cat", strength=0.5), Kind.IMG2IMG)  # nothing wrong: no error
 
 
 class _Upload:

@@ -190,3 +190,27 @@ def test_sampling_steps_never_wait_on_the_device(sampler: str, guidance: list[fl
     with StandInDevice() as device:
         out = chosen.sample(guided, torch.empty(B, 4, 8, 8, device=meta), sigmas, noise=noise)
     assert out.shape == (B, 4, 8, 8) and device.traffic == []
+
+
+@pytest.mark.parametrize("guidance", [[7.5, 1.0, 0.0], [1.0, 1.0, 1.0]])
+def test_rows_no_longer_live_leave_the_unet_batch_and_keep_their_latent(guidance: list[float]) -> None:
+    """Issue 12: a cancelled job's rows are dropped from the UNet call (with their context, scale
+    and concat rows); the live rows get exactly the prediction of the full batch (this UNet's
+    math is per row), the dropped ones their own latent."""
+    unet, concat, x = LinearUNet(), randn(B, 5, 8, 8, seed=7), randn(B, 4, 8, 8, seed=8)
+    full = denoiser(unet, guidance, concat=concat)(x, SIGMA)
+    live: list[int] | None = [0, 2]
+    den = denoiser(unet, guidance, concat=concat, live=lambda: live)
+    out = den(x, SIGMA)
+    x_in, t, context = unet.calls[-1]
+    copies = x_in.shape[0] // 2
+    assert x_in.shape[0] == copies * 2 and torch.equal(x_in[:2, 4:], concat[[0, 2]])
+    assert torch.equal(t[:2], SCHEDULE.sigma_to_t(SIGMA[[0, 2]]))
+    assert torch.equal(context[-2:], den.cond[[0, 2]])
+    assert torch.allclose(out[[0, 2]], full[[0, 2]], rtol=1e-6, atol=1e-6)
+    assert torch.equal(out[1], x[1])
+    live = []  # every row dropped (cancelled between the sampler's check and this call)
+    calls = len(unet.calls)
+    assert torch.equal(den(x, SIGMA), x) and len(unet.calls) == calls
+    live = None
+    assert torch.allclose(den(x, SIGMA), full, rtol=1e-6, atol=1e-6)

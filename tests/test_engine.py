@@ -103,6 +103,22 @@ def test_cancelled_batch_stops_and_img2img_reads_its_stored_input(engine: Engine
     assert "Denoising strength: 0.5" in parameters
 
 
+def test_cancelling_every_job_of_one_strength_leaves_the_other_strengths_running(
+        tiny_checkpoints: TinyCheckpoints) -> None:  # noqa: F811
+    """`run_batch` runs one UNet batch per strength; those whose jobs were all cancelled stop, and
+    the others finish with the images they would have had alone (the queue never batches two
+    strengths today; without previews, which assume one UNet batch)."""
+    path, yaml_path = tiny_checkpoints.get("sd1")
+    engine = Engine([ModelSettings(name="tiny", checkpoint=path, config=yaml_path)], "float32", INPUTS.__getitem__)
+    model, sha = engine.load("tiny", "cpu"), next(iter(INPUTS))
+    remixes = [job(job_id, kind=Kind.IMG2IMG, init_image=sha, strength=strength, steps=4, count=1)
+               for job_id, strength in (("ffffffffffff", 0.5), ("gggggggggggg", 0.75))]
+    results = engine.run(model, "cpu", remixes, lambda *a: None, lambda job_id: job_id == "gggggggggggg")
+    (alone,) = engine.run(model, "cpu", remixes[:1], lambda *a: None, lambda _: False)
+    assert [r.job_id for r in results] == ["ffffffffffff"]
+    assert np.array_equal(decoded(results[0].images[0])[0], decoded(alone.images[0])[0])
+
+
 def test_size_counts_every_weight_byte_and_unknown_models_are_named(engine: Engine) -> None:
     model = engine.load("tiny", "cpu")
     expected = sum(p.numel() * 4 for p in model.network.state_dict().values() if p.dtype == torch.float32)

@@ -19,7 +19,7 @@ from discord.ext import commands
 from bot.account import account_commands
 from bot.config import AppConfig, DiscordSettings
 from bot.moderation import moderation_commands, regex_refusal
-from bot.policy import Requester, refusal
+from bot.policy import Requester, problems
 from generation.queue import FairQueue, Job, Refused, Submission
 from generation.request import GenerationRequest, JobState
 from storage.audit import audit_log
@@ -123,10 +123,10 @@ async def studio(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> AsyncItera
             await create_job(db, job.request, owner_id=job.owner_id, channel_id=channel.id,
                              job_id=job.id, guild_id=job.guild_id)
 
-        async def limits(submission: Submission) -> str | None:
+        async def limits(submission: Submission) -> list[str]:
             requester = Requester(submission.owner_id, submission.guild_id, channel.id,
                                   submission.role_ids)
-            return await refusal(db, config, requester, submission.request)
+            return await problems(db, config, requester, submission.request)
 
         queue = FairQueue(config.queue, ("cpu",), limits=limits, persist=persist)
 
@@ -255,18 +255,19 @@ async def test_queue_show_cancel_pause_and_resume(studio: Studio) -> None:
     first = await s.submit(s.alice, "a *red* lighthouse")
     second = await s.submit(s.alice, "x" * 50, count=2)
     third = await s.submit(s.bob, "a boat")
-    elsewhere = await s.submit(s.bob, "not here", guild_id=s.guild.id + 1)
+    elsewhere = await s.submit(s.bob, "not here", guild_id=s.guild.id + 1, width=576)  # batches with neither
     [running] = queue.next_batch("cpu", max_images=1)
     assert running is first
 
     shown = (await s.ask(s.boss, "queue show")).splitlines()
-    # At 10 units/s: first (20 units) ends at 2 s; then the other server's turn (2..4 s), then
-    # bob (4..6 s), then alice's second job, held back while her first one ran.
+    # At 10 units/s: first (20 units) ends at 2 s; then the other server's turn (22.5 units,
+    # 2..4.25 s), then bob's job, with alice's second job (held back while her first one ran) in
+    # the same batch.
     assert shown == [
         "The queue is running. Positions count every server this bot serves.",
         f"`{first.id}` running on cpu · <@{s.alice.id}> · cost 20.0 · \"a \\*red\\* lighthouse\"",
         f"`{third.id}` #2, starts in ~4 s · <@{s.bob.id}> · cost 20.0 · \"a boat\"",
-        f"`{second.id}` #3, starts in ~6 s · <@{s.alice.id}> · cost 40.0 · \"{'x' * 39}…\"",
+        f"`{second.id}` #3, starts in ~4 s · <@{s.alice.id}> · cost 40.0 · \"{'x' * 39}…\"",
     ]
 
     offered = await s.server.autocomplete(s.curator, s.channel, "queue cancel", {"job": ""}, "job")

@@ -123,6 +123,32 @@ def test_an_image_depends_on_its_seed_not_on_its_batch(tiny_checkpoints: TinyChe
     assert (batched[:1] - solo).abs().max() > 0.1  # different seeds give different images
 
 
+@pytest.mark.parametrize("sampler", ["euler", "euler_a", "heun", "dpmpp_2m", "dpmpp_sde_karras"])
+def test_a_request_cancelled_mid_batch_leaves_the_unet_batch_and_its_mates_are_unchanged(
+        tiny_checkpoints: TinyCheckpoints, sampler: str) -> None:
+    """Issue 12: the cancelled request's rows leave the UNet batch at the next step; the other
+    images equal those of a run without the cancel (float32: the same math on a smaller batch,
+    equal up to kernel rounding, far below one pixel level of the decoded image)."""
+    model = tiny_model(tiny_checkpoints, "sd1")
+    mate, doomed = request(sampler=sampler, steps=5, seed=21), request(sampler=sampler, steps=5, seed=7,
+                                                                       count=1, prompt="a boat")
+    full = sample_latents(model, [mate, doomed])
+    steps, rows = [], []
+    hook = model.network.unet.register_forward_pre_hook(
+        lambda _module, args: rows.append((len(steps) >= 2, args[0].shape[0])))
+    try:
+        cut = sample_latents(model, [mate, doomed], progress=lambda step, total, x0: steps.append(step),
+                             cancelled=lambda i: i == 1 and len(steps) >= 2)
+    finally:
+        hook.remove()
+    # 3 images, cond and uncond halves, for two steps; then the mate's 2 images only.
+    assert {size for after, size in rows if not after} == {6} and {size for after, size in rows if after} == {4}
+    assert_same(cut[:2], full[:2], tolerance=1e-5)
+    ours, reference = (np.stack([np.asarray(image) for image in decode(model, x[:2])]) for x in (cut, full))
+    assert np.abs(ours.astype(int) - reference.astype(int)).max() <= 1
+    assert (cut[2] - full[2]).abs().max() > 0.1  # the dropped image stopped changing with the others
+
+
 def test_progress_cancel_and_batch_rules(tiny_checkpoints: TinyCheckpoints) -> None:
     model, req = tiny_model(tiny_checkpoints, "sd1"), request(steps=4, count=1)
     seen = []
@@ -132,7 +158,7 @@ def test_progress_cancel_and_batch_rules(tiny_checkpoints: TinyCheckpoints) -> N
 
     calls = []
     with pytest.raises(Cancelled):
-        sample_latents(model, [req], cancelled=lambda: calls.append(1) or len(calls) > 2)
+        sample_latents(model, [req], cancelled=lambda i: calls.append(1) or len(calls) > 2)
     assert len(calls) == 3
     with pytest.raises(ValueError, match="differ in width"):
         sample_latents(model, [req, request(width=64)])

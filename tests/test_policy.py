@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from bot.config import AppConfig, DiscordSettings
-from bot.policy import Requester, frees_at, is_moderator, refusal
+from bot.policy import Requester, frees_at, is_moderator, problems, refusal
 from generation.request import GenerationRequest
 from storage.audit import audit_log
 from storage.db import Database
@@ -197,6 +197,31 @@ async def test_moderator_maxima_name_the_limit_and_roles_can_raise_them(db: Data
                      values={"max_steps": 50}, defaults=defaults)
     assert await refusal(db, config(), alice(role_ids=(ARTISTS,)), request(steps=50)) is None
     assert await refusal(db, config(), alice(guild_id=OTHER_GUILD), request(steps=50)) is None
+
+
+async def test_one_refusal_names_every_broken_limit_with_what_was_asked_and_allowed(db: Database) -> None:
+    """Issue 12: limits of 2 images and 15 steps, asked for 4 images at 25 steps: both at once,
+    with the daily images; an engine limit broken too is told once, as the engine's."""
+    await set_limits(db, actor_id=MOD, guild_id=GUILD, scope=Scope.USER, target_id=ALICE,
+                     values={"max_steps": 15, "max_count": 2, "daily_images": 3}, defaults=LimitsSettings())
+    assert await problems(db, config(), alice(), request(count=4, steps=25)) == [
+        "Your limit here is 15 steps; you asked for 25.",
+        "Your limit here is 2 images per request; you asked for 4.",
+        "This request makes 4 images but you have 3 left of your 3 per 24 hours; the request is "
+        "larger than your whole allowance, so ask for less.",
+    ]
+    assert await refusal(db, config(), alice(), request(count=4, steps=25, guidance=25.0)) == (
+        "This request cannot run here, for 4 reasons:\n"
+        "- Guidance must be between 0 and 20; you asked for 25.\n"
+        "- Your limit here is 15 steps; you asked for 25.\n"
+        "- Your limit here is 2 images per request; you asked for 4.\n"
+        "- This request makes 4 images but you have 3 left of your 3 per 24 hours; the request is "
+        "larger than your whole allowance, so ask for less.")
+    over_engine = await problems(db, config(daily_images=None), alice(), request(steps=70, count=2))
+    assert over_engine == ["Steps must be between 1 and 60; you asked for 70."]  # not the member's 15 again
+    assert await problems(db, config(), alice(), request(count=2, steps=15)) == []
+    assert await table_sizes(db) == {"jobs": 0, "usage": 0, "audit_log": 1, "bans": 0,
+                                     "blocked_words": 0, "limits": 1}  # the set_limits audit only
 
 
 async def test_max_queued_counts_this_members_waiting_jobs_here(db: Database) -> None:

@@ -13,7 +13,6 @@ from hypothesis import strategies as st
 from generation.queue import (
     BATCH_LOOKAHEAD,
     MAX_RERUNS,
-    Estimate,
     FairQueue,
     Job,
     Refused,
@@ -243,12 +242,30 @@ def test_refusals_say_what_was_wrong_and_change_nothing():
         submit(queue, 4)
 
 
+async def test_the_queues_caps_and_the_moderators_limits_are_told_together():
+    async def limits(sub: Submission) -> list[str]:
+        return ["Your limit here is 15 steps; you asked for 20.",
+                "Your limit here is 1 images per request; you asked for 2."] if sub.request.count > 1 else []
+
+    queue = FairQueue(QueueSettings(max_queued_per_user=1, max_queued_total=1), limits=limits)
+    await queue.submit(Submission(request(), 1, 1))
+    with pytest.raises(Refused) as refused:
+        await queue.submit(Submission(request(count=2), 1, 1))
+    assert str(refused.value) == (
+        "This request cannot run here, for 4 reasons:\n"
+        "- You already have 1 jobs queued (the limit is 1); wait for one to finish or cancel one\n"
+        "- The queue is full (1 jobs waiting, the limit); try again in a few minutes\n"
+        "- Your limit here is 15 steps; you asked for 20.\n"
+        "- Your limit here is 1 images per request; you asked for 2.")
+    assert len(refused.value.reasons) == 4 and len(queue) == 1
+
+
 async def test_moderator_limits_and_persistence_plug_in():
     persisted, seen = [], []
 
-    async def limits(sub: Submission) -> str | None:
+    async def limits(sub: Submission) -> list[str]:
         seen.append(sub)
-        return "you used your 100 images for today (the limit is 100)" if sub.owner_id == 9 else None
+        return ["you used your 100 images for today (the limit is 100)"] if sub.owner_id == 9 else []
 
     async def persist(job: Job) -> None:
         persisted.append(job.id)
@@ -268,8 +285,9 @@ async def test_moderator_limits_and_persistence_plug_in():
 def test_submissions_are_serialized_across_the_limit_check():
     """Two concurrent submits while the limit check awaits cannot both pass the per-user cap."""
 
-    async def slow_limits(sub: Submission) -> None:
+    async def slow_limits(sub: Submission) -> list[str]:
         await asyncio.sleep(0.01)
+        return []
 
     async def scenario() -> list:
         queue = FairQueue(QueueSettings(max_queued_per_user=1), limits=slow_limits)
@@ -407,30 +425,39 @@ async def test_a_guild_pause_and_the_operators_hold_are_lifted_separately():
 
 def test_estimates_leave_out_a_paused_guild_as_if_its_jobs_were_not_there():
     """Positions and ETAs of the other guilds equal those of a queue that never had guild 1's
-    jobs; guild 1's queued jobs are estimated as paused, with neither, and the snapshot marks them
-    paused."""
+    jobs; guild 1's queued jobs are estimated as paused, with the places they would have on resume
+    but no start time, and the snapshot marks them paused."""
 
-    def fill(queue: FairQueue, with_guild_1: bool) -> list[Job]:
-        others = []
+    def fill(queue: FairQueue, with_guild_1: bool) -> tuple[list[Job], list[Job]]:
+        others, mine = [], []
         for i in range(6):
             if with_guild_1:
-                submit(queue, 1, guild=1, steps=30 + i)
+                mine.append(submit(queue, 1, guild=1, steps=30 + i))
             others.append(submit(queue, 2 + i % 2, guild=2, steps=10 + 5 * i))
             others.append(submit(queue, 4, guild=None, steps=20))
-        return others
+        return others, mine
 
-    paused, plain = FairQueue(ROOMY, clock=lambda: 0.0), FairQueue(ROOMY, clock=lambda: 0.0)
+    paused, plain, running = (FairQueue(ROOMY, clock=lambda: 0.0) for _ in range(3))
     paused.pause(1)
-    others, expected_others = fill(paused, True), fill(plain, False)
-    estimates, expected = paused.estimates(), plain.estimates()
+    running.pause(1)
+    (others, mine), (expected_others, _) = fill(paused, True), fill(plain, False)
+    _, mine_running = fill(running, True)
+    running.resume(1)
+    estimates, expected, unpaused = paused.estimates(), plain.estimates(), running.estimates()
     assert len(estimates) == len(paused) == 18
     assert [estimates[j.id] for j in others] == [expected[j.id] for j in expected_others]
-    assert [e for e in estimates.values() if e.paused] == [Estimate(None, None)] * 6
+    # Guild 1's jobs have the places they would have if its moderators resumed now, and no time;
+    # the pause itself stays (the replay resumed a fork).
+    held_places = [estimates[j.id].position for j in mine]
+    assert held_places == [unpaused[j.id].position for j in mine_running]
+    assert all(estimates[j.id].paused and estimates[j.id].starts_in_s is None for j in mine)
     snap = paused.snapshot()
     held = [v for v in snap.queued if v.guild_id == 1]
-    assert len(held) == 6 and all(v.paused and v.position is None and v.starts_in_s is None for v in held)
+    assert len(held) == 6 and all(v.paused and v.starts_in_s is None for v in held)
+    assert [v.position for v in held] == sorted(held_places)
     assert not snap.paused and not any(v.paused for v in snap.queued if v.guild_id != 1)
-    assert [v.guild_id for v in snap.queued[-6:]] == [1] * 6  # listed after every job with a place
+    assert [v.guild_id for v in snap.queued[-6:]] == [1] * 6  # listed after every job that can start
+    assert paused.is_paused(1) and paused.next_batch("cpu", 8)[0].guild_id != 1
 
 
 # -- batching --------------------------------------------------------------------------------
@@ -513,8 +540,9 @@ def test_batched_jobs_are_charged_like_unbatched_ones():
 
 # -- position, ETA, throughput, snapshot ------------------------------------------------------
 
-def test_positions_follow_the_real_dispatch_order():
-    """On one device (on two, a user's next job may wait for their running one: the ETA tests)."""
+def test_positions_follow_the_real_dispatch_order_batches_included():
+    """On one device (on two, a user's next job may wait for their running one: the ETA tests);
+    jobs of equal steps batch, as the runner takes them."""
     queue = FairQueue(ROOMY)
     for owner, n, guild in ((1, 8, 1), (2, 3, 1), (3, 5, 2), (4, 1, None)):
         for i in range(n):
@@ -522,8 +550,13 @@ def test_positions_follow_the_real_dispatch_order():
     (running,) = queue.next_batch("cpu", 1)
     estimates = queue.estimates()
     queue.finish(running, JobState.DONE)
-    order = dispatch_all(queue)
-    assert len(order) == 16  # every job, the DM one (guild None) too
+    order, batched = [], False
+    while batch := queue.next_batch("cpu", ROOMY.max_batch_images):
+        order += batch
+        batched |= len(batch) > 1
+        for job in batch:
+            queue.finish(job, JobState.DONE)
+    assert len(order) == 16 and batched  # every job, the DM one (guild None) too
     assert sorted(estimates, key=lambda i: estimates[i].position) == [j.id for j in order]
     assert [estimates[j.id].position for j in order] == list(range(1, len(order) + 1))
 
@@ -603,3 +636,64 @@ def test_the_queue_benchmark_runs(capsys):
     assert main(["--jobs", "300", "--users", "30", "--rounds", "30", "--hours", "0.25"]) == 0
     out = capsys.readouterr().out
     assert "next_batch" in out and "fair queue (SFQ)" in out and "first come first served" in out
+
+
+# -- the ETA learns from the runner ----------------------------------------------------------
+
+def stand_in_seconds(batch: list[Job]) -> float:
+    """A stand-in GPU with a batching speed-up: each step costs a fixed 20 ms plus 10 ms per image,
+    so a batch of n 512x512 images runs at n / (0.02 + 0.01 n) cost units per second (33, 50,
+    67 for 1, 2, 4 images)."""
+    images = sum(job.request.count for job in batch)
+    return batch[0].request.steps * (0.02 + 0.01 * images)
+
+
+def run_stand_in(queue: FairQueue, now: list[float], max_images: int = 4) -> dict[str, float]:
+    """Run everything queued on one stand-in device, recording each batch; the start of each job."""
+    started = {}
+    while batch := queue.next_batch("cpu", max_images):
+        started |= {job.id: now[0] for job in batch}
+        now[0] += stand_in_seconds(batch)
+        asyncio.run(queue.record_batch("cpu", batch, stand_in_seconds(batch)))
+        for job in batch:
+            queue.finish(job, JobState.DONE)
+    return started
+
+
+def test_the_eta_learns_the_rate_of_each_batch_size_and_survives_a_restart():
+    now, saved = [0.0], {}
+
+    async def save(key, rate):
+        saved[key] = rate
+
+    settings = QueueSettings(max_queued_per_user=100, max_batch_images=4)
+    queue = FairQueue(settings, clock=lambda: now[0], initial_throughput=1.0, save_rate=save)
+    # Learning: batches of 1 to 4 images (members' jobs batch; a member's own run in turn).
+    for members in range(1, 5):
+        for owner in range(1, members + 1):
+            submit(queue, owner, steps=10)
+        run_stand_in(queue, now)
+    assert saved == pytest.approx({("sd15", 512, 512, n): n / (0.02 + 0.01 * n) for n in range(1, 5)})
+
+    def backlog(queue: FairQueue) -> list[Job]:
+        return [submit(queue, owner, steps=10) for owner in (1, 2, 3, 4, 5, 1, 2, 1)]
+
+    jobs = backlog(queue)
+    estimates = queue.estimates()
+    started = run_stand_in(queue, now)
+    start = min(started.values())
+    expected = [started[j.id] - start for j in jobs]
+    assert all(estimates[j.id].measured for j in jobs)
+    assert [estimates[j.id].starts_in_s for j in jobs] == pytest.approx(expected)
+    assert max(Counter(started.values()).values()) == 4  # the first batch holds four members' jobs
+
+    # A restart: the stored rates give the same estimates at once; without them, after the first
+    # batch (which starts now, on an idle device) nothing is measured.
+    restarted = FairQueue(settings, clock=lambda: 0.0, rates=saved)
+    fresh = FairQueue(settings, clock=lambda: 0.0)
+    jobs, unknown = backlog(restarted), backlog(fresh)
+    after, guessed = restarted.estimates(), fresh.estimates()
+    started = run_stand_in(restarted, [0.0])
+    assert [after[j.id].starts_in_s for j in jobs] == pytest.approx([started[j.id] for j in jobs])
+    assert all(after[j.id].measured for j in jobs)
+    assert [guessed[j.id].measured for j in unknown] == [True] * 4 + [False] * 4

@@ -8,7 +8,7 @@ from typing import Any
 from bot.config import DiscordSettings
 from bot.replies import Delivery
 from generation.queue import FairQueue, Submission
-from generation.request import GenerationRequest
+from generation.request import GenerationRequest, JobState
 from generation.settings import QueueSettings
 
 HERE, ELSEWHERE = 10, 20
@@ -42,7 +42,9 @@ async def submit(queue: FairQueue, owner: int, guild: int) -> str:
 
 
 async def test_waiting_jobs_say_their_server_paused_and_show_their_place_again_on_resume() -> None:
-    queue = FairQueue(QueueSettings(), ("cpu",), clock=lambda: 0.0)  # 10 cost units/s: 2 s a job
+    """While paused a job still shows the place it will have; its start time shows again on resume."""
+    # Batches of one 512x512 sd15 image measured at 10 cost units/s: 2 s a job.
+    queue = FairQueue(QueueSettings(), ("cpu",), rates={("sd15", 512, 512, 1): 10.0}, clock=lambda: 0.0)
     first = await submit(queue, 2, ELSEWHERE)
     mine = await submit(queue, 1, HERE)
     statuses = Statuses()
@@ -61,11 +63,28 @@ async def test_waiting_jobs_say_their_server_paused_and_show_their_place_again_o
     await delivery.queue_moved(queue.estimates())
     await statuses.settle()
 
-    place = f"<@1> `{mine}` is queued: position 2, starts in about 2 s"
+    place = f"<@1> `{mine}` is queued: position 2, starts now"  # in one batch with the first job
     assert statuses.shown[mine] == [
         place,
-        f"<@1> `{mine}` is queued; this server's moderators have paused the queue for now.",
+        f"<@1> `{mine}` is queued: position 2; this server's moderators have paused the queue for now.",
         place,
     ]
     # The other server's job is not held: it stays first, starting now, and is not edited again.
     assert statuses.shown[first] == [f"<@2> `{first}` is queued: position 1, starts now"]
+
+
+async def test_a_start_time_shows_only_when_measured_rates_are_behind_it() -> None:
+    """A job after a batch of a size never measured gets its place only; once a batch of that size
+    ran, the time too (one member's jobs run one after another)."""
+    queue = FairQueue(QueueSettings(), ("cpu",), clock=lambda: 0.0)
+    first, mine = await submit(queue, 1, HERE), await submit(queue, 1, HERE)
+    delivery = Delivery(None, None, DiscordSettings())  # type: ignore[arg-type]
+    assert delivery.queued_text(first, 1, queue.estimates()[first]) == (
+        f"<@1> `{first}` is queued: position 1, starts now")  # the device is idle: that is known
+    assert delivery.queued_text(mine, 1, queue.estimates()[mine]) == f"<@1> `{mine}` is queued: position 2"
+    [running] = queue.next_batch("cpu", 1)
+    await queue.record_batch("cpu", [running], 4.0)  # 20 units in 4 s: 5 units/s
+    queue.finish(running, JobState.DONE)
+    later = await submit(queue, 1, HERE)
+    assert delivery.queued_text(later, 1, queue.estimates()[later]) == (
+        f"<@1> `{later}` is queued: position 2, starts in about 4 s")

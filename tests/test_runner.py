@@ -337,6 +337,45 @@ async def test_cancelling_a_running_job_stops_it_at_the_next_step():
     assert pipeline.saw_cancel == {job.id}
 
 
+class Dropping:
+    """Steps until released, asking about every job at every step as the engine does and dropping
+    the cancelled ones from the batch; records which jobs each step still drew."""
+
+    def __init__(self) -> None:
+        self.release = threading.Event()
+        self.drawn: list[list[str]] = []
+
+    def run(self, model, device, batch, progress, cancelled):
+        while not self.release.is_set():
+            live = [j for j in batch if not cancelled(j.id)]
+            self.drawn.append([j.id for j in live])
+            for job in live:
+                progress(job.id, len(self.drawn), len(self.drawn) + 1, None)
+            time.sleep(0.005)
+        return [JobResult(j.id, images=(b"png",), seeds=(1,)) for j in batch if not cancelled(j.id)]
+
+
+async def test_a_job_cancelled_inside_a_shared_batch_is_answered_before_its_batch_mates_finish():
+    queue, pipeline, hooks = FairQueue(SETTINGS), Dropping(), Recorder()
+    mine, theirs = await submit(queue, 1), await submit(queue, 2)
+    runner = start_runner(queue, pipeline, hooks)
+    while not hooks.progress.get(theirs.id):
+        await asyncio.sleep(0.01)
+    queue.cancel(theirs.id, by=2)
+    await hooks.wait_for(1)  # while the batch still runs
+    assert hooks.result(theirs) == (JobState.CANCELLED, JobResult(theirs.id, error="cancelled by its owner"))
+    assert queue.get(theirs.id) is None and queue.get(mine.id).state is JobState.RUNNING
+    seen = len(hooks.progress[theirs.id])
+    pipeline.release.set()
+    await hooks.wait_for(2)
+    await runner.shutdown(1)
+    assert hooks.result(mine)[0] is JobState.DONE
+    assert [j for j in hooks.finished if j[0] is theirs and j[2] is JobState.CANCELLED]  # once, cancelled
+    assert pipeline.drawn[0] == [mine.id, theirs.id] and pipeline.drawn[-1] == [mine.id]
+    assert len(hooks.progress[theirs.id]) == seen  # no progress after the answer
+    assert queue.snapshot().throughput["cpu"] == 10.0  # a batch with a cancel measures nothing
+
+
 async def test_shutdown_lets_a_short_batch_finish_within_the_grace_period():
     queue, hooks = FairQueue(SETTINGS), Recorder()
     job = await submit(queue, 1)

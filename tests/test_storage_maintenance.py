@@ -135,6 +135,30 @@ def _age(path: Path, mtime: float) -> None:
     os.utime(path, (mtime, mtime))
 
 
+async def test_the_audit_log_expires_by_age_and_check_reports_its_size(
+    open_db: Callable, clock: ManualClock, tmp_path: Path
+) -> None:
+    async with open_db(audit_max_age_days=30) as db:
+        for user in range(3):  # three moderator actions, 40, 20 and 0 days ago
+            await ban(db, actor_id=9, guild_id=5, user_id=user, reason="spam " * 20)
+            clock.now += 20 * DAY
+        clock.now -= 20 * DAY
+    before = await check(StorageSettings(data_dir=tmp_path))
+    assert before.counts["audit entries"] == 3 and before.counts["audit oldest entry, days ago"] >= 40
+    assert before.counts["audit bytes"] > 3 * len("spam " * 20)
+    assert "audit bytes: " in format_report(before)
+    async with open_db(audit_max_age_days=30) as db:
+        report = await apply_retention(db)
+        assert report.expired_audit == 1
+        kept = await db.fetch_all("SELECT target FROM audit_log ORDER BY at")
+        assert [row["target"] for row in kept] == ["user:1", "user:2"]
+        assert (await apply_retention(db)).expired_audit == 0
+    async with open_db(audit_max_age_days=None) as db:  # kept forever
+        clock.now += 1000 * DAY
+        assert (await apply_retention(db)).expired_audit == 0
+    assert StorageSettings().audit_max_age_days == 365
+
+
 async def test_reconcile_removes_old_orphans_and_marks_missing_files(
     open_db: Callable, clock: ManualClock
 ) -> None:
