@@ -164,6 +164,7 @@ def _parser() -> argparse.ArgumentParser:
         ("engine", _bench("generation.engine_bench"), "UNet step time, image latency and VRAM, beside diffusers"),
         ("storage", _bench("storage.bench"), "job inserts, state updates and history queries per second"),
         ("queue", _bench("generation.queue_bench"), "submit and dispatch cost, fairness and waits over a day"),
+        ("serve", _bench("bot.serve_bench"), "delivered images/s through queue, runner and storage vs the engine alone"),
     ):
         # add_help=False: `atelier bench NAME --help` reaches the benchmark's own parser.
         benches.add_parser(name, help=help, add_help=False).set_defaults(handler=handler, passthrough=True)

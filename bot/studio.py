@@ -162,6 +162,10 @@ class Studio:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         await self._runner.shutdown(self.config.queue.shutdown_grace_s)
 
+    def busy_seconds(self) -> dict[str, float]:
+        """Seconds each device has spent running pipelines since `start` (for utilisation figures)."""
+        return self._runner.busy_seconds()
+
     # -- what the commands call --
 
     async def submit(self, request: GenerationRequest, requester: Requester, origin: Origin) -> Job:

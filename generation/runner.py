@@ -1,13 +1,17 @@
 """The GPU runner: one worker per device takes batches from the fair queue and runs the pipeline on
 that device's own thread, so the event loop (and Discord's heartbeat) never waits on the GPU.
 
-Progress and results come back to the loop with `loop.call_soon_threadsafe`. A worker takes its
-next batch as soon as the last one returns: results are handed to `on_finished` in tasks of their
-own, so storing and posting them never keeps the device waiting. The worker thread
-survives anything a pipeline raises: an out-of-memory error frees memory and retries the batch
-split in halves down to one job, any other exception is narrowed down the same way so it fails
-only the job that caused it. Every job a worker takes completes exactly once (`on_finished`),
-except jobs interrupted by shutdown: they stay running, and the restore at start-up re-runs them.
+Progress and results come back to the loop with `loop.call_soon_threadsafe`. The device never
+waits for the loop between batches: while one batch runs, the worker already takes the next from
+the queue, awaits its `on_started` hooks and queues it on the device thread, which starts it the
+moment the running one returns (one batch ahead, no more: the queue still decides who goes next,
+only earlier). Results are handed to `on_finished` in tasks of their own, so storing and posting
+them never keeps the device waiting either. The worker thread survives anything a pipeline
+raises: an out-of-memory error frees memory and retries the batch split in halves down to one job
+(and the limit it teaches splits the batch queued behind before it runs), any other exception is
+narrowed down the same way so it fails only the job that caused it. Every job a worker takes
+completes exactly once (`on_finished`), except jobs interrupted by shutdown (the running batch and
+the one behind it): they stay running, and the restore at start-up re-runs them.
 A job cancelled while its batch runs completes as soon as the pipeline first sees it cancelled
 (its owner is told then, not when its batch-mates finish); a pipeline may drop it from the batch.
 """
@@ -21,6 +25,7 @@ import threading
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from queue import SimpleQueue
 from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar
 
@@ -44,6 +49,8 @@ ABORT_WAIT_S = 10.0
 #: Jobs whose results may be in delivery at once (each holds its images in memory until posted):
 #: with this many, a worker waits for one to finish before it takes its next batch.
 MAX_DELIVERIES = 16
+#: Batches a worker queues on its device thread behind the running one.
+PREFETCH_BATCHES = 1
 
 
 @dataclass(frozen=True)
@@ -97,8 +104,6 @@ class _Report:
     """What a batch came to, handed from the worker thread back to the loop."""
 
     outcomes: list[_Outcome] = field(default_factory=list)
-    #: Work pixels (images x `GenerationRequest.work_pixels`) of the smallest part that ran out of memory.
-    oom_pixels: float | None = None
     #: Pipeline calls whose every job came out done, and their seconds: the measured rates.
     timed: list[tuple[list[Job], float]] = field(default_factory=list)
 
@@ -150,10 +155,16 @@ class _Worker(Generic[M]):
     device: str
     thread: _DeviceThread
     cache: ModelCache[M]
-    #: Work pixels per batch learned from out-of-memory errors (None: no limit seen yet).
+    #: Work pixels per batch learned from out-of-memory errors (None: no limit seen yet); written
+    #: by the device thread the moment it learns it, so a batch queued behind is split to fit.
     max_pixels: float | None = None
+    #: Seconds the device spent in pipeline calls since the start.
+    busy_s: float = 0.0
     task: asyncio.Task | None = None
+    #: Between taking a batch and queueing it on the device thread: not to be cancelled.
     busy: bool = False
+    #: Batches queued on the device thread (the running one and those behind it), until settled.
+    batches: set[asyncio.Task] = field(default_factory=set)
 
 
 class Runner(Generic[M]):
@@ -209,22 +220,30 @@ class Runner(Generic[M]):
             worker.thread.thread.start()
             worker.task = asyncio.create_task(self._serve(worker), name=f"runner {worker.device}")
 
+    def busy_seconds(self) -> dict[str, float]:
+        """Seconds each device has spent in pipeline calls since `start()` (for utilisation)."""
+        return {worker.device: worker.busy_s for worker in self._workers}
+
     async def shutdown(self, grace_s: float) -> None:
-        """Take no new batches; give running ones `grace_s` seconds, then cancel them (their jobs
-        stay running, to be re-run after the restart); stop the threads. Results still being
-        delivered get `grace_s` more seconds (storage keeps what was not told, for the restart)."""
+        """Take no new batches; give the running one and the one queued behind it `grace_s`
+        seconds, then cancel them (their jobs stay running, to be re-run after the restart); stop
+        the threads. Results still being delivered get `grace_s` more seconds (storage keeps what
+        was not told, for the restart)."""
         self._stopping = True
-        tasks = [w.task for w in self._workers if w.task is not None]
         for worker in self._workers:
             if not worker.busy and worker.task is not None:
                 worker.task.cancel()
-        _, pending = await asyncio.wait(tasks, timeout=grace_s) if tasks else (set(), set())
+        served = asyncio.ensure_future(self._served())
+        _, pending = await asyncio.wait({served}, timeout=grace_s)
         if pending:
             self._aborting.set()
             _, stuck = await asyncio.wait(pending, timeout=ABORT_WAIT_S)
-            for task in stuck:
-                log.error("a pipeline ignored cancellation at shutdown: %s", task.get_name())
-                task.cancel()
+            if stuck:
+                tasks = [w.task for w in self._workers if w.task is not None]
+                for task in [*tasks, *(t for w in self._workers for t in w.batches), served]:
+                    if not task.done():
+                        log.error("a pipeline ignored cancellation at shutdown: %s", task.get_name())
+                        task.cancel()
         for worker in self._workers:
             worker.thread.close()
         if self._deliveries:
@@ -234,11 +253,20 @@ class Runner(Generic[M]):
                 task.cancel()
             await asyncio.gather(*late, return_exceptions=True)  # their clean-up, before storage closes
 
+    async def _served(self) -> None:
+        """Return once the workers stopped and every batch they queued is settled."""
+        await asyncio.gather(*(w.task for w in self._workers if w.task is not None), return_exceptions=True)
+        while batches := {task for worker in self._workers for task in worker.batches}:
+            await asyncio.wait(batches)
+
     # -- the loop side --
 
     async def _serve(self, worker: _Worker[M]) -> None:
+        """Take batches and queue them on the device thread, one ahead of the running one."""
         settings, loop = self._settings, asyncio.get_running_loop()
         while not self._stopping:
+            while len(worker.batches) > PREFETCH_BATCHES:
+                await asyncio.wait(set(worker.batches), return_when=asyncio.FIRST_COMPLETED)
             while len(self._deliveries) >= MAX_DELIVERIES:  # slow posting holds the device back
                 await asyncio.wait(set(self._deliveries), return_when=asyncio.FIRST_COMPLETED)
             batch = await self._queue.wait_batch(
@@ -247,22 +275,27 @@ class Runner(Generic[M]):
             worker.busy = True
             for job in batch:
                 await self._hook(self._on_started, job)
-            try:
-                report = await worker.thread.call(lambda: self._run(worker, batch, loop))
-            except Exception:  # a bug of ours: fail the batch, keep serving
-                log.exception("runner %s crashed on batch %s", worker.device, [j.id for j in batch])
-                report = _Report([_failed(job, _INTERNAL) for job in batch])
-            if report.oom_pixels is not None:
-                worker.max_pixels = min(worker.max_pixels or report.oom_pixels, report.oom_pixels)
-            for jobs, seconds in report.timed:
-                try:
-                    await self._queue.record_batch(worker.device, jobs, seconds)
-                except Exception:  # storing a rate: the ETA may forget it, nothing else suffers
-                    log.exception("runner %s could not record the rate of jobs %s", worker.device,
-                                  [j.id for j in jobs])
-            for outcome in report.outcomes:
-                self._complete(worker, outcome)
+            ran = worker.thread.call(partial(self._run, worker, batch, loop))
+            settling = asyncio.create_task(self._settle(worker, batch, ran), name=f"batch {batch[0].id}")
+            worker.batches.add(settling)
+            settling.add_done_callback(worker.batches.discard)
             worker.busy = False
+
+    async def _settle(self, worker: _Worker[M], batch: list[Job], ran: asyncio.Future) -> None:
+        """Once the device thread ran `batch`: record its rates, finish its jobs, deliver their results."""
+        try:
+            report = await ran
+        except Exception:  # a bug of ours: fail the batch, keep serving
+            log.exception("runner %s crashed on batch %s", worker.device, [j.id for j in batch])
+            report = _Report([_failed(job, _INTERNAL) for job in batch])
+        for jobs, seconds in report.timed:
+            try:
+                await self._queue.record_batch(worker.device, jobs, seconds)
+            except Exception:  # storing a rate: the ETA may forget it, nothing else suffers
+                log.exception("runner %s could not record the rate of jobs %s", worker.device,
+                              [j.id for j in jobs])
+        for outcome in report.outcomes:
+            self._complete(worker, outcome)
 
     def _complete(self, worker: _Worker[M], outcome: _Outcome) -> None:
         """Finish a job in the queue and deliver its result in a task of its own."""
@@ -343,7 +376,7 @@ class Runner(Generic[M]):
             if job_id not in told:  # a job completed mid-batch shows no more progress
                 loop.call_soon_threadsafe(self._progress, by_id[job_id], step, total, preview)
 
-        parts = [batch]
+        parts = _fitting(batch, worker.max_pixels)[::-1]  # a batch taken before an OOM taught the limit
         while parts:
             live, deadline = [], math.inf  # jobs that wait for their part are not timed
             for job in parts.pop():
@@ -358,6 +391,7 @@ class Runner(Generic[M]):
             if not live:
                 continue
             model_name, out_of_memory, deadline = live[0].request.model, False, time.monotonic() + timeout
+            began = math.nan
             try:
                 model = worker.cache.get(model_name)
                 began = time.monotonic()
@@ -378,11 +412,14 @@ class Runner(Generic[M]):
                 if done == len(live):  # time spent on cancelled or failed work says nothing of speed
                     report.timed.append((live, seconds))
                 continue
+            finally:
+                if not math.isnan(began):
+                    worker.busy_s += time.monotonic() - began
             if out_of_memory:  # outside the except block, so the traceback no longer pins tensors
                 self._free_memory(worker, model_name)
                 if len(live) > 1:
                     half_pixels = _pixels(live) / 2
-                    report.oom_pixels = min(report.oom_pixels or half_pixels, half_pixels)
+                    worker.max_pixels = min(worker.max_pixels or half_pixels, half_pixels)
             live = [j for j in live if j.id not in told]
             if len(live) == 1:
                 report.outcomes.append(stopped(live[0]) or _failed(live[0], error))
@@ -434,3 +471,14 @@ def _failed(job: Job, error: str) -> _Outcome:
 def _pixels(jobs: list[Job]) -> float:
     """The work pixels of a batch (`GenerationRequest.work_pixels`): what its memory grows with."""
     return sum(j.request.count * j.request.work_pixels for j in jobs)
+
+
+def _fitting(batch: list[Job], max_pixels: float | None) -> list[list[Job]]:
+    """`batch` cut, in order, into parts of at most `max_pixels` work pixels (a job too large
+    alone makes a part of its own)."""
+    parts: list[list[Job]] = []
+    for job in batch:
+        if not parts or (max_pixels is not None and _pixels([*parts[-1], job]) > max_pixels):
+            parts.append([])
+        parts[-1].append(job)
+    return parts

@@ -1,9 +1,12 @@
 """The GPU runner with fake pipelines: batching, OOM split, failures, timeouts, cancellation,
-shutdown, the model cache, and an event loop that stays responsive during a CPU generation."""
+shutdown, the model cache, an event loop that stays responsive during a CPU generation, and the
+next batch queued on the device thread while the current one runs (also with the real Engine on
+the meta device standing in for a GPU)."""
 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import threading
 import time
 from dataclasses import dataclass
@@ -11,13 +14,16 @@ from dataclasses import dataclass
 import pytest
 import torch
 
+from generation.engine import Engine
 from generation.images import ImageInputError
 from generation.model_cache import ModelCache
 from generation.queue import FairQueue, Job, Submission
 from generation.request import JobState
 from generation.request import GenerationRequest
-from generation.runner import JobResult, Runner
-from generation.settings import QueueSettings
+from generation.runner import MAX_DELIVERIES, PREFETCH_BATCHES, JobResult, Runner
+from generation.settings import ModelSettings, QueueSettings
+from tests.fixtures.checkpoints import TinyCheckpoints, tiny_checkpoints  # noqa: F401
+from tests.fixtures.devices import StandInDevice, on_stand_in_device
 
 SETTINGS = QueueSettings(max_queued_per_user=50, max_batch_images=8, job_timeout_s=30)
 
@@ -479,6 +485,196 @@ async def test_the_event_loop_stays_responsive_during_a_cpu_generation():
     assert hooks.result(job)[0] is JobState.DONE
     assert time.monotonic() - began >= 1.0 and len(lateness) >= 25  # the timer kept firing
     assert max(lateness) < 0.2, f"the loop stalled for {max(lateness):.3f} s"
+
+
+class Held(Painter):
+    """Its first batch waits on the device thread until `release` is set; records, in order, when
+    each batch starts and ends there."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.release = threading.Event()
+        self.trace: list[str] = []
+        self.second_started = threading.Event()
+
+    def run(self, model, device, batch, progress, cancelled):
+        call = len(self.trace) // 2 + 1
+        self.trace.append(f"start {call}")
+        if call == 2:
+            self.second_started.set()
+        if call == 1:
+            assert self.release.wait(5), "the test never released the first batch"
+        try:
+            return super().run(model, device, batch, progress, cancelled)
+        finally:
+            self.trace.append(f"end {call}")
+
+
+async def until(condition, timeout: float = 5.0) -> None:
+    async with asyncio.timeout(timeout):
+        while not condition():
+            await asyncio.sleep(0.005)
+
+
+async def settle_loop() -> None:
+    """Let every task that can run on the loop run: what the runner would take, it has taken."""
+    for _ in range(50):
+        await asyncio.sleep(0)
+
+
+async def test_the_next_batch_is_started_and_queued_while_one_runs_and_follows_it_without_the_loop():
+    queue, pipeline, hooks = FairQueue(SETTINGS), Held(), Recorder()
+    first, second = await submit(queue, 1, steps=4), await submit(queue, 2, steps=5)  # two batches
+    runner = start_runner(queue, pipeline, hooks)
+    await until(lambda: hooks.started == [first.id, second.id])  # the second one's hooks ran already
+    assert pipeline.trace == ["start 1"] and second.state is JobState.RUNNING
+    pipeline.release.set()
+    # The loop is blocked from here on: the device thread starts the second batch on its own.
+    assert pipeline.second_started.wait(5), "the device waited for the event loop between batches"
+    await hooks.wait_for(2)
+    await runner.shutdown(1)
+    assert pipeline.trace == ["start 1", "end 1", "start 2", "end 2"]
+    assert pipeline.calls == [[first.id], [second.id]]
+    assert all(hooks.result(j)[0] is JobState.DONE for j in (first, second))
+
+
+async def test_only_one_batch_waits_behind_the_running_one():
+    queue, pipeline, hooks = FairQueue(SETTINGS), Held(), Recorder()
+    jobs = [await submit(queue, owner, steps=owner + 1) for owner in range(4)]  # four batches
+    runner = start_runner(queue, pipeline, hooks)
+    await until(lambda: len(hooks.started) == 1 + PREFETCH_BATCHES)
+    await settle_loop()
+    assert len(hooks.started) == 1 + PREFETCH_BATCHES and len(queue) == 2  # the others stay queued
+    pipeline.release.set()
+    await hooks.wait_for(4)
+    await runner.shutdown(1)
+    assert pipeline.calls == [[j.id] for j in jobs]
+
+
+async def test_a_job_cancelled_while_its_batch_waits_behind_the_running_one_never_runs():
+    queue, pipeline, hooks = FairQueue(SETTINGS), Held(), Recorder()
+    running, waiting = await submit(queue, 1, steps=4), await submit(queue, 2, steps=5)
+    runner = start_runner(queue, pipeline, hooks)
+    await until(lambda: len(hooks.started) == 2)
+    queue.cancel(waiting.id, by=2)
+    pipeline.release.set()
+    await hooks.wait_for(2)
+    later = await submit(queue, 3)
+    await hooks.wait_for(3)
+    await runner.shutdown(1)
+    assert pipeline.calls == [[running.id], [later.id]]
+    assert hooks.result(waiting) == (JobState.CANCELLED, JobResult(waiting.id, error="cancelled by its owner"))
+    assert hooks.result(running)[0] is hooks.result(later)[0] is JobState.DONE
+    assert waiting.state is JobState.CANCELLED and queue.get(waiting.id) is None
+
+
+async def test_a_limit_learned_from_running_out_of_memory_splits_the_batch_queued_behind():
+    class HeldOutOfMemory(Held, OutOfMemoryAboveOne):
+        pass
+
+    settings = SETTINGS.model_copy(update={"max_batch_images": 4})
+    queue, pipeline, hooks = FairQueue(settings), HeldOutOfMemory(), Recorder()
+    jobs = [await submit(queue, owner) for owner in range(8)]
+    runner = start_runner(queue, pipeline, hooks, settings=settings)
+    await until(lambda: len(hooks.started) == 8)  # two batches of four: one runs, one waits
+    pipeline.release.set()
+    await hooks.wait_for(8)
+    await runner.shutdown(1)
+    assert [len(c) for c in pipeline.calls] == [4, 2, 1, 1, 2, 1, 1] + [1, 1, 1, 1]  # no oversized try
+    assert [j for call in pipeline.calls[7:] for j in call] == [j.id for j in jobs[4:]]  # in order
+    assert all(hooks.result(j)[0] is JobState.DONE for j in jobs)
+
+
+async def test_shutdown_leaves_the_running_batch_and_the_one_behind_it_running_for_restart():
+    queue, pipeline, hooks = FairQueue(SETTINGS), Painter(step_s=0.01, steps=10_000), Recorder()
+    running, behind, queued = [await submit(queue, owner, steps=s) for owner, s in ((1, 4), (2, 5), (1, 4))]
+    runner = start_runner(queue, pipeline, hooks)
+    await until(lambda: len(hooks.started) == 2)
+    began = time.monotonic()
+    await runner.shutdown(grace_s=0.2)
+    assert 0.2 <= time.monotonic() - began < 1.5
+    assert hooks.finished == [] and pipeline.calls == [[running.id]]  # the one behind never started
+    assert running.state is behind.state is JobState.RUNNING and queued.state is JobState.QUEUED
+    assert await _thread_exits(pipeline.threads[0])
+
+
+async def test_shutdown_gives_the_batch_behind_the_running_one_the_rest_of_the_grace_period():
+    queue, pipeline, hooks = FairQueue(SETTINGS), Painter(step_s=0.02, steps=5), Recorder()
+    jobs = [await submit(queue, owner, steps=owner + 3) for owner in (1, 2)]  # two batches
+    runner = start_runner(queue, pipeline, hooks)
+    await until(lambda: len(hooks.started) == 2)
+    await runner.shutdown(grace_s=5)
+    assert pipeline.calls == [[j.id] for j in jobs]
+    assert all(hooks.result(j)[0] is JobState.DONE for j in jobs)
+
+
+async def test_results_waiting_to_be_delivered_hold_the_next_batches_back():
+    settings = SETTINGS.model_copy(update={"max_batch_images": 1})
+    queue, pipeline, hooks = FairQueue(settings), Painter(), SlowDelivery()
+    jobs = [await submit(queue, owner) for owner in range(MAX_DELIVERIES + 5)]
+    runner = start_runner(queue, pipeline, hooks, settings=settings)
+    # Taking stops at MAX_DELIVERIES; the batch already queued behind still runs.
+    await until(lambda: len(hooks.delivering) == MAX_DELIVERIES + PREFETCH_BATCHES)
+    await settle_loop()
+    assert len(hooks.started) == len(pipeline.calls) == MAX_DELIVERIES + PREFETCH_BATCHES and len(queue) == 4
+    hooks.gate.set()
+    await hooks.wait_for(len(jobs))
+    await runner.shutdown(1)
+
+
+async def test_busy_seconds_count_the_time_in_pipeline_calls():
+    queue, hooks = FairQueue(SETTINGS), Recorder()
+    for owner in range(2):
+        await submit(queue, owner, steps=owner + 4)  # two batches
+    runner = start_runner(queue, Painter(step_s=0.02), hooks)
+    await hooks.wait_for(2)
+    await runner.shutdown(1)
+    assert 9 * 0.02 <= runner.busy_seconds()["cpu"] < 9 * 0.02 + 0.5
+
+
+class OnStandInDevice:
+    """The real Engine on the meta device standing in for a GPU (tests/fixtures/devices.py), run
+    under the stand-in on the device thread; marks each batch's begin and end and each step in
+    the stand-in's record of what crossed between host and device."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine, self.device = engine, StandInDevice()
+
+    def run(self, model, device, batch, progress, cancelled):
+        def step(job_id, step, total, preview):
+            self.device.traffic.append("step")
+            progress(job_id, step, total, preview)
+
+        with self.device:
+            self.device.traffic.append("begin")
+            try:
+                return self.engine.run(model, device, batch, step, cancelled)
+            finally:
+                self.device.traffic.append("end")
+
+
+async def test_on_a_stand_in_gpu_each_batch_follows_the_last_reading_back_only_its_images(
+        tiny_checkpoints: TinyCheckpoints) -> None:  # noqa: F811
+    path, yaml_path = tiny_checkpoints.get("sd1")
+    engine = Engine((ModelSettings(name="tiny", checkpoint=path, config=yaml_path),), "float32", lambda sha: b"")
+    pipeline, hooks = OnStandInDevice(engine), Recorder()
+    queue = FairQueue(SETTINGS)
+    for owner, steps in ((1, 3), (2, 4)):  # two batches of two images each
+        await queue.submit(Submission(GenerationRequest(
+            prompt="a fox", model="tiny", sampler="euler", steps=steps, guidance=5.0, seed=1, width=64, height=64,
+            count=2), owner, 1))
+    runner = Runner(
+        queue, pipeline, ["cpu"], SETTINGS, load_model=lambda name, device: on_stand_in_device(engine.load(name, "cpu")),
+        model_size=lambda model: 1, model_budget_bytes=10, on_finished=hooks.on_finished,
+    )
+    runner.start()
+    await hooks.wait_for(2, timeout=60)
+    await runner.shutdown(1)
+    assert [(state, len(result.images)) for _, result, state in hooks.finished] == [(JobState.DONE, 2)] * 2
+    runs = [(what, len(list(group))) for what, group in itertools.groupby(pipeline.device.traffic)]
+    uploads = [count for what, count in runs if what == "copy to device"]  # prompts' tokens, the noise
+    assert runs == [("begin", 1), ("copy to device", uploads[0]), ("step", 3), ("read back", 2), ("end", 1),
+                    ("begin", 1), ("copy to device", uploads[1]), ("step", 4), ("read back", 2), ("end", 1)]
 
 
 @pytest.mark.gpu

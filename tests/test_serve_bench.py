@@ -1,0 +1,67 @@
+"""`atelier bench serve` end to end on the CPU with a tiny random-weight checkpoint: every job of the
+trace is delivered and the printed figures agree with each other."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from bot.cli import main as cli
+from bot.serve_bench import CLASSES, _members, _paced, _trace
+
+TINY_RUN = ["--members", "4", "--jobs", "6", "--steps", "2", "--counts", "1,2", "--sizes", "64x64,64x80", "--seed", "3"]
+
+
+def figure(output: str, pattern: str) -> tuple[float, ...]:
+    match = re.search(pattern, output)
+    assert match is not None, f"{pattern!r} not in the output:\n{output}"
+    return tuple(float(group) for group in match.groups())
+
+
+def test_the_serve_bench_delivers_every_job_and_prints_consistent_figures(capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli(["bench", "serve", *TINY_RUN]) == 0
+    output = capsys.readouterr().out
+    images, done, jobs, wall, rate = figure(
+        output, r"delivered +(\d+) images of (\d+)/(\d+) jobs in +([\d.]+) s: +([\d.]+) images/s")
+    assert done == jobs == 6 and images >= 6
+    engine_images, batches, engine_s, engine_rate = figure(
+        output, r"engine alone +(\d+) images in (\d+) batches +in +([\d.]+) s: +([\d.]+) images/s")
+    assert engine_images == images and 1 <= batches <= jobs
+    assert rate == pytest.approx(images / wall, rel=0.01) and engine_rate == pytest.approx(images / engine_s, rel=0.01)
+    (ratio,) = figure(output, r"ratio +([\d.]+) \(delivered / engine alone\)")
+    assert 0 < ratio <= 1.5 and ratio == pytest.approx(rate / engine_rate, abs=0.002)
+    busy, busy_s = figure(output, r"device busy +([\d.]+) of the wall time \(([\d.]+) s in pipeline runs")
+    assert 0 < busy <= 1 and busy == pytest.approx(busy_s / wall, abs=0.02)  # both printed rounded
+    rows = re.findall(r"^(member|supporter|patron) +[\d.]+ +\d+ +(\d+) +(\d+) \|", output, re.MULTILINE)
+    assert rows and sum(int(jobs) for _, jobs, _ in rows) == 6 and sum(int(n) for _, _, n in rows) == images
+
+
+@pytest.mark.parametrize(("options", "message"), [
+    (["--sizes", "512by512"], "'512by512' is not WxH with sides multiple of 8"),
+    (["--steps", "20,x"], "--steps: '20,x' is not a comma-separated list of positive whole numbers"),
+    (["--device", "gpu"], "'gpu' is not a device; allowed: cpu, cuda, cuda:N"),
+    (["--load", "0"], "--load must be above 0, got 0"),
+    (["--checkpoint", "/nowhere/model.safetensors"], "/nowhere/model.safetensors is not a file"),
+])
+def test_bad_options_are_refused_with_what_is_allowed(
+    options: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as refused:
+        cli(["bench", "serve", *options])
+    assert refused.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_the_trace_mixes_classes_sizes_and_counts_and_arrives_at_the_rate_asked() -> None:
+    import random
+
+    members = _members(20, random.Random(0))
+    assert {m.guild_id for m in members} == {1, 2, 3} and {m.role for m in members} == {c[0] for c in CLASSES}
+    trace = _trace(members, 200, [(512, 512), (512, 768)], [20, 25], [1, 2, 4], "euler", random.Random(1))
+    assert [a.at for a in trace] == sorted(a.at for a in trace)
+    assert {(a.request.width, a.request.height) for a in trace} == {(512, 512), (512, 768)}
+    assert {a.request.count for a in trace} == {1, 2, 4} and {a.request.steps for a in trace} == {20, 25}
+    rate = 10.0  # cost units per second
+    paced = _paced(trace, rate)
+    assert paced[-1].at == pytest.approx(sum(a.request.cost for a in trace) / rate)
+    assert [a.request for a in paced] == [a.request for a in trace]
