@@ -11,7 +11,6 @@ at definition time, and the option ranges come from the configuration.
 import asyncio
 import contextlib
 import logging
-import math
 import re
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -37,12 +36,13 @@ from generation.prompts import PromptError
 from generation.metadata import png_bytes
 from generation.queue import Job, Refused, explain
 from generation.request import (
+    ASPECTS,
     MAX_SEED,
     SAMPLER_NAMES,
     GenerationRequest,
     Kind,
+    aspect_size,
     random_seed,
-    round_to_multiple,
     unet_flops_ratio,
 )
 from generation.settings import GenerationSettings, default_model
@@ -55,7 +55,6 @@ from storage.images import ImageStatus, image_file, job_images, put_input
 
 log = logging.getLogger(__name__)
 
-ASPECTS = ("1:1", "2:3", "3:2", "3:4", "4:3", "9:16", "16:9")
 #: Longest prompt a user may type (styles add their own words around it).
 MAX_PROMPT = 1000
 #: Largest upload read, and largest decoded image, before anything is resized.
@@ -99,19 +98,11 @@ class Options:
 
 
 def size_for(aspect: str, native: int, family: str = "") -> tuple[int, int]:
-    """Width and height of `aspect` with about the pixels of a native x native image, multiples of 64.
-    SDXL families get the sizes SDXL was trained at (1024x1024, 896x1152, 832x1216, 768x1344 and
-    the transposes): the short side rounded to 64, the long side the most that keeps the image
-    within native x native pixels."""
-    if aspect not in ASPECTS:
-        raise UserError(f"unknown aspect {aspect!r}; allowed: {', '.join(ASPECTS)}")
-    a, b = (int(part) for part in aspect.split(":"))
-    width, height = round_to_multiple(native * math.sqrt(a / b)), round_to_multiple(native * math.sqrt(b / a))
-    if not family.startswith("sdxl") or a == b:
-        return width, height
-    if a < b:
-        return width, native**2 // width // 64 * 64
-    return native**2 // height // 64 * 64, height
+    """Width and height of `aspect` at the model's native size (`generation.request.aspect_size`)."""
+    try:
+        return aspect_size(aspect, native, family)
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
 
 
 def parse_flags(text: str) -> Options:

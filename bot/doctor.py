@@ -5,12 +5,14 @@ from __future__ import annotations
 import os
 import sys
 import tempfile
+import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from enum import StrEnum
 
 from bot.config import TOKEN_ENV, AppConfig
 from bot.model_report import describe_checkpoint, refiner_problem, upscaler_problem
+from generation.compiled import State, cache_dir_in, read_statuses
 from models.families import X4_UPSCALER
 from models.loading import CheckpointError, inspect_checkpoint
 
@@ -35,6 +37,7 @@ def run_checks(config: AppConfig, environ: Mapping[str, str] = os.environ) -> li
         _python(),
         *_torch_and_devices(config),
         *_checkpoints(config),
+        *_compiled(config),
         _data_dir(config),
         _token(environ),
     ]
@@ -131,6 +134,29 @@ def _checkpoints(config: AppConfig) -> Iterator[Check]:
         if problem is not None:
             yield Check(Status.FAIL, f"model {model.name}", problem,
                         "point refiner at an [[models]] entry holding sd_xl_refiner_1.0.safetensors, or remove it")
+
+
+def _compiled(config: AppConfig) -> Iterator[Check]:
+    """The compile setting, then each model's graphs as the bot last wrote them (while it runs: now)."""
+    g = config.generation
+    where = {"auto": "on CUDA devices (the CPU runs eagerly)", "on": "on every device", "off": "never"}
+    yield Check(Status.OK, "compiled execution",
+                f'compile = "{g.compile}": compiled {where[g.compile]}, mode {g.compile_mode}, '
+                f"{g.compile_batches} {list(g.compile_buckets)}, warm-up {list(g.compile_warmup)}")
+    folder = cache_dir_in(config.storage.data_dir)
+    try:
+        statuses = read_statuses(folder)
+    except (OSError, ValueError, KeyError) as exc:
+        yield Check(Status.WARN, "compiled graphs", f"unreadable status in {folder / 'status'} ({exc})",
+                    "delete that folder; the bot writes it again")
+        return
+    for status in statuses:
+        counts = ", ".join(f"{status.count(state)} {state}" for state in State)
+        written = time.strftime("%Y-%m-%d %H:%M", time.localtime((folder / "status").stat().st_mtime))
+        failed = [g.key for g in status.graphs if g.state is State.FAILED]
+        yield Check(Status.WARN if failed else Status.OK, f"compiled graphs of {status.model} on {status.device}",
+                    f"{counts} (as of {written})" + (f"; eager for good: {'; '.join(failed)}" if failed else ""),
+                    "the bot's log says why each failed; restart to try again" if failed else "")
 
 
 def _data_dir(config: AppConfig) -> Check:

@@ -21,6 +21,7 @@ from PIL.Image import Image
 from bot.config import AppConfig
 from bot.policy import Requester
 from generation.addons import AddonLibrary
+from generation.compiled import Compiling, cache_dir_in
 from generation.engine import Engine
 from generation.metadata import png_bytes
 from generation.queue import Estimate, FairQueue, Job, RateKey, Submission, role_weight
@@ -106,6 +107,8 @@ class Studio:
             preview_every_s=config.discord.progress_interval_s,
             vae_tile_above_pixels=config.generation.vae_tile_above_pixels,
             addons=self.addons,
+            vae_dtype=config.generation.vae_dtype,
+            compiling=Compiling.of(config.generation, cache_dir_in(config.storage.data_dir)),
         )
         self._refusal = refusal
         self.queue = FairQueue(config.queue, devices, limits=self._limits, persist=self._persist,

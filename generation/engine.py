@@ -20,6 +20,7 @@ import torch
 from PIL import Image
 
 from generation.addons import AddonLibrary
+from generation.compiled import Compiling
 from generation.denoiser import latent_preview
 from generation.metadata import parameters_text
 from generation.pipeline import (
@@ -29,6 +30,7 @@ from generation.pipeline import (
     load_model,
     resolve_device,
     resolve_dtype,
+    resolve_vae_dtype,
     run_batch,
 )
 from generation.queue import Job
@@ -43,7 +45,9 @@ class Engine:
     `Pipeline` protocol). `inputs(sha256)` returns a stored input image's bytes (img2img, inpaint,
     variations, upscales); `preview` adds a cheap latent-to-RGB image to each progress report, a
     fresh one at most every `preview_every_s` seconds (reports in between repeat the last one);
-    `addons`: the LoRA and embedding folders prompts may use."""
+    `addons`: the LoRA and embedding folders prompts may use;
+    `compiling` decides which loaded models run compiled UNet graphs and warms them up at load;
+    `vae_dtype` is the VAE decode's precision ("auto": float16 on CUDA, where the family allows)."""
 
     def __init__(
         self,
@@ -54,6 +58,8 @@ class Engine:
         preview: bool = False,
         preview_every_s: float = 0.0,
         vae_tile_above_pixels: int = 1024 * 1024,
+        vae_dtype: str = "auto",
+        compiling: Compiling = Compiling(),
         clock: Callable[[], float] = time.monotonic,
         addons: AddonLibrary | None = None,
     ) -> None:
@@ -61,6 +67,8 @@ class Engine:
         self._addons = addons
         self._dtype = dtype
         self._vae_tile_above_pixels = vae_tile_above_pixels
+        self._vae_dtype = vae_dtype
+        self._compiling = compiling
         self._inputs = inputs
         self._preview = preview
         self._preview_every_s = preview_every_s
@@ -69,7 +77,8 @@ class Engine:
         self._hashes: dict[tuple[Path, int, int], str] = {}
 
     def load(self, name: str, device: str) -> LoadedModel:
-        """The checkpoint configured as `name`, on `device` (the runner's `load_model`)."""
+        """The checkpoint configured as `name`, on `device` (the runner's `load_model`); its UNet
+        compiled when `compiling` says so, the warm-up shapes' graphs building in the background."""
         settings = self._models.get(name)
         if settings is None:
             raise KeyError(f"unknown model {name!r}; configured: {', '.join(self._models)}")
@@ -79,7 +88,13 @@ class Engine:
         key = (settings.checkpoint, stat.st_size, stat.st_mtime_ns)
         if key not in self._hashes:
             self._hashes[key] = checkpoint_hash(settings.checkpoint)
-        model = load_model(settings, torch_device, dtype, self._vae_tile_above_pixels, self._hashes[key], self._addons)
+        model = load_model(settings, torch_device, dtype, self._vae_tile_above_pixels, self._hashes[key],
+                           self._addons, resolve_vae_dtype(self._vae_dtype, torch_device))
+        compiled = self._compiling.wrap(model.network.unet, name, torch_device)
+        if compiled is not None:
+            network = model.network
+            compiled.warm_up(self._compiling.warmup_keys(network.family, dtype, network.vae_scale))
+            model = dataclasses.replace(model, unet=compiled)
         if settings.refiner is None:
             return model
         refiner = self.load(settings.refiner, device)
@@ -88,8 +103,11 @@ class Engine:
 
     @staticmethod
     def size(model: LoadedModel) -> int:
-        """Bytes the model's weights hold, its refiner's included (the runner's `model_size`)."""
-        own = sum(t.numel() * t.element_size() for t in model.network.state_dict().values())
+        """Bytes the model's weights hold, its half-precision VAE decoder's and its refiner's
+        included (the runner's `model_size`)."""
+        decoder = {} if model.vae_decoder is None else model.vae_decoder.state_dict()
+        tensors = [*model.network.state_dict().values(), *decoder.values()]
+        own = sum(t.numel() * t.element_size() for t in tensors)
         return own + (0 if model.refiner is None else Engine.size(model.refiner))
 
     def run(

@@ -6,19 +6,29 @@ txt2img run (text encoding, sampling, VAE decode), and peak VRAM. When diffusers
 same UNet figures are taken for its UNet2DConditionModel of the same architecture in the same run,
 and printed as ratios (ours / diffusers: below 1 is faster). diffusers is only a yardstick here;
 the engine never imports it.
+
+With `--compile` the engine's compiled UNet (generation/compiled.py, as the bot runs it) is timed
+beside its eager one: each shape's compile seconds (cold, or warm from the inductor cache when
+`--cache-dir` is reused), the compiled step, the whole image and images/s; `--diffusers-compile`
+compiles diffusers' UNet the same way for a like-for-like ratio.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import dataclasses
 import importlib.util
+import os
 import statistics
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 
-from generation.pipeline import LoadedModel, txt2img
+from generation.compiled import Bucketing, CompiledUNet, GraphKey, torch_compiler
+from generation.pipeline import LoadedModel, half_decoder, resolve_vae_dtype, txt2img
 from generation.request import SAMPLER_NAMES, GenerationRequest
 from generation.schedules import DiscreteSchedule
 from models.families import SD1, SD2_V, Family
@@ -39,41 +49,123 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--sampler", choices=SAMPLER_NAMES, default="dpmpp_2m_karras")
     parser.add_argument("--iters", type=int, default=20, help="timed UNet calls per configuration")
     parser.add_argument("--no-diffusers", action="store_true", help="skip the diffusers comparison")
+    parser.add_argument("--vae-dtype", choices=("auto", "float32", "float16", "bfloat16"), default="auto",
+                        help="VAE decode precision, as [generation] vae_dtype (auto: float16 on CUDA)")
+    parser.add_argument("--compile", action="store_true", help="also time the compiled UNet (generation/compiled.py)")
+    parser.add_argument("--compile-mode", default=None,
+                        choices=("reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs", "default"),
+                        help="torch.compile mode (default: reduce-overhead on CUDA, default on the CPU)")
+    parser.add_argument("--compile-batches", choices=("buckets", "exact"), default="exact",
+                        help="graph rows as [generation] compile_batches; buckets pad to 1,2,4,8 images")
+    parser.add_argument("--cache-dir", type=Path, default=None,
+                        help="inductor cache folder: reuse it for the warm-restart compile figures")
+    parser.add_argument("--diffusers-compile", action="store_true", help="also compile diffusers' UNet the same way")
+    parser.add_argument("--sdpa-backend", choices=("flash", "efficient", "cudnn", "math"), default=None,
+                        help="attention kernel for every UNet (default: PyTorch picks per call)")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     dtype = getattr(torch, args.dtype or ("float16" if device.type == "cuda" else "float32"))
     family = FAMILIES[args.family]
     sizes = [int(s) for s in args.sizes.split(",")]
     batches = [int(b) for b in args.batches.split(",")]
+    mode = args.compile_mode or ("reduce-overhead" if device.type == "cuda" else "default")
+    if args.cache_dir is not None:
+        cached = sum(1 for _ in args.cache_dir.rglob("*")) if args.cache_dir.exists() else 0
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(args.cache_dir.resolve())  # before anything compiles
+        print(f"inductor cache {args.cache_dir}: {cached} files before this run ({'warm' if cached else 'cold'})")
 
-    model = _random_model(family, device, dtype)
+    model = _random_model(family, device, dtype, resolve_vae_dtype(args.vae_dtype, device))
+    compiled = None
+    if args.compile:
+        compiled = CompiledUNet(model.network.unet, torch_compiler(mode), model=model.name, device=device,
+                                mode=mode, bucketing=Bucketing(args.compile_batches))
     reference = None if args.no_diffusers or not importlib.util.find_spec("diffusers") else _diffusers_unet(family, device, dtype)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
-    print(f"{args.family} UNet, random weights, {dtype}, {name}, torch {torch.__version__}")
-    header = f"{'size':>5} {'batch':>5} | {'UNet ms/step':>12} {'image s':>8} {'peak GiB':>8}"
+    vae = "float32" if model.vae_decoder is None else str(next(model.vae_decoder.parameters()).dtype)
+    print(f"{args.family} UNet, random weights, {dtype} (VAE decode {vae}), {name}, torch {torch.__version__}, "
+          f"SDPA {args.sdpa_backend or 'auto'}"
+          + (f", compile mode {mode}, {args.compile_batches} rows" if compiled else ""))
+    columns = [("UNet ms/step", 12), ("image s", 8), ("images/s", 8)]
+    if compiled:
+        columns += [("compile s", 9), ("compiled ms", 11), ("x", 5), ("image s", 8), ("images/s", 8)]
     if reference is not None:
-        header += f" | {'diffusers ms/step':>17} {'ratio':>6}"
-    print(header)
-    unets = [model.network.unet] + ([] if reference is None else [_diffusers_call(reference)])
-    for size in sizes:
-        for batch in batches:
-            ours, *theirs = _unet_step_ms(unets, family, size, batch, device, dtype, args.iters)
-            latency, peak = _image_latency(model, size, batch, args.steps, args.sampler)
-            line = f"{size:>5} {batch:>5} | {ours:>12.2f} {latency:>8.2f} {peak:>8.2f}"
-            if theirs:
-                line += f" | {theirs[0]:>17.2f} {ours / theirs[0]:>6.2f}"
-            print(line, flush=True)
+        columns += [("diffusers ms", 12), ("ratio", 6)]
+        if args.diffusers_compile:
+            columns += [("compile s", 9), ("compiled ms", 11), ("ratio", 6)]
+    columns += [("peak GiB", 8)]
+    print(f"{'size':>5} {'batch':>5} | " + " ".join(f"{title:>{width}}" for title, width in columns))
+    reference_compiled = None
+    if reference is not None and args.diffusers_compile:
+        reference_compiled = torch.compile(_diffusers_call(reference), fullgraph=True, dynamic=False, mode=mode)
+    with _attention(args.sdpa_backend):
+        for size in sizes:
+            for batch in batches:
+                figures = _figures(model, compiled, reference, reference_compiled, size, batch, args)
+                print(f"{size:>5} {batch:>5} | "
+                      + " ".join(f"{value:>{width}.2f}" for value, (_, width) in zip(figures, columns, strict=True)),
+                      flush=True)
     return 0
 
 
-def _random_model(family: Family, device: torch.device, dtype: torch.dtype) -> LoadedModel:
+def _attention(backend: str | None) -> contextlib.AbstractContextManager:
+    """Only `backend`'s SDPA kernel for the whole run, or PyTorch's own choice per call."""
+    if backend is None:
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    names = {"flash": "FLASH_ATTENTION", "efficient": "EFFICIENT_ATTENTION", "cudnn": "CUDNN_ATTENTION", "math": "MATH"}
+    return sdpa_kernel(getattr(SDPBackend, names[backend]))
+
+
+def _figures(model: LoadedModel, compiled: CompiledUNet | None, reference: torch.nn.Module | None,
+             reference_compiled: Callable[..., torch.Tensor] | None, size: int, batch: int,
+             args: argparse.Namespace) -> list[float]:
+    """One row of the table, in the order of its columns."""
+    family, device, dtype = model.network.family, model.device, model.dtype
+    unets: list[Callable[..., torch.Tensor]] = [model.network.unet]
+    compile_s = []
+    if compiled is not None:
+        rows = Bucketing(args.compile_batches).rows(2 * batch)
+        side = size // model.network.vae_scale
+        key = GraphKey.txt2img(rows, family.unet.in_channels, (side, side), 77, family.unet.context_dim, dtype)
+        compiled.warm_up([key])
+        compiled.wait()
+        (graph,) = [g for g in compiled.status().graphs if g.key == key.describe()]
+        compile_s.append(graph.seconds if graph.seconds is not None else float("nan"))
+        unets.append(compiled)
+    if reference is not None:
+        unets.append(_diffusers_call(reference))
+        if reference_compiled is not None:
+            start = time.perf_counter()
+            _unet_step_ms([reference_compiled], family, size, batch, device, dtype, 1)  # compiles
+            compile_s.append(time.perf_counter() - start)
+            unets.append(reference_compiled)
+    ms = _unet_step_ms(unets, family, size, batch, device, dtype, args.iters)
+    latency, peak = _image_latency(model, size, batch, args.steps, args.sampler)
+    figures = [ms[0], latency, batch / latency]
+    if compiled is not None:
+        compiled_latency, compiled_peak = _image_latency(dataclasses.replace(model, unet=compiled), size, batch,
+                                                         args.steps, args.sampler)
+        peak = max(peak, compiled_peak)
+        figures += [compile_s[0], ms[1], ms[0] / ms[1], compiled_latency, batch / compiled_latency]
+    if reference is not None:
+        theirs = ms[1 + (compiled is not None)]
+        figures += [theirs, ms[0] / theirs]
+        if reference_compiled is not None:
+            figures += [compile_s[-1], ms[-1], (ms[1] if compiled is not None else ms[0]) / ms[-1]]
+    return [*figures, peak]
+
+
+def _random_model(family: Family, device: torch.device, dtype: torch.dtype,
+                  vae_dtype: torch.dtype = torch.float32) -> LoadedModel:
     with torch.device(device):
         network = StableDiffusion(family).to(dtype).eval().requires_grad_(False)
     network.first_stage_model.float()
     if device.type == "cuda":
         network.model.to(memory_format=torch.channels_last)
     schedule = DiscreteSchedule.linear(family.linear_start, family.linear_end, family.timesteps)
-    return LoadedModel(f"random-{family.name}", network, schedule, "0000000000", device, dtype)
+    decoder = None if vae_dtype == torch.float32 else half_decoder(network, vae_dtype)
+    return LoadedModel(f"random-{family.name}", network, schedule, "0000000000", device, dtype, vae_decoder=decoder)
 
 
 def _diffusers_unet(family: Family, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:

@@ -16,6 +16,7 @@ are removed from the prompts before encoding and embedding words become their ve
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import math
 from collections.abc import Callable, Sequence
@@ -25,10 +26,11 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
+from torch import nn
 
 from generation import sdxl
 from generation.addons import AddonError, AddonLibrary
-from generation.denoiser import GuidedDenoiser
+from generation.denoiser import GuidedDenoiser, UNet
 from generation.prompts import encode_prompts, lora_set, split_lora_tags
 from generation.request import GenerationRequest, Kind
 from generation.samplers import SAMPLERS, BatchNoise, Cancelled, Denoiser, Sampler
@@ -36,6 +38,7 @@ from generation.schedules import DiscreteSchedule, ddim_sigmas
 from generation.settings import ModelSettings
 from generation.tiling import OVERLAP, TILE, decode_tiled
 from generation.variations import variation_noise
+from models.families import Family
 from models.loading import load_checkpoint
 from models.lora import LoraMerge
 from models.stable_diffusion import StableDiffusion
@@ -72,6 +75,11 @@ class LoadedModel:
     addons: AddonLibrary | None = None
     #: The LoRA set merged into `network`'s weights now.
     loras: LoraMerge = field(default_factory=LoraMerge, compare=False)
+    #: The UNet call of the pipelines when not the eager `network.unet` (compiled execution).
+    unet: UNet | None = None
+    #: A half-precision copy of the VAE's decoding half (post_quant_conv, decoder) that `decode`
+    #: uses first; None decodes in float32 only.
+    vae_decoder: nn.Module | None = None
 
     @property
     def native_size(self) -> int:
@@ -92,6 +100,14 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     return getattr(torch, dtype)
 
 
+def resolve_vae_dtype(vae_dtype: str, device: torch.device) -> torch.dtype:
+    """"auto" is float16 on CUDA (decode overflows are caught and redone in float32) and float32
+    on the CPU."""
+    if vae_dtype == "auto":
+        return torch.float16 if device.type == "cuda" else torch.float32
+    return getattr(torch, vae_dtype)
+
+
 def load_model(
     settings: ModelSettings,
     device: torch.device,
@@ -99,9 +115,11 @@ def load_model(
     vae_tile_above_pixels: int = 1024 * 1024,
     short_hash: str | None = None,
     addons: AddonLibrary | None = None,
+    vae_dtype: torch.dtype = torch.float32,
 ) -> LoadedModel:
     """Load the checkpoint of `settings` onto `device`. The VAE stays float32: SD's VAE overflows
-    float16 on some images and decodes them black. `short_hash`: the file's known `checkpoint_hash`;
+    float16 on some images and decodes them black; a half `vae_dtype` adds a copy of its decoding
+    half in that dtype, which `decode` tries first. `short_hash`: the file's known `checkpoint_hash`;
     `addons`: the LoRA and embedding folders its prompts may use."""
     network = load_checkpoint(
         settings.checkpoint, settings.config, settings.prediction, device, dtype, vae_dtype=torch.float32
@@ -111,7 +129,25 @@ def load_model(
     family = network.family
     schedule = DiscreteSchedule.linear(family.linear_start, family.linear_end, family.timesteps)
     short_hash = short_hash or checkpoint_hash(settings.checkpoint)
-    return LoadedModel(settings.name, network, schedule, short_hash, device, dtype, vae_tile_above_pixels, addons=addons)
+    vae_dtype = safe_vae_dtype(vae_dtype, family)
+    decoder = None if vae_dtype == torch.float32 else half_decoder(network, vae_dtype)
+    return LoadedModel(settings.name, network, schedule, short_hash, device, dtype, vae_tile_above_pixels,
+                       addons=addons, vae_decoder=decoder)
+
+
+def safe_vae_dtype(dtype: torch.dtype, family: Family) -> torch.dtype:
+    """`dtype`, unless the family's VAE cannot decode in it (SDXL's overflows float16: every image
+    would be decoded twice): then bfloat16, which has float32's range, where allowed, else float32."""
+    if str(dtype).removeprefix("torch.") in family.vae_dtypes:
+        return dtype
+    return torch.bfloat16 if "bfloat16" in family.vae_dtypes else torch.float32
+
+
+def half_decoder(network: StableDiffusion, dtype: torch.dtype) -> nn.Module:
+    """The VAE's decode, post_quant_conv then decoder, copied in `dtype` (the float32 VAE stays
+    for encoding and for images the copy cannot decode)."""
+    vae = network.vae
+    return nn.Sequential(copy.deepcopy(vae.post_quant_conv), copy.deepcopy(vae.decoder)).to(dtype)
 
 
 def checkpoint_hash(path: Path) -> str:
@@ -377,11 +413,13 @@ def _unet_in(model: LoadedModel, labels: torch.Tensor | None = None) -> Callable
     """The UNet taking float32 latents: inputs cast to the weights' dtype, output back to float32.
     labels (B,): class input per image, repeated for the guidance halves of the UNet batch;
     y (N, adm): SDXL's ADM vectors, one per row of the UNet batch (cast with the weights)."""
-    unet = model.network.unet
+    unet = model.network.unet if model.unet is None else model.unet
 
     def run(x: torch.Tensor, t: torch.Tensor, context: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         if y is None and labels is not None:
             y = labels.repeat(x.shape[0] // labels.shape[0])  # (N,)
+        elif y is not None:
+            y = y.to(model.dtype)  # SDXL's ADM vectors, in the dtype the compiled graphs are keyed by
         return unet(x.to(model.dtype), t, context.to(model.dtype), y=y).float()
 
     return run
@@ -401,11 +439,18 @@ def encode(network: StableDiffusion, pixels: torch.Tensor) -> torch.Tensor:
 
 def decode(model: LoadedModel, latents: torch.Tensor) -> list[Image.Image]:
     """VAE.decode(z / scale_factor), then round(clamp((x + 1) / 2, 0, 1) * 255) per pixel; in
-    tiles when the images are larger than `model.vae_tile_above_pixels`."""
+    tiles (float32) when the images are larger than `model.vae_tile_above_pixels`."""
     network, (h, w) = model.network, latents.shape[-2:]
     if h * w * network.vae_scale**2 > model.vae_tile_above_pixels:
         return to_images(decode_tiled(network, latents, TILE, OVERLAP))
-    return to_images(network.vae.decode(latents.float() / network.family.scale_factor))
+    z = latents.float() / network.family.scale_factor
+    if model.vae_decoder is None:
+        return to_images(network.vae.decode(z))
+    x = model.vae_decoder(z.to(next(model.vae_decoder.parameters()).dtype)).float()  # (B, 3, H, W)
+    overflowed = ~torch.isfinite(x).flatten(1).all(dim=1)  # (B,)
+    if overflowed.any():  # those images again in float32 (one read back per batch, after sampling)
+        x[overflowed] = network.vae.decode(z[overflowed])
+    return to_images(x)
 
 
 def to_images(x: torch.Tensor) -> list[Image.Image]:

@@ -214,6 +214,26 @@ class GenerationRequest(BaseModel):
         return [self.seed + i for i in range(self.count)]
 
 
+#: The /imagine aspect presets, width:height.
+ASPECTS = ("1:1", "2:3", "3:2", "3:4", "4:3", "9:16", "16:9")
+
+
+def aspect_size(aspect: str, native: int, family: str = "") -> tuple[int, int]:
+    """Width and height of `aspect` with about the pixels of a native x native image, multiples of 64.
+    SDXL families get the sizes SDXL was trained at (1024x1024, 896x1152, 832x1216, 768x1344 and
+    the transposes): the short side rounded to 64, the long side the most that keeps the image
+    within native x native pixels."""
+    if aspect not in ASPECTS:
+        raise ValueError(f"unknown aspect {aspect!r}; allowed: {', '.join(ASPECTS)}")
+    a, b = (int(part) for part in aspect.split(":"))
+    width, height = round_to_multiple(native * math.sqrt(a / b)), round_to_multiple(native * math.sqrt(b / a))
+    if not family.startswith("sdxl") or a == b:
+        return width, height
+    if a < b:
+        return width, native**2 // width // 64 * 64
+    return native**2 // height // 64 * 64, height
+
+
 def round_to_multiple(value: float, multiple: int = 64) -> int:
     """Nearest positive multiple of `multiple` (sizes must be latent- and UNet-aligned)."""
     return max(multiple, int(math.floor(value / multiple + 0.5)) * multiple)

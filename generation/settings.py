@@ -9,7 +9,12 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from generation.request import SamplerName
+from generation.request import ASPECTS, SamplerName
+
+#: torch.compile modes; "reduce-overhead" and "max-autotune" replay CUDA graphs on CUDA.
+CompileMode = Literal["reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs", "default"]
+#: UNet batch rows padded up to the next bucket, or one graph per exact row count.
+CompileBatches = Literal["buckets", "exact"]
 
 _DEVICE = re.compile(r"^(auto|cpu|cuda|cuda:\d+)$")
 
@@ -59,6 +64,22 @@ class GenerationSettings(_Settings):
     #: Folders of LoRA (`<lora:NAME:WEIGHT>`) and textual-inversion files; re-read when they change.
     lora_dir: Path = Path("loras")
     embedding_dir: Path = Path("embeddings")
+    #: Compiled UNet graphs: "auto" compiles on CUDA and not on the CPU, "on" on any device,
+    #: "off" never. Shapes without a ready graph run eagerly while it is built in the background.
+    compile: Literal["auto", "on", "off"] = "auto"
+    #: torch.compile mode on CUDA (the CPU always uses "default": no CUDA graphs there).
+    compile_mode: CompileMode = "reduce-overhead"
+    compile_batches: CompileBatches = "buckets"
+    #: Images per batch that get a graph ("buckets"): a batch runs padded to the next one.
+    compile_buckets: tuple[int, ...] = (1, 2, 4, 8)
+    #: Aspects (of the /imagine presets) at each model's native size whose graphs are built at
+    #: load, in the background, for every bucket; () builds graphs only as jobs need them.
+    compile_warmup: tuple[str, ...] = ("1:1",)
+    #: Graphs one loaded model may hold; further shapes (odd upload sizes) run eagerly.
+    compile_max_graphs: int = Field(default=32, ge=1)
+    #: VAE decode precision: "auto" is float16 on CUDA (an image that overflows it is decoded
+    #: again in float32) and float32 on the CPU.
+    vae_dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
 
     @field_validator("device")
     @classmethod
@@ -68,6 +89,21 @@ class GenerationSettings(_Settings):
                 raise ValueError(f"{device!r} is not a device; allowed: auto, cpu, cuda, cuda:N")
         if isinstance(value, tuple) and not value:
             raise ValueError("the device list is empty; allowed: auto, cpu, cuda, cuda:N")
+        return value
+
+    @field_validator("compile_buckets")
+    @classmethod
+    def _valid_buckets(cls, value: tuple[int, ...]) -> tuple[int, ...]:
+        if not value or any(b < 1 for b in value):
+            raise ValueError(f"compile_buckets must be image counts >= 1, got {list(value)}")
+        return tuple(sorted(set(value)))
+
+    @field_validator("compile_warmup")
+    @classmethod
+    def _valid_aspects(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        for aspect in value:
+            if aspect not in ASPECTS:
+                raise ValueError(f"compile_warmup: unknown aspect {aspect!r}; allowed: {', '.join(ASPECTS)}")
         return value
 
     @model_validator(mode="after")
