@@ -193,6 +193,8 @@ class Studio:
             await stored.cancel_job(self.db, job.id)
             await self._tell_finished(job.id)
             await self._moved()
+        else:  # it runs, or waits behind the running batch: then the runner completes it now
+            self._runner.cancelled(job)
         return job
 
     async def pause(self, guild_id: int, paused: bool) -> None:

@@ -214,6 +214,10 @@ class Runner(Generic[M]):
         self._stopping = False
         #: Set after the shutdown grace period: every running job reads as cancelled.
         self._aborting = threading.Event()
+        #: Jobs of batches queued on a device thread that has not started them yet: a cancel
+        #: completes them at once (`cancelled`), whichever side claims a job first owns it.
+        self._waiting: dict[str, tuple[_Worker[M], Job]] = {}
+        self._claims = threading.Lock()
 
     def start(self) -> None:
         for worker in self._workers:
@@ -275,11 +279,24 @@ class Runner(Generic[M]):
             worker.busy = True
             for job in batch:
                 await self._hook(self._on_started, job)
+            with self._claims:
+                self._waiting.update((job.id, (worker, job)) for job in batch)
             ran = worker.thread.call(partial(self._run, worker, batch, loop))
             settling = asyncio.create_task(self._settle(worker, batch, ran), name=f"batch {batch[0].id}")
             worker.batches.add(settling)
             settling.add_done_callback(worker.batches.discard)
             worker.busy = False
+
+    def cancelled(self, job: Job) -> bool:
+        """Complete a cancelled job now if its batch waits behind the running one (the device
+        thread will skip it); False when it is not waiting (it runs: it stops at its next step)."""
+        with self._claims:
+            waiting = self._waiting.pop(job.id, None)
+        if waiting is None:
+            return False
+        worker, job = waiting
+        self._complete(worker, _Outcome(job, JobState.CANCELLED, JobResult(job.id, error=job.cancel_reason)))
+        return True
 
     async def _settle(self, worker: _Worker[M], batch: list[Job], ran: asyncio.Future) -> None:
         """Once the device thread ran `batch`: record its rates, finish its jobs, deliver their results."""
@@ -347,8 +364,10 @@ class Runner(Generic[M]):
         deadline = math.inf
         by_id = {job.id: job for job in batch}
         report = _Report()
-        #: Jobs cancelled mid-batch whose completion was already sent to the loop.
-        told: set[str] = set()
+        #: Jobs completed before their end: cancelled while waiting behind the last batch (the
+        #: loop told them), or mid-batch (sent to the loop from here).
+        with self._claims:
+            told = {job.id for job in batch if self._waiting.pop(job.id, None) is None}
 
         def stopped(job: Job) -> _Outcome | None:
             if self._aborting.is_set():
