@@ -355,10 +355,12 @@ async def test_the_bot_sizes_and_charges_sdxl_requests_as_sdxl(tiny_sdxl: TinySD
 
     from bot.commands import Gestures, Options
     from bot.config import AppConfig
+    from generation.addons import AddonLibrary
 
     path, yaml_path = tiny_sdxl.get("sdxl")
     config = AppConfig(models=(ModelSettings(name="xl", checkpoint=path, config=yaml_path),))
-    gestures = Gestures(None, SimpleNamespace(config=config), None)  # type: ignore[arg-type]
+    studio = SimpleNamespace(config=config, db=None, addons=AddonLibrary(None, None))
+    gestures = Gestures(None, studio, None)  # type: ignore[arg-type]
     request = await gestures.request(Options(prompt="a cat", aspect="2:3", seed=1, count=1))
     # the tiny SDXL's native side is 256 (1024 x its 2x VAE / 8): SDXL's 2:3 bucket, scaled
     assert (request.width, request.height) == (192, 320) and request.unet_flops_ratio == 2.1
