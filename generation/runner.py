@@ -219,9 +219,14 @@ class Runner(Generic[M]):
         self._waiting: dict[str, tuple[_Worker[M], Job]] = {}
         self._claims = threading.Lock()
 
-    def start(self) -> None:
+    def start(self, preload: str | None = None) -> None:
+        """Start the workers. With `preload`, each device loads that model before its first batch
+        (and so builds its compiled graphs in the background from the start), not when a job first
+        asks for it."""
         for worker in self._workers:
             worker.thread.thread.start()
+            if preload is not None:
+                worker.thread.call(partial(self._preload, worker, preload))
             worker.task = asyncio.create_task(self._serve(worker), name=f"runner {worker.device}")
 
     def busy_seconds(self) -> dict[str, float]:
@@ -354,6 +359,13 @@ class Runner(Generic[M]):
             log.exception("runner hook %s failed", getattr(hook, "__name__", hook))
 
     # -- the device thread side --
+
+    @staticmethod
+    def _preload(worker: _Worker[M], name: str) -> None:
+        try:
+            worker.cache.get(name)
+        except Exception:  # a job for it will try again and tell its owner what went wrong
+            log.exception("runner %s could not load %s at start", worker.device, name)
 
     def _run(
         self, worker: _Worker[M], batch: list[Job], loop: asyncio.AbstractEventLoop
