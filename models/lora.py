@@ -110,6 +110,8 @@ def _block_names(unet: UNetModel) -> dict[str, str]:
     """diffusers block path -> original block path, by walking the built UNet: input blocks count
     resnets/attentions per level until a Downsample ends the level; output blocks until an Upsample."""
     names = dict(_TOP)
+    if unet.config.adm_in_channels is not None:  # SDXL's ADM MLP (sgm's "sequential" label_emb)
+        names |= {"add_embedding.linear_1": "label_emb.0.0", "add_embedding.linear_2": "label_emb.0.2"}
 
     def add(prefix: str, j: int, block: nn.Module, path: str) -> None:
         for k, layer in enumerate(block):

@@ -28,13 +28,21 @@ from tests.fixtures.addons import (
     random_lora,
     write_lora,
 )
-from tests.fixtures.checkpoints import TinyCheckpoints, random_state_dict, tiny_checkpoints, tiny_family  # noqa: F401
+from tests.fixtures.checkpoints import (  # noqa: F401
+    TinyCheckpoints,
+    random_state_dict,
+    tiny_checkpoints,
+    tiny_family,
+    tiny_sdxl_family,
+)
 
 FAMILIES = {
     "tiny-sd1": lambda: tiny_family("sd1"),
     "tiny-sd2": lambda: tiny_family("sd2"),
     "sd1": lambda: families.SD1,
     "sd2": lambda: families.SD2,
+    "tiny-sdxl": lambda: tiny_sdxl_family("sdxl"),
+    "sdxl": lambda: families.SDXL,
 }
 
 
