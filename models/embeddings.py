@@ -100,8 +100,11 @@ def tower_vectors(name: str, vectors: dict[str, torch.Tensor], network: StableDi
     for tower_name, _, tower in towers:
         key = SDXL_SETS[tower_name] if sdxl else ONE_SET
         found, width = vectors[key].shape[1], tower.config.width
+        if found != width and sdxl:
+            raise EmbeddingError(f"embedding {name} has {found}-wide {key} vectors; the model is {model}, whose "
+                                 f"{key} tower is {width}-wide")
         if found != width:
-            what = f"its {key} vectors are" if sdxl else f"is for {family_label(found)}"
-            raise EmbeddingError(f"embedding {name} {what} ({found}-wide); the model is {model} ({width}-wide)")
+            raise EmbeddingError(f"embedding {name} is for {family_label(found)} ({found}-wide); the model is "
+                                 f"{model} ({width}-wide)")
         rows.append(vectors[key])
     return rows
