@@ -24,6 +24,7 @@ from generation.settings import ModelSettings
 from models import families
 from models.lora import LoraError, lora_for, lora_targets, split_key
 from models.stable_diffusion import StableDiffusion
+from storage.db import Database
 from tests.fixtures.addons import (
     LoraModule,
     lora_file_tensors,
@@ -42,6 +43,7 @@ from tests.fixtures.checkpoints import (  # noqa: F401
     tiny_sdxl,
     tiny_sdxl_family,
 )
+from tests.fixtures.storage import clock, db  # noqa: F401
 
 SDXL_FAMILIES = {"tiny-sdxl": lambda: tiny_sdxl_family("sdxl"), "sdxl": lambda: families.SDXL}
 
@@ -256,3 +258,28 @@ def test_generate_sdxl_with_both_folders(tiny_sdxl: TinySDXL, tmp_path: Path) ->
     assert np.array_equal(pixels["zero"], pixels["plain"])
     assert not np.array_equal(pixels["embedding"], pixels["plain"])
     assert not np.array_equal(np.asarray(used), pixels["embedding"])
+
+
+async def test_the_bot_accepts_sdxl_add_ons_on_sdxl_models_only(tiny_sdxl: TinySDXL, tmp_path: Path,
+                                                               db: Database) -> None:  # noqa: F811
+    """The submit-time check compares the files' family with the model's label, which names SDXL
+    checkpoints by family at every size (`family_label(context_dim, CheckpointInfo.family)`)."""
+    from bot.addons import Addons
+    from bot.config import DiscordSettings
+    from bot.policy import Requester
+    from models.loading import inspect_checkpoint
+    from models.lora import family_label
+
+    xl = tiny_sdxl_family("sdxl")
+    write_lora(tmp_path / "loras" / "xl.safetensors", random_lora(lora_modules(xl)), family=xl)
+    write_sdxl_embedding(tmp_path / "emb" / "xlemb.safetensors", torch.zeros(2, 32), torch.zeros(2, 64))
+    info = inspect_checkpoint(tiny_sdxl.get("sdxl")[0])
+    model = family_label(info.context_dim, info.family)
+    assert model == "SDXL" == family_label(2048) and family_label(1280, "sdxl-refiner") == "SDXL refiner"
+    addons = Addons(AddonLibrary(tmp_path / "loras", tmp_path / "emb"), db, DiscordSettings())
+    request = GenerationRequest(prompt="a <lora:xl:0.6> fox", negative_prompt="xlemb", model="xl", steps=4,
+                                guidance=5.0, seed=1, width=64, height=64)
+    here = Requester(user_id=1, guild_id=10, channel_id=5)
+    assert await addons.problems(request, here, model) == []
+    assert await addons.problems(request, here, "SD 1.x") == [
+        "LoRA xl is for SDXL; the model xl is SD 1.x", "embedding xlemb is for SDXL; the model xl is SD 1.x"]
