@@ -292,7 +292,8 @@ def encode_prompts(
     empty = chunk_prompt(encoder, "")
     flat = [chunk for chunks in chunked for chunk in chunks + empty * (k - len(chunks))]
     weights = torch.tensor([chunk.weights for chunk in flat], dtype=torch.float32, device=device)
-    z = encoder(*encoder_inputs(encoder, flat, embeddings, device))  # (N * k, 77, D)
+    ids, token_embeds = encoder_inputs(encoder, flat, embeddings, device)
+    z = encoder(ids) if token_embeds is None else encoder(ids, token_embeds)  # (N * k, 77, D)
     z32 = z.float()
     weighted = z32 * weights[..., None]
     restored = weighted * (z32.mean(dim=(1, 2), keepdim=True) / weighted.mean(dim=(1, 2), keepdim=True))
