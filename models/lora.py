@@ -188,7 +188,8 @@ def text_towers(network: StableDiffusion) -> list[tuple[str, str, TextEncoder]]:
     if network.family.conditioner is None:
         return [("text_encoder", "cond_stage_model.", network.cond_stage_model)]
     return [
-        ("text_encoder" if isinstance(tower, CLIPTextEncoder) else "text_encoder_2", f"conditioner.embedders.{i}.", tower)
+        ("text_encoder" if isinstance(tower, CLIPTextEncoder) else "text_encoder_2",
+         f"conditioner.embedders.{i}.", tower)
         for i, tower in enumerate(network.conditioner.texts)
     ]
 
@@ -233,7 +234,8 @@ def lora_targets(network: StableDiffusion) -> dict[str, Target]:
 def _kohya_index(targets: dict[str, Target], sdxl: bool) -> dict[str, str]:
     """kohya's flattened names (`lora_unet_down_blocks_0_...`, `lora_te_text_model_...`; SDXL's
     `lora_unet_input_blocks_...`, `lora_te1_...`, `lora_te2_...`) -> ours."""
-    prefixes = {"unet": "lora_unet_", "text_encoder": "lora_te1_" if sdxl else "lora_te_", "text_encoder_2": "lora_te2_"}
+    prefixes = {"unet": "lora_unet_", "text_encoder": "lora_te1_" if sdxl else "lora_te_",
+                "text_encoder_2": "lora_te2_"}
     index = {}
     for name in targets:
         tower, _, path = name.partition(".")
