@@ -42,6 +42,7 @@ FAMILIES = {
     "sd1": lambda: families.SD1,
     "sd2": lambda: families.SD2,
     "tiny-sdxl": lambda: tiny_sdxl_family("sdxl"),
+    "tiny-sdxl-distilled": lambda: tiny_sdxl_family("sdxl-distilled"),
     "sdxl": lambda: families.SDXL,
 }
 

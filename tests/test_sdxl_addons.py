@@ -101,30 +101,31 @@ def _sample(model: LoadedModel, prompt: str, **changes) -> torch.Tensor:
     return sample_latents(model, [request])
 
 
-@pytest.mark.parametrize("layout", ["kohya", "peft"])
+@pytest.mark.parametrize(("name", "layout"), [("sdxl", "kohya"), ("sdxl", "peft"), ("sdxl-distilled", "kohya")])
 def test_image_with_sdxl_loras_equals_checkpoint_merged_by_the_rule(tiny_sdxl: TinySDXL, tmp_path: Path,
-                                                                     layout: str) -> None:
+                                                                     name: str, layout: str) -> None:
     """Two SDXL LoRAs (UNet, CLIP ViT-L and bigG; the second without alpha) at weights 0.8 and
-    -0.5 give the latents of the checkpoint whose weights were merged by the rule."""
-    family = tiny_sdxl_family("sdxl")
+    -0.5 give the latents of the checkpoint whose weights were merged by the rule; the distilled
+    layout (per-block depths, a single-ResBlock middle, as SSD-1B) too."""
+    family = tiny_sdxl_family(name)
     a = random_lora(lora_modules(family), seed=1)
     b = random_lora(lora_modules(family, blocks=False), rank=2, alpha=None, seed=2)
     write_lora(tmp_path / "loras" / "xl-detail.safetensors", a, layout, family=family)  # type: ignore[arg-type]
     write_lora(tmp_path / "loras" / "style.safetensors", b, layout, family=family)  # type: ignore[arg-type]
-    model = _model(tiny_sdxl, AddonLibrary(tmp_path / "loras", None))
+    model = _model(tiny_sdxl, AddonLibrary(tmp_path / "loras", None), name=name)
 
-    path, _ = tiny_sdxl.get("sdxl")
+    path, _ = tiny_sdxl.get(name)
     state = safetensors.torch.load_file(path)
     merged = merge_by_rule({k: v for k, v in state.items() if k in model.network.state_dict()}, family,
                            [(a, 0.8), (b, -0.5)])
     merged_path = tmp_path / "merged.safetensors"
     safetensors.torch.save_file(state | merged, merged_path)
-    reference = _model(tiny_sdxl, None, merged_path)
+    reference = _model(tiny_sdxl, None, merged_path, name)
 
     with_lora = _sample(model, "a fox <lora:xl-detail:0.8>, snow<lora:style:-0.5>")
     expected = sample_latents(reference, [_request("a fox , snow")])
     torch.testing.assert_close(with_lora, expected, rtol=0, atol=1e-5)
-    plain = sample_latents(_model(tiny_sdxl, None), [_request("a fox , snow")])
+    plain = sample_latents(_model(tiny_sdxl, None, name=name), [_request("a fox , snow")])
     assert not torch.equal(with_lora, plain)
     assert torch.equal(_sample(model, "a fox <lora:xl-detail:0>, snow"), plain)  # weight 0: exactly none
 
