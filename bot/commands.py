@@ -317,7 +317,8 @@ class Gestures:
         """Every path's one way into the queue: the problems of its LoRAs and embeddings are
         refused (`Refused`) together with the studio's own reasons."""
         try:
-            family = family_label((await self.checkpoint(request.model)).context_dim)
+            info = await self.checkpoint(request.model)
+            family = family_label(info.context_dim, info.family)
         except UserError:  # unreadable: the runner says so
             family = None
         problems = await self.addons.problems(request, requester, family)

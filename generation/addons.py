@@ -26,11 +26,10 @@ import torch
 from generation.images import ImageInputError
 from generation.prompts import LoraSet, PromptError, check_lora_tags, embedding_words, lora_set
 from models.embeddings import EXTENSIONS as EMBEDDING_EXTENSIONS
-from models.embeddings import check_width, embedding_vectors
+from models.embeddings import embedding_family, embedding_vectors, tower_vectors
 from models.lora import (
     AddonFileError,
     Lora,
-    family_label,
     lora_family,
     lora_for,
     metadata_family,
@@ -121,8 +120,8 @@ def embedding_info(path: Path) -> AddonInfo:
         vectors = embedding_vectors(path)
     except AddonFileError as exc:
         return AddonInfo(path.stem, "embedding", path, stamp, None, error=str(exc))
-    return AddonInfo(path.stem, "embedding", path, stamp, family_label(vectors.shape[1]), (path.stem,),
-                     vectors=vectors.shape[0])
+    return AddonInfo(path.stem, "embedding", path, stamp, embedding_family(vectors), (path.stem,),
+                     vectors=len(next(iter(vectors.values()))))
 
 
 def addnet_hash(path: Path) -> str:
@@ -153,7 +152,7 @@ class AddonLibrary:
         self._infos: dict[tuple[Path, Stamp], AddonInfo] = {}
         self._hashes: dict[tuple[Path, Stamp], str] = {}
         self._tensors: OrderedDict[tuple[Path, Stamp], tuple[dict[str, torch.Tensor], dict[str, str]]] = OrderedDict()
-        self._vectors: dict[tuple[Path, Stamp], torch.Tensor] = {}
+        self._vectors: dict[tuple[Path, Stamp], dict[str, torch.Tensor]] = {}
 
     # --- listings ---
 
@@ -244,11 +243,12 @@ class AddonLibrary:
                 raise AddonError(str(exc)) from None
         return result
 
-    def vectors_for(self, network: StableDiffusion, texts: Sequence[str]) -> dict[str, torch.Tensor]:
-        """The embeddings whose names the texts use as words: name -> (N, width) vectors; an
-        AddonError when one does not fit the model's text encoder."""
+    def vectors_for(self, network: StableDiffusion, texts: Sequence[str]) -> list[dict[str, torch.Tensor]]:
+        """For each text tower of `network` (`text_encoders` order), the embeddings whose names
+        the texts use as words: name -> that tower's (N, width) vectors; an AddonError when one
+        does not fit the model's text towers."""
         embeddings = self.embeddings()
-        result = {}
+        result: list[dict[str, torch.Tensor]] = [{} for _ in network.text_encoders]
         for name in embedding_words(texts, list(embeddings)):
             info = embeddings[name]
             key = (info.path, info.stamp)
@@ -259,10 +259,11 @@ class AddonLibrary:
                     vectors = embedding_vectors(info.path)
                     with self._lock:
                         self._vectors[key] = vectors
-                check_width(name, vectors, network.family.text.width)
+                rows = tower_vectors(name, vectors, network)
             except AddonFileError as exc:
                 raise AddonError(str(exc)) from None
-            result[name] = vectors
+            for tower, tower_rows in zip(result, rows, strict=True):
+                tower[name] = tower_rows
         return result
 
     def infotext(self, prompt: str, negative_prompt: str) -> list[tuple[str, str]]:

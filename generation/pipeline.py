@@ -332,7 +332,8 @@ def denoise(
         sampler = SAMPLERS[first.sampler]
     else:
         pixels = (latent_size[0] * network.vae_scale, latent_size[1] * network.vae_scale)
-        cond, uncond, vector, vector_uncond = sdxl.encode_conditioning(network, per_image, model.device, pixels)
+        cond, uncond, vector, vector_uncond = sdxl.encode_conditioning(
+            network, per_image, model.device, pixels, model.addons)
         sampler = sdxl.sampler(first.sampler)
     guidance = torch.tensor([r.guidance for r in per_image])  # (B,), read once by the denoiser
     noise = BatchNoise(seeds, (network.latent_channels, *latent_size), model.device, torch.float32)
@@ -401,7 +402,7 @@ def encode_conditioning(
     count; embedding words of `addons` become their vectors."""
     prompts = [split_lora_tags(r.prompt)[0] for r in per_image]
     texts = list(dict.fromkeys(t for p, r in zip(prompts, per_image) for t in (p, r.negative_prompt)))
-    embeddings = addons.vectors_for(network, texts) if addons is not None else {}
+    embeddings = addons.vectors_for(network, texts)[0] if addons is not None else {}
     encoded = encode_prompts(network.text_encoder, texts, device, embeddings)  # (U, 77k, D)
     row = {text: i for i, text in enumerate(texts)}
     cond = encoded[[row[p] for p in prompts]]

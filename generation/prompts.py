@@ -256,6 +256,25 @@ def chunk_prompt(encoder: TextEncoder, text: str, embeddings: Mapping[str, int] 
     return chunks
 
 
+def encoder_inputs(
+    encoder: TextEncoder, chunks: Sequence[Chunk], embeddings: Mapping[str, Tensor], device: str = "cpu"
+) -> tuple[Tensor, Tensor | None]:
+    """(token ids (N, 77), token embeddings (N, 77, D) or None) of chunks for the encoder: where
+    a chunk holds an embedding's placeholder -(1 + r), row r of the embeddings' vectors (in
+    their order) replaces that token's embedding and its id reads 0 (below every real id, so
+    the highest id is still EOS)."""
+    import torch
+
+    tokens = torch.tensor([chunk.tokens for chunk in chunks], dtype=torch.long, device=device)  # (N, 77)
+    if not any(t < 0 for chunk in chunks for t in chunk.tokens):  # decided on the host: no device sync
+        return tokens, None
+    ids = tokens.clamp(min=0)
+    token_embeds = encoder.embed_tokens(ids)  # (N, 77, D)
+    table = torch.cat(list(embeddings.values())).to(device, token_embeds.dtype)  # (sum N_i, D)
+    rows = table[(-tokens - 1).clamp(min=0)]  # (N, 77, D): placeholder -(1 + r) -> row r
+    return ids, torch.where((tokens < 0)[..., None], rows, token_embeds)
+
+
 def encode_prompts(
     encoder: TextEncoder, texts: list[str], device: str = "cpu", embeddings: Mapping[str, Tensor] | None = None
 ) -> Tensor:
@@ -272,17 +291,9 @@ def encode_prompts(
     k = max(len(chunks) for chunks in chunked)
     empty = chunk_prompt(encoder, "")
     flat = [chunk for chunks in chunked for chunk in chunks + empty * (k - len(chunks))]
-    tokens = torch.tensor([chunk.tokens for chunk in flat], dtype=torch.long, device=device)  # (N * k, 77)
     weights = torch.tensor([chunk.weights for chunk in flat], dtype=torch.float32, device=device)
-
-    if any(t < 0 for chunk in flat for t in chunk.tokens):  # decided on the host: no device sync
-        ids = tokens.clamp(min=0)
-        token_embeds = encoder.embed_tokens(ids)  # (N * k, 77, D)
-        table = torch.cat(list(embeddings.values())).to(device, token_embeds.dtype)  # (sum N_i, D)
-        rows = table[(-tokens - 1).clamp(min=0)]  # (N * k, 77, D): placeholder -(1 + r) -> row r
-        z = encoder(ids, torch.where((tokens < 0)[..., None], rows, token_embeds))
-    else:
-        z = encoder(tokens)  # (N * k, 77, D)
+    ids, token_embeds = encoder_inputs(encoder, flat, embeddings, device)
+    z = encoder(ids) if token_embeds is None else encoder(ids, token_embeds)  # (N * k, 77, D)
     z32 = z.float()
     weighted = z32 * weights[..., None]
     restored = weighted * (z32.mean(dim=(1, 2), keepdim=True) / weighted.mean(dim=(1, 2), keepdim=True))

@@ -23,7 +23,8 @@ from dataclasses import replace
 
 import torch
 
-from generation.prompts import chunk_prompt, encode_prompts
+from generation.addons import AddonLibrary
+from generation.prompts import chunk_prompt, encode_prompts, encoder_inputs, split_lora_tags
 from generation.request import GenerationRequest
 from generation.samplers import SAMPLERS, Sampler
 from generation.schedules import legacy_ddpm_sigmas
@@ -94,19 +95,26 @@ def encode_conditioning(
     per_image: Sequence[GenerationRequest],
     device: torch.device,
     size: tuple[int, int],
+    addons: AddonLibrary | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(cond, uncond) contexts (B, 77k, D) and ADM vectors (B, adm) of one SDXL batch generated
-    at size = (height, width). Every distinct text is encoded once per tower; the pooled
-    embedding is the bigG tower's for each text's first 77-token chunk."""
+    at size = (height, width). Every distinct text, without its `<lora:...>` tags, is encoded
+    once per tower; the pooled embedding is the bigG tower's for each text's first 77-token
+    chunk. Embedding words of `addons` become each tower's own vectors (clip_l, clip_g), in the
+    pooled embedding too."""
     conditioner = network.conditioner
     refiner = "aesthetic_score" in conditioner.config.sizes
-    texts = list(dict.fromkeys(t for r in per_image for t in (r.prompt, r.negative_prompt)))
-    context = torch.cat([encode_prompts(tower, texts, device) for tower in conditioner.texts], dim=-1)
-    pooled_tower = conditioner.pooled_tower
-    first_chunks = [chunk_prompt(pooled_tower, text)[0].tokens for text in texts]
-    pooled = pooled_tower.pooled(torch.tensor(first_chunks, dtype=torch.long, device=device))  # (U, P)
+    prompts = [split_lora_tags(r.prompt)[0] for r in per_image]
+    texts = list(dict.fromkeys(t for p, r in zip(prompts, per_image) for t in (p, r.negative_prompt)))
+    towers = conditioner.texts
+    vectors = addons.vectors_for(network, texts) if addons is not None else [{} for _ in towers]
+    context = torch.cat([encode_prompts(t, texts, device, v) for t, v in zip(towers, vectors, strict=True)], dim=-1)
+    pooled_tower, pooled_vectors = conditioner.pooled_tower, vectors[-1]  # the last tower
+    counts = {name: len(v) for name, v in pooled_vectors.items()}
+    first_chunks = [chunk_prompt(pooled_tower, text, counts)[0] for text in texts]
+    pooled = pooled_tower.pooled(*encoder_inputs(pooled_tower, first_chunks, pooled_vectors, device))  # (U, P)
     row = {text: i for i, text in enumerate(texts)}
-    cond_rows = [row[r.prompt] for r in per_image]
+    cond_rows = [row[p] for p in prompts]
     uncond_rows = [row[r.negative_prompt] for r in per_image]
     cond, uncond = context[cond_rows], context[uncond_rows]
     pooled_cond, pooled_uncond = pooled[cond_rows], pooled[uncond_rows]

@@ -1,6 +1,7 @@
 """Textual-inversion embeddings as people download them: `.safetensors` with `emb_params` (N, width)
 and the web UI's `.pt` (`{'string_to_param': {'*': tensor}}`), the latter read with
-`torch.load(weights_only=True)` only, so a file that would run code is refused, never executed."""
+`torch.load(weights_only=True)` only, so a file that would run code is refused, never executed;
+SDXL's `.safetensors` hold one set per text tower: `clip_l` (N, 768) and `clip_g` (N, 1280)."""
 
 from __future__ import annotations
 
@@ -10,11 +11,16 @@ from pathlib import Path
 
 import torch
 
-from models.lora import AddonFileError, family_label, read_safetensors
+from models.lora import AddonFileError, family_label, model_family, read_safetensors, text_towers
+from models.stable_diffusion import StableDiffusion
 
 #: Vectors one embedding may hold: it must fit one 75-token chunk.
 MAX_VECTORS = 75
 EXTENSIONS = (".safetensors", ".pt", ".bin")
+#: The key of SD 1.x/2.x files' one set of vectors in `embedding_vectors`' result.
+ONE_SET = "*"
+#: SDXL files' vector sets by the LoRA name of the tower that takes them (`models.lora.text_towers`).
+SDXL_SETS = {"text_encoder": "clip_l", "text_encoder_2": "clip_g"}
 
 
 class EmbeddingError(AddonFileError):
@@ -34,9 +40,22 @@ def _from_pt(path: Path) -> dict:
     return data
 
 
-def embedding_vectors(path: Path) -> torch.Tensor:
-    """The (N, width) float32 vectors of an embedding file, refusing anything else clearly
-    (SDXL's two-tower clip_l/clip_g files included, naming the family)."""
+def _checked(name: str, vectors: object) -> torch.Tensor:
+    if not isinstance(vectors, torch.Tensor):
+        raise EmbeddingError(f"embedding {name} holds a {type(vectors).__name__}, not vectors")
+    vectors = vectors.detach().float()
+    if vectors.dim() == 1:
+        vectors = vectors[None]
+    if vectors.dim() != 2 or not 1 <= vectors.shape[0] <= MAX_VECTORS:
+        raise EmbeddingError(f"embedding {name} has shape {tuple(vectors.shape)}; allowed: "
+                             f"(N, width) with 1 <= N <= {MAX_VECTORS}")
+    return vectors
+
+
+def embedding_vectors(path: Path) -> dict[str, torch.Tensor]:
+    """The (N, width) float32 vectors of an embedding file by the tower they are for: SD 1.x/2.x
+    files' one set under `ONE_SET`, SDXL files' `clip_l` and `clip_g` (the same N); anything else
+    is refused clearly."""
     if path.suffix == ".safetensors":
         tensors, _ = read_safetensors(path, "embedding")
     else:
@@ -46,24 +65,46 @@ def embedding_vectors(path: Path) -> torch.Tensor:
         tensors = dict(params) if isinstance(params, dict) else {
             k: v for k, v in data.items() if isinstance(v, torch.Tensor)
         }
-    if {"clip_l", "clip_g"} & tensors.keys():
-        raise EmbeddingError(f"embedding {path.name} is for SDXL (clip_l/clip_g vectors); "
-                             "SD 1.x and 2.x take one set of vectors")
+    sets = set(SDXL_SETS.values())
+    if sets & tensors.keys():
+        if not sets <= tensors.keys():
+            raise EmbeddingError(f"embedding {path.name} has {', '.join(sorted(sets & tensors.keys()))} vectors "
+                                 f"but SDXL embeddings need both {' and '.join(sorted(sets))}")
+        result = {key: _checked(path.name, tensors[key]) for key in sorted(sets)}
+        counts = {key: len(v) for key, v in result.items()}
+        if len(set(counts.values())) > 1:
+            raise EmbeddingError(f"embedding {path.name} has {counts} vectors; both towers need the same count")
+        return result
     candidates = [t for k, t in tensors.items() if k in ("emb_params", "*")] or list(tensors.values())
-    if len(candidates) != 1 or not isinstance(candidates[0], torch.Tensor):
-        raise EmbeddingError(f"embedding {path.name} holds no single 'emb_params' or 'string_to_param' tensor "
-                             f"(keys: {', '.join(sorted(tensors)) or 'none'})")
-    vectors = candidates[0].detach().float()
-    if vectors.dim() == 1:
-        vectors = vectors[None]
-    if vectors.dim() != 2 or not 1 <= vectors.shape[0] <= MAX_VECTORS:
-        raise EmbeddingError(f"embedding {path.name} has shape {tuple(vectors.shape)}; allowed: "
-                             f"(N, width) with 1 <= N <= {MAX_VECTORS}")
-    return vectors
+    if len(candidates) != 1:
+        raise EmbeddingError(f"embedding {path.name} holds no single 'emb_params', 'string_to_param' or "
+                             f"clip_l/clip_g tensors (keys: {', '.join(sorted(tensors)) or 'none'})")
+    return {ONE_SET: _checked(path.name, candidates[0])}
 
 
-def check_width(name: str, vectors: torch.Tensor, width: int) -> None:
-    """Refuse an embedding made for a text encoder of another width, naming both families."""
-    if vectors.shape[1] != width:
-        raise EmbeddingError(f"embedding {name} is for {family_label(vectors.shape[1])} ({vectors.shape[1]}-wide); "
-                             f"the model is {family_label(width)} ({width}-wide)")
+def embedding_family(vectors: dict[str, torch.Tensor]) -> str:
+    """The family an embedding file's vectors are for: SDXL for clip_l/clip_g, else by width."""
+    return family_label(vectors[ONE_SET].shape[1]) if ONE_SET in vectors else "SDXL"
+
+
+def tower_vectors(name: str, vectors: dict[str, torch.Tensor], network: StableDiffusion) -> list[torch.Tensor]:
+    """The rows each text tower of `network` takes, in tower order: SD 1.x/2.x's one tower the
+    file's one set, SDXL's towers their clip_l / clip_g sets (the refiner's bigG its clip_g);
+    an embedding for another family or width is refused, naming both."""
+    model, towers = model_family(network), text_towers(network)
+    sdxl = network.family.conditioner is not None
+    if sdxl == (ONE_SET in vectors):
+        raise EmbeddingError(f"embedding {name} is for {embedding_family(vectors)}"
+                             f"{'' if sdxl else ' (clip_l/clip_g vectors)'}; the model is {model}")
+    rows = []
+    for tower_name, _, tower in towers:
+        key = SDXL_SETS[tower_name] if sdxl else ONE_SET
+        found, width = vectors[key].shape[1], tower.config.width
+        if found != width and sdxl:
+            raise EmbeddingError(f"embedding {name} has {found}-wide {key} vectors; the model is {model}, whose "
+                                 f"{key} tower is {width}-wide")
+        if found != width:
+            raise EmbeddingError(f"embedding {name} is for {family_label(found)} ({found}-wide); the model is "
+                                 f"{model} ({width}-wide)")
+        rows.append(vectors[key])
+    return rows

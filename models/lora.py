@@ -2,13 +2,16 @@
 a loaded model's weights in place, then restored exactly.
 
 Layouts read: kohya sd-scripts (`lora_unet_<diffusers module path, "_" for ".">.lora_down.weight`,
-`.lora_up.weight`, `.alpha`; `lora_te_<HF CLIP module path>`; LoCon convolutions) and the
-diffusers/PEFT ones (`unet.<path>.lora_A.weight` / `lora_B`, `.lora.down.weight` / `.lora.up.weight`,
-`text_encoder.<path>...`). The diffusers module names are mapped onto ours by ONE mapping derived
-from the built UNet's module tree (`unet_module_names`), so it holds for every model size.
+`.lora_up.weight`, `.alpha`; `lora_te_<HF CLIP module path>`; LoCon convolutions; for SDXL the UNet
+under its ORIGINAL sgm module paths, `lora_unet_input_blocks_4_1_...`, and the two text towers as
+`lora_te1_` (CLIP ViT-L) and `lora_te2_` (OpenCLIP bigG in HF CLIP names)) and the diffusers/PEFT
+ones (`unet.<path>.lora_A.weight` / `lora_B`, `.lora.down.weight` / `.lora.up.weight`,
+`text_encoder.<path>...`, SDXL's bigG `text_encoder_2.<path>...`). The diffusers module names are
+mapped onto ours by ONE mapping derived from the built UNet's module tree (`unet_module_names`),
+so it holds for every model size; the original paths are ours already.
 
 The merge rule: W' = W + w * (alpha / rank) * (up @ down), alpha absent = rank; a 3x3 down with a
-1x1 up composes into a 3x3 delta; q/k/v LoRAs of SD 2.x's OpenCLIP land on thirds of its fused
+1x1 up composes into a 3x3 delta; q/k/v LoRAs of OpenCLIP towers (SD 2.x, SDXL's bigG) land on thirds of its fused
 `in_proj_weight`. Merging writes into the existing parameter tensors (`copy_`), never replacing a
 parameter or a module, so compiled graphs and CUDA graphs captured over the weights stay valid
 without recompiling; the touched originals are kept and copied back, so restoring is bit-exact.
@@ -26,7 +29,7 @@ from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from models.stable_diffusion import StableDiffusion
-from models.text_encoders import CLIPTextEncoder
+from models.text_encoders import CLIPTextEncoder, TextEncoder
 from models.unet import Downsample, ResBlock, SpatialTransformer, UNetModel, Upsample
 
 
@@ -39,7 +42,7 @@ class LoraError(AddonFileError):
 
 
 #: Family labels by the UNet's cross-attention context width (= the text encoder's output width).
-FAMILY_BY_CONTEXT = {768: "SD 1.x", 1024: "SD 2.x", 2048: "SDXL"}
+FAMILY_BY_CONTEXT = {768: "SD 1.x", 1024: "SD 2.x", 1280: "SDXL refiner", 2048: "SDXL"}
 
 #: diffusers' ResnetBlock2D names -> the original ResBlock's.
 _RESNET = {
@@ -81,13 +84,23 @@ _REFUSED = {
 }
 
 
-def family_label(context_dim: int) -> str:
+def family_label(context_dim: int, name: str = "") -> str:
+    """The family label of a model with `context_dim`-wide conditioning; with its `Family.name`,
+    SDXL models are named so at every size (tiny test ones too), as their add-ons are."""
+    if name.startswith("sdxl"):
+        return "SDXL refiner" if name == "sdxl-refiner" else "SDXL"
     return FAMILY_BY_CONTEXT.get(context_dim, f"a model with {context_dim}-wide conditioning")
 
 
 def model_family(network: StableDiffusion) -> str:
     """The family label of a loaded model, as LoRA and embedding messages name it."""
-    return family_label(network.family.unet.context_dim)
+    return family_label(network.family.unet.context_dim, network.family.name)
+
+
+def fits_family(family: str, network: StableDiffusion) -> bool:
+    """Whether an add-on labelled `family` is for this model: its family, or (files whose only
+    clue is a width: tiny test models) its conditioning width."""
+    return family in (model_family(network), family_label(network.family.unet.context_dim))
 
 
 # --- the one mapping: diffusers module paths -> original module paths ----------------------------
@@ -97,6 +110,8 @@ def _block_names(unet: UNetModel) -> dict[str, str]:
     """diffusers block path -> original block path, by walking the built UNet: input blocks count
     resnets/attentions per level until a Downsample ends the level; output blocks until an Upsample."""
     names = dict(_TOP)
+    if unet.config.adm_in_channels is not None:  # SDXL's ADM MLP (sgm's "sequential" label_emb)
+        names |= {"add_embedding.linear_1": "label_emb.0.0", "add_embedding.linear_2": "label_emb.0.2"}
 
     def add(prefix: str, j: int, block: nn.Module, path: str) -> None:
         for k, layer in enumerate(block):
@@ -166,20 +181,33 @@ class Target:
     rows: slice | None = None
 
 
-def _text_targets(encoder: nn.Module) -> dict[str, Target]:
-    """HF CLIP module path (`text_model.encoder.layers.N.self_attn.q_proj`...) -> target. SD 1.x is
-    HF CLIP itself; SD 2.x's OpenCLIP gets the equivalent names (what kohya's trainer uses)."""
+def text_towers(network: StableDiffusion) -> list[tuple[str, str, TextEncoder]]:
+    """(LoRA name, key prefix, tower) of each text tower, by diffusers' names: SD 1.x/2.x's one is
+    `text_encoder`; SDXL's CLIP ViT-L is `text_encoder` and its OpenCLIP bigG `text_encoder_2`
+    (the refiner has only the latter)."""
+    if network.family.conditioner is None:
+        return [("text_encoder", "cond_stage_model.", network.cond_stage_model)]
+    return [
+        ("text_encoder" if isinstance(tower, CLIPTextEncoder) else "text_encoder_2",
+         f"conditioner.embedders.{i}.", tower)
+        for i, tower in enumerate(network.conditioner.texts)
+    ]
+
+
+def _text_targets(encoder: TextEncoder, prefix: str) -> dict[str, Target]:
+    """HF CLIP module path (`text_model.encoder.layers.N.self_attn.q_proj`...) -> target, under the
+    tower's key `prefix`. CLIP ViT-L is HF CLIP itself; OpenCLIP towers (SD 2.x, SDXL's bigG) get
+    the equivalent names (what kohya's trainer and diffusers use)."""
     if isinstance(encoder, CLIPTextEncoder):
-        prefix = "cond_stage_model.transformer."
         return {
-            name: Target(f"{prefix}{name}.weight")
+            name: Target(f"{prefix}transformer.{name}.weight")
             for name, module in encoder.transformer.named_modules()
             if isinstance(module, nn.Linear)
         }
     targets = {}
     width = encoder.config.width
     for n in range(len(encoder.model.transformer.resblocks)):
-        layer, block = f"text_model.encoder.layers.{n}", f"cond_stage_model.model.transformer.resblocks.{n}"
+        layer, block = f"text_model.encoder.layers.{n}", f"{prefix}model.transformer.resblocks.{n}"
         for i, part in enumerate("qkv"):
             targets[f"{layer}.self_attn.{part}_proj"] = Target(f"{block}.attn.in_proj_weight", slice(i * width, (i + 1) * width))
         targets[f"{layer}.self_attn.out_proj"] = Target(f"{block}.attn.out_proj.weight")
@@ -190,24 +218,28 @@ def _text_targets(encoder: nn.Module) -> dict[str, Target]:
 
 def lora_targets(network: StableDiffusion) -> dict[str, Target]:
     """Every LoRA module name this model accepts, in the normalised form `unet.<diffusers path>` /
-    `text_encoder.<HF CLIP path>`, plus the original UNet paths (`unet.input_blocks...`) some
-    trainers write."""
+    `text_encoder.<HF CLIP path>` (SDXL's bigG: `text_encoder_2.`), plus the original UNet paths
+    (`unet.input_blocks...`) that kohya's SDXL trainer and others write."""
     unet_prefix = "model.diffusion_model."
     targets = {}
     for d_name, o_name in unet_module_names(network.unet).items():
         module = network.unet.get_submodule(o_name)
         if isinstance(module, nn.Linear | nn.Conv2d):
             targets[f"unet.{d_name}"] = targets[f"unet.{o_name}"] = Target(f"{unet_prefix}{o_name}.weight")
-    targets |= {f"text_encoder.{name}": t for name, t in _text_targets(network.text_encoder).items()}
+    for tower_name, prefix, tower in text_towers(network):
+        targets |= {f"{tower_name}.{name}": t for name, t in _text_targets(tower, prefix).items()}
     return targets
 
 
-def _kohya_index(targets: dict[str, Target]) -> dict[str, str]:
-    """kohya's flattened names (`lora_unet_down_blocks_0_...`, `lora_te_text_model_...`) -> ours."""
+def _kohya_index(targets: dict[str, Target], sdxl: bool) -> dict[str, str]:
+    """kohya's flattened names (`lora_unet_down_blocks_0_...`, `lora_te_text_model_...`; SDXL's
+    `lora_unet_input_blocks_...`, `lora_te1_...`, `lora_te2_...`) -> ours."""
+    prefixes = {"unet": "lora_unet_", "text_encoder": "lora_te1_" if sdxl else "lora_te_",
+                "text_encoder_2": "lora_te2_"}
     index = {}
     for name in targets:
         tower, _, path = name.partition(".")
-        index[("lora_unet_" if tower == "unet" else "lora_te_") + path.replace(".", "_")] = name
+        index[prefixes[tower] + path.replace(".", "_")] = name
     return index
 
 
@@ -261,13 +293,13 @@ def lora_family(shapes: dict[str, tuple[int, ...]]) -> str | None:
     """The family a LoRA file was trained for, from its keys and shapes (None: cannot tell)."""
     if any(k.startswith(("lora_te1_", "lora_te2_", "text_encoder_2.")) for k in shapes):
         return "SDXL"
-    for key, shape in shapes.items():
-        parts = split_key(key)
-        if parts is None or parts[1] != "down" or len(shape) < 2:
-            continue
-        module = parts[0]
-        if re.search(r"attn2[._]to_[kv]$", module) or re.search(r"self_attn[._]q_proj$", module):
-            return family_label(shape[1])
+    downs = [(parts[0], shape) for key, shape in shapes.items()
+             if (parts := split_key(key)) is not None and parts[1] == "down" and len(shape) >= 2]
+    # the UNet's context width first: an SDXL file's CLIP ViT-L layers are as wide as SD 1.x's
+    for pattern in (r"attn2[._]to_[kv]$", r"self_attn[._]q_proj$"):
+        width = next((shape[1] for module, shape in downs if re.search(pattern, module)), None)
+        if width is not None:
+            return family_label(width)
     return None
 
 
@@ -319,10 +351,10 @@ def lora_for(
         raise LoraError(f"LoRA {name} is a {refused} file; only plain LoRA and LoCon files are supported")
     shapes = {k: tuple(v.shape) for k, v in tensors.items()}
     family = lora_family(shapes) or metadata_family(metadata or {})
-    if family is not None and family != model:
+    if family is not None and not fits_family(family, network):
         raise LoraError(f"LoRA {name} is for {family}; the model is {model}")
     targets = lora_targets(network)
-    kohya = _kohya_index(targets)
+    kohya = _kohya_index(targets, network.family.conditioner is not None)
     modules: dict[str, dict[str, torch.Tensor]] = {}
     for key, tensor in tensors.items():
         parts = split_key(key)

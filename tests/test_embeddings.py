@@ -68,7 +68,7 @@ def test_words_are_whole_words_and_chunking_keeps_an_embedding_together(encoder:
 def test_files_in_both_formats_are_read(tmp_path: Path) -> None:
     vectors = torch.randn(3, 32)
     for name in ("a.safetensors", "b.pt"):
-        assert torch.equal(embedding_vectors(write_embedding(tmp_path / name, vectors)), vectors)
+        assert torch.equal(embedding_vectors(write_embedding(tmp_path / name, vectors))["*"], vectors)
 
 
 class Payload:
@@ -83,8 +83,11 @@ def test_bad_embedding_files_get_their_message(tmp_path: Path) -> None:
     for name in ("evil.pt", "evil2.pt"):
         with pytest.raises(EmbeddingError, match="refused|not a readable"):
             embedding_vectors(tmp_path / name)
-    safetensors.torch.save_file({"clip_l": torch.zeros(2, 768), "clip_g": torch.zeros(2, 1280)}, tmp_path / "xl.safetensors")
-    with pytest.raises(EmbeddingError, match="is for SDXL"):
+    safetensors.torch.save_file({"clip_l": torch.zeros(2, 768)}, tmp_path / "half.safetensors")
+    with pytest.raises(EmbeddingError, match="clip_l vectors but SDXL embeddings need both clip_g and clip_l"):
+        embedding_vectors(tmp_path / "half.safetensors")
+    safetensors.torch.save_file({"clip_l": torch.zeros(2, 768), "clip_g": torch.zeros(3, 1280)}, tmp_path / "xl.safetensors")
+    with pytest.raises(EmbeddingError, match="both towers need the same count"):
         embedding_vectors(tmp_path / "xl.safetensors")
     (tmp_path / "cut.safetensors").write_bytes(b"\xff" * 20)
     with pytest.raises(AddonFileError, match="embedding cut.safetensors is not a readable .safetensors"):
@@ -99,8 +102,8 @@ def test_a_width_mismatch_names_both_families(tiny_checkpoints: TinyCheckpoints,
     write_embedding(tmp_path / "emb" / "wide.pt", torch.zeros(2, 1024))
     write_embedding(tmp_path / "emb" / "fits.safetensors", torch.zeros(2, 32))
     library = AddonLibrary(None, tmp_path / "emb")
-    assert set(library.vectors_for(network, ["a fits b"])) == {"fits"}
-    assert library.vectors_for(network, ["nothing here"]) == {}
+    assert [set(tower) for tower in library.vectors_for(network, ["a fits b"])] == [{"fits"}]
+    assert library.vectors_for(network, ["nothing here"]) == [{}]
     with pytest.raises(AddonError, match=r"wide is for SD 2.x \(1024-wide\); the model is .*32-wide"):
         library.vectors_for(network, ["a wide b"])
     assert library.embeddings()["wide"].family == "SD 2.x" and library.embeddings()["wide"].vectors == 2

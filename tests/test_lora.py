@@ -28,13 +28,22 @@ from tests.fixtures.addons import (
     random_lora,
     write_lora,
 )
-from tests.fixtures.checkpoints import TinyCheckpoints, random_state_dict, tiny_checkpoints, tiny_family  # noqa: F401
+from tests.fixtures.checkpoints import (  # noqa: F401
+    TinyCheckpoints,
+    random_state_dict,
+    tiny_checkpoints,
+    tiny_family,
+    tiny_sdxl_family,
+)
 
 FAMILIES = {
     "tiny-sd1": lambda: tiny_family("sd1"),
     "tiny-sd2": lambda: tiny_family("sd2"),
     "sd1": lambda: families.SD1,
     "sd2": lambda: families.SD2,
+    "tiny-sdxl": lambda: tiny_sdxl_family("sdxl"),
+    "tiny-sdxl-distilled": lambda: tiny_sdxl_family("sdxl-distilled"),
+    "sdxl": lambda: families.SDXL,
 }
 
 
@@ -327,24 +336,31 @@ def test_the_x4_upscaler_upscales_images_made_with_add_ons_without_them(
     assert all(torch.equal(v, before[k]) for k, v in model.network.state_dict().items())
 
 
-@pytest.mark.parametrize("family", ["sd1", "sd2"])
+@pytest.mark.parametrize("family", ["sd1", "sd2", "sdxl", "sdxl-refiner"])
 def test_text_encoder_targets_are_diffusers_clip_conversion(family: str) -> None:
     """Every text-encoder LoRA module lands on the weight (or OpenCLIP in_proj rows) diffusers'
-    own single-file converters turn into that HF CLIP module, and all of them are reachable."""
+    own single-file converters turn into that HF CLIP module, and all of them are reachable, in
+    every tower (SDXL: `text_encoder` = CLIP ViT-L, `text_encoder_2` = bigG)."""
     from diffusers.loaders.single_file_utils import convert_ldm_clip_checkpoint, convert_open_clip_checkpoint
 
-    fam = tiny_family(family)
+    from tests.fixtures.addons import text_towers
+
+    fam = tiny_sdxl_family(family) if family.startswith("sdxl") else tiny_family(family)
     state = random_state_dict(fam)
-    if fam.text.kind == "clip":
-        hf = convert_ldm_clip_checkpoint(state)
-    else:
-        hf = convert_open_clip_checkpoint(None, state)
     with torch.device("meta"):
-        targets = {n: t for n, t in lora_targets(StableDiffusion(fam)).items() if n.startswith("text_encoder.")}
-    expected = {k.removesuffix(".weight") for k, v in hf.items()
-                if ".layers." in k and k.endswith(".weight") and v.dim() == 2}
-    assert {n.removeprefix("text_encoder.") for n in targets} == expected
-    for name, target in targets.items():
-        original = state[target.parameter]
-        original = original[target.rows] if target.rows else original
-        assert torch.equal(hf[name.removeprefix("text_encoder.") + ".weight"], original), name
+        all_targets = lora_targets(StableDiffusion(fam))
+    towers = text_towers(fam)
+    assert {n.partition(".")[0] for n in all_targets} == {"unet", *(tower for tower, _, _ in towers)}
+    for tower, prefix, config in towers:
+        if config.kind == "clip":
+            hf = convert_ldm_clip_checkpoint(state, remove_prefix=f"{prefix}transformer.")
+        else:
+            hf = convert_open_clip_checkpoint(None, state, prefix=f"{prefix}model.")
+        targets = {n.removeprefix(f"{tower}."): t for n, t in all_targets.items() if n.startswith(f"{tower}.")}
+        expected = {k.removesuffix(".weight") for k, v in hf.items()
+                    if ".layers." in k and k.endswith(".weight") and v.dim() == 2}
+        assert set(targets) == expected
+        for name, target in targets.items():
+            original = state[target.parameter]
+            original = original[target.rows] if target.rows else original
+            assert torch.equal(hf[name + ".weight"], original), name
