@@ -23,6 +23,7 @@ from generation.refiner import refined_latents
 from generation.request import GenerationRequest, Kind
 from generation.schedules import DiscreteSchedule, legacy_ddpm_sigmas
 from generation.sdxl import img2img_sigmas, refiner_steps
+from generation.sdxl import sampler as sdxl_sampler
 from generation.settings import ModelSettings
 from tests.fixtures.checkpoints import TinySDXL, tiny_sdxl  # noqa: F401
 from tests.fixtures.devices import StandInDevice, on_stand_in_device
@@ -145,6 +146,22 @@ def test_legacy_ddpm_sigmas_are_sgms_and_diffusers_euler_on_the_same_timesteps(s
     scheduler = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
     scheduler.set_timesteps(timesteps=timesteps)
     torch.testing.assert_close(ours, scheduler.sigmas.float(), rtol=1e-5, atol=0)  # diffusers: float32 table
+
+
+def test_karras_samplers_keep_karras_spacing_over_the_sdxl_range_and_the_others_sgms() -> None:
+    schedule = DiscreteSchedule.linear()
+    sgm, table = _sgm_tables(12)
+    for name in ("euler", "dpmpp_2m", "euler_a", "heun", "lms", "ddim", "unipc"):
+        assert sdxl_sampler(name).vp_start
+        torch.testing.assert_close(sdxl_sampler(name).sigmas(schedule, 12), sgm, rtol=2e-6, atol=0)
+    # k-diffusion's get_sigmas_karras(12, sigma_min, sigma_max, rho=7) over the training table's range
+    ramp = np.linspace(0, 1, 12)
+    lo, hi = float(table[0]) ** (1 / 7), float(table[-1]) ** (1 / 7)
+    karras = torch.tensor(np.append((hi + ramp * (lo - hi)) ** 7, 0.0), dtype=torch.float32)
+    for name in ("dpmpp_2m_karras", "dpmpp_sde_karras"):
+        sigmas = sdxl_sampler(name).sigmas(schedule, 12)
+        torch.testing.assert_close(sigmas, karras, rtol=2e-5, atol=0)  # float32 table ends
+        assert not torch.allclose(sigmas[:-1], sgm[:-1], rtol=1e-2)
 
 
 def test_img2img_and_refiner_wrappers_prune_as_sgms_demo() -> None:
