@@ -129,7 +129,8 @@ class Engine:
             nonlocal previewed_at
             if self._preview and self._clock() - previewed_at >= self._preview_every_s:
                 previewed_at = self._clock()
-                previews[:] = [Image.fromarray(latent_preview(x0[start]).numpy()) for start in starts]
+                factors = model.network.family.latent_rgb
+                previews[:] = [Image.fromarray(latent_preview(x0[start], factors).numpy()) for start in starts]
             for job, preview in zip(batch, previews, strict=True):
                 progress(job.id, step, total, preview)
 

@@ -417,3 +417,28 @@ def test_models_report_names_the_refiner_and_refuses_a_wrong_one(tiny_sdxl: Tiny
     wrong = (ModelSettings(name="xl", checkpoint=base, refiner="other"), ModelSettings(name="other", checkpoint=base))
     report, ok = describe_models(wrong)
     assert not ok and "error: xl: refiner 'other' is an sdxl checkpoint for an sdxl one" in report
+
+
+# ------------------------------------------------------------------ live previews
+
+
+def test_sdxl_previews_use_the_sdxl_latent_rgb_factors(tiny_sdxl: TinySDXL) -> None:
+    from generation.denoiser import latent_preview
+    from generation.engine import Engine
+    from generation.queue import Job
+    from models.families import SD_LATENT_RGB, SDXL_LATENT_RGB
+
+    path, yaml_path = tiny_sdxl.get("sdxl")
+    engine = Engine([ModelSettings(name="sdxl", checkpoint=path, config=yaml_path)], "float32", {}.__getitem__,
+                    preview=True)
+    model = engine.load("sdxl", "cpu")
+    assert model.network.family.latent_rgb == SDXL_LATENT_RGB
+    req = _request(count=1, steps=3)
+    previews: list[Image.Image] = []
+    engine.run(model, "cpu", [Job("aaaaaaaaaaaa", req, owner_id=1, guild_id=None, weight=1.0, seq=0)],
+               lambda job, step, total, preview: previews.append(preview), lambda _: False)
+    # euler's last step lands on its x0 prediction: the last preview is the final latent's
+    (final,) = sample_latents(model, [req])
+    last = np.asarray(previews[-1])
+    assert np.array_equal(last, latent_preview(final, SDXL_LATENT_RGB).numpy())
+    assert not np.array_equal(last, latent_preview(final, SD_LATENT_RGB).numpy())
