@@ -282,7 +282,12 @@ def test_generate_repeats_a_seed_byte_for_byte_with_and_without_the_refiner(tiny
         with Image.open(tmp_path / f"{name}-a.png") as image:
             assert image.size == (96, 64)
             pixels = np.asarray(image)
+            parameters = image.info["parameters"]
         assert pixels.std() > 1  # not a flat (black) image
+        if name == "refined":  # p = int(0.5 * 4) - 1 = 1 of the 3 steps on the refiner
+            assert f", Refiner: {refiner.stem} [" in parameters and parameters.endswith("Refiner switch at: 0.6667")
+        else:
+            assert "Refiner" not in parameters
         outputs[name] = pixels
     assert not np.array_equal(outputs["base"], outputs["distilled"])
 
@@ -402,6 +407,13 @@ def test_a_configured_refiner_is_loaded_with_its_model_and_finishes_its_images(t
         (plain,) = run_batch(dataclasses.replace(model, refiner=None), [req], _STORED.__getitem__)
     assert np.array_equal(np.asarray(ours[0]), np.asarray(expected[0]))
     assert not np.array_equal(np.asarray(ours[0]), np.asarray(plain[0]))
+    # the engine's PNG names the refiner as A1111 does: p = int(0.5 * 4) - 1 = 1 of 3 steps refined
+    from generation.queue import Job
+
+    (result,) = engine.run(model, "cpu", [Job("aaaaaaaaaaaa", req, owner_id=1, guild_id=None, weight=1.0, seq=0)],
+                           lambda *_: None, lambda _: False)
+    parameters = result.images[0].info["parameters"]
+    assert parameters.endswith(f", Refiner: ref [{model.refiner.short_hash}], Refiner switch at: 0.6667")
     for bad in ("xl", "nope"):
         with pytest.raises(ValueError, match=f"refiner '{bad}' must name another"):
             check_models((ModelSettings(name="xl", checkpoint=base, refiner=bad),))
