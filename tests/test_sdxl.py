@@ -348,42 +348,64 @@ def test_every_pipeline_runs_sdxl_on_the_stand_in_device_without_syncing(tiny_sd
 # ------------------------------------------------------------------ what the bot charges
 
 
-def test_sdxl_cost_counts_its_unet_flops_as_measured() -> None:
+def _flops_per_latent_pixel(config, side: int) -> float:
+    """The measurement itself, written out here: FlopCounterMode over a meta-device UNet."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    from generation.request import SDXL_UNET_FLOPS_RATIO, unet_flops_ratio
-    from models.families import SD1, SDXL
     from models.unet import UNetModel
 
-    def flops_per_latent_pixel(family, side: int) -> float:
-        with torch.device("meta"), torch.no_grad():
-            unet = UNetModel(family.unet)
-            y = torch.zeros(1, family.unet.adm_in_channels) if family.unet.adm_in_channels else None
-            with FlopCounterMode(display=False) as counter:
-                unet(torch.zeros(1, 4, side, side), torch.zeros(1), torch.zeros(1, 77, family.unet.context_dim), y=y)
-        return counter.get_total_flops() / side**2
+    with torch.device("meta"), torch.no_grad():
+        unet = UNetModel(config)
+        y = torch.zeros(1, config.adm_in_channels) if config.adm_in_channels else None
+        with FlopCounterMode(display=False) as counter:
+            unet(torch.zeros(1, 4, side, side), torch.zeros(1), torch.zeros(1, 77, config.context_dim), y=y)
+    return counter.get_total_flops() / side**2
 
-    ratio = flops_per_latent_pixel(SDXL, 128) / flops_per_latent_pixel(SD1, 64)  # 1024x1024 vs the 512x512 unit
-    assert ratio == pytest.approx(SDXL_UNET_FLOPS_RATIO, rel=0.02)
-    assert unet_flops_ratio("sdxl-refiner") == unet_flops_ratio("sdxl") == SDXL_UNET_FLOPS_RATIO
-    assert unet_flops_ratio("sd1") == 1.0
+
+def test_sdxl_cost_counts_its_unet_flops_as_measured() -> None:
+    from models.families import SD1, SD2_V, SDXL, SDXL_REFINER
+    from models.flops import unet_flops_ratio
+
+    sd1 = _flops_per_latent_pixel(SD1.unet, 64)  # the 512x512 cost unit
+    ratio = unet_flops_ratio(SDXL.unet, 128)  # at 1024x1024
+    assert ratio == pytest.approx(_flops_per_latent_pixel(SDXL.unet, 128) / sd1, rel=1e-9)
+    assert ratio == pytest.approx(2.10, abs=0.01)
+    assert unet_flops_ratio(SDXL_REFINER.unet, 128) == pytest.approx(2.27, abs=0.01)
+    # an SSD-1B-like layout (input depths 0, 0, 2, 2, 4, 4 and the outputs' alike, a ResBlock
+    # middle) is "sdxl" by family but does 0.6 of the base's work: 1.25 times SD's
+    ssd = dataclasses.replace(SDXL.unet, transformer_depth=(0, 0, 2, 2, 4, 4), transformer_depth_middle=0)
+    distilled = unet_flops_ratio(ssd, 128)
+    assert distilled == pytest.approx(_flops_per_latent_pixel(ssd, 128) / sd1, rel=1e-9)
+    assert distilled == pytest.approx(1.25, abs=0.01) and distilled < 0.6 * ratio
+    assert unet_flops_ratio(SD1.unet, 64) == unet_flops_ratio(SD2_V.unet, 96) == 1.0  # the unit
     sd = _request(width=1024, height=1024, steps=10)
-    xl = sd.model_copy(update={"unet_flops_ratio": SDXL_UNET_FLOPS_RATIO})
-    assert xl.cost == pytest.approx(SDXL_UNET_FLOPS_RATIO * sd.cost) and sd.cost == pytest.approx(40)
+    xl = sd.model_copy(update={"unet_flops_ratio": ratio})
+    assert xl.cost == pytest.approx(ratio * sd.cost) and sd.cost == pytest.approx(40)
 
 
-async def test_the_bot_sizes_and_charges_sdxl_requests_as_sdxl(tiny_sdxl: TinySDXL) -> None:
+async def test_the_bot_sizes_and_charges_sdxl_requests_by_their_unets_flops(tiny_sdxl: TinySDXL) -> None:
     from types import SimpleNamespace
 
     from bot.commands import Gestures, Options
     from bot.config import AppConfig
+    from generation.addons import AddonLibrary
+    from models.families import SD1
+    from models.loading import inspect_checkpoint
 
-    path, yaml_path = tiny_sdxl.get("sdxl")
-    config = AppConfig(models=(ModelSettings(name="xl", checkpoint=path, config=yaml_path),))
-    gestures = Gestures(None, SimpleNamespace(config=config), None)  # type: ignore[arg-type]
+    (path, yaml_path), (distilled, _) = tiny_sdxl.get("sdxl"), tiny_sdxl.get("sdxl-distilled")
+    config = AppConfig(models=(ModelSettings(name="xl", checkpoint=path, config=yaml_path),
+                               ModelSettings(name="small", checkpoint=distilled)))
+    gestures = Gestures(None, SimpleNamespace(config=config, addons=AddonLibrary(None, None), db=None), None)  # type: ignore[arg-type]
     request = await gestures.request(Options(prompt="a cat", aspect="2:3", seed=1, count=1))
     # the tiny SDXL's native side is 256 (1024 x its 2x VAE / 8): SDXL's 2:3 bucket, scaled
-    assert (request.width, request.height) == (192, 320) and request.unet_flops_ratio == 2.1
+    assert (request.width, request.height) == (192, 320)
+    small = await gestures.request(Options(prompt="a cat", aspect="2:3", seed=1, count=1, model="small"))
+    # each is charged its own UNet's counted work at its native latent (32: the tiny files' 256 / 8)
+    sd1 = _flops_per_latent_pixel(SD1.unet, 64)
+    for req, file in ((request, path), (small, distilled)):
+        unet = inspect_checkpoint(file, None).unet
+        assert req.unet_flops_ratio == pytest.approx(_flops_per_latent_pixel(unet, 32) / sd1, rel=1e-9)
+    assert inspect_checkpoint(distilled, None).family == "sdxl" and small.unet_flops_ratio != request.unet_flops_ratio
 
 
 # ------------------------------------------------------------------ a configured refiner
