@@ -165,7 +165,7 @@ def _random_model(family: Family, device: torch.device, dtype: torch.dtype,
                   vae_dtype: torch.dtype = torch.float32) -> LoadedModel:
     with torch.device("meta"):
         network = StableDiffusion(family)
-    _randomise(network, device, dtype)
+    randomise(network, device, dtype)
     network.eval().requires_grad_(False)
     network.first_stage_model.float()
     if device.type == "cuda":
@@ -176,7 +176,7 @@ def _random_model(family: Family, device: torch.device, dtype: torch.dtype,
     return LoadedModel(f"random-{family.name}", network, schedule, "0000000000", device, dtype, vae_decoder=decoder)
 
 
-def _randomise(module: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> None:
+def randomise(module: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> None:
     """Give a module built on the meta device random tensors made directly in `dtype` on `device`:
     norm scales 1, biases 0, every other tensor N(0, 0.02) (activations keep their scale through
     the layers: no overflow, no denormals)."""
@@ -195,15 +195,26 @@ def _randomise(module: torch.nn.Module, device: torch.device, dtype: torch.dtype
 
 
 def _diffusers_unet(family: Family, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
-    """diffusers' UNet2DConditionModel of `family`'s UNet architecture (levels, heads, per-level
-    transformer depths, SDXL's "text_time" added conditioning), random weights."""
+    """diffusers' UNet2DConditionModel of `family`'s UNet architecture, random weights."""
     from diffusers import UNet2DConditionModel
 
+    with torch.device("meta"):
+        unet = UNet2DConditionModel(**diffusers_config(family))
+    randomise(unet, device, dtype)
+    unet.eval().requires_grad_(False)
+    if device.type == "cuda":
+        unet.to(memory_format=torch.channels_last)
+    return unet
+
+
+def diffusers_config(family: Family) -> dict:
+    """UNet2DConditionModel's arguments for `family`'s UNet: levels, heads, per-level transformer
+    depths, and SDXL's "text_time" added conditioning."""
     u = family.unet
     levels = range(len(u.channel_mult))
     channels = [u.model_channels * m for m in u.channel_mult]
     attends = [2**level in u.attention_resolutions for level in levels]
-    config: dict = dict(
+    config = dict(
         in_channels=u.in_channels,
         out_channels=u.out_channels,
         block_out_channels=channels,
@@ -223,13 +234,7 @@ def _diffusers_unet(family: Family, device: torch.device, dtype: torch.dtype) ->
         outdim = family.conditioner.outdim
         config |= dict(addition_embed_type="text_time", addition_time_embed_dim=outdim,
                        projection_class_embeddings_input_dim=u.adm_in_channels)
-    with torch.device("meta"):
-        unet = UNet2DConditionModel(**config)
-    _randomise(unet, device, dtype)
-    unet.eval().requires_grad_(False)
-    if device.type == "cuda":
-        unet.to(memory_format=torch.channels_last)
-    return unet
+    return config
 
 
 def _diffusers_call(unet: torch.nn.Module, family: Family) -> Callable[..., torch.Tensor]:
