@@ -27,6 +27,7 @@ from generation.metadata import png_bytes
 from generation.queue import Estimate, FairQueue, Job, RateKey, Submission, role_weight
 from generation.request import GenerationRequest, JobState
 from generation.runner import JobResult, Runner
+from generation.settings import default_model
 from storage import jobs as stored
 from storage.db import Database
 from storage.images import ImageRecord, input_path, job_images, save_image
@@ -150,7 +151,8 @@ class Studio:
         """Start generating; `listener` hears of every change from now on."""
         self._listener = listener
         self._loop = asyncio.get_running_loop()
-        self._runner.start()
+        default = default_model(self.config.models, self.config.generation.upscaler)
+        self._runner.start(preload=None if default is None else default.name)
         self._running = True
         self._tasks = [asyncio.create_task(self._retain(), name="retention")]
         self._tasks.append(asyncio.create_task(self._tell_untold(), name="untold results"))
@@ -193,6 +195,8 @@ class Studio:
             await stored.cancel_job(self.db, job.id)
             await self._tell_finished(job.id)
             await self._moved()
+        else:  # it runs, or waits behind the running batch: then the runner completes it now
+            self._runner.cancelled(job)
         return job
 
     async def pause(self, guild_id: int, paused: bool) -> None:

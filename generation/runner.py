@@ -214,10 +214,19 @@ class Runner(Generic[M]):
         self._stopping = False
         #: Set after the shutdown grace period: every running job reads as cancelled.
         self._aborting = threading.Event()
+        #: Jobs of batches queued on a device thread that has not started them yet: a cancel
+        #: completes them at once (`cancelled`), whichever side claims a job first owns it.
+        self._waiting: dict[str, tuple[_Worker[M], Job]] = {}
+        self._claims = threading.Lock()
 
-    def start(self) -> None:
+    def start(self, preload: str | None = None) -> None:
+        """Start the workers. With `preload`, each device loads that model before its first batch
+        (and so builds its compiled graphs in the background from the start), not when a job first
+        asks for it."""
         for worker in self._workers:
             worker.thread.thread.start()
+            if preload is not None:
+                worker.thread.call(partial(self._preload, worker, preload))
             worker.task = asyncio.create_task(self._serve(worker), name=f"runner {worker.device}")
 
     def busy_seconds(self) -> dict[str, float]:
@@ -275,11 +284,24 @@ class Runner(Generic[M]):
             worker.busy = True
             for job in batch:
                 await self._hook(self._on_started, job)
+            with self._claims:
+                self._waiting.update((job.id, (worker, job)) for job in batch)
             ran = worker.thread.call(partial(self._run, worker, batch, loop))
             settling = asyncio.create_task(self._settle(worker, batch, ran), name=f"batch {batch[0].id}")
             worker.batches.add(settling)
             settling.add_done_callback(worker.batches.discard)
             worker.busy = False
+
+    def cancelled(self, job: Job) -> bool:
+        """Complete a cancelled job now if its batch waits behind the running one (the device
+        thread will skip it); False when it is not waiting (it runs: it stops at its next step)."""
+        with self._claims:
+            waiting = self._waiting.pop(job.id, None)
+        if waiting is None:
+            return False
+        worker, job = waiting
+        self._complete(worker, _Outcome(job, JobState.CANCELLED, JobResult(job.id, error=job.cancel_reason)))
+        return True
 
     async def _settle(self, worker: _Worker[M], batch: list[Job], ran: asyncio.Future) -> None:
         """Once the device thread ran `batch`: record its rates, finish its jobs, deliver their results."""
@@ -338,6 +360,13 @@ class Runner(Generic[M]):
 
     # -- the device thread side --
 
+    @staticmethod
+    def _preload(worker: _Worker[M], name: str) -> None:
+        try:
+            worker.cache.get(name)
+        except Exception:  # a job for it will try again and tell its owner what went wrong
+            log.exception("runner %s could not load %s at start", worker.device, name)
+
     def _run(
         self, worker: _Worker[M], batch: list[Job], loop: asyncio.AbstractEventLoop
     ) -> _Report:
@@ -347,8 +376,10 @@ class Runner(Generic[M]):
         deadline = math.inf
         by_id = {job.id: job for job in batch}
         report = _Report()
-        #: Jobs cancelled mid-batch whose completion was already sent to the loop.
-        told: set[str] = set()
+        #: Jobs completed before their end: cancelled while waiting behind the last batch (the
+        #: loop told them), or mid-batch (sent to the loop from here).
+        with self._claims:
+            told = {job.id for job in batch if self._waiting.pop(job.id, None) is None}
 
         def stopped(job: Job) -> _Outcome | None:
             if self._aborting.is_set():

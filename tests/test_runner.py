@@ -568,6 +568,48 @@ async def test_a_job_cancelled_while_its_batch_waits_behind_the_running_one_neve
     assert waiting.state is JobState.CANCELLED and queue.get(waiting.id) is None
 
 
+async def test_a_job_cancelled_while_its_batch_waits_is_answered_at_once_not_when_it_reaches_the_device():
+    queue, pipeline, hooks = FairQueue(SETTINGS), Held(), Recorder()
+    running, waiting = await submit(queue, 1, steps=4), await submit(queue, 2, steps=5)
+    runner = start_runner(queue, pipeline, hooks)
+    await until(lambda: len(hooks.started) == 2)
+    queue.cancel(waiting.id, by=2)
+    assert runner.cancelled(waiting) and not runner.cancelled(waiting)  # claimed once
+    await hooks.wait_for(1)  # while the running batch is still held
+    assert hooks.result(waiting) == (JobState.CANCELLED, JobResult(waiting.id, error="cancelled by its owner"))
+    assert not runner.cancelled(running)  # it runs: it stops at its next step instead
+    pipeline.release.set()
+    await hooks.wait_for(2)
+    await runner.shutdown(1)
+    assert pipeline.calls == [[running.id]]
+    assert hooks.result(running)[0] is JobState.DONE and queue.get(waiting.id) is None
+
+
+async def test_a_preloaded_model_is_loaded_before_any_job_and_a_failed_preload_harms_nothing():
+    loads: list[str] = []
+    queue, hooks = FairQueue(SETTINGS), Recorder()
+    runner = Runner(queue, Painter(), ["cpu"], SETTINGS, load_model=lambda name, device: loads.append(name) or FakeModel(name, device),
+                    model_size=lambda model: 40, model_budget_bytes=100, on_finished=hooks.on_finished)
+    runner.start(preload="sd15")
+    await until(lambda: loads == ["sd15"])
+    job = await submit(queue, 1)
+    await hooks.wait_for(1)
+    assert loads == ["sd15"] and hooks.result(job)[0] is JobState.DONE  # the job found it loaded
+    await runner.shutdown(1)
+
+    def broken(name: str, device: str) -> FakeModel:
+        raise FileNotFoundError(name)
+
+    queue, hooks = FairQueue(SETTINGS), Recorder()
+    runner = Runner(queue, Painter(), ["cpu"], SETTINGS, load_model=broken, model_size=lambda model: 40,
+                    model_budget_bytes=100, on_finished=hooks.on_finished)
+    runner.start(preload="missing")
+    job = await submit(queue, 1)
+    await hooks.wait_for(1)
+    assert hooks.result(job)[0] is JobState.FAILED  # told, and the worker goes on
+    await runner.shutdown(1)
+
+
 async def test_a_limit_learned_from_running_out_of_memory_splits_the_batch_queued_behind():
     class HeldOutOfMemory(Held, OutOfMemoryAboveOne):
         pass

@@ -395,7 +395,8 @@ async def test_the_bot_sizes_and_charges_sdxl_requests_by_their_unets_flops(tiny
     (path, yaml_path), (distilled, _) = tiny_sdxl.get("sdxl"), tiny_sdxl.get("sdxl-distilled")
     config = AppConfig(models=(ModelSettings(name="xl", checkpoint=path, config=yaml_path),
                                ModelSettings(name="small", checkpoint=distilled)))
-    gestures = Gestures(None, SimpleNamespace(config=config, addons=AddonLibrary(None, None), db=None), None)  # type: ignore[arg-type]
+    studio = SimpleNamespace(config=config, db=None, addons=AddonLibrary(None, None))
+    gestures = Gestures(None, studio, None)  # type: ignore[arg-type]
     request = await gestures.request(Options(prompt="a cat", aspect="2:3", seed=1, count=1))
     # the tiny SDXL's native side is 256 (1024 x its 2x VAE / 8): SDXL's 2:3 bucket, scaled
     assert (request.width, request.height) == (192, 320)
