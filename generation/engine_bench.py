@@ -2,13 +2,13 @@
 
 Random weights in the real SD 1.x / 2.x / SDXL (base, refiner) architectures (speed does not
 depend on the values; they are drawn directly in the run's dtype on the device, so SDXL's 3.5
-billion parameters never exist in float32 on the way):
-per-step UNet time with classifier-free guidance (a UNet batch of 2B), full-image latency of a
-txt2img run (text encoding, sampling, VAE decode), and peak VRAM. When diffusers is importable the
-same UNet figures are taken for its UNet2DConditionModel of the same architecture in the same run
-(for SDXL with `addition_embed_type="text_time"`, given the pooled text and the size ids as
-`added_cond_kwargs`, as ours gets its ADM vector), and printed as ratios (ours / diffusers: below 1 is faster). diffusers is only a yardstick here;
-the engine never imports it.
+billion parameters never exist in float32 on the way): per-step UNet time with classifier-free
+guidance (a UNet batch of 2B), full-image latency of a txt2img run (text encoding, sampling, VAE
+decode), and peak VRAM. When diffusers is importable the same UNet figures are taken for its
+UNet2DConditionModel of the same architecture in the same run (for SDXL with
+`addition_embed_type="text_time"`, given the pooled text and the size ids as `added_cond_kwargs`,
+as ours gets its ADM vector), and printed as ratios (ours / diffusers: below 1 is faster).
+diffusers is only a yardstick here; the engine never imports it.
 
 With `--compile` the engine's compiled UNet (generation/compiled.py, as the bot runs it) is timed
 beside its eager one: each shape's compile seconds (cold, or warm from the inductor cache when
