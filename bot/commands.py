@@ -43,11 +43,11 @@ from generation.request import (
     Kind,
     aspect_size,
     random_seed,
-    unet_flops_ratio,
 )
 from generation.settings import GenerationSettings, default_model
 from generation.variations import variation_request
 from models.families import X4_UPSCALER
+from models.flops import unet_flops_ratio
 from models.loading import CheckpointError, CheckpointInfo, inspect_checkpoint
 from models.lora import family_label
 from storage import jobs as stored
@@ -149,6 +149,8 @@ class Gestures:
         self._config: AppConfig = studio.config
         #: What each model's file holds (family, native size), read on first use.
         self._checkpoints: dict[str, CheckpointInfo] = {}
+        #: Each model's `GenerationRequest.unet_flops_ratio`, counted from its UNet on first use.
+        self._flops_ratios: dict[str, float] = {}
         self.addons = Addons(studio.addons, studio.db, self._config.discord)
 
     async def checkpoint(self, model: str) -> CheckpointInfo:
@@ -156,8 +158,11 @@ class Gestures:
         if model not in self._checkpoints:
             settings = next(m for m in self._config.models if m.name == model)
             try:
-                self._checkpoints[model] = await asyncio.to_thread(
+                info = await asyncio.to_thread(
                     inspect_checkpoint, settings.checkpoint, settings.config, settings.prediction)
+                # at the native size's latent (8x VAEs: tiny test files are measured smaller)
+                self._flops_ratios[model] = await asyncio.to_thread(unet_flops_ratio, info.unet, info.native_size // 8)
+                self._checkpoints[model] = info
             except CheckpointError:
                 log.exception("the checkpoint of model %s cannot be read", model)
                 raise UserError(f"the checkpoint of model {model} cannot be read; ask the bot's operator "
@@ -243,7 +248,7 @@ class Gestures:
             raise UserError(*problems)
         return dict(prompt=prompt, negative_prompt=negative, model=model, sampler=sampler, steps=steps,
                     guidance=guidance, seed=seed, count=count, strength=strength,
-                    unet_flops_ratio=unet_flops_ratio(checkpoint.family)), checkpoint
+                    unet_flops_ratio=self._flops_ratios[model]), checkpoint
 
     async def from_image(self, options: Options, source: bytes,
                          mask: bytes | None) -> tuple[GenerationRequest, list[str]]:

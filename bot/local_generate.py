@@ -13,7 +13,7 @@ from pydantic import ValidationError
 from bot.config import AppConfig
 from generation.addons import AddonLibrary, sampling_defaults
 from generation.images import ImageInputError, fit_size, load_image, prepare_mask, split_alpha
-from generation.metadata import parameters_text, png_bytes
+from generation.metadata import parameters_text, png_bytes, refiner_infotext
 from generation.outpaint import outpaint_size
 from generation.pipeline import load_model, resolve_device, resolve_dtype, run_batch
 from generation.refiner import check_pair, refined
@@ -103,6 +103,8 @@ def generate(args: argparse.Namespace, config: AppConfig) -> list[Path]:
         raise UsageError(str(exc)) from None
     paths = output_paths(args.out, request.count)
     extra = addons.infotext(request.prompt, request.negative_prompt)
+    if args.refiner is not None:
+        extra = [*extra, *refiner_infotext(refiner.name, refiner.short_hash, request.steps, args.refiner_strength)]
     for path, image, seed in zip(paths, images_out, request.seeds(), strict=True):
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(png_bytes(image, parameters_text(request, seed, model.short_hash, extra)))

@@ -9,6 +9,11 @@ image), the engine's own images per second for the same jobs in the same batches
 calls, no queue or storage), their ratio, the fraction of the wall time the device spent in
 pipeline runs, and per member class the p50/p95 wait until a job started and until it was stored.
 
+With `--compile auto` the engine compiles its UNet as the bot does on CUDA (`[generation] compile`;
+eager on the CPU): every graph the trace can use (each size at each batch bucket) is built during
+the warm-up, and both runs wait for them (the compile status files, `CompiledUNet.wait`) before
+anything is timed, so no figure mixes eager and compiled batches. Default: eager (`off`).
+
 Weights are random (speed does not depend on their values): a random-weight checkpoint in the
 original single-file layout is written to the temporary folder, in the real SD 1.x / 2.x
 architectures, or `tiny` (SD 1.x scaled down) for a structure check on a CPU; or `--checkpoint`.
@@ -23,7 +28,7 @@ import random
 import re
 import tempfile
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -34,6 +39,7 @@ import torch
 from bot.config import AppConfig
 from bot.policy import Requester
 from bot.studio import Origin, Studio
+from generation.compiled import Compiling, CompiledUNet, State, cache_dir_in, read_statuses
 from generation.engine import Engine, memory_budget
 from generation.queue import Estimate, Job
 from generation.request import SAMPLER_NAMES, GenerationRequest, JobState
@@ -134,6 +140,9 @@ def main(argv: list[str]) -> int:
                         help=f"work arrives this many times as fast as the device does it one image at a time "
                              f"(default {LOAD:g}: a queue builds up; near 1, batches form from what arrives)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the trace and of the random weights")
+    parser.add_argument("--compile", choices=("auto", "off"), default="off",
+                        help="compiled UNet graphs as [generation] compile (auto: on CUDA; built and waited "
+                             "for during the warm-up, from a cold cache); default off: eager")
     args = parser.parse_args(argv)
     if not re.fullmatch(r"cpu|cuda(:\d+)?", args.device):
         parser.error(f"--device: {args.device!r} is not a device; allowed: cpu, cuda, cuda:N")
@@ -160,7 +169,8 @@ def main(argv: list[str]) -> int:
         checkpoint = args.checkpoint or _random_checkpoint(family, Path(folder), device, args.seed)
         prediction = "v" if family is SD2_V else None
         config = AppConfig(
-            generation=GenerationSettings(device=args.device, dtype=dtype),
+            # no warm-up aspects: the bench warms exactly the trace's sizes (`_warm_ups`)
+            generation=GenerationSettings(device=args.device, dtype=dtype, compile=args.compile, compile_warmup=()),
             models=(ModelSettings(name=MODEL, checkpoint=checkpoint, prediction=prediction),),
             queue=QueueSettings(max_queued_per_user=args.jobs, max_queued_total=max(500, args.jobs),
                                 role_weights={name: weight for name, weight, _ in CLASSES if weight != 1.0}),
@@ -168,12 +178,17 @@ def main(argv: list[str]) -> int:
         )
         name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
         what = args.checkpoint.name if args.checkpoint else f"{args.family} random weights"
-        print(f"atelier bench serve: {what}, {dtype}, {name}, torch {torch.__version__}")
+        compiling = Compiling.of(config.generation, cache_dir_in(config.storage.data_dir))
+        mode = compiling.mode_on(device)
+        print(f"atelier bench serve: {what}, {dtype}, {name}, torch {torch.__version__}, "
+              f"UNet {'compiled, mode ' + mode if mode else 'eager'}")
         print(f"trace: {args.members} members in {min(SERVERS, args.members)} servers, {args.jobs} jobs "
               f"({sum(a.request.count for a in trace)} images), sizes {_format_sizes(sizes)}, "
               f"steps {args.steps}, counts {args.counts}, {args.sampler}", flush=True)
-        served = asyncio.run(_serve(config, args.device, trace, sizes, min(steps), args.load))
-        engine_s, batches = _engine_seconds(config, args.device, served.batches, sizes, min(steps))
+        warm = _warm_ups(sizes, config.generation.compile_buckets if mode else (1,),
+                         config.queue.max_batch_images, min(steps), args.sampler)
+        served = asyncio.run(_serve(config, args.device, trace, warm, compiling if mode else None, args.load))
+        engine_s, batches = _engine_seconds(config, args.device, served.batches, warm, compiling if mode else None)
     _report(served, engine_s, batches, members)
     return 1 if served.timeline.failed else 0
 
@@ -187,30 +202,61 @@ class Served:
     #: The batches the runner formed, in the order they ran: the jobs of one share their dispatch time.
     batches: list[list[Job]]
     warmup_s: float
+    #: Compiled graphs built during the warm-up, and the seconds of their builds (0 when eager).
+    graphs: int
+    compile_s: float
     #: Device seconds of one warm image of the first size, alone: what paces the arrivals.
     probe_s: float
     load: float
 
 
-async def _serve(config: AppConfig, device: str, trace: list[Arrival], sizes: list[tuple[int, int]],
-                 warm_steps: int, load: float) -> Served:
-    """Run the trace through the real Studio; return what the listener saw and the device's busy time."""
+def _warm_ups(sizes: list[tuple[int, int]], buckets: Sequence[int], max_images: int, steps: int,
+              sampler: str) -> list[GenerationRequest]:
+    """The warm-up jobs, run one at a time: each size once per batch bucket a batch can reach
+    (eager: one image per size), so that every UNet shape of the trace has run, and has its graph
+    built when compiling."""
+    counts = [b for b in buckets if b <= max_images] or [1]
+    return [_request(w, h, count, steps, sampler, "warm-up", 0) for w, h in sizes for count in counts]
+
+
+async def _graphs_built(compiling: Compiling,
+                        pause: Callable[[], Awaitable[None]] = lambda: asyncio.sleep(0.5)) -> tuple[int, float]:
+    """Once no graph is queued or building in the compile status the Studio's engine writes (the
+    Studio keeps its `CompiledUNet` to itself; `atelier doctor` reads the same files), looking
+    again after each `pause`: the number of graphs and their build seconds."""
+    assert compiling.cache_dir is not None
+    while True:
+        graphs = [g for status in read_statuses(compiling.cache_dir) for g in status.graphs]
+        if not any(g.state in (State.QUEUED, State.BUILDING) for g in graphs):
+            return len(graphs), sum(g.seconds or 0.0 for g in graphs)
+        await pause()
+
+
+async def _serve(config: AppConfig, device: str, trace: list[Arrival], warm: list[GenerationRequest],
+                 compiling: Compiling | None, load: float) -> Served:
+    """Run the trace through the real Studio; return what the listener saw and the device's busy
+    time. `compiling` (when the UNet is compiled): wait for the warm-up's graphs, then run the
+    warm-up again so that CUDA graphs are recorded before anything is timed."""
     timeline = Timeline()
     async with Studio.open(config, (device,), memory_budget(device)) as studio:
         studio.start(timeline)
 
         async def device_seconds(requests: list[GenerationRequest]) -> float:
             """Run `requests` one after another (one member's), until stored; the device's seconds."""
-            busy, timeline.expected = studio.busy_seconds()[device], timeline.expected + len(requests)
-            timeline.all_stored.clear()
-            for request in requests:
+            busy = studio.busy_seconds()[device]
+            for request in requests:  # one at a time: each runs in its own batch, at its own shape
+                timeline.expected += 1
+                timeline.all_stored.clear()
                 await studio.submit(request, Requester(0, None, 0), Origin(channel_id=0))
-            await timeline.all_stored.wait()
+                await timeline.all_stored.wait()
             return studio.busy_seconds()[device] - busy
 
         began = time.perf_counter()
-        warm = [_request(w, h, 1, warm_steps, trace[0].request.sampler, "warm-up", 0) for w, h in sizes]
-        await device_seconds(warm)  # the model loads, and each size runs once
+        await device_seconds(warm)  # the model loads, and each shape runs once
+        graphs, compile_s = 0, 0.0
+        if compiling is not None:
+            graphs, compile_s = await _graphs_built(compiling)
+            await device_seconds(warm)  # each shape on its graph: CUDA graphs recorded
         warmup_s = time.perf_counter() - began
         probe_s = max(await device_seconds(warm[:1]), 1e-9)
         rate = warm[0].cost / probe_s  # cost units per second, one image at a time
@@ -234,23 +280,27 @@ async def _serve(config: AppConfig, device: str, trace: list[Arrival], sizes: li
         if job.started_at is not None:
             by_dispatch.setdefault(job.started_at, []).append(job)
     batches = [by_dispatch[at] for at in sorted(by_dispatch)]
-    return Served(timeline, jobs, wall_s, busy_s, batches, warmup_s, probe_s, load)
+    return Served(timeline, jobs, wall_s, busy_s, batches, warmup_s, graphs, compile_s, probe_s, load)
 
 
-def _engine_seconds(config: AppConfig, device: str, batches: list[list[Job]], sizes: list[tuple[int, int]],
-                    warm_steps: int) -> tuple[float, int]:
+def _engine_seconds(config: AppConfig, device: str, batches: list[list[Job]], warm: list[GenerationRequest],
+                    compiling: Compiling | None) -> tuple[float, int]:
     """Seconds the Engine alone takes for the same batches, after the same warm-up (model loaded,
-    each size run once)."""
+    each shape run once; compiled: its graphs built, from the Studio run's cache, and run)."""
     def no_inputs(sha256: str) -> bytes:
         raise LookupError("the serve bench runs txt2img only")
 
     engine = Engine(config.models, config.generation.dtype, no_inputs,
-                    vae_tile_above_pixels=config.generation.vae_tile_above_pixels)
+                    vae_tile_above_pixels=config.generation.vae_tile_above_pixels,
+                    vae_dtype=config.generation.vae_dtype, compiling=compiling or Compiling(when="off"))
     model = engine.load(MODEL, device)
-    sampler = batches[0][0].request.sampler if batches else SAMPLER_NAMES[0]
-    for w, h in sizes:
-        warm = Job(f"warm-{w}x{h}", _request(w, h, 1, warm_steps, sampler, "warm-up", 0), 0, None, 1.0, 0)
-        engine.run(model, device, [warm], _no_progress, _never)
+    warm_jobs = [Job(f"warm-{i}", request, 0, None, 1.0, 0) for i, request in enumerate(warm)]
+    for job in warm_jobs:
+        engine.run(model, device, [job], _no_progress, _never)
+    if isinstance(model.unet, CompiledUNet):
+        model.unet.wait()
+        for job in warm_jobs:
+            engine.run(model, device, [job], _no_progress, _never)
     seconds = 0.0
     for batch in batches:
         began = time.perf_counter()
@@ -269,8 +319,9 @@ def _report(served: Served, engine_s: float, batches: int, members: list[Member]
         print("no job was delivered: nothing to measure")
         return
     delivered_rate, engine_rate = images / served.wall_s, images / engine_s
-    print(f"warm-up       {served.warmup_s:8.2f} s (the model loaded, each size run once); one image alone "
-          f"{served.probe_s:.2f} s: the trace brings work {served.load:g}x as fast")
+    compiled = f", {served.graphs} UNet graphs compiled in {served.compile_s:.1f} s" if served.graphs else ""
+    print(f"warm-up       {served.warmup_s:8.2f} s (the model loaded, each shape run once{compiled}); "
+          f"one image alone {served.probe_s:.2f} s: the trace brings work {served.load:g}x as fast")
     print(f"delivered     {images:5d} images of {len(done)}/{len(served.jobs)} jobs in {served.wall_s:8.2f} s: "
           f"{delivered_rate:8.3f} images/s")
     print(f"engine alone  {images:5d} images in {batches} batches      in {engine_s:8.2f} s: "

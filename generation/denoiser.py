@@ -15,11 +15,6 @@ from generation.schedules import DiscreteSchedule
 
 Prediction = Literal["epsilon", "v"]
 
-#: Linear latent -> RGB in [-1, 1] for SD 1.x / 2.x latents: the web UIs' "cheap approximation"
-#: of the VAE decoder, rows per latent channel.
-_LATENT_RGB = ((0.298, 0.207, 0.208), (0.187, 0.286, 0.173), (-0.158, 0.189, 0.264), (-0.184, -0.271, -0.473))
-
-
 class UNet(Protocol):
     def __call__(self, x: Tensor, timesteps: Tensor, context: Tensor, **extra: Tensor) -> Tensor:
         """(N, C_in, h, w) VP-scaled latents, (N,) float timesteps, (N, T, D) text -> (N, 4, h, w)."""
@@ -132,10 +127,12 @@ class GuidedDenoiser:
         return c_skip * x + c_out * out
 
 
-def latent_preview(x0: Tensor) -> Tensor:
-    """A cheap RGB preview of one latent (4, h, w) -> uint8 (h, w, 3) on the CPU; no VAE."""
-    if x0.dim() != 3 or x0.shape[0] != len(_LATENT_RGB):
-        raise ValueError(f"need one latent of shape (4, h, w), got {tuple(x0.shape)}")
-    factors = torch.tensor(_LATENT_RGB, dtype=torch.float32, device=x0.device)  # (4, 3)
-    rgb = torch.einsum("chw,cr->hwr", x0.float(), factors)
+def latent_preview(x0: Tensor, factors: Sequence[Sequence[float]]) -> Tensor:
+    """A cheap RGB preview of one latent (C, h, w) -> uint8 (h, w, 3) on the CPU; no VAE, only
+    `factors`, the family's linear latent -> RGB approximation (`Family.latent_rgb`, one row
+    per latent channel)."""
+    if x0.dim() != 3 or x0.shape[0] != len(factors):
+        raise ValueError(f"need one latent of shape ({len(factors)}, h, w), got {tuple(x0.shape)}")
+    weights = torch.tensor(factors, dtype=torch.float32, device=x0.device)  # (C, 3)
+    rgb = torch.einsum("chw,cr->hwr", x0.float(), weights)
     return ((rgb + 1) / 2).clamp(0, 1).mul(255).round().to(torch.uint8).cpu()

@@ -22,7 +22,7 @@ from PIL import Image
 from generation.addons import AddonLibrary
 from generation.compiled import Compiling
 from generation.denoiser import latent_preview
-from generation.metadata import parameters_text
+from generation.metadata import parameters_text, refiner_infotext
 from generation.pipeline import (
     Inputs,
     LoadedModel,
@@ -35,6 +35,7 @@ from generation.pipeline import (
 )
 from generation.queue import Job
 from generation.refiner import check_pair
+from generation.request import Kind
 from generation.runner import JobResult, Progress
 from generation.samplers import Cancelled
 from generation.settings import ModelSettings
@@ -129,7 +130,8 @@ class Engine:
             nonlocal previewed_at
             if self._preview and self._clock() - previewed_at >= self._preview_every_s:
                 previewed_at = self._clock()
-                previews[:] = [Image.fromarray(latent_preview(x0[start]).numpy()) for start in starts]
+                factors = model.network.family.latent_rgb
+                previews[:] = [Image.fromarray(latent_preview(x0[start], factors).numpy()) for start in starts]
             for job, preview in zip(batch, previews, strict=True):
                 progress(job.id, step, total, preview)
 
@@ -144,6 +146,9 @@ class Engine:
             seeds = job.request.seeds()
             r = job.request
             extra = self._addons.infotext(r.prompt, r.negative_prompt) if self._addons is not None else []
+            if model.refiner is not None and r.kind in (Kind.TXT2IMG, Kind.IMG2IMG):  # what the refiner finishes
+                extra = [*extra, *refiner_infotext(model.refiner.name, model.refiner.short_hash, r.steps,
+                                                   model.refiner_strength)]
             for image, seed in zip(images, seeds, strict=True):
                 image.info["parameters"] = parameters_text(r, seed, model.short_hash, extra)
             results.append(JobResult(job.id, tuple(images), tuple(seeds)))

@@ -1,11 +1,14 @@
 """`atelier bench engine`: how fast the native engine runs, beside diffusers when it is installed.
 
-Random weights in the real SD 1.x / 2.x architectures (speed does not depend on the values):
-per-step UNet time with classifier-free guidance (a UNet batch of 2B), full-image latency of a
-txt2img run (text encoding, sampling, VAE decode), and peak VRAM. When diffusers is importable the
-same UNet figures are taken for its UNet2DConditionModel of the same architecture in the same run,
-and printed as ratios (ours / diffusers: below 1 is faster). diffusers is only a yardstick here;
-the engine never imports it.
+Random weights in the real SD 1.x / 2.x / SDXL (base, refiner) architectures (speed does not
+depend on the values; they are drawn directly in the run's dtype on the device, so SDXL's 3.5
+billion parameters never exist in float32 on the way): per-step UNet time with classifier-free
+guidance (a UNet batch of 2B), full-image latency of a txt2img run (text encoding, sampling, VAE
+decode), and peak VRAM. When diffusers is importable the same UNet figures are taken for its
+UNet2DConditionModel of the same architecture in the same run (for SDXL with
+`addition_embed_type="text_time"`, given the pooled text and the size ids as `added_cond_kwargs`,
+as ours gets its ADM vector), and printed as ratios (ours / diffusers: below 1 is faster).
+diffusers is only a yardstick here; the engine never imports it.
 
 With `--compile` the engine's compiled UNet (generation/compiled.py, as the bot runs it) is timed
 beside its eager one: each shape's compile seconds (cold, or warm from the inductor cache when
@@ -28,13 +31,13 @@ from pathlib import Path
 import torch
 
 from generation.compiled import Bucketing, CompiledUNet, GraphKey, torch_compiler
-from generation.pipeline import LoadedModel, half_decoder, resolve_vae_dtype, txt2img
+from generation.pipeline import LoadedModel, half_decoder, resolve_vae_dtype, safe_vae_dtype, txt2img
 from generation.request import SAMPLER_NAMES, GenerationRequest
 from generation.schedules import DiscreteSchedule
-from models.families import SD1, SD2_V, Family
+from models.families import SD1, SD2_V, SDXL, SDXL_REFINER, SIZE_KEY_VALUES, Family
 from models.stable_diffusion import StableDiffusion
 
-FAMILIES = {"sd1": SD1, "sd2": SD2_V}
+FAMILIES = {"sd1": SD1, "sd2": SD2_V, "sdxl": SDXL, "sdxl-refiner": SDXL_REFINER}
 
 
 def main(argv: list[str]) -> int:
@@ -96,7 +99,8 @@ def main(argv: list[str]) -> int:
     print(f"{'size':>5} {'batch':>5} | " + " ".join(f"{title:>{width}}" for title, width in columns))
     reference_compiled = None
     if reference is not None and args.diffusers_compile:
-        reference_compiled = torch.compile(_diffusers_call(reference), fullgraph=True, dynamic=False, mode=mode)
+        reference_compiled = torch.compile(_diffusers_call(reference, family), fullgraph=True, dynamic=False,
+                                           mode=mode)
     with _attention(args.sdpa_backend):
         for size in sizes:
             for batch in batches:
@@ -127,14 +131,15 @@ def _figures(model: LoadedModel, compiled: CompiledUNet | None, reference: torch
     if compiled is not None:
         rows = Bucketing(args.compile_batches).rows(2 * batch)
         side = size // model.network.vae_scale
-        key = GraphKey.txt2img(rows, family.unet.in_channels, (side, side), 77, family.unet.context_dim, dtype)
+        key = GraphKey.txt2img(rows, family.unet.in_channels, (side, side), 77, family.unet.context_dim, dtype,
+                               family.unet.adm_in_channels)
         compiled.warm_up([key])
         compiled.wait()
         (graph,) = [g for g in compiled.status().graphs if g.key == key.describe()]
         compile_s.append(graph.seconds if graph.seconds is not None else float("nan"))
         unets.append(compiled)
     if reference is not None:
-        unets.append(_diffusers_call(reference))
+        unets.append(_diffusers_call(reference, family))
         if reference_compiled is not None:
             start = time.perf_counter()
             _unet_step_ms([reference_compiled], family, size, batch, device, dtype, 1)  # compiles
@@ -158,34 +163,94 @@ def _figures(model: LoadedModel, compiled: CompiledUNet | None, reference: torch
 
 def _random_model(family: Family, device: torch.device, dtype: torch.dtype,
                   vae_dtype: torch.dtype = torch.float32) -> LoadedModel:
-    with torch.device(device):
-        network = StableDiffusion(family).to(dtype).eval().requires_grad_(False)
+    with torch.device("meta"):
+        network = StableDiffusion(family)
+    randomise(network, device, dtype)
+    network.eval().requires_grad_(False)
     network.first_stage_model.float()
     if device.type == "cuda":
         network.model.to(memory_format=torch.channels_last)
     schedule = DiscreteSchedule.linear(family.linear_start, family.linear_end, family.timesteps)
+    vae_dtype = safe_vae_dtype(vae_dtype, family)
     decoder = None if vae_dtype == torch.float32 else half_decoder(network, vae_dtype)
     return LoadedModel(f"random-{family.name}", network, schedule, "0000000000", device, dtype, vae_decoder=decoder)
 
 
+def randomise(module: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> None:
+    """Give a module built on the meta device random tensors made directly in `dtype` on `device`:
+    norm scales 1, biases 0, every other tensor N(0, 0.02) (activations keep their scale through
+    the layers: no overflow, no denormals)."""
+    generator = torch.Generator(device).manual_seed(0)
+    weights = {}
+    for key, meta in module.state_dict().items():
+        tensor = torch.empty(meta.shape, device=device, dtype=dtype)
+        if key.endswith("bias"):
+            tensor.zero_()
+        elif meta.dim() == 1 and key.endswith("weight"):
+            tensor.fill_(1.0)
+        else:
+            tensor.normal_(0.0, 0.02, generator=generator)
+        weights[key] = tensor
+    module.load_state_dict(weights, strict=True, assign=True)
+
+
 def _diffusers_unet(family: Family, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
+    """diffusers' UNet2DConditionModel of `family`'s UNet architecture, random weights."""
     from diffusers import UNet2DConditionModel
 
-    sd2 = family.text.kind == "open_clip"
-    config = dict(
-        cross_attention_dim=family.unet.context_dim,
-        attention_head_dim=[5, 10, 20, 20] if sd2 else 8,
-        use_linear_projection=sd2,
-    )
-    with torch.device(device):
-        unet = UNet2DConditionModel(**config).to(dtype).eval().requires_grad_(False)
+    with torch.device("meta"):
+        unet = UNet2DConditionModel(**diffusers_config(family))
+    randomise(unet, device, dtype)
+    unet.eval().requires_grad_(False)
     if device.type == "cuda":
         unet.to(memory_format=torch.channels_last)
     return unet
 
 
-def _diffusers_call(unet: torch.nn.Module) -> Callable[..., torch.Tensor]:
-    return lambda x, t, context: unet(x, t, encoder_hidden_states=context).sample
+def diffusers_config(family: Family) -> dict:
+    """UNet2DConditionModel's arguments for `family`'s UNet: levels, heads, per-level transformer
+    depths, and SDXL's "text_time" added conditioning."""
+    u = family.unet
+    levels = range(len(u.channel_mult))
+    channels = [u.model_channels * m for m in u.channel_mult]
+    attends = [2**level in u.attention_resolutions for level in levels]
+    config = dict(
+        in_channels=u.in_channels,
+        out_channels=u.out_channels,
+        block_out_channels=channels,
+        layers_per_block=u.num_res_blocks,
+        down_block_types=["CrossAttnDownBlock2D" if a else "DownBlock2D" for a in attends],
+        up_block_types=["CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attends)],
+        # diffusers' `attention_head_dim` is the head COUNT per level (its historical misnomer)
+        attention_head_dim=[u.heads(c)[0] for c in channels],
+        # per level; the last entry is also the middle block's (the last level's own where it
+        # attends: equal in every sgm family)
+        transformer_layers_per_block=[max(1, u.input_depths[level * u.num_res_blocks]) for level in levels[:-1]]
+        + [u.middle_depth],
+        cross_attention_dim=u.context_dim,
+        use_linear_projection=u.use_linear_in_transformer,
+    )
+    if u.adm_in_channels is not None:
+        outdim = family.conditioner.outdim
+        config |= dict(addition_embed_type="text_time", addition_time_embed_dim=outdim,
+                       projection_class_embeddings_input_dim=u.adm_in_channels)
+    return config
+
+
+def _diffusers_call(unet: torch.nn.Module, family: Family) -> Callable[..., torch.Tensor]:
+    """diffusers' UNet as ours is called, (x, t, context, y): for SDXL the ADM vector's pooled-text
+    part becomes `text_embeds` and the first of its size features `time_ids` (diffusers embeds the
+    size values itself; only the shapes matter here)."""
+    if family.conditioner is None:
+        return lambda x, t, context, y=None: unet(x, t, encoder_hidden_states=context).sample
+    pooled = family.conditioner.texts[-1].projection_dim
+    ids = sum(SIZE_KEY_VALUES[key] for key in family.conditioner.sizes)
+
+    def call(x: torch.Tensor, t: torch.Tensor, context: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        added = {"text_embeds": y[:, :pooled], "time_ids": y[:, pooled : pooled + ids]}
+        return unet(x, t, encoder_hidden_states=context, added_cond_kwargs=added).sample
+
+    return call
 
 
 @torch.inference_mode()
@@ -199,15 +264,17 @@ def _unet_step_ms(
     x = torch.randn(2 * batch, family.unet.in_channels, side, side, device=device, dtype=dtype)
     t = torch.full((2 * batch,), 500.0, device=device)
     context = torch.randn(2 * batch, 77, family.unet.context_dim, device=device, dtype=dtype)
+    adm = family.unet.adm_in_channels
+    y = None if adm is None else torch.randn(2 * batch, adm, device=device, dtype=dtype)  # SDXL's ADM vector
     for unet in unets:
         for _ in range(3):
-            unet(x, t, context)
+            unet(x, t, context, y)
     times: list[list[float]] = [[] for _ in unets]
     for _ in range(iters):
         for unet, taken in zip(unets, times, strict=True):
             _sync(device)
             start = time.perf_counter()
-            unet(x, t, context)
+            unet(x, t, context, y)
             _sync(device)
             taken.append((time.perf_counter() - start) * 1000)
     return [statistics.median(taken) for taken in times]

@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from PIL import Image, PngImagePlugin
 
 from generation.request import GenerationRequest, Kind
+from generation.sdxl import refiner_steps
 
 #: How the web UIs name our samplers.
 SAMPLER_LABELS = {
@@ -51,6 +52,14 @@ def parameters_text(
     settings += extra
     lines.append(", ".join(f"{key}: {value}" for key, value in settings))
     return "\n".join(lines)
+
+
+def refiner_infotext(name: str, model_hash: str, steps: int, strength: float) -> list[tuple[str, str]]:
+    """The web UIs' fields of an image an SDXL refiner finished (A1111's `Refiner: NAME [hash]`
+    and `Refiner switch at`, the fraction of the `steps` the base ran before the refiner took
+    over at refiner strength `strength`), for `parameters_text`'s `extra`."""
+    switch_at = (steps - refiner_steps(steps, strength)) / steps
+    return [("Refiner", f"{name} [{model_hash}]"), ("Refiner switch at", f"{round(switch_at, 4):g}")]
 
 
 def png_bytes(image: Image.Image, parameters: str | None = None) -> bytes:

@@ -50,15 +50,6 @@ _SD_PIXELS_PER_LATENT = 8 * 8
 #: within 2% of each other (its only self-attention is at 1/8 of the latent). tests/test_upscale.py
 #: recomputes it.
 X4_UNET_FLOPS_RATIO = 0.35
-#: SDXL UNet FLOPs per latent pixel over SD 1.x's, measured the same way: the base 2.10 and the
-#: refiner 2.27 times SD1's on 128x128 latents (1024x1024 images), 1.98 and 2.02 on 64x64; the
-#: SSD-1B-like layout (input depths 0, 0, 2, 2, 4, 4, one-ResBlock middle) 1.31. tests/test_sdxl.py recomputes the base's.
-SDXL_UNET_FLOPS_RATIO = 2.1
-
-
-def unet_flops_ratio(family: str) -> float:
-    """`GenerationRequest.unet_flops_ratio` for a checkpoint family name (`models.families`)."""
-    return SDXL_UNET_FLOPS_RATIO if family.startswith("sdxl") else 1.0
 
 
 #: `<lora:NAME:WEIGHT>` tags, A1111's syntax: `generation.prompts` parses them, `cost` counts them.
@@ -148,8 +139,9 @@ class GenerationRequest(BaseModel):
     #: Upscale: 4 with an x4 upscaler checkpoint (the output is its VAE's scale times the input:
     #: 4 for the released one), 2 with an ordinary one (hires); the engine checks they match.
     upscale_factor: Literal[2, 4] = 2
-    #: The model's UNet FLOPs per latent pixel over SD 1.x's (`unet_flops_ratio(family)`: SDXL
-    #: 2.1), set by whoever picks the model; `cost` counts it. The x4 upscaler has its own.
+    #: The model's UNet FLOPs per latent pixel over SD 1.x's (`models.flops.unet_flops_ratio`
+    #: of its UNet: SDXL 2.1, SSD-1B 1.3), set by whoever picks the model; `cost` counts it. The
+    #: x4 upscaler has its own.
     unet_flops_ratio: float = Field(default=1.0, gt=0.0, le=10.0)
 
     @model_validator(mode="after")

@@ -1,6 +1,7 @@
 """SDXL sampling as Stability-AI's `generative-models` (sgm) runs it, so that a seed gives its image.
 
-- Sigmas: LegacyDDPMDiscretization (`schedules.legacy_ddpm_sigmas`) for every sampler; `euler`
+- Sigmas: LegacyDDPMDiscretization (`schedules.legacy_ddpm_sigmas`) for every sampler but the
+  `_karras` ones (Karras spacing, as the web UIs); `euler`
   is then sgm's EulerEDMSampler (s_churn 0) and `dpmpp_2m` its DPMPP2MSampler, both started from
   noise * sqrt(1 + sigma_0^2) as sgm's `prepare_sampling_loop` does.
 - Conditioning: both text towers' hidden states side by side as the context; the ADM vector is
@@ -27,7 +28,7 @@ from generation.addons import AddonLibrary
 from generation.prompts import chunk_prompt, encode_prompts, encoder_inputs, split_lora_tags
 from generation.request import GenerationRequest
 from generation.samplers import SAMPLERS, Sampler
-from generation.schedules import legacy_ddpm_sigmas
+from generation.schedules import karras_sigmas, legacy_ddpm_sigmas
 from models.stable_diffusion import StableDiffusion
 
 #: sgm demo's aesthetic scores for the refiner: (prompt, negative prompt).
@@ -37,8 +38,13 @@ DEFAULT_REFINER_STRENGTH = 0.15
 
 
 def sampler(name: str) -> Sampler:
-    """The sampler `name` on sgm's sigmas, started from VP noise as sgm starts every sampler."""
-    return replace(SAMPLERS[name], spacing=legacy_ddpm_sigmas, vp_start=True)
+    """The sampler `name` on sgm's sigmas, started from VP noise as sgm starts every sampler; a
+    Karras sampler keeps its Karras spacing over the SDXL schedule's sigma range, as the web UIs
+    run it (sgm has no Karras sampler to match)."""
+    chosen = SAMPLERS[name]
+    if chosen.spacing is karras_sigmas:
+        return chosen
+    return replace(chosen, spacing=legacy_ddpm_sigmas, vp_start=True)
 
 
 def img2img_sigmas(sigmas: torch.Tensor, strength: float) -> torch.Tensor:

@@ -220,6 +220,14 @@ class ConditionerConfig:
         return pooled + self.outdim * sum(SIZE_KEY_VALUES[key] for key in self.sizes)
 
 
+#: Latent -> RGB in [-1, 1], one row per latent channel: the web UIs' cheap approximation of the
+#: VAE decoder for live previews. SD 1.x/2.x latents (A1111's factors):
+SD_LATENT_RGB = ((0.298, 0.207, 0.208), (0.187, 0.286, 0.173), (-0.158, 0.189, 0.264), (-0.184, -0.271, -0.473))
+#: SDXL's VAE has its own latent space (ComfyUI's `latent_formats.SDXL` factors):
+SDXL_LATENT_RGB = ((0.3920, 0.4054, 0.4549), (-0.2634, -0.0196, 0.0653), (0.0568, 0.1687, -0.0755),
+                   (-0.3112, -0.2359, -0.2076))
+
+
 @dataclass(frozen=True)
 class Family:
     """Everything needed to build and sample one checkpoint."""
@@ -239,6 +247,8 @@ class Family:
     conditioner: ConditionerConfig | None = None
     #: VAE precisions that decode this family safely: SDXL's VAE overflows float16 (black images).
     vae_dtypes: tuple[str, ...] = ("float32", "bfloat16", "float16")
+    #: Linear latent -> RGB factors of the live previews (`generation.denoiser.latent_preview`).
+    latent_rgb: tuple[tuple[float, float, float], ...] = SD_LATENT_RGB
 
     @property
     def name(self) -> str:
@@ -351,6 +361,7 @@ SDXL = Family(
     scale_factor=0.13025,
     conditioner=_SDXL_CONDITIONER,
     vae_dtypes=_SDXL_VAE_DTYPES,
+    latent_rgb=SDXL_LATENT_RGB,
 )
 SDXL_REFINER = Family(
     prediction="epsilon",
@@ -372,6 +383,7 @@ SDXL_REFINER = Family(
         texts=(_OPEN_CLIP_BIGG,), sizes=("original_size_as_tuple", "crop_coords_top_left", "aesthetic_score")
     ),
     vae_dtypes=_SDXL_VAE_DTYPES,
+    latent_rgb=SDXL_LATENT_RGB,
 )
 SDXL_INPAINT = replace(SDXL, conditioning="hybrid", unet=replace(_SDXL_UNET, in_channels=9))
 

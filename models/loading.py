@@ -68,6 +68,7 @@ class CheckpointInfo:
     dtype: str  # the dtype most UNet tensors are stored in, e.g. "float16"
     native_size: int  # the image side the family was trained at (Family.native_size)
     context_dim: int  # the UNet's conditioning width, which LoRAs and embeddings must match
+    unet: UNetConfig  # the UNet as loaded (per-block depths of distilled files), for its cost
 
 
 def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
@@ -689,4 +690,5 @@ def inspect_checkpoint(
         dtype=dtypes.most_common(1)[0][0],
         native_size=family.native_size,
         context_dim=family.unet.context_dim,
+        unet=family.unet,
     )

@@ -7,6 +7,7 @@ import torch
 from generation.denoiser import GuidedDenoiser, latent_preview
 from generation.samplers import SAMPLERS
 from generation.schedules import DiscreteSchedule
+from models.families import SD_LATENT_RGB, SDXL_LATENT_RGB
 from tests.fixtures.devices import StandInDevice
 
 SCHEDULE = DiscreteSchedule.linear()
@@ -132,15 +133,15 @@ def test_ddim_with_guidance_equals_the_original_guided_loop() -> None:
 
 
 def test_latent_preview_is_a_linear_projection_to_uint8_rgb() -> None:
-    assert torch.equal(latent_preview(torch.zeros(4, 2, 3)), torch.full((2, 3, 3), 128, dtype=torch.uint8))
-    factors = torch.tensor(
-        [[0.298, 0.207, 0.208], [0.187, 0.286, 0.173], [-0.158, 0.189, 0.264], [-0.184, -0.271, -0.473]]
-    )
+    factors = SD_LATENT_RGB
+    assert torch.equal(latent_preview(torch.zeros(4, 2, 3), factors), torch.full((2, 3, 3), 128, dtype=torch.uint8))
     # the latent whose projection is pure red (1, -1, -1) in [-1, 1] previews as (255, 0, 0)
-    red = torch.linalg.lstsq(factors.T, torch.tensor([1.0, -1.0, -1.0])).solution
-    assert latent_preview(red.view(4, 1, 1).expand(4, 2, 2)).tolist() == [[[255, 0, 0]] * 2] * 2
+    red = torch.linalg.lstsq(torch.tensor(factors).T, torch.tensor([1.0, -1.0, -1.0])).solution
+    assert latent_preview(red.view(4, 1, 1).expand(4, 2, 2), factors).tolist() == [[[255, 0, 0]] * 2] * 2
+    # the same latent through SDXL's factors is another colour: each family previews its own space
+    assert latent_preview(red.view(4, 1, 1), SDXL_LATENT_RGB).tolist() != [[[255, 0, 0]]]
     with pytest.raises(ValueError, match=r"shape \(4, h, w\)"):
-        latent_preview(torch.zeros(1, 4, 8, 8))
+        latent_preview(torch.zeros(1, 4, 8, 8), factors)
 
 
 class GaussianDataUNet:

@@ -4,7 +4,7 @@ import io
 
 from PIL import Image
 
-from generation.metadata import SAMPLER_LABELS, parameters_text, png_bytes
+from generation.metadata import SAMPLER_LABELS, parameters_text, png_bytes, refiner_infotext
 from generation.request import SAMPLER_NAMES, GenerationRequest
 
 
@@ -40,6 +40,15 @@ def test_upscales_say_their_factor_as_the_web_uis_hires_fix_does() -> None:
         "Size: 512x768, Model hash: abc, Model: sd15, Denoising strength: 0.3, Hires upscale: 2")
     x4 = request(kind="upscale", init_image="a" * 64, upscale_factor=4, model="x4")
     assert parameters_text(x4, seed=1, model_hash="abc").endswith("Model: x4, Hires upscale: 4")
+
+
+def test_a_refined_image_names_its_refiner_and_switch_as_a1111_does() -> None:
+    # 25 steps at refiner strength 0.15: the refiner runs int(0.15 * 26) - 1 = 2, the base 23 of 25
+    extra = refiner_infotext("sd_xl_refiner_1.0", "7440042bbd", 25, 0.15)
+    assert parameters_text(request(), seed=1, model_hash="abc", extra=extra).endswith(
+        "Model: sd15, Refiner: sd_xl_refiner_1.0 [7440042bbd], Refiner switch at: 0.92")
+    assert refiner_infotext("r", "h", 40, 0.15)[1] == ("Refiner switch at", "0.875")  # 5 of 40 refined
+    assert refiner_infotext("r", "h", 3, 0.0)[1] == ("Refiner switch at", "1")  # refiner only decodes
 
 
 def test_png_carries_the_chunk_ascii_and_unicode() -> None:

@@ -23,6 +23,7 @@ from generation.refiner import refined_latents
 from generation.request import GenerationRequest, Kind
 from generation.schedules import DiscreteSchedule, legacy_ddpm_sigmas
 from generation.sdxl import img2img_sigmas, refiner_steps
+from generation.sdxl import sampler as sdxl_sampler
 from generation.settings import ModelSettings
 from tests.fixtures.checkpoints import TinySDXL, tiny_sdxl  # noqa: F401
 from tests.fixtures.devices import StandInDevice, on_stand_in_device
@@ -147,6 +148,22 @@ def test_legacy_ddpm_sigmas_are_sgms_and_diffusers_euler_on_the_same_timesteps(s
     torch.testing.assert_close(ours, scheduler.sigmas.float(), rtol=1e-5, atol=0)  # diffusers: float32 table
 
 
+def test_karras_samplers_keep_karras_spacing_over_the_sdxl_range_and_the_others_sgms() -> None:
+    schedule = DiscreteSchedule.linear()
+    sgm, table = _sgm_tables(12)
+    for name in ("euler", "dpmpp_2m", "euler_a", "heun", "lms", "ddim", "unipc"):
+        assert sdxl_sampler(name).vp_start
+        torch.testing.assert_close(sdxl_sampler(name).sigmas(schedule, 12), sgm, rtol=2e-6, atol=0)
+    # k-diffusion's get_sigmas_karras(12, sigma_min, sigma_max, rho=7) over the training table's range
+    ramp = np.linspace(0, 1, 12)
+    lo, hi = float(table[0]) ** (1 / 7), float(table[-1]) ** (1 / 7)
+    karras = torch.tensor(np.append((hi + ramp * (lo - hi)) ** 7, 0.0), dtype=torch.float32)
+    for name in ("dpmpp_2m_karras", "dpmpp_sde_karras"):
+        sigmas = sdxl_sampler(name).sigmas(schedule, 12)
+        torch.testing.assert_close(sigmas, karras, rtol=2e-5, atol=0)  # float32 table ends
+        assert not torch.allclose(sigmas[:-1], sgm[:-1], rtol=1e-2)
+
+
 def test_img2img_and_refiner_wrappers_prune_as_sgms_demo() -> None:
     sigmas = torch.arange(10.0, -1.0, -1.0)  # K = 10 steps: 11 levels, 0 last
     assert img2img_sigmas(sigmas, 0.5).tolist() == [4.0, 3.0, 2.0, 1.0, 0.0]  # int(0.5 * 11) = 5 levels
@@ -265,7 +282,12 @@ def test_generate_repeats_a_seed_byte_for_byte_with_and_without_the_refiner(tiny
         with Image.open(tmp_path / f"{name}-a.png") as image:
             assert image.size == (96, 64)
             pixels = np.asarray(image)
+            parameters = image.info["parameters"]
         assert pixels.std() > 1  # not a flat (black) image
+        if name == "refined":  # p = int(0.5 * 4) - 1 = 1 of the 3 steps on the refiner
+            assert f", Refiner: {refiner.stem} [" in parameters and parameters.endswith("Refiner switch at: 0.6667")
+        else:
+            assert "Refiner" not in parameters
         outputs[name] = pixels
     assert not np.array_equal(outputs["base"], outputs["distilled"])
 
@@ -326,44 +348,65 @@ def test_every_pipeline_runs_sdxl_on_the_stand_in_device_without_syncing(tiny_sd
 # ------------------------------------------------------------------ what the bot charges
 
 
-def test_sdxl_cost_counts_its_unet_flops_as_measured() -> None:
+def _flops_per_latent_pixel(config, side: int) -> float:
+    """The measurement itself, written out here: FlopCounterMode over a meta-device UNet."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    from generation.request import SDXL_UNET_FLOPS_RATIO, unet_flops_ratio
-    from models.families import SD1, SDXL
     from models.unet import UNetModel
 
-    def flops_per_latent_pixel(family, side: int) -> float:
-        with torch.device("meta"), torch.no_grad():
-            unet = UNetModel(family.unet)
-            y = torch.zeros(1, family.unet.adm_in_channels) if family.unet.adm_in_channels else None
-            with FlopCounterMode(display=False) as counter:
-                unet(torch.zeros(1, 4, side, side), torch.zeros(1), torch.zeros(1, 77, family.unet.context_dim), y=y)
-        return counter.get_total_flops() / side**2
+    with torch.device("meta"), torch.no_grad():
+        unet = UNetModel(config)
+        y = torch.zeros(1, config.adm_in_channels) if config.adm_in_channels else None
+        with FlopCounterMode(display=False) as counter:
+            unet(torch.zeros(1, 4, side, side), torch.zeros(1), torch.zeros(1, 77, config.context_dim), y=y)
+    return counter.get_total_flops() / side**2
 
-    ratio = flops_per_latent_pixel(SDXL, 128) / flops_per_latent_pixel(SD1, 64)  # 1024x1024 vs the 512x512 unit
-    assert ratio == pytest.approx(SDXL_UNET_FLOPS_RATIO, rel=0.02)
-    assert unet_flops_ratio("sdxl-refiner") == unet_flops_ratio("sdxl") == SDXL_UNET_FLOPS_RATIO
-    assert unet_flops_ratio("sd1") == 1.0
+
+def test_sdxl_cost_counts_its_unet_flops_as_measured() -> None:
+    from models.families import SD1, SD2_V, SDXL, SDXL_REFINER
+    from models.flops import unet_flops_ratio
+
+    sd1 = _flops_per_latent_pixel(SD1.unet, 64)  # the 512x512 cost unit
+    ratio = unet_flops_ratio(SDXL.unet, 128)  # at 1024x1024
+    assert ratio == pytest.approx(_flops_per_latent_pixel(SDXL.unet, 128) / sd1, rel=1e-9)
+    assert ratio == pytest.approx(2.10, abs=0.01)
+    assert unet_flops_ratio(SDXL_REFINER.unet, 128) == pytest.approx(2.27, abs=0.01)
+    # an SSD-1B-like layout (input depths 0, 0, 2, 2, 4, 4 and the outputs' alike, a ResBlock
+    # middle) is "sdxl" by family but does 0.6 of the base's work: 1.25 times SD's
+    ssd = dataclasses.replace(SDXL.unet, transformer_depth=(0, 0, 2, 2, 4, 4), transformer_depth_middle=0)
+    distilled = unet_flops_ratio(ssd, 128)
+    assert distilled == pytest.approx(_flops_per_latent_pixel(ssd, 128) / sd1, rel=1e-9)
+    assert distilled == pytest.approx(1.25, abs=0.01) and distilled < 0.6 * ratio
+    assert unet_flops_ratio(SD1.unet, 64) == unet_flops_ratio(SD2_V.unet, 96) == 1.0  # the unit
     sd = _request(width=1024, height=1024, steps=10)
-    xl = sd.model_copy(update={"unet_flops_ratio": SDXL_UNET_FLOPS_RATIO})
-    assert xl.cost == pytest.approx(SDXL_UNET_FLOPS_RATIO * sd.cost) and sd.cost == pytest.approx(40)
+    xl = sd.model_copy(update={"unet_flops_ratio": ratio})
+    assert xl.cost == pytest.approx(ratio * sd.cost) and sd.cost == pytest.approx(40)
 
 
-async def test_the_bot_sizes_and_charges_sdxl_requests_as_sdxl(tiny_sdxl: TinySDXL) -> None:
+async def test_the_bot_sizes_and_charges_sdxl_requests_by_their_unets_flops(tiny_sdxl: TinySDXL) -> None:
     from types import SimpleNamespace
 
     from bot.commands import Gestures, Options
     from bot.config import AppConfig
     from generation.addons import AddonLibrary
+    from models.families import SD1
+    from models.loading import inspect_checkpoint
 
-    path, yaml_path = tiny_sdxl.get("sdxl")
-    config = AppConfig(models=(ModelSettings(name="xl", checkpoint=path, config=yaml_path),))
+    (path, yaml_path), (distilled, _) = tiny_sdxl.get("sdxl"), tiny_sdxl.get("sdxl-distilled")
+    config = AppConfig(models=(ModelSettings(name="xl", checkpoint=path, config=yaml_path),
+                               ModelSettings(name="small", checkpoint=distilled)))
     studio = SimpleNamespace(config=config, db=None, addons=AddonLibrary(None, None))
     gestures = Gestures(None, studio, None)  # type: ignore[arg-type]
     request = await gestures.request(Options(prompt="a cat", aspect="2:3", seed=1, count=1))
     # the tiny SDXL's native side is 256 (1024 x its 2x VAE / 8): SDXL's 2:3 bucket, scaled
-    assert (request.width, request.height) == (192, 320) and request.unet_flops_ratio == 2.1
+    assert (request.width, request.height) == (192, 320)
+    small = await gestures.request(Options(prompt="a cat", aspect="2:3", seed=1, count=1, model="small"))
+    # each is charged its own UNet's counted work at its native latent (32: the tiny files' 256 / 8)
+    sd1 = _flops_per_latent_pixel(SD1.unet, 64)
+    for req, file in ((request, path), (small, distilled)):
+        unet = inspect_checkpoint(file, None).unet
+        assert req.unet_flops_ratio == pytest.approx(_flops_per_latent_pixel(unet, 32) / sd1, rel=1e-9)
+    assert inspect_checkpoint(distilled, None).family == "sdxl" and small.unet_flops_ratio != request.unet_flops_ratio
 
 
 # ------------------------------------------------------------------ a configured refiner
@@ -387,6 +430,13 @@ def test_a_configured_refiner_is_loaded_with_its_model_and_finishes_its_images(t
         (plain,) = run_batch(dataclasses.replace(model, refiner=None), [req], _STORED.__getitem__)
     assert np.array_equal(np.asarray(ours[0]), np.asarray(expected[0]))
     assert not np.array_equal(np.asarray(ours[0]), np.asarray(plain[0]))
+    # the engine's PNG names the refiner as A1111 does: p = int(0.5 * 4) - 1 = 1 of 3 steps refined
+    from generation.queue import Job
+
+    (result,) = engine.run(model, "cpu", [Job("aaaaaaaaaaaa", req, owner_id=1, guild_id=None, weight=1.0, seq=0)],
+                           lambda *_: None, lambda _: False)
+    parameters = result.images[0].info["parameters"]
+    assert parameters.endswith(f", Refiner: ref [{model.refiner.short_hash}], Refiner switch at: 0.6667")
     for bad in ("xl", "nope"):
         with pytest.raises(ValueError, match=f"refiner '{bad}' must name another"):
             check_models((ModelSettings(name="xl", checkpoint=base, refiner=bad),))
@@ -402,3 +452,28 @@ def test_models_report_names_the_refiner_and_refuses_a_wrong_one(tiny_sdxl: Tiny
     wrong = (ModelSettings(name="xl", checkpoint=base, refiner="other"), ModelSettings(name="other", checkpoint=base))
     report, ok = describe_models(wrong)
     assert not ok and "error: xl: refiner 'other' is an sdxl checkpoint for an sdxl one" in report
+
+
+# ------------------------------------------------------------------ live previews
+
+
+def test_sdxl_previews_use_the_sdxl_latent_rgb_factors(tiny_sdxl: TinySDXL) -> None:
+    from generation.denoiser import latent_preview
+    from generation.engine import Engine
+    from generation.queue import Job
+    from models.families import SD_LATENT_RGB, SDXL_LATENT_RGB
+
+    path, yaml_path = tiny_sdxl.get("sdxl")
+    engine = Engine([ModelSettings(name="sdxl", checkpoint=path, config=yaml_path)], "float32", {}.__getitem__,
+                    preview=True)
+    model = engine.load("sdxl", "cpu")
+    assert model.network.family.latent_rgb == SDXL_LATENT_RGB
+    req = _request(count=1, steps=3)
+    previews: list[Image.Image] = []
+    engine.run(model, "cpu", [Job("aaaaaaaaaaaa", req, owner_id=1, guild_id=None, weight=1.0, seq=0)],
+               lambda job, step, total, preview: previews.append(preview), lambda _: False)
+    # euler's last step lands on its x0 prediction: the last preview is the final latent's
+    (final,) = sample_latents(model, [req])
+    last = np.asarray(previews[-1])
+    assert np.array_equal(last, latent_preview(final, SDXL_LATENT_RGB).numpy())
+    assert not np.array_equal(last, latent_preview(final, SD_LATENT_RGB).numpy())

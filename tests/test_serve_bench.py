@@ -8,7 +8,8 @@ import re
 import pytest
 
 from bot.cli import main as cli
-from bot.serve_bench import CLASSES, _members, _paced, _trace
+from bot.serve_bench import CLASSES, _graphs_built, _members, _paced, _trace, _warm_ups
+from generation.compiled import CompileStatus, Compiling, GraphStatus, State, write_status
 
 TINY_RUN = ["--members", "4", "--jobs", "6", "--steps", "2", "--counts", "1,2", "--sizes", "64x64,64x80", "--seed", "3"]
 
@@ -19,9 +20,13 @@ def figure(output: str, pattern: str) -> tuple[float, ...]:
     return tuple(float(group) for group in match.groups())
 
 
-def test_the_serve_bench_delivers_every_job_and_prints_consistent_figures(capsys: pytest.CaptureFixture[str]) -> None:
-    assert cli(["bench", "serve", *TINY_RUN]) == 0
+@pytest.mark.parametrize("compile_option", [[], ["--compile", "auto"]])  # auto: eager on the CPU, as the bot
+def test_the_serve_bench_delivers_every_job_and_prints_consistent_figures(
+    compile_option: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert cli(["bench", "serve", *TINY_RUN, *compile_option]) == 0
     output = capsys.readouterr().out
+    assert ", UNet eager\n" in output and "graphs compiled" not in output
     images, done, jobs, wall, rate = figure(
         output, r"delivered +(\d+) images of (\d+)/(\d+) jobs in +([\d.]+) s: +([\d.]+) images/s")
     assert done == jobs == 6 and images >= 6
@@ -65,3 +70,32 @@ def test_the_trace_mixes_classes_sizes_and_counts_and_arrives_at_the_rate_asked(
     paced = _paced(trace, rate)
     assert paced[-1].at == pytest.approx(sum(a.request.cost for a in trace) / rate)
     assert [a.request for a in paced] == [a.request for a in trace]
+
+
+def test_compiled_warm_up_runs_every_size_at_every_reachable_bucket_and_eager_once_per_size() -> None:
+    sizes = [(512, 512), (512, 768)]
+    compiled = _warm_ups(sizes, (1, 2, 4, 8), 4, 20, "euler")
+    assert [(r.width, r.height, r.count) for r in compiled] == [
+        (512, 512, 1), (512, 512, 2), (512, 512, 4), (512, 768, 1), (512, 768, 2), (512, 768, 4)]
+    assert [(r.width, r.height, r.count) for r in _warm_ups(sizes, (1,), 8, 20, "euler")] == [
+        (512, 512, 1), (512, 768, 1)]
+    assert {r.steps for r in compiled} == {20} and {r.sampler for r in compiled} == {"euler"}
+
+
+async def test_the_studio_run_waits_until_no_graph_is_queued_or_building(tmp_path) -> None:
+    def status(*states: State) -> None:
+        graphs = tuple(GraphStatus(f"key {i}", state, 2.5 if state is State.READY else None, None)
+                       for i, state in enumerate(states))
+        write_status(tmp_path, CompileStatus("bench", "cuda:0", "reduce-overhead", graphs))
+
+    # what the engine's builder writes between two looks; a failed build runs eagerly: not waited for
+    later = [(State.READY, State.READY, State.BUILDING), (State.READY, State.READY, State.FAILED)]
+    pauses = []
+
+    async def pause() -> None:
+        pauses.append(len(later))
+        status(*later.pop(0))
+
+    status(State.READY, State.BUILDING, State.QUEUED)
+    assert await _graphs_built(Compiling(cache_dir=tmp_path), pause) == (3, 5.0)
+    assert pauses == [2, 1] and not later

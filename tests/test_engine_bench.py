@@ -1,0 +1,54 @@
+"""generation/engine_bench.py's pieces that decide what is compared: diffusers' UNet is built with
+the same architecture as ours (every parameter shape, for each family the command offers), fed
+SDXL's added conditioning as its "text_time" embedding expects, and random weights are made in
+the run's dtype. The command itself is a benchmark (docs/PERFORMANCE.md), not a test."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from diffusers import UNet2DConditionModel
+
+from generation.engine_bench import FAMILIES, _diffusers_call, _diffusers_unet, diffusers_config, randomise
+from models.unet import UNetModel
+from tests.fixtures.checkpoints import tiny_sdxl_family
+
+
+def _shapes(module: torch.nn.Module) -> list[tuple[int, ...]]:
+    return sorted(tuple(p.shape) for p in module.parameters())
+
+
+@pytest.mark.parametrize("name", [*FAMILIES, "tiny-sdxl", "tiny-sdxl-refiner"])
+def test_diffusers_unet_has_our_unets_architecture(name: str) -> None:
+    family = tiny_sdxl_family(name.removeprefix("tiny-")) if name.startswith("tiny-") else FAMILIES[name]
+    with torch.device("meta"):
+        ours, theirs = UNetModel(family.unet), UNet2DConditionModel(**diffusers_config(family))
+    assert _shapes(ours) == _shapes(theirs)
+    assert ("addition_embed_type" in diffusers_config(family)) == (family.unet.adm_in_channels is not None)
+
+
+@pytest.mark.parametrize("name", ["sdxl", "sdxl-refiner"])
+def test_diffusers_sdxl_unet_takes_the_pooled_text_and_size_ids_from_our_adm_vector(name: str) -> None:
+    family = tiny_sdxl_family(name)
+    unet = _diffusers_unet(family, torch.device("cpu"), torch.float32)
+    call = _diffusers_call(unet, family)
+    x, t = torch.randn(2, 4, 8, 8), torch.full((2,), 500.0)
+    context, y = torch.randn(2, 77, family.unet.context_dim), torch.randn(2, family.unet.adm_in_channels)
+    with torch.inference_mode():
+        out = call(x, t, context, y)
+        # the pooled text reaches the added embedding: another pooled part, another output
+        other = y.clone()
+        other[:, : family.conditioner.texts[-1].projection_dim] += 1
+        changed = call(x, t, context, other)
+    assert out.shape == x.shape and torch.isfinite(out).all() and not torch.allclose(out, changed)
+
+
+def test_random_weights_are_made_in_the_dtype_asked_with_unit_norms_and_zero_biases() -> None:
+    with torch.device("meta"):
+        module = torch.nn.Sequential(torch.nn.Linear(64, 256), torch.nn.LayerNorm(256))
+    randomise(module, torch.device("cpu"), torch.bfloat16)
+    linear, norm = module
+    assert {p.dtype for p in module.parameters()} == {torch.bfloat16}
+    assert {p.device.type for p in module.parameters()} == {"cpu"}
+    assert torch.equal(norm.weight, torch.ones(256, dtype=torch.bfloat16)) and not norm.bias.any()
+    assert not linear.bias.any() and linear.weight.float().std().item() == pytest.approx(0.02, rel=0.1)
