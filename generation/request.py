@@ -197,9 +197,11 @@ class GenerationRequest(BaseModel):
     @property
     def cost(self) -> float:
         """GPU cost in units of one 512x512 SD image-step: work pixels x UNet calls x images, plus
-        `LORA_MERGE_UNITS` per LoRA."""
+        `LORA_MERGE_UNITS` per LoRA, scaled like the UNet's work (a merge walks the weights, and an
+        SDXL UNet holds about three times SD's)."""
         calls = self.denoising_steps * UNET_CALLS_PER_STEP.get(self.sampler, 1)
-        return self.count * calls * self.work_pixels / _UNIT_PIXELS + self.loras * LORA_MERGE_UNITS
+        merges = self.loras * LORA_MERGE_UNITS * self.unet_flops_ratio
+        return self.count * calls * self.work_pixels / _UNIT_PIXELS + merges
 
     def seeds(self) -> list[int]:
         """Seed of each image: image i of a request with seed S uses S + i (the engine contract)."""

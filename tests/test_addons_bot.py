@@ -196,3 +196,5 @@ def test_a_lora_merge_costs_units() -> None:
     plain = request("a castle")
     assert request("a castle <lora:a:0.5> <lora:b> <lora:a:0.2>").cost == plain.cost + 2 * LORA_MERGE_UNITS
     assert request("a castle <lora:a>", kind=Kind.TXT2IMG, count=2).loras == 1
+    sdxl = request("a castle <lora:a>").model_copy(update={"unet_flops_ratio": 2.1})
+    assert sdxl.cost == request("a castle").model_copy(update={"unet_flops_ratio": 2.1}).cost + 2.1 * LORA_MERGE_UNITS
