@@ -49,8 +49,8 @@ class GuidedDenoiser:
     #: masked-image latent, (B, 5, h, w)), the same for both halves.
     concat: Tensor | None = None
     live: Callable[[], Sequence[int] | None] | None = None
-    #: SDXL's ADM vectors `y` (B, adm) of the conditional and unconditional halves (pooled text
-    #: and size features), passed to the UNet as `y` alongside each half's context.
+    #: The UNet's class input `y` of the conditional and unconditional halves, per image: SDXL's
+    #: ADM vectors (B, adm) (pooled text and size features), or the x4 upscaler's noise levels (B,).
     vector: Tensor | None = None
     vector_uncond: Tensor | None = None
 

@@ -315,8 +315,8 @@ def denoise(
     without it sampling starts from the seeds' noise. concat (B, c, h, w): extra UNet input
     channels (inpainting mask + masked latent, the upscaler's low-res image); labels (B,): the
     UNet's class input (the upscaler's noise level). wrap: replaces the guided denoiser.
-    The images of a cancelled request leave the UNet batch at the next call (without labels:
-    those are repeated per whole batch), the others' latents come out as in a run without it;
+    The images of a cancelled request leave the UNet batch at the next call, the others' latents
+    come out as in a run without it;
     sampling stops once every request is cancelled.
     SDXL (a family with a conditioner) samples as sgm does (`generation.sdxl`). For a refiner
     (`generation.refiner`): leave the last `leave` steps undone, returning the VP latent where
@@ -346,10 +346,11 @@ def denoise(
     if leave:
         sigmas = sigmas[: max(len(sigmas) - leave, 1)]
     owner = [i for i, r in enumerate(requests) for _ in range(r.count)]  # request of each image
-    live = None if cancelled is None or labels is not None else (
-        lambda: [row for row, i in enumerate(owner) if not cancelled(i)])
+    live = None if cancelled is None else (lambda: [row for row, i in enumerate(owner) if not cancelled(i)])
+    if labels is not None:  # the x4 upscaler's noise levels: each row's class input, as SDXL's vectors
+        vector = vector_uncond = labels
     guided = GuidedDenoiser(
-        _unet_in(model, labels), model.schedule, cond, uncond, guidance, network.family.prediction, concat, live,
+        _unet_in(model), model.schedule, cond, uncond, guidance, network.family.prediction, concat, live,
         vector, vector_uncond,
     )
     denoiser = guided if wrap is None else wrap(guided, initial)
@@ -410,17 +411,15 @@ def encode_conditioning(
     return cond, uncond
 
 
-def _unet_in(model: LoadedModel, labels: torch.Tensor | None = None) -> Callable[..., torch.Tensor]:
+def _unet_in(model: LoadedModel) -> Callable[..., torch.Tensor]:
     """The UNet taking float32 latents: inputs cast to the weights' dtype, output back to float32.
-    labels (B,): class input per image, repeated for the guidance halves of the UNet batch;
-    y (N, adm): SDXL's ADM vectors, one per row of the UNet batch (cast with the weights)."""
+    y (N, ...): each UNet row's class input: SDXL's ADM vectors (cast with the weights, the dtype
+    compiled graphs are keyed by) or the x4 upscaler's integer noise levels."""
     unet = model.network.unet if model.unet is None else model.unet
 
     def run(x: torch.Tensor, t: torch.Tensor, context: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
-        if y is None and labels is not None:
-            y = labels.repeat(x.shape[0] // labels.shape[0])  # (N,)
-        elif y is not None:
-            y = y.to(model.dtype)  # SDXL's ADM vectors, in the dtype the compiled graphs are keyed by
+        if y is not None and y.is_floating_point():
+            y = y.to(model.dtype)
         return unet(x.to(model.dtype), t, context.to(model.dtype), y=y).float()
 
     return run

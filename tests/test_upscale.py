@@ -184,3 +184,21 @@ def test_the_x4_flops_ratio_of_the_cost_is_what_the_networks_measure() -> None:
     sd1 = unet_flops_per_latent_pixel(SD1, 64)  # the cost unit: a 512x512 image
     for side in (64, 128):  # a small input and the upscaler's tile
         assert unet_flops_per_latent_pixel(X4_UPSCALER, side) / sd1 == pytest.approx(X4_UNET_FLOPS_RATIO, rel=0.1)
+
+
+def test_an_x4_upscale_cancelled_in_a_shared_batch_leaves_it_and_its_mate_is_unchanged(x4: LoadedModel) -> None:
+    """Issue 12 for the x4 upscaler: each row carries its own noise level, so a cancelled request's
+    rows leave the UNet batch like any other's (tiled: at every tile's call)."""
+    mate, doomed = make_request(seed=21, upscale_noise_level=30), make_request(seed=5, upscale_noise_level=60)
+    images = [picture(40), picture(41)]
+    full = x4_latents(x4, [mate, doomed], images, tile=32, overlap=8)
+    steps, calls = [], []
+    hook = x4.network.unet.register_forward_pre_hook(lambda _m, args: calls.append((len(steps) >= 2, args[0].shape[0])))
+    try:
+        cut = x4_latents(x4, [mate, doomed], images, progress=lambda step, total, x0: steps.append(step),
+                         cancelled=lambda i: i == 1 and len(steps) >= 2, tile=32, overlap=8)
+    finally:
+        hook.remove()
+    assert {rows for after, rows in calls if not after} == {4} and {rows for after, rows in calls if after} == {2}
+    assert_same(cut[:1], full[:1], tolerance=1e-5)
+    assert (cut[1] - full[1]).abs().max() > 0.1
