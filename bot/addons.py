@@ -24,10 +24,10 @@ from discord import app_commands
 from PIL import Image
 
 from bot.config import DiscordSettings
-from bot.moderation import _answer, _fit, _ModeratorGroup
+from bot.moderation import ModeratorGroup, answer, fit_lines
 from bot.policy import Requester
 from generation.addons import LCM_GUIDANCE, LCM_STEPS, AddonInfo, AddonLibrary
-from generation.prompts import PromptError, _words_pattern, check_lora_tags, embedding_words, split_lora_tags
+from generation.prompts import PromptError, check_lora_tags, embedding_words, split_lora_tags, words_pattern
 from generation.request import GenerationRequest
 from storage.addons import EVERY, AddonRules, addon_rules, reset_addon_rules, set_addon_rule
 from storage.db import Database
@@ -201,7 +201,7 @@ def _pages(lines: list[str], size: int) -> list[str]:
     return pages
 
 
-class AddonsCommands(_ModeratorGroup, name="addons",
+class AddonsCommands(ModeratorGroup, name="addons",
                      description="Which LoRAs and embeddings this server may use"):
     """Rules per file, or `*` for all files of a kind; changes are audited (/audit kind:add-ons)."""
 
@@ -232,7 +232,7 @@ class AddonsCommands(_ModeratorGroup, name="addons",
         try:
             targets = await self._targets(name, kind)  # type: ignore[arg-type]
         except ValueError as error:
-            await _answer(interaction, str(error))
+            await answer(interaction, str(error))
             return
         lines = []
         for target_kind, target in targets:
@@ -242,7 +242,7 @@ class AddonsCommands(_ModeratorGroup, name="addons",
                 f"{_WHAT[target_kind]} `{target}`"
             state = "allowed" if allowed else "not allowed"
             lines.append(f"{what[:1].upper()}{what[1:]}: {state}{'' if changed else ' already'}.")
-        await _answer(interaction, "\n".join(lines))
+        await answer(interaction, "\n".join(lines))
 
     @app_commands.command(name="allow", description="Allow a LoRA or embedding here (* = all without a rule)")
     @app_commands.describe(name="A file name, or * for every file without a rule of its own",
@@ -280,14 +280,14 @@ class AddonsCommands(_ModeratorGroup, name="addons",
         patterns = ", ".join(f"`{p}`" for p in self._addons.settings.nsfw_addons)
         if patterns:
             lines.append(f"-# Only in age-restricted channels (`[discord] nsfw_addons`): {patterns}")
-        await _answer(interaction, _fit(lines))
+        await answer(interaction, fit_lines(lines))
 
     @app_commands.command(name="reset", description="Remove this server's rules: everything in the folders "
                                                     "is allowed again")
     async def reset(self, interaction: discord.Interaction) -> None:
         assert interaction.guild_id is not None
         removed = await reset_addon_rules(self._db, actor_id=interaction.user.id, guild_id=interaction.guild_id)
-        await _answer(interaction, f"Removed {removed} rule{'s' if removed != 1 else ''}: every LoRA and "
+        await answer(interaction, f"Removed {removed} rule{'s' if removed != 1 else ''}: every LoRA and "
                                    "embedding in the folders is allowed here." if removed else
                       "This server has no rules: every LoRA and embedding in the folders is allowed here.")
 
@@ -301,7 +301,7 @@ async def without_addons(request: GenerationRequest, addons: Addons) -> Generati
     its prompts lose the `<lora:...>` tags and embedding words (its ancestors keep them: buttons
     pressed on the upscaled image start again from the drawing model's request)."""
     _, embeddings = await addons.files()
-    words = _words_pattern(list(embeddings))
+    words = words_pattern(list(embeddings))
 
     def strip(text: str) -> str:
         text = split_lora_tags(text)[0]

@@ -107,11 +107,11 @@ async def _on_error(interaction: discord.Interaction, error: app_commands.AppCom
         return
     name = interaction.command.qualified_name if interaction.command else "?"
     log.error("/%s failed in guild %s", name, interaction.guild_id, exc_info=error)
-    await _answer(interaction, "Something went wrong on Atelier's side; it is logged. "
+    await answer(interaction, "Something went wrong on Atelier's side; it is logged. "
                                "Nothing was changed unless this message says so.")
 
 
-async def _answer(interaction: discord.Interaction, content: str, **extra: Any) -> None:
+async def answer(interaction: discord.Interaction, content: str, **extra: Any) -> None:
     """An ephemeral answer, as the response or, if that was used, a followup."""
     if interaction.response.is_done():
         await interaction.followup.send(content, ephemeral=True, **extra)
@@ -129,7 +129,7 @@ async def _audit(db: Database, interaction: discord.Interaction, action: str, ta
                           before=before, after=after)
 
 
-class _ModeratorGroup(app_commands.Group):
+class ModeratorGroup(app_commands.Group):
     """A guild-only command group whose commands run for moderators only."""
 
     def __init__(self, settings: DiscordSettings) -> None:
@@ -144,7 +144,7 @@ class _ModeratorGroup(app_commands.Group):
         await _on_error(interaction, error)
 
 
-def _fit(lines: list[str]) -> str:
+def fit_lines(lines: list[str]) -> str:
     """Join lines into one message, dropping whole lines past Discord's length limit."""
     text = ""
     for index, line in enumerate(lines):
@@ -159,7 +159,7 @@ def _fit(lines: list[str]) -> str:
 # /limits
 
 
-class LimitsCommands(_ModeratorGroup, name="limits",
+class LimitsCommands(ModeratorGroup, name="limits",
                      description="Usage limits per server, role and user"):
     def __init__(self, db: Database, config: AppConfig) -> None:
         super().__init__(config.discord)
@@ -186,7 +186,7 @@ class LimitsCommands(_ModeratorGroup, name="limits",
                          f"{mine.pending.cost:.1f} units in jobs waiting or running")
         elif target is not None and len(lines) == 1:
             lines.append(f"{target.mention} has no limits of its own.")
-        await _answer(interaction, _fit(lines), allowed_mentions=discord.AllowedMentions.none())
+        await answer(interaction, fit_lines(lines), allowed_mentions=discord.AllowedMentions.none())
 
     @app_commands.command(name="set", description="Set limits for the server, a role or a user "
                                                   f"({UNLIMITED} = no limit of its own)")
@@ -215,7 +215,7 @@ class LimitsCommands(_ModeratorGroup, name="limits",
         values = {k: (None if v == UNLIMITED else v) for k, v in given.items() if v is not None}
         problem = _target_problem(interaction, scope, target) or self._values_problem(values)
         if problem is not None:
-            await _answer(interaction, problem)
+            await answer(interaction, problem)
             return
         target_id = _target_id(interaction, scope, target)
         try:
@@ -224,11 +224,11 @@ class LimitsCommands(_ModeratorGroup, name="limits",
                              target_id=target_id, values=values, defaults=self._config.limits)
         except ValueError as error:
             reason = str(error).removesuffix("; None means unlimited")  # storage's wording
-            await _answer(interaction, f"Nothing was changed: {reason}; {UNLIMITED} means no "
+            await answer(interaction, f"Nothing was changed: {reason}; {UNLIMITED} means no "
                                        "limit of its own.")
             return
         now = (await guild_overrides(self._db, interaction.guild_id))[(_SCOPES[scope], target_id)]
-        await _answer(interaction, f"Limits of {_name(_SCOPES[scope], target_id)} are now: "
+        await answer(interaction, f"Limits of {_name(_SCOPES[scope], target_id)} are now: "
                                    f"{_describe(now)}.",
                       allowed_mentions=discord.AllowedMentions.none())
 
@@ -239,7 +239,7 @@ class LimitsCommands(_ModeratorGroup, name="limits",
                     scope: Literal["server", "role", "user"], target: Target | None = None) -> None:
         problem = _target_problem(interaction, scope, target)
         if problem is not None:
-            await _answer(interaction, problem)
+            await answer(interaction, problem)
             return
         target_id = _target_id(interaction, scope, target)
         name = _name(_SCOPES[scope], target_id)
@@ -249,7 +249,7 @@ class LimitsCommands(_ModeratorGroup, name="limits",
         follows = "the configuration's defaults" if scope == "server" else "the server's limits"
         content = (f"Removed the limits of {name}; it now follows {follows}." if removed
                    else f"{name} had no limits of its own; nothing was changed.")
-        await _answer(interaction, content, allowed_mentions=discord.AllowedMentions.none())
+        await answer(interaction, content, allowed_mentions=discord.AllowedMentions.none())
 
     def _values_problem(self, values: Mapping[str, Any]) -> str | None:
         """No limit given, or one above the engine's hard limits (which no override can raise)."""
@@ -298,7 +298,7 @@ def _describe(values: Mapping[str, Any]) -> str:
 # /queue
 
 
-class QueueCommands(_ModeratorGroup, name="queue", description="This server's generation queue"):
+class QueueCommands(ModeratorGroup, name="queue", description="This server's generation queue"):
     def __init__(self, db: Database, queue: FairQueue, config: AppConfig, cancel: Cancel, pause: Pause) -> None:
         super().__init__(config.discord)
         self._db = db
@@ -319,7 +319,7 @@ class QueueCommands(_ModeratorGroup, name="queue", description="This server's ge
             lines.append(f"... and {len(queued) - _QUEUE_LINES} more queued")
         if not running and not queued:
             lines.append("Nothing is queued or running in this server.")
-        await _answer(interaction, _fit(lines), allowed_mentions=discord.AllowedMentions.none())
+        await answer(interaction, fit_lines(lines), allowed_mentions=discord.AllowedMentions.none())
 
     def _line(self, view: JobView) -> str:
         return (f"`{view.id}` {_where(view)} · <@{view.owner_id}> · cost {view.cost:.1f} · "
@@ -336,14 +336,14 @@ class QueueCommands(_ModeratorGroup, name="queue", description="This server's ge
         job_id = job.strip().lower()
         found = self._queue.get(job_id)
         if found is None or found.guild_id != interaction.guild_id:
-            await _answer(interaction, f"There is no queued or running job `{job_id}` in this "
+            await answer(interaction, f"There is no queued or running job `{job_id}` in this "
                                        "server; /queue show lists them.")
             return
         was = found.state
         await _cancel(self._db, self._cancel, interaction, job_id)
         content = (f"Cancelled `{job_id}` of <@{found.owner_id}>." if was is JobState.QUEUED
                    else f"`{job_id}` of <@{found.owner_id}> stops at its next step.")
-        await _answer(interaction, content, allowed_mentions=discord.AllowedMentions.none())
+        await answer(interaction, content, allowed_mentions=discord.AllowedMentions.none())
 
     @cancel.autocomplete("job")
     async def _jobs_here(self, interaction: discord.Interaction,
@@ -363,26 +363,26 @@ class QueueCommands(_ModeratorGroup, name="queue", description="This server's ge
                                                     "ones finish, new ones still queue)")
     async def pause(self, interaction: discord.Interaction) -> None:
         if self._queue.is_paused(interaction.guild_id):
-            await _answer(interaction, "This server's queue is already paused; /queue resume "
+            await answer(interaction, "This server's queue is already paused; /queue resume "
                                        "starts it.")
             return
         await _audit(self._db, interaction, "queue.pause", "queue", {"paused": False},
                      {"paused": True})
         await self._pause(interaction.guild_id, True)  # after the audit row: a failed write changes nothing
-        await _answer(interaction, "Paused: no new job of this server starts until /queue resume; "
+        await answer(interaction, "Paused: no new job of this server starts until /queue resume; "
                                    "other servers' jobs go on. Running jobs finish.")
 
     @app_commands.command(name="resume", description="Start this server's jobs again after "
                                                      "/queue pause")
     async def resume(self, interaction: discord.Interaction) -> None:
         if not self._queue.is_paused(interaction.guild_id):
-            await _answer(interaction, "This server's queue is not paused.")
+            await answer(interaction, "This server's queue is not paused.")
             return
         await _audit(self._db, interaction, "queue.resume", "queue", {"paused": True},
                      {"paused": False})
         await self._pause(interaction.guild_id, False)
         held = " once the operator's hold on every server ends" if self._queue.is_paused() else ""
-        await _answer(interaction, f"Resumed: this server's queued jobs start again{held}.")
+        await answer(interaction, f"Resumed: this server's queued jobs start again{held}.")
 
 
 async def _cancel(db: Database, cancel: Cancel, interaction: discord.Interaction, job_id: str) -> None:
@@ -449,7 +449,7 @@ def _ban_commands(
         for job_id in waiting:
             await _cancel(db, cancel, interaction, job_id)
         cancelled = f" {len(waiting)} queued jobs of theirs were cancelled." if waiting else ""
-        await _answer(interaction, f"Banned {user.mention} from Atelier in this server "
+        await answer(interaction, f"Banned {user.mention} from Atelier in this server "
                                    f"(reason: {reason}).{cancelled}",
                       allowed_mentions=discord.AllowedMentions.none())
 
@@ -462,14 +462,14 @@ def _ban_commands(
                              user_id=user.id)
         content = (f"{user.mention} may use Atelier in this server again." if lifted
                    else f"{user.mention} is not banned here; nothing was changed.")
-        await _answer(interaction, content, allowed_mentions=discord.AllowedMentions.none())
+        await answer(interaction, content, allowed_mentions=discord.AllowedMentions.none())
 
     return [_for_moderators(command, settings) for command in (ban_command, unban_command)]
 
 
 def _for_moderators(command: app_commands.Command[Any, ..., None],
                     settings: DiscordSettings) -> app_commands.Command[Any, ..., None]:
-    """A standalone command (not in a `_ModeratorGroup`) run for moderators only."""
+    """A standalone command (not in a `ModeratorGroup`) run for moderators only."""
     command.add_check(lambda interaction: _only_moderators(interaction, settings))
     command.error(_on_error)
     return command
@@ -497,14 +497,14 @@ def _audit_command(db: Database, config: AppConfig) -> app_commands.Command[Any,
         which = "".join([f" of kind {kind}" if kind else "", f" by or about {user.mention}"
                          if user else "", f" older than #{before}" if before else ""])
         if not entries:
-            await _answer(interaction, f"No audit entries{which} in this server.",
+            await answer(interaction, f"No audit entries{which} in this server.",
                           allowed_mentions=discord.AllowedMentions.none())
             return
         shown = entries[:_AUDIT_LINES]
         lines = [f"Audit entries{which}, newest first:", *map(_audit_line, shown)]
         if len(entries) > _AUDIT_LINES:
             lines.append(f"Older ones: /audit before:{shown[-1].id} (with the same kind and user).")
-        await _answer(interaction, "\n".join(lines),
+        await answer(interaction, "\n".join(lines),
                       allowed_mentions=discord.AllowedMentions.none())
 
     return _for_moderators(audit_command, config.discord)
@@ -540,7 +540,7 @@ def _audit_value(value: Any) -> str:
 # /blocklist
 
 
-class BlocklistCommands(_ModeratorGroup, name="blocklist",
+class BlocklistCommands(ModeratorGroup, name="blocklist",
                         description="Words and patterns refused in prompts here"):
     def __init__(self, db: Database, config: AppConfig) -> None:
         super().__init__(config.discord)
@@ -554,16 +554,16 @@ class BlocklistCommands(_ModeratorGroup, name="blocklist",
                   pattern: app_commands.Range[str, 1, 200], regex: bool = False) -> None:
         problem = regex_refusal(pattern) if regex else None
         if problem is not None:
-            await _answer(interaction, f"Not added: {problem}")
+            await answer(interaction, f"Not added: {problem}")
             return
         try:
             word = await block_word(self._db, actor_id=interaction.user.id,
                                     guild_id=interaction.guild_id, pattern=pattern, is_regex=regex)
         except ValueError as error:
-            await _answer(interaction, f"Not added: {error}.")
+            await answer(interaction, f"Not added: {error}.")
             return
         what = "pattern" if regex else "word"
-        await _answer(interaction, f"Blocked the {what} `{word.pattern}`: prompts with it are "
+        await answer(interaction, f"Blocked the {what} `{word.pattern}`: prompts with it are "
                                    "refused in this server.")
 
     @app_commands.command(name="remove", description="Allow a blocked word or pattern again")
@@ -577,14 +577,14 @@ class BlocklistCommands(_ModeratorGroup, name="blocklist",
         content = (f"Unblocked the {what} `{pattern.strip()}`." if removed else
                    f"The {what} `{pattern.strip()}` is not blocked here; /blocklist list shows "
                    "what is.")
-        await _answer(interaction, content)
+        await answer(interaction, content)
 
     @app_commands.command(name="list", description="The blocked words and patterns of this server")
     async def list_(self, interaction: discord.Interaction) -> None:
         assert interaction.guild_id is not None
         words = await blocked_words(self._db, interaction.guild_id)
         lines = [f"{'pattern' if w.is_regex else 'word'} `{w.pattern}`" for w in words]
-        await _answer(interaction, _fit(["Blocked in this server:", *lines]) if words
+        await answer(interaction, fit_lines(["Blocked in this server:", *lines]) if words
                       else "Nothing is blocked in this server.")
 
 

@@ -98,14 +98,14 @@ def check_lora_tags(prompt: str, negative_prompt: str, available: Sequence[str])
 
 def embedding_words(texts: Sequence[str], names: Sequence[str]) -> list[str]:
     """The embedding names (of `names`) used as whole words in any of `texts`, case-insensitively."""
-    pattern = _words_pattern(names)
+    pattern = words_pattern(names)
     if pattern is None:
         return []
     used = {m.group(0).lower() for text in texts for m in pattern.finditer(text)}
     return [name for name in names if name.lower() in used]
 
 
-def _words_pattern(names: Sequence[str]) -> re.Pattern | None:
+def words_pattern(names: Sequence[str]) -> re.Pattern | None:
     if not names:
         return None
     alternatives = "|".join(re.escape(n) for n in sorted(names, key=len, reverse=True))
@@ -196,7 +196,7 @@ def _wrap(encoder: TextEncoder, tokens: list[int], weights: list[float]) -> Chun
 def _token_groups(encoder: TextEncoder, text: str, rows: Mapping[str, tuple[int, int]]) -> list[list[int]]:
     """The text's tokens one per group, except each embedding word: one group of its N placeholder
     ids -(1 + row) (rows: lower-case name -> (first row in the vector table, N))."""
-    pattern = _words_pattern(list(rows))
+    pattern = words_pattern(list(rows))
     groups: list[list[int]] = []
     position = 0
     for m in pattern.finditer(text) if pattern else ():
