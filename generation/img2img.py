@@ -10,7 +10,9 @@ import torch
 from PIL import Image
 
 from generation.images import ImageInputError, load_image, resize, split_alpha
-from generation.pipeline import Inputs, IsCancelled, LoadedModel, Progress, decode, denoise, encode, group, to_pixels
+from generation.pipeline import (
+    Inputs, IsCancelled, LoadedModel, Progress, decode, denoise, encode, group, latent_size, to_pixels
+)
 from generation.request import GenerationRequest
 
 #: Largest input image decoded at run time; the bot applies the configured, smaller limits at
@@ -55,15 +57,13 @@ def img2img(
     cancelled: IsCancelled | None = None,
 ) -> list[list[Image.Image]]:
     """The images of each img2img or variation request, all in one UNet batch."""
-    first, f = requests[0], model.network.vae_scale
     strength = strength_of(requests)
-    if first.width % f or first.height % f:
-        raise ImageInputError(f"width and height must be multiples of {f} for this model")
+    size = latent_size(model, requests[0])
     init = encode(model.network, to_pixels(input_images(requests, inputs), model.device))  # (R, C, h, w)
     latents = denoise(
         model,
         requests,
-        (first.height // f, first.width // f),
+        size,
         init=repeat_counts(requests, init),
         strength=strength,
         progress=progress,

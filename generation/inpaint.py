@@ -31,7 +31,9 @@ from generation.images import (
     split_alpha,
 )
 from generation.img2img import RUN_TIME_MAX_PIXELS, repeat_counts
-from generation.pipeline import Inputs, IsCancelled, LoadedModel, Progress, decode, denoise, encode, group, to_pixels
+from generation.pipeline import (
+    Inputs, IsCancelled, LoadedModel, Progress, decode, denoise, encode, group, latent_size, to_pixels
+)
 from generation.request import GenerationRequest
 from generation.samplers import Denoiser
 
@@ -125,10 +127,7 @@ def repaint_latents(
     """The final latents (B, C, h, w) of every image of every request, before decoding and
     compositing; images RGB and masks binary L, one per request, at the request's size."""
     first, network = requests[0], model.network
-    f = network.vae_scale
-    if first.width % f or first.height % f:
-        raise ImageInputError(f"width and height must be multiples of {f} for this model")
-    latent_size = (first.height // f, first.width // f)
+    size = latent_size(model, first)
     pixels = to_pixels(images, model.device)  # (R, 3, H, W)
     binary = np.stack([np.asarray(mask, dtype=np.float32) / 255 for mask in masks])
     mask = torch.from_numpy(binary)[:, None].to(model.device)  # (R, 1, H, W) in {0, 1}
@@ -136,12 +135,12 @@ def repaint_latents(
     init = repeat_counts(requests, encode(network, pixels))  # (B, C, h, w)
     if network.family.conditioning == "hybrid":
         masked = encode(network, pixels * (mask < 0.5))  # (R, C, h, w)
-        concat = repeat_counts(requests, torch.cat([F.interpolate(mask, size=latent_size), masked], dim=1))
-        latents = denoise(model, requests, latent_size, init=init if strength < 1 else None, strength=strength,
+        concat = repeat_counts(requests, torch.cat([F.interpolate(mask, size=size), masked], dim=1))
+        latents = denoise(model, requests, size, init=init if strength < 1 else None, strength=strength,
                           concat=concat, progress=progress, cancelled=cancelled)
     else:
-        keep = 1 - repeat_counts(requests, F.interpolate(mask, size=latent_size, mode="area"))  # (B, 1, h, w)
-        latents = denoise(model, requests, latent_size, init=init, strength=strength,
+        keep = 1 - repeat_counts(requests, F.interpolate(mask, size=size, mode="area"))  # (B, 1, h, w)
+        latents = denoise(model, requests, size, init=init, strength=strength,
                           wrap=lambda guided, noise: KnownRegion(guided, init, noise, keep),
                           progress=progress, cancelled=cancelled)
         latents = keep * init + (1 - keep) * latents

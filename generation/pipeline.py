@@ -31,6 +31,7 @@ from torch import nn
 from generation import sdxl
 from generation.addons import AddonError, AddonLibrary
 from generation.denoiser import GuidedDenoiser, UNet
+from generation.images import ImageInputError
 from generation.prompts import encode_prompts, lora_set, split_lora_tags
 from generation.request import GenerationRequest, Kind
 from generation.samplers import SAMPLERS, BatchNoise, Cancelled, Denoiser, Sampler
@@ -288,10 +289,7 @@ def sample_latents(
     first = requests[0]
     if first.kind is not Kind.TXT2IMG:
         raise ValueError(f"txt2img cannot run a {first.kind} request")
-    f = model.network.vae_scale
-    if first.width % f or first.height % f:
-        raise ValueError(f"width and height must be multiples of {f} for this model")
-    return denoise(model, requests, (first.height // f, first.width // f), progress=progress, cancelled=cancelled)
+    return denoise(model, requests, latent_size(model, first), progress=progress, cancelled=cancelled)
 
 
 def denoise(
@@ -423,6 +421,15 @@ def _unet_in(model: LoadedModel) -> Callable[..., torch.Tensor]:
         return unet(x.to(model.dtype), t, context.to(model.dtype), y=y).float()
 
     return run
+
+
+def latent_size(model: LoadedModel, request: GenerationRequest) -> tuple[int, int]:
+    """(h, w) of the latents of `request`'s images, whose sides must be multiples of the VAE's
+    scale (an ImageInputError: the size comes from an uploaded image)."""
+    f = model.network.vae_scale
+    if request.width % f or request.height % f:
+        raise ImageInputError(f"width and height must be multiples of {f} for this model")
+    return request.height // f, request.width // f
 
 
 def to_pixels(images: Sequence[Image.Image], device: torch.device) -> torch.Tensor:

@@ -10,9 +10,10 @@ import torch
 from PIL import Image
 
 from generation import sdxl
-from generation.images import ImageInputError
 from generation.img2img import input_images, repeat_counts, strength_of
-from generation.pipeline import Inputs, IsCancelled, LoadedModel, Progress, decode, denoise, encode, group, to_pixels
+from generation.pipeline import (
+    Inputs, IsCancelled, LoadedModel, Progress, decode, denoise, encode, group, latent_size, to_pixels
+)
 from generation.request import GenerationRequest, Kind
 
 
@@ -67,12 +68,10 @@ def refined_latents(
 ) -> torch.Tensor:
     """The final latents (B, C, h, w), float32, of `refined`."""
     check_pair(base, refiner)
-    first, f = requests[0], base.network.vae_scale
+    first = requests[0]
     if first.kind not in (Kind.TXT2IMG, Kind.IMG2IMG):
         raise ValueError(f"the refiner finishes txt2img and img2img, not {first.kind}")
-    if first.width % f or first.height % f:
-        raise ImageInputError(f"width and height must be multiples of {f} for this model")
-    latent_size = (first.height // f, first.width // f)
+    size = latent_size(base, first)
     leave = sdxl.refiner_steps(first.steps, strength)
     init, init_strength = None, 1.0
     if first.kind is Kind.IMG2IMG:
@@ -80,12 +79,12 @@ def refined_latents(
         pixels = to_pixels(input_images(requests, inputs), base.device)
         init = repeat_counts(requests, encode(base.network, pixels))
     latents = denoise(
-        base, requests, latent_size, init=init, strength=init_strength, leave=leave,
+        base, requests, size, init=init, strength=init_strength, leave=leave,
         progress=progress, cancelled=cancelled,
     )
     if not leave:
         return latents
     return denoise(
-        refiner, requests, latent_size, init=latents.to(refiner.device), strength=strength, noised=True,
+        refiner, requests, size, init=latents.to(refiner.device), strength=strength, noised=True,
         progress=progress, cancelled=cancelled,
     )
