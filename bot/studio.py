@@ -24,8 +24,8 @@ from generation.addons import AddonLibrary
 from generation.compiled import Compiling, cache_dir_in
 from generation.engine import Engine
 from generation.metadata import png_bytes
-from generation.queue import Estimate, FairQueue, Job, RateKey, Submission, role_weight
-from generation.request import GenerationRequest, JobState
+from generation.queue import Estimate, FairQueue, Job, Submission, role_weight
+from generation.request import GenerationRequest, JobState, RateKey
 from generation.runner import JobResult, Runner
 from generation.settings import default_model
 from storage import jobs as stored

@@ -43,7 +43,7 @@ from dataclasses import dataclass, field
 from functools import cached_property
 
 from generation.prompts import LoraSet, lora_set
-from generation.request import GenerationRequest, JobState, Kind, new_job_id
+from generation.request import GenerationRequest, JobState, Kind, RateKey, new_job_id
 from generation.settings import QueueSettings
 
 #: A running job interrupted by a restart is re-run this many times, then given up.
@@ -54,8 +54,6 @@ BATCH_LOOKAHEAD = 16
 THROUGHPUT_ALPHA = 0.2
 
 FlowKey = tuple[int | None, int]  # (guild id, user id)
-#: What a batch's speed depends on: (model, width, height, images in the batch).
-RateKey = tuple[str, int, int, int]
 #: Jobs with equal keys can share one pipeline batch.
 BatchKey = tuple[str, Kind, int, int, int, str, float | None, LoraSet]
 
@@ -172,6 +170,11 @@ LimitCheck = Callable[[Submission], Awaitable[Sequence[str]]]
 Persist = Callable[[Job], Awaitable[None]]
 #: Stores a new moving average of a batch rate (cost units per second) so a restart keeps it.
 SaveRate = Callable[[RateKey, float], Awaitable[None]]
+
+
+def _moving_average(old: float | None, sample: float) -> float:
+    """The exponential moving average after `sample` (the sample itself when there is none yet)."""
+    return sample if old is None else THROUGHPUT_ALPHA * sample + (1 - THROUGHPUT_ALPHA) * old
 
 
 def rate_key(batch: Sequence[Job]) -> RateKey:
@@ -614,9 +617,7 @@ class FairQueue:
         self.record_throughput(device, cost, seconds)
         model, width, height, images = key = rate_key(batch)
         rates = self._rates.setdefault((model, width, height), {})
-        old = rates.get(images)
-        rates[images] = cost / seconds if old is None else (
-            THROUGHPUT_ALPHA * cost / seconds + (1 - THROUGHPUT_ALPHA) * old)
+        rates[images] = _moving_average(rates.get(images), cost / seconds)
         if self._save_rate is not None:
             await self._save_rate(key, rates[images])
 
@@ -634,9 +635,8 @@ class FairQueue:
         """Fold one measured batch into the device's moving average of cost units per second."""
         if cost <= 0 or seconds <= 0:
             return
-        rate = cost / seconds
-        old = self._throughput.get(device, rate) if device in self._measured else rate
-        self._throughput[device] = THROUGHPUT_ALPHA * rate + (1 - THROUGHPUT_ALPHA) * old
+        old = self._throughput.get(device) if device in self._measured else None
+        self._throughput[device] = _moving_average(old, cost / seconds)
         self._measured.add(device)
 
     # -- observing --

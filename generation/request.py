@@ -63,6 +63,10 @@ LORA_TAG = re.compile(r"<lora:([^<>]*)>", re.I)
 LORA_MERGE_UNITS = 0.2
 
 
+#: What a batch's speed depends on: (model, width, height, images in the batch); the queue
+#: measures rates by it and storage keeps them.
+RateKey = tuple[str, int, int, int]
+
 #: Job ids: 12 lower-case base32 characters (60 random bits), short enough for button custom ids.
 JOB_ID_PATTERN = re.compile(r"^[a-z2-7]{12}$")
 

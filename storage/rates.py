@@ -3,10 +3,8 @@ kept so the queue's ETAs start from what the GPU did before a restart, not from 
 
 from __future__ import annotations
 
+from generation.request import RateKey
 from storage.db import Database
-
-#: (model, width, height, images in the batch), as `generation.queue.RateKey`.
-RateKey = tuple[str, int, int, int]
 
 
 async def load_rates(db: Database) -> dict[RateKey, float]:
