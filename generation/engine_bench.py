@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 
 from generation.compiled import Bucketing, CompiledUNet, GraphKey, torch_compiler
-from generation.pipeline import LoadedModel, half_decoder, resolve_vae_dtype, safe_vae_dtype, txt2img
+from generation.pipeline import LoadedModel, half_decoder, resolve_vae_dtype, txt2img
 from generation.request import SAMPLER_NAMES, GenerationRequest
 from generation.schedules import DiscreteSchedule
 from models.families import SD1, SD2_V, SDXL, SDXL_REFINER, SIZE_KEY_VALUES, Family
@@ -171,8 +171,7 @@ def _random_model(family: Family, device: torch.device, dtype: torch.dtype,
     if device.type == "cuda":
         network.model.to(memory_format=torch.channels_last)
     schedule = DiscreteSchedule.linear(family.linear_start, family.linear_end, family.timesteps)
-    vae_dtype = safe_vae_dtype(vae_dtype, family)
-    decoder = None if vae_dtype == torch.float32 else half_decoder(network, vae_dtype)
+    decoder = half_decoder(network, vae_dtype)
     return LoadedModel(f"random-{family.name}", network, schedule, "0000000000", device, dtype, vae_decoder=decoder)
 
 

@@ -41,6 +41,12 @@ def strength_of(requests: Sequence[GenerationRequest]) -> float:
     return strength
 
 
+def init_latents(model: LoadedModel, requests: Sequence[GenerationRequest], inputs: Inputs) -> torch.Tensor:
+    """The clean latents (B, C, h, w) img2img starts from: each request's input image encoded,
+    repeated for its images."""
+    return repeat_counts(requests, encode(model.network, to_pixels(input_images(requests, inputs), model.device)))
+
+
 def repeat_counts(requests: Sequence[GenerationRequest], x: torch.Tensor) -> torch.Tensor:
     """One row per request (R, ...) -> one row per image (B, ...), request i repeated count_i times
     (the output size given, so the GPU is not asked for it)."""
@@ -59,12 +65,11 @@ def img2img(
     """The images of each img2img or variation request, all in one UNet batch."""
     strength = strength_of(requests)
     size = latent_size(model, requests[0])
-    init = encode(model.network, to_pixels(input_images(requests, inputs), model.device))  # (R, C, h, w)
     latents = denoise(
         model,
         requests,
         size,
-        init=repeat_counts(requests, init),
+        init=init_latents(model, requests, inputs),
         strength=strength,
         progress=progress,
         cancelled=cancelled,

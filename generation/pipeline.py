@@ -71,7 +71,7 @@ class LoadedModel:
     #: SDXL: the refiner that finishes txt2img and img2img results, running `refiner_strength`
     #: of the steps (`generation.refiner`); loaded, cached and evicted with this model.
     refiner: LoadedModel | None = None
-    refiner_strength: float = 0.15
+    refiner_strength: float = sdxl.DEFAULT_REFINER_STRENGTH
     #: The LoRA and embedding folders prompts may use (None: add-ons are refused).
     addons: AddonLibrary | None = None
     #: The LoRA set merged into `network`'s weights now.
@@ -130,8 +130,7 @@ def load_model(
     family = network.family
     schedule = DiscreteSchedule.linear(family.linear_start, family.linear_end, family.timesteps)
     short_hash = short_hash or checkpoint_hash(settings.checkpoint)
-    vae_dtype = safe_vae_dtype(vae_dtype, family)
-    decoder = None if vae_dtype == torch.float32 else half_decoder(network, vae_dtype)
+    decoder = half_decoder(network, vae_dtype)
     return LoadedModel(settings.name, network, schedule, short_hash, device, dtype, vae_tile_above_pixels,
                        addons=addons, vae_decoder=decoder)
 
@@ -144,9 +143,13 @@ def safe_vae_dtype(dtype: torch.dtype, family: Family) -> torch.dtype:
     return torch.bfloat16 if "bfloat16" in family.vae_dtypes else torch.float32
 
 
-def half_decoder(network: StableDiffusion, dtype: torch.dtype) -> nn.Module:
-    """The VAE's decode, post_quant_conv then decoder, copied in `dtype` (the float32 VAE stays
-    for encoding and for images the copy cannot decode)."""
+def half_decoder(network: StableDiffusion, dtype: torch.dtype) -> nn.Module | None:
+    """The VAE's decode, post_quant_conv then decoder, copied in `dtype` made safe for the family
+    (`safe_vae_dtype`); None when that is float32 (the float32 VAE stays for encoding and for images
+    the copy cannot decode)."""
+    dtype = safe_vae_dtype(dtype, network.family)
+    if dtype == torch.float32:
+        return None
     vae = network.vae
     return nn.Sequential(copy.deepcopy(vae.post_quant_conv), copy.deepcopy(vae.decoder)).to(dtype)
 
@@ -352,7 +355,7 @@ def denoise(
         vector, vector_uncond,
     )
     denoiser = guided if wrap is None else wrap(guided, initial)
-    stop = None if cancelled is None else (lambda: all(cancelled(i) for i in range(len(requests))))
+    stop = None if live is None else (lambda: not live())  # every request has at least one image
     return sampler.sample(denoiser, x, sigmas, noise=noise, progress=progress, cancelled=stop)
 
 

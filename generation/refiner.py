@@ -10,9 +10,9 @@ import torch
 from PIL import Image
 
 from generation import sdxl
-from generation.img2img import input_images, repeat_counts, strength_of
+from generation.img2img import init_latents, strength_of
 from generation.pipeline import (
-    Inputs, IsCancelled, LoadedModel, Progress, decode, denoise, encode, group, latent_size, to_pixels
+    Inputs, IsCancelled, LoadedModel, Progress, decode, denoise, group, latent_size
 )
 from generation.request import GenerationRequest, Kind
 
@@ -76,8 +76,7 @@ def refined_latents(
     init, init_strength = None, 1.0
     if first.kind is Kind.IMG2IMG:
         init_strength = strength_of(requests)
-        pixels = to_pixels(input_images(requests, inputs), base.device)
-        init = repeat_counts(requests, encode(base.network, pixels))
+        init = init_latents(base, requests, inputs)
     latents = denoise(
         base, requests, size, init=init, strength=init_strength, leave=leave,
         progress=progress, cancelled=cancelled,
