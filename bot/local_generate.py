@@ -102,7 +102,7 @@ def generate(args: argparse.Namespace, config: AppConfig) -> list[Path]:
     except ImageInputError as exc:  # bad input images, unusable LoRAs or embeddings
         raise UsageError(str(exc)) from None
     paths = output_paths(args.out, request.count)
-    extra = addons.infotext(request.prompt, request.negative_prompt)
+    (extra,) = addons.infotexts([(request.prompt, request.negative_prompt)])
     if args.refiner is not None:
         extra = [*extra, *refiner_infotext(refiner.name, refiner.short_hash, request.steps, args.refiner_strength)]
     for path, image, seed in zip(paths, images_out, request.seeds(), strict=True):

@@ -201,26 +201,28 @@ class AddonLibrary:
 
     # --- what prompts ask ---
 
-    def check_prompt(self, prompt: str, negative_prompt: str) -> None:
+    def check_prompt(self, prompt: str, negative_prompt: str, loras: Mapping[str, AddonInfo] | None = None) -> None:
         """Refuse (AddonError) LoRA tags in the negative prompt and LoRA names not in the folder,
-        offering the closest names."""
+        offering the closest names. `loras`: the folder as already read for this batch (the
+        methods taking it read the folder themselves without it)."""
         try:
-            check_lora_tags(prompt, negative_prompt, list(self.loras()))
+            check_lora_tags(prompt, negative_prompt, list(self.loras() if loras is None else loras))
         except PromptError as exc:
             raise AddonError(str(exc)) from None
 
-    def lora_key(self, wanted: LoraSet) -> tuple:
+    def lora_key(self, wanted: LoraSet, loras: Mapping[str, AddonInfo] | None = None) -> tuple:
         """What identifies a LoRA set's merged weights: names, weights and the files' versions."""
-        loras = self.loras()
+        loras = self.loras() if loras is None else loras
         missing = [name for name, _ in wanted if name not in loras]
         if missing:
             self.check_prompt(" ".join(f"<lora:{n}>" for n in missing), "")
         return tuple((name, weight, loras[name].stamp) for name, weight in wanted)
 
-    def loras_for(self, network: StableDiffusion, wanted: LoraSet) -> list[tuple[Lora, float]]:
+    def loras_for(self, network: StableDiffusion, wanted: LoraSet,
+                  loras: Mapping[str, AddonInfo] | None = None) -> list[tuple[Lora, float]]:
         """The LoRAs of a set mapped onto `network`, each with its weight; AddonError when one
         cannot be used with it."""
-        loras = self.loras()
+        loras = self.loras() if loras is None else loras
         result = []
         for name, weight in wanted:
             info = loras.get(name)
@@ -266,18 +268,22 @@ class AddonLibrary:
                 tower[name] = tower_rows
         return result
 
-    def infotext(self, prompt: str, negative_prompt: str) -> list[tuple[str, str]]:
-        """The web UIs' `Lora hashes` and `TI hashes` fields of a request, quoted as they write them."""
-        fields = []
-        loras = self.loras()
-        used = [(name, loras[name]) for name, _ in lora_set(prompt) if name in loras]
-        if used:
-            fields.append(("Lora hashes", json.dumps(", ".join(f"{n}: {self.short_hash(i)}" for n, i in used))))
-        embeddings = self.embeddings()
-        words = embedding_words([prompt, negative_prompt], list(embeddings))
-        if words:
-            fields.append(("TI hashes", json.dumps(", ".join(f"{n}: {self.short_hash(embeddings[n])}" for n in words))))
-        return fields
+    def infotexts(self, prompts: Sequence[tuple[str, str]]) -> list[list[tuple[str, str]]]:
+        """For each (prompt, negative prompt), the web UIs' `Lora hashes` and `TI hashes` fields,
+        quoted as they write them (both folders read once for all)."""
+        loras, embeddings = self.loras(), self.embeddings()
+        infotexts = []
+        for prompt, negative_prompt in prompts:
+            fields = []
+            used = [(name, loras[name]) for name, _ in lora_set(prompt) if name in loras]
+            if used:
+                fields.append(("Lora hashes", json.dumps(", ".join(f"{n}: {self.short_hash(i)}" for n, i in used))))
+            words = embedding_words([prompt, negative_prompt], list(embeddings))
+            if words:
+                hashes = ", ".join(f"{n}: {self.short_hash(embeddings[n])}" for n in words)
+                fields.append(("TI hashes", json.dumps(hashes)))
+            infotexts.append(fields)
+        return infotexts
 
     def lcm_hint(self, prompt: str, model_name: str = "") -> bool:
         """Whether the model (by name) or a LoRA the prompt uses says it is LCM."""

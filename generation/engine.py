@@ -140,12 +140,13 @@ class Engine:
         except Cancelled:
             return []  # every job was cancelled: the runner records each one
         results = []
-        for job, images in zip(batch, grouped, strict=True):
+        addon_fields = ([[] for _ in requests] if self._addons is None
+                        else self._addons.infotexts([(r.prompt, r.negative_prompt) for r in requests]))
+        for job, images, extra in zip(batch, grouped, addon_fields, strict=True):
             if not images:  # cancelled with every request of its strength: the runner told it
                 continue
             seeds = job.request.seeds()
             r = job.request
-            extra = self._addons.infotext(r.prompt, r.negative_prompt) if self._addons is not None else []
             if model.refiner is not None and r.kind in (Kind.TXT2IMG, Kind.IMG2IMG):  # what the refiner finishes
                 extra = [*extra, *refiner_infotext(model.refiner.name, model.refiner.short_hash, r.steps,
                                                    model.refiner_strength)]

@@ -193,11 +193,12 @@ def apply_loras(model: LoadedModel, requests: Sequence[GenerationRequest]) -> No
             raise AddonError("this bot has no LoRA folder configured: remove the <lora:...> tags")
         model.loras.restore(model.network)
         return
+    listing = model.addons.loras()  # the folder read once for the whole batch
     for request in requests:
-        model.addons.check_prompt(request.prompt, request.negative_prompt)
-    key = model.addons.lora_key(wanted)
+        model.addons.check_prompt(request.prompt, request.negative_prompt, listing)
+    key = model.addons.lora_key(wanted, listing)
     if key != model.loras.applied:
-        model.loras.apply(model.network, model.addons.loras_for(model.network, wanted), key)
+        model.loras.apply(model.network, model.addons.loras_for(model.network, wanted, listing), key)
 
 
 def run_batch(
