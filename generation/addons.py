@@ -126,18 +126,16 @@ def embedding_info(path: Path) -> AddonInfo:
 
 def addnet_hash(path: Path) -> str:
     """sha256 of a .safetensors file after its header (8-byte length + JSON), hex."""
-    digest = hashlib.sha256()
     with path.open("rb") as file:
         header = int.from_bytes(file.read(8), "little")
-        file.seek(8 + header)
-        while block := file.read(1 << 24):
-            digest.update(block)
-    return digest.hexdigest()
+    return file_hash(path, start=8 + header)
 
 
-def file_hash(path: Path) -> str:
+def file_hash(path: Path, start: int = 0) -> str:
+    """sha256 of a file from byte `start` on, hex (read in blocks: files may be GBs)."""
     digest = hashlib.sha256()
     with path.open("rb") as file:
+        file.seek(start)
         while block := file.read(1 << 24):
             digest.update(block)
     return digest.hexdigest()

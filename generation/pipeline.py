@@ -17,7 +17,6 @@ are removed from the prompts before encoding and embedding words become their ve
 from __future__ import annotations
 
 import copy
-import hashlib
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -29,7 +28,7 @@ from PIL import Image
 from torch import nn
 
 from generation import sdxl
-from generation.addons import AddonError, AddonLibrary
+from generation.addons import AddonError, AddonLibrary, file_hash
 from generation.denoiser import GuidedDenoiser, UNet
 from generation.images import ImageInputError
 from generation.prompts import encode_prompts, lora_set, split_lora_tags
@@ -157,11 +156,7 @@ def half_decoder(network: StableDiffusion, dtype: torch.dtype) -> nn.Module | No
 def checkpoint_hash(path: Path) -> str:
     """The web UIs' "Model hash": the first 10 hex digits of the file's sha256 (seconds for a
     multi-GB file: callers that reload a model keep it)."""
-    digest = hashlib.sha256()
-    with path.open("rb") as file:
-        while block := file.read(1 << 24):
-            digest.update(block)
-    return digest.hexdigest()[:10]
+    return file_hash(path)[:10]
 
 
 #: What the requests of one `run_batch` call share (the queue's batch key).

@@ -109,7 +109,7 @@ def encode_conditioning(
     chunk. Embedding words of `addons` become each tower's own vectors (clip_l, clip_g), in the
     pooled embedding too."""
     conditioner = network.conditioner
-    refiner = "aesthetic_score" in conditioner.config.sizes
+    refiner = conditioner.config.refiner
     prompts = [split_lora_tags(r.prompt)[0] for r in per_image]
     texts = list(dict.fromkeys(t for p, r in zip(prompts, per_image) for t in (p, r.negative_prompt)))
     towers = conditioner.texts

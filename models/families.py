@@ -211,6 +211,11 @@ class ConditionerConfig:
             raise ValueError(f"size keys {unknown}; allowed: {', '.join(SIZE_KEY_VALUES)}")
 
     @property
+    def refiner(self) -> bool:
+        """A refiner's conditioner: an aesthetic score instead of crop and target size."""
+        return "aesthetic_score" in self.sizes
+
+    @property
     def context_dim(self) -> int:
         return sum(text.width for text in self.texts)
 
@@ -255,7 +260,7 @@ class Family:
         """sd1, sd1-inpaint, sd2, sd2-v, sd2-inpaint, x4-upscaler, sdxl, sdxl-inpaint, sdxl-refiner
         (and e.g. sd1-v for unusual fine-tunes)."""
         if self.conditioner is not None:
-            if "aesthetic_score" in self.conditioner.sizes:
+            if self.conditioner.refiner:
                 return "sdxl-refiner"
             return "sdxl-inpaint" if self.conditioning == "hybrid" else "sdxl"
         if self.conditioning == "hybrid-adm":

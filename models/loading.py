@@ -41,12 +41,12 @@ VAE = "first_stage_model."
 TEXT = "cond_stage_model."
 #: SDXL's text towers and size embedders: `conditioner.embedders.N.`.
 CONDITIONER = "conditioner.embedders."
-_CLIP = TEXT + "transformer.text_model."
-_OPEN_CLIP = TEXT + "model."
 #: Under a tower's prefix: the CLIP (transformers) and OpenCLIP layouts.
 _CLIP_PART, _OPEN_CLIP_PART = "transformer.text_model.", "model."
+_CLIP = TEXT + _CLIP_PART
+_OPEN_CLIP = TEXT + _OPEN_CLIP_PART
 #: A constant arange that older transformers saved with CLIP; it is rebuilt, never loaded.
-_POSITION_IDS = "transformer.text_model.embeddings.position_ids"
+_POSITION_IDS = _CLIP_PART + "embeddings.position_ids"
 _TORCH_SUFFIXES = (".ckpt", ".pt", ".pth")
 
 PredictionSource = Literal["override", "yaml", "probe", "family default"]
@@ -238,7 +238,7 @@ def _detect_conditioner(weights: dict[str, torch.Tensor], adm_in_channels: int) 
 def _detect_sdxl(weights: dict[str, torch.Tensor]) -> Family:
     adm_in_channels = _shape(weights, UNET + "label_emb.0.0.weight")[1]
     conditioner = _detect_conditioner(weights, adm_in_channels)
-    base = SDXL_REFINER if "aesthetic_score" in conditioner.sizes else SDXL
+    base = SDXL_REFINER if conditioner.refiner else SDXL
     unet = _detect_unet(weights, base.unet, conditioner.context_dim)
     conditioning = {4: "crossattn", 9: "hybrid"}.get(unet.in_channels)
     if conditioning is None or (conditioning == "hybrid" and base is SDXL_REFINER):
@@ -528,7 +528,7 @@ def sdxl_family_from_yaml(path: Path, weights: dict[str, torch.Tensor]) -> Famil
             f"{path}: the UNet takes context {unet.context_dim} and ADM {unet.adm_in_channels}, but "
             f"the conditioner gives {conditioner.context_dim} and {conditioner.adm_in_channels}"
         )
-    base = SDXL_REFINER if "aesthetic_score" in conditioner.sizes else SDXL
+    base = SDXL_REFINER if conditioner.refiner else SDXL
     return replace(
         base,
         prediction=predictions[scaling],
