@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 
 from bot.config import TOKEN_ENV, AppConfig
-from bot.model_report import describe_checkpoint, refiner_problem, upscaler_problem
+from bot.model_report import describe_checkpoint, refiner_problems, upscaler_problem
 from generation.compiled import State, cache_dir_in, read_statuses
 from models.families import X4_UPSCALER
 from models.loading import CheckpointError, inspect_checkpoint
@@ -129,11 +129,9 @@ def _checkpoints(config: AppConfig) -> Iterator[Check]:
         else:
             refiner = f", refined by {model.refiner} (strength {model.refiner_strength})" if model.refiner else ""
             yield Check(Status.OK, what, f"{model.checkpoint.name}: {describe_checkpoint(info)}{refiner}")
-    for model in config.models:
-        problem = refiner_problem(model, infos[model.name], infos.get(model.refiner)) if model.name in infos else None
-        if problem is not None:
-            yield Check(Status.FAIL, f"model {model.name}", problem,
-                        "point refiner at an [[models]] entry holding sd_xl_refiner_1.0.safetensors, or remove it")
+    for model, problem in refiner_problems(config.models, infos):
+        yield Check(Status.FAIL, f"model {model.name}", problem,
+                    "point refiner at an [[models]] entry holding sd_xl_refiner_1.0.safetensors, or remove it")
 
 
 def _compiled(config: AppConfig) -> Iterator[Check]:

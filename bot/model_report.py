@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator, Mapping
+
 from generation.settings import ModelSettings
-from models.families import X4_UPSCALER
+from models.families import X4_UPSCALER, refines
 from models.loading import CheckpointError, CheckpointInfo, inspect_checkpoint
 
 
@@ -22,16 +24,17 @@ def upscaler_problem(model: ModelSettings, info: CheckpointInfo, upscaler: str |
             f"{info.family} checkpoint, not an {X4_UPSCALER.name}")
 
 
-def refiner_problem(model: ModelSettings, info: CheckpointInfo, refiner: CheckpointInfo | None) -> str | None:
-    """Why `model`'s `refiner` cannot finish its images: only an SDXL refiner finishes an SDXL
-    base. None when it can, or when there is no refiner (or its file could not be read: that
-    model's own line says why)."""
-    if model.refiner is None or refiner is None:
-        return None
-    if info.family in ("sdxl", "sdxl-inpaint") and refiner.family == "sdxl-refiner":
-        return None
-    return (f"refiner {model.refiner!r} is an {refiner.family} checkpoint for an {info.family} one; a refiner "
-            f"must be an sdxl-refiner finishing an sdxl model")
+def refiner_problems(models: Iterable[ModelSettings],
+                     infos: Mapping[str, CheckpointInfo]) -> Iterator[tuple[ModelSettings, str]]:
+    """Each model whose `refiner` cannot finish its images (only an SDXL refiner finishes an SDXL
+    base), with why; models or refiners whose file could not be read (absent from `infos`: their
+    own line says why) are passed over."""
+    for model in models:
+        info, refiner = infos.get(model.name), infos.get(model.refiner or "")
+        if info is None or refiner is None or refines(info.family, refiner.family):
+            continue
+        yield model, (f"refiner {model.refiner!r} is an {refiner.family} checkpoint for an {info.family} one; "
+                      f"a refiner must be an sdxl-refiner finishing an sdxl model")
 
 
 def describe_models(models: tuple[ModelSettings, ...], upscaler: str | None = None) -> tuple[str, bool]:
@@ -59,11 +62,9 @@ def describe_models(models: tuple[ModelSettings, ...], upscaler: str | None = No
         if problem is not None:
             lines.append(f"  error: {problem}")
             ok = False
-    for model in models:
-        problem = refiner_problem(model, infos[model.name], infos.get(model.refiner)) if model.name in infos else None
-        if problem is not None:
-            lines.append(f"error: {model.name}: {problem}")
-            ok = False
+    for model, problem in refiner_problems(models, infos):
+        lines.append(f"error: {model.name}: {problem}")
+        ok = False
     return "\n".join(lines), ok
 
 

@@ -15,12 +15,13 @@ from generation.pipeline import (
     Inputs, IsCancelled, LoadedModel, Progress, decode, denoise, group, latent_size
 )
 from generation.request import GenerationRequest, Kind
+from models.families import refines
 
 
 def check_pair(base: LoadedModel, refiner: LoadedModel) -> None:
     """A refiner continues the base's latents: both SDXL, the second a refiner, same latent space."""
     names = (base.network.family.name, refiner.network.family.name)
-    if names[0] not in ("sdxl", "sdxl-inpaint") or names[1] != "sdxl-refiner":
+    if not refines(*names):
         raise ValueError(f"a refiner pipeline needs an SDXL base and an SDXL refiner, got {names[0]} and {names[1]}")
     if base.network.vae_scale != refiner.network.vae_scale or base.network.latent_channels != refiner.network.latent_channels:
         raise ValueError(f"{base.name} and {refiner.name} have different latent spaces")

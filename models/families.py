@@ -392,6 +392,12 @@ SDXL_REFINER = Family(
 )
 SDXL_INPAINT = replace(SDXL, conditioning="hybrid", unet=replace(_SDXL_UNET, in_channels=9))
 
+def refines(base: str, refiner: str) -> bool:
+    """Whether a checkpoint of family `refiner` finishes the images of one of family `base`: an
+    SDXL refiner those of an SDXL base (its inpainting variant included)."""
+    return base in (SDXL.name, SDXL_INPAINT.name) and refiner == SDXL_REFINER.name
+
+
 KNOWN_FAMILIES: tuple[Family, ...] = (
     SD1, SD1_INPAINT, SD2, SD2_V, SD2_INPAINT, X4_UPSCALER, SDXL, SDXL_INPAINT, SDXL_REFINER
 )
