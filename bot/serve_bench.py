@@ -41,6 +41,7 @@ from bot.policy import Requester
 from bot.studio import Origin, Studio
 from generation.compiled import Compiling, CompiledUNet, State, cache_dir_in, read_statuses
 from generation.engine import Engine, memory_budget
+from generation.engine_bench import randomise
 from generation.queue import Estimate, Job
 from generation.request import SAMPLER_NAMES, GenerationRequest, JobState
 from generation.settings import GenerationSettings, ModelSettings, QueueSettings
@@ -380,14 +381,11 @@ def _request(
 def _random_checkpoint(family: Family, folder: Path, device: torch.device, seed: int) -> Path:
     """A checkpoint of `family` with random weights, in the original single-file layout (the
     network's parameter names are the original keys), stored in float16 as released files are."""
-    torch.manual_seed(seed)
-    with torch.device(device):
+    with torch.device("meta"):
         network = StableDiffusion(family)
-        for key, tensor in network.state_dict().items():  # the open_clip tower leaves these uninitialised
-            if key.endswith(("positional_embedding", "text_projection")):
-                torch.nn.init.normal_(tensor, std=0.01)
+    randomise(network, device, torch.float16, seed)
     path = folder / f"random-{family.name}.safetensors"
-    weights = {key: tensor.to(torch.float16).cpu().contiguous() for key, tensor in network.state_dict().items()}
+    weights = {key: tensor.cpu().contiguous() for key, tensor in network.state_dict().items()}
     safetensors.torch.save_file(weights, path)
     return path
 

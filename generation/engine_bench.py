@@ -175,11 +175,11 @@ def _random_model(family: Family, device: torch.device, dtype: torch.dtype,
     return LoadedModel(f"random-{family.name}", network, schedule, "0000000000", device, dtype, vae_decoder=decoder)
 
 
-def randomise(module: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> None:
+def randomise(module: torch.nn.Module, device: torch.device, dtype: torch.dtype, seed: int = 0) -> None:
     """Give a module built on the meta device random tensors made directly in `dtype` on `device`:
     norm scales 1, biases 0, every other tensor N(0, 0.02) (activations keep their scale through
     the layers: no overflow, no denormals)."""
-    generator = torch.Generator(device).manual_seed(0)
+    generator = torch.Generator(device).manual_seed(seed)
     weights = {}
     for key, meta in module.state_dict().items():
         tensor = torch.empty(meta.shape, device=device, dtype=dtype)
@@ -271,10 +271,10 @@ def _unet_step_ms(
     times: list[list[float]] = [[] for _ in unets]
     for _ in range(iters):
         for unet, taken in zip(unets, times, strict=True):
-            _sync(device)
+            sync(device)
             start = time.perf_counter()
             unet(x, t, context, y)
-            _sync(device)
+            sync(device)
             taken.append((time.perf_counter() - start) * 1000)
     return [statistics.median(taken) for taken in times]
 
@@ -287,15 +287,16 @@ def _image_latency(model: LoadedModel, size: int, batch: int, steps: int, sample
     txt2img(model, [request])  # warm-up: kernels, allocator
     if model.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(model.device)
-    _sync(model.device)
+    sync(model.device)
     start = time.perf_counter()
     txt2img(model, [request])
-    _sync(model.device)
+    sync(model.device)
     seconds = time.perf_counter() - start
     peak = torch.cuda.max_memory_allocated(model.device) / 2**30 if model.device.type == "cuda" else float("nan")
     return seconds, peak
 
 
-def _sync(device: torch.device) -> None:
+def sync(device: torch.device) -> None:
+    """Wait for the device's queued work (timings must not end before the GPU does)."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from generation.engine_bench import randomise, sync
 from models.families import SD1, SD2, Family
 from models.lora import Lora, LoraMerge, LoraPatch, lora_targets
 from models.stable_diffusion import StableDiffusion
@@ -29,20 +30,12 @@ from models.stable_diffusion import StableDiffusion
 FAMILIES: dict[str, Family] = {"sd1": SD1, "sd2": SD2}
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def random_network(family: Family, device: torch.device, dtype: torch.dtype) -> StableDiffusion:
-    """The architecture with N(0, 1/fan_in) weights (speed does not depend on the values)."""
+    """The architecture with random weights (speed does not depend on the values)."""
     with torch.device("meta"):
         network = StableDiffusion(family)
-    network = network.to_empty(device=device).to(dtype).eval()
-    with torch.no_grad():
-        for p in network.parameters():
-            p.normal_(0, 1 / (p[0].numel() if p.dim() else 1) ** 0.5)
-    return network
+    randomise(network, device, dtype)
+    return network.eval()
 
 
 def random_lora(network: StableDiffusion, rank: int) -> Lora:
@@ -104,14 +97,16 @@ def unet_flops(family: Family, rank: int, size: int, batch: int) -> tuple[int, i
     return counts[0], counts[1] - counts[0]
 
 
-def _time(fn, device: torch.device, iters: int) -> float:  # noqa: ANN001
-    fn()  # warm-up
+def _time(fn, device: torch.device, iters: int, warm_up: bool = True) -> float:  # noqa: ANN001
+    """Median seconds of `iters` calls of `fn`, after one untimed call unless not `warm_up`."""
+    if warm_up:
+        fn()
     times = []
     for _ in range(iters):
-        _sync(device)
+        sync(device)
         start = time.perf_counter()
         fn()
-        _sync(device)
+        sync(device)
         times.append(time.perf_counter() - start)
     return statistics.median(times)
 
@@ -143,12 +138,8 @@ def main(argv: list[str]) -> int:
     print(f"{args.family} {dtype} on {device}, LoRA rank {args.rank} on {len(lora.patches)} layers "
           f"({sum(p.down.numel() + p.up.numel() for p in lora.patches) * 2 / 2**20:.0f} MiB in float16)")
 
-    def timed(fn) -> float:  # noqa: ANN001
-        _sync(device)
-        start = time.perf_counter()
-        fn()
-        _sync(device)
-        return time.perf_counter() - start
+    def timed(fn) -> float:  # noqa: ANN001  (merges change state: each is timed once, cold)
+        return _time(fn, device, 1, warm_up=False)
 
     first = timed(lambda: merge.apply(network, [(lora, 1.0)], (0,)))
     switches = [timed(lambda i=i: merge.apply(network, [(lora, 1.0 + i)], (i,))) for i in range(1, args.iters + 1)]
