@@ -331,7 +331,7 @@ class Gestures:
 
     def _ack_text(self, job: Job, notes: list[str]) -> str:
         """The queue position and ETA, and what was changed about the input (as Discord subtext)."""
-        text = self._delivery.queued_text(job.id, job.owner_id, self._studio.queue.estimates().get(job.id))
+        text = self._delivery.queued_text(job.id, job.owner_id, self._studio.estimates.get(job.id))
         return "\n".join([text, *(f"-# {note}" for note in notes)])
 
     # -- /imagine --

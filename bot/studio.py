@@ -122,6 +122,9 @@ class Studio:
         #: Who submits and from where, for the queue's hooks, which run in the submitting task.
         self._submitting: ContextVar[tuple[Requester, Origin, tuple[str, ...]]] = ContextVar("submitting")
         self._listener: Listener | None = None
+        #: Every waiting job's place and ETA as of the queue's last change (a replay of the queue
+        #: costs milliseconds: the acknowledgement of a submission reads this one).
+        self.estimates: dict[str, Estimate] = {}
         self._tasks: list[asyncio.Task] = []
         self._running = False
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -261,8 +264,9 @@ class Studio:
             await self._listener.finished(row, await job_images(self.db, job_id))
 
     async def _moved(self) -> None:
+        self.estimates = self.queue.estimates()
         if self._listener is not None:
-            await self._listener.queue_moved(self.queue.estimates())
+            await self._listener.queue_moved(self.estimates)
 
     def _read_input(self, sha256: str) -> bytes:
         """A stored input image, for the engine on a device thread: storage answers on the loop."""
