@@ -103,9 +103,11 @@ class Addons:
             tags = split_lora_tags(request.prompt)[1]
         except PromptError as error:
             return [*found, str(error)]
-        usable = [n for n, info in loras.items() if self.why_not(info, rules, requester) is None]
         used = [loras.get(name, name) for name in dict.fromkeys(name for name, _ in tags)]
         used += [embeddings[n] for n in embedding_words([request.prompt, request.negative_prompt], list(embeddings))]
+        # The names to offer instead of unknown ones: only looked up when a name is unknown.
+        usable = [n for n, info in loras.items() if self.why_not(info, rules, requester) is None
+                  ] if any(isinstance(info, str) for info in used) else []
         for info in used:
             if isinstance(info, str):  # not in the folder
                 try:
