@@ -11,7 +11,7 @@ pipeline runs, and per member class the p50/p95 wait until a job started and unt
 
 With `--compile auto` the engine compiles its UNet as the bot does on CUDA (`[generation] compile`;
 eager on the CPU): every graph the trace can use (each size at each batch bucket) is built during
-the warm-up, and both runs wait for them (the compile status files, `CompiledUNet.wait`) before
+the warm-up, and both runs wait for them (the compile status files, `CompiledCall.wait`) before
 anything is timed, so no figure mixes eager and compiled batches. Default: eager (`off`).
 
 Weights are random (speed does not depend on their values): a random-weight checkpoint in the
@@ -39,7 +39,7 @@ import torch
 from bot.config import AppConfig
 from bot.policy import Requester
 from bot.studio import Origin, Studio
-from generation.compiled import Compiling, CompiledUNet, State, cache_dir_in, read_statuses
+from generation.compiled import Compiling, CompiledCall, State, cache_dir_in, read_statuses
 from generation.engine import Engine, memory_budget
 from generation.engine_bench import randomise
 from generation.queue import Estimate, Job
@@ -223,7 +223,7 @@ def _warm_ups(sizes: list[tuple[int, int]], buckets: Sequence[int], max_images: 
 async def _graphs_built(compiling: Compiling,
                         pause: Callable[[], Awaitable[None]] = lambda: asyncio.sleep(0.5)) -> tuple[int, float]:
     """Once no graph is queued or building in the compile status the Studio's engine writes (the
-    Studio keeps its `CompiledUNet` to itself; `atelier doctor` reads the same files), looking
+    Studio keeps its `CompiledCall` to itself; `atelier doctor` reads the same files), looking
     again after each `pause`: the number of graphs and their build seconds."""
     assert compiling.cache_dir is not None
     while True:
@@ -298,7 +298,7 @@ def _engine_seconds(config: AppConfig, device: str, batches: list[list[Job]], wa
     warm_jobs = [Job(f"warm-{i}", request, 0, None, 1.0, 0) for i, request in enumerate(warm)]
     for job in warm_jobs:
         engine.run(model, device, [job], _no_progress, _never)
-    if isinstance(model.unet, CompiledUNet):
+    if isinstance(model.unet, CompiledCall):
         model.unet.wait()
         for job in warm_jobs:
             engine.run(model, device, [job], _no_progress, _never)

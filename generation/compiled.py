@@ -1,21 +1,36 @@
-"""Compiled execution of the UNet, owned by the engine so pipelines and samplers never see it.
+"""Compiled execution of the UNet, the VAE decode and the text towers, owned by the engine so
+pipelines and samplers never see it.
 
-A compiled graph is fixed to the shapes and dtypes of its inputs, so graphs are kept per
-`GraphKey`: the UNet batch rows (after bucketing), latent channels (inpainting's and the
-upscaler's concat channels included) and size, text tokens, and whether class labels are given;
-the model and device are those of the `CompiledUNet` itself. Batch rows are either padded up to
-the next bucket (a few graphs serve every batch; the padding rows repeat the last real row and are
-sliced off, and since every UNet layer works per row they cannot change the real rows) or kept
-exact (one graph per row count): the `batches` setting picks, so both can be measured.
+One machinery serves any module call (`CompiledCall`): a compiled graph is fixed to the shapes and
+dtypes of its inputs, so graphs are kept per `GraphKey`, the call's arguments bound to its
+signature (defaults filled in, so `f(x)` and `f(x, None)` share a graph): each tensor's shape
+(rows after bucketing) and dtype, every other argument as it is (None, flags). Every tensor
+argument has the batch rows first and every row of the output depends on its own input row only
+(true of the UNet, the VAE decoder and the text towers), so batch rows are either padded up to
+the next bucket (a few graphs serve every batch; the padding rows repeat the last real row and
+are sliced off) or kept exact (one graph per row count): the `batches` setting picks.
 
 A call whose key has no ready graph runs eagerly at once and queues the graph's build on one
-background thread (compile, then one call on dummy inputs of the key), so no job ever waits for a
-compiler. A build or a compiled call that fails is logged and its key runs eagerly from then on.
-The compile function is a parameter: tests use stand-ins, the engine `torch_compiler(mode)`.
+background thread per part (compile, then one call on dummy inputs of the key), so no job ever
+waits for a compiler. A build or a compiled call that fails is logged and its key runs eagerly
+from then on. The compile function is a parameter: tests use stand-ins, the engine
+`torch_compiler(mode)`.
+
+The parts (`Compiling.compile`): the UNet per step, keyed by latents, timesteps, text and labels;
+the VAE decode (the half-precision `vae_decoder` when the model has one, else the float32 VAE's
+`decode`), keyed by latent shape, its rows bucketed like the UNet's images (tiled decodes of
+large images stay eager: `pipeline.decode` never calls it for them); each text tower's call, and
+SDXL's pooled output, keyed by rows x tokens and whether textual-inversion token embeddings are
+passed. The modes differ per part: the UNet's is the setting; the VAE is compute-bound with large
+activations, so CUDA graphs buy it little and would pin their memory: it runs the same mode
+without them; text encoding is launch-bound at small batches, where CUDA graphs pay most: it
+keeps the setting's.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
 import json
 import logging
 import os
@@ -24,7 +39,7 @@ import threading
 import time
 import types
 import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Hashable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from enum import StrEnum
 from pathlib import Path
@@ -33,17 +48,23 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
+from generation.pipeline import LoadedModel
 from generation.request import aspect_size
-from generation.settings import CompileBatches, CompileMode, GenerationSettings
+from generation.settings import CompileBatches, CompileMode, CompilePart, GenerationSettings
 from models.families import Family
+from models.text_encoders import CLIPTextEncoder, TextEncoder
 
 log = logging.getLogger(__name__)
 
-#: Compiles a UNet call (x, t, context, y) -> out into a function of the same inputs.
-Compiler = Callable[[Callable[..., Tensor]], Callable[..., Tensor]]
-#: Tokens of one prompt chunk: the warmed-up context length.
+#: A module call's output: one tensor or a tuple of them, batch rows first.
+Output = Tensor | tuple[Tensor, ...]
+#: Compiles a call into a function of the same inputs.
+Compiler = Callable[[Callable[..., Output]], Callable[..., Output]]
+#: Tokens of one prompt chunk: the warmed-up text length.
 CHUNK_TOKENS = 77
 CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")
+#: The VAE's mode for each setting: the same, without CUDA graphs.
+WITHOUT_CUDA_GRAPHS: dict[str, CompileMode] = {"reduce-overhead": "default", "max-autotune": "max-autotune-no-cudagraphs"}
 
 
 @dataclass(frozen=True)
@@ -59,45 +80,66 @@ class Spec:
 
 @dataclass(frozen=True)
 class GraphKey:
-    """What fixes a compiled UNet graph's shapes: its inputs' (padded) shapes and dtypes."""
+    """What fixes a compiled graph's shapes: its call's arguments, in signature order, each
+    tensor as its (padded) `Spec`, every other argument as it is."""
 
-    x: Spec  # (N, C, h, w) latents (with any concat channels)
-    t: Spec  # (N,) timesteps
-    context: Spec  # (N, T, D) text
-    y: Spec | None = None  # (N,) class labels
+    args: tuple[Spec | Hashable, ...]
 
-    @classmethod
-    def of(cls, rows: int, x: Tensor, t: Tensor, context: Tensor, y: Tensor | None) -> GraphKey:
-        """The key of a call on these tensors once padded to `rows` rows."""
-        def spec(v: Tensor) -> Spec:
-            return Spec((rows, *v.shape[1:]), v.dtype)
+    @property
+    def rows(self) -> int:
+        return next(a.shape[0] for a in self.args if isinstance(a, Spec))
 
-        return cls(spec(x), spec(t), spec(context), None if y is None else spec(y))
+    def specs(self) -> list[Spec]:
+        return [a for a in self.args if isinstance(a, Spec)]
 
-    @classmethod
-    def txt2img(cls, rows: int, channels: int, latent: tuple[int, int], tokens: int, width: int,
-                dtype: torch.dtype, adm: int | None = None) -> GraphKey:
-        """The key of a txt2img step: `dtype` latents and text, float32 timesteps, no labels but
-        SDXL's `adm`-wide `dtype` vectors."""
-        return cls(Spec((rows, channels, *latent), dtype), Spec((rows,), torch.float32),
-                   Spec((rows, tokens, width), dtype), None if adm is None else Spec((rows, adm), dtype))
+    def dummies(self, device: torch.device) -> tuple[object, ...]:
+        return tuple(a.dummy(device) if isinstance(a, Spec) else a for a in self.args)
 
-    def describe(self) -> str:
-        rows, channels, h, w = self.x.shape
-        labels = ", labels" if self.y is not None else ""
-        return f"{rows} rows x {channels} x {h}x{w} latent, {self.context.shape[1]} tokens{labels}"
 
-    def dummies(self, device: torch.device) -> tuple[Tensor | None, ...]:
-        return tuple(None if s is None else s.dummy(device) for s in (self.x, self.t, self.context, self.y))
+def unet_key(rows: int, channels: int, latent: tuple[int, int], tokens: int, width: int, dtype: torch.dtype,
+             adm: int | None = None) -> GraphKey:
+    """The UNet key of a txt2img step: `dtype` latents and text, float32 timesteps, no labels but
+    SDXL's `adm`-wide `dtype` vectors."""
+    return GraphKey((Spec((rows, channels, *latent), dtype), Spec((rows,), torch.float32),
+                     Spec((rows, tokens, width), dtype), None if adm is None else Spec((rows, adm), dtype)))
+
+
+def vae_key(rows: int, channels: int, latent: tuple[int, int], dtype: torch.dtype) -> GraphKey:
+    """The VAE decode key of `rows` latents (channels, h, w) in `dtype`."""
+    return GraphKey((Spec((rows, channels, *latent), dtype),))
+
+
+def text_key(rows: int, tokens: int = CHUNK_TOKENS) -> GraphKey:
+    """A text tower's key of `rows` chunks of token ids, without token embeddings."""
+    return GraphKey((Spec((rows, tokens), torch.long), None))
+
+
+def describe_unet(key: GraphKey) -> str:
+    x, _, context, y = key.args
+    rows, channels, h, w = x.shape
+    return f"{rows} rows x {channels} x {h}x{w} latent, {context.shape[1]} tokens" + (", labels" if y is not None else "")
+
+
+def describe_latents(key: GraphKey) -> str:
+    rows, channels, h, w = key.args[0].shape
+    return f"{rows} rows x {channels} x {h}x{w} latent"
+
+
+def describe_tokens(key: GraphKey) -> str:
+    tokens, embeds = key.args[:2]
+    return f"{tokens.shape[0]} rows x {tokens.shape[1]} tokens" + (", embeddings" if embeds is not None else "")
 
 
 @dataclass(frozen=True)
 class Bucketing:
-    """How a call's UNet rows map to a graph's rows."""
+    """How a call's rows map to a graph's rows."""
 
     batches: CompileBatches = "buckets"
-    #: Images per batch that get a graph; UNet rows are these and twice these (guidance).
+    #: Images per batch that get a graph; guided rows are these and twice these.
     buckets: tuple[int, ...] = (1, 2, 4, 8)
+    #: Rows are images and their guidance twins (the UNet, prompts and negative prompts), or
+    #: images only (the VAE).
+    guided: bool = True
 
     def rows(self, rows: int) -> int:
         """The graph rows a call of `rows` runs in: the next bucket, or `rows` itself when exact
@@ -107,7 +149,7 @@ class Bucketing:
         return next((b for b in self.row_buckets() if b >= rows), rows)
 
     def row_buckets(self) -> list[int]:
-        return sorted({b * copies for b in self.buckets for copies in (1, 2)})
+        return sorted({b * copies for b in self.buckets for copies in ((1, 2) if self.guided else (1,))})
 
 
 class State(StrEnum):
@@ -124,7 +166,7 @@ class Graph:
     """One key's graph and how its build went."""
 
     state: State = State.QUEUED
-    fn: Callable[..., Tensor] | None = None
+    fn: Callable[..., Output] | None = None
     seconds: float | None = None
     error: str | None = None
 
@@ -139,12 +181,14 @@ class GraphStatus:
 
 @dataclass(frozen=True)
 class CompileStatus:
-    """What `atelier doctor` and the log show: every key's graph, in the order first asked for."""
+    """What `atelier doctor` and the log show: every key's graph of one part, in the order first
+    asked for."""
 
     model: str
     device: str
     mode: str
     graphs: tuple[GraphStatus, ...] = field(default=())
+    part: str = "unet"
 
     def count(self, state: State) -> int:
         return sum(g.state is state for g in self.graphs)
@@ -155,37 +199,44 @@ def torch_compiler(mode: CompileMode) -> Compiler:
     dynamo keeps graphs per code object and would refuse more than its recompile limit (8) of
     them, where a model at a few sizes and batch buckets needs dozens."""
 
-    def compile_call(fn: Callable[..., Tensor]) -> Callable[..., Tensor]:
+    def compile_call(fn: Callable[..., Output]) -> Callable[..., Output]:
         own = types.FunctionType(fn.__code__.replace(), fn.__globals__, fn.__name__, fn.__defaults__, fn.__closure__)
         return torch.compile(own, fullgraph=True, dynamic=False, mode=mode)
 
     return compile_call
 
 
-class CompiledUNet:
-    """A UNet call (x, t, context, y=None) -> out that runs each key's compiled graph once it is
-    ready and the eager UNet until then. Thread-safe: calls may come from any thread while the
+class CompiledCall:
+    """A module call that runs each key's compiled graph once it is ready and the eager call until
+    then; called as the eager one is. Thread-safe: calls may come from any thread while the
     background thread builds. Past `max_graphs` keys (each holds compiled code and, with CUDA
     graphs, device memory) new shapes run eagerly for good: a bot sees few sizes, but uploaded
-    images bring odd ones. `on_change` hears every change of a graph's state."""
+    images bring odd ones. Keys for which `eager_only` is true always run eagerly (calls a
+    compiler cannot trace). `on_change` hears every change of a graph's state."""
 
     def __init__(
         self,
-        unet: nn.Module,
+        eager: Callable[..., Output],
         compiler: Compiler,
         *,
         model: str,
         device: torch.device,
+        part: str = "unet",
+        describe: Callable[[GraphKey], str] = describe_unet,
         mode: str = "reduce-overhead",
         bucketing: Bucketing = Bucketing(),
         max_graphs: int = 32,
+        eager_only: Callable[[GraphKey], bool] | None = None,
         on_change: Callable[[CompileStatus], None] | None = None,
     ) -> None:
-        self._unet = unet
+        self._eager = eager
+        self._signature = inspect.signature(eager.forward if isinstance(eager, nn.Module) else eager)
         self._compiler = compiler
-        self._model, self._device, self._mode = model, device, mode
+        self._model, self._device, self._part, self._mode = model, device, part, mode
+        self._describe = describe
         self._bucketing = bucketing
         self._max_graphs = max_graphs
+        self._eager_only = eager_only
         self._on_change = on_change
         self._cuda_graphs = device.type == "cuda" and mode in CUDA_GRAPH_MODES
         self._graphs: dict[GraphKey, Graph] = {}
@@ -196,25 +247,28 @@ class CompiledUNet:
         self._unfinished = 0
         self._idle = threading.Condition(self._lock)
 
-    def __call__(self, x: Tensor, t: Tensor, context: Tensor, y: Tensor | None = None) -> Tensor:
-        rows = x.shape[0]
+    def __call__(self, *args: object, **kwargs: object) -> Output:
+        bound = self._signature.bind(*args, **kwargs)
+        bound.apply_defaults()
+        values = tuple(bound.arguments.values())
+        rows = next(v.shape[0] for v in values if isinstance(v, Tensor))
         padded = self._bucketing.rows(rows)
-        key = GraphKey.of(padded, x, t, context, y)
-        fn = self._ready(key)
+        key = GraphKey(tuple(Spec((padded, *v.shape[1:]), v.dtype) if isinstance(v, Tensor) else v for v in values))
+        fn = None if self._eager_only is not None and self._eager_only(key) else self._ready(key)
         if fn is None:
-            return self._unet(x, t, context, y=y)
+            return self._eager(*args, **kwargs)
         try:
             if self._cuda_graphs:
                 torch.compiler.cudagraph_mark_step_begin()
-            out = fn(*(None if v is None else _pad(v, padded) for v in (x, t, context, y)))
+            out = fn(*(_pad(v, padded) if isinstance(v, Tensor) else v for v in values))
         except torch.OutOfMemoryError:
             raise  # the runner splits the batch
         except Exception as exc:  # noqa: BLE001 - any failure of a compiled graph: eager from now on
-            log.warning("compiled UNet of %s failed for %s; running it eagerly from now on",
-                        self._model, key.describe(), exc_info=True)
+            log.warning("compiled %s of %s failed for %s; running it eagerly from now on",
+                        self._part, self._model, self._describe(key), exc_info=True)
             self._set(key, state=State.FAILED, fn=None, error=repr(exc))
-            return self._unet(x, t, context, y=y)
-        return out[:rows].clone()  # out of the graph's memory, which its next replay overwrites
+            return self._eager(*args, **kwargs)
+        return _rows(out, rows, clone=self._cuda_graphs)
 
     def warm_up(self, keys: Sequence[GraphKey]) -> None:
         """Build these keys' graphs in the background, in order, with progress in the log."""
@@ -225,14 +279,14 @@ class CompiledUNet:
         """Block until every queued build is done (benchmarks and tests; jobs never wait)."""
         with self._idle:
             if not self._idle.wait_for(lambda: self._unfinished == 0, timeout):
-                raise TimeoutError(f"compile builds of {self._model} still running after {timeout} s")
+                raise TimeoutError(f"compile builds of the {self._part} of {self._model} still running after {timeout} s")
 
     def status(self) -> CompileStatus:
         with self._lock:
-            graphs = tuple(GraphStatus(k.describe(), g.state, g.seconds, g.error) for k, g in self._graphs.items())
-        return CompileStatus(self._model, str(self._device), self._mode, graphs)
+            graphs = tuple(GraphStatus(self._describe(k), g.state, g.seconds, g.error) for k, g in self._graphs.items())
+        return CompileStatus(self._model, str(self._device), self._mode, graphs, self._part)
 
-    def _ready(self, key: GraphKey) -> Callable[..., Tensor] | None:
+    def _ready(self, key: GraphKey) -> Callable[..., Output] | None:
         """The key's graph when ready; else None, and the build queued if it is new."""
         with self._lock:
             graph = self._graphs.get(key)
@@ -252,26 +306,27 @@ class CompiledUNet:
                 self._todo.put((key, label))
                 if self._builder is None:
                     self._builder = threading.Thread(target=_builds, args=(weakref.ref(self), self._todo),
-                                                     name=f"compile {self._model}", daemon=True)
+                                                     name=f"compile {self._part} {self._model}", daemon=True)
                     self._builder.start()
                     # The thread holds no reference to this object: it ends when this is collected.
                     weakref.finalize(self, self._todo.put, None)
         if not building:
-            log.info("the UNet of %s has %d graphs, the most allowed: %s runs eagerly", self._model,
-                     self._max_graphs, key.describe())
+            log.info("the %s of %s has %d graphs, the most allowed: %s runs eagerly", self._part, self._model,
+                     self._max_graphs, self._describe(key))
         self._changed()
 
     def _build(self, key: GraphKey, label: str) -> None:
         self._set(key, state=State.BUILDING)
-        log.info("%scompiling the UNet of %s on %s for %s", label, self._model, self._device, key.describe())
+        what = f"the {self._part} of {self._model}"
+        log.info("%scompiling %s on %s for %s", label, what, self._device, self._describe(key))
         start = time.perf_counter()
         try:
-            unet = self._unet
+            eager = self._eager
 
-            def unet_graph(x: Tensor, t: Tensor, context: Tensor, y: Tensor | None) -> Tensor:
-                return unet(x, t, context, y=y)
+            def graph(*args: object) -> Output:
+                return eager(*args)
 
-            fn = self._compiler(unet_graph)
+            fn = self._compiler(graph)
             with torch.inference_mode():  # as the pipelines call it: the same guards
                 fn(*key.dummies(self._device))  # compiles: torch.compile is lazy
             if self._cuda_graphs:
@@ -280,12 +335,12 @@ class CompiledUNet:
 
                 reset_cudagraph_trees()
         except Exception as exc:  # noqa: BLE001 - a graph that cannot be built: eager for this key
-            log.warning("%scompiling the UNet of %s for %s failed; that shape runs eagerly",
-                        label, self._model, key.describe(), exc_info=True)
+            log.warning("%scompiling %s for %s failed; that shape runs eagerly",
+                        label, what, self._describe(key), exc_info=True)
             self._set(key, state=State.FAILED, error=repr(exc))
             return
         seconds = time.perf_counter() - start
-        log.info("%sUNet of %s ready for %s in %.1f s", label, self._model, key.describe(), seconds)
+        log.info("%s%s ready for %s in %.1f s", label, what, self._describe(key), seconds)
         self._set(key, state=State.READY, fn=fn, seconds=seconds)
 
     def _set(self, key: GraphKey, **changes: object) -> None:
@@ -303,8 +358,8 @@ class CompiledUNet:
                 log.warning("compile status listener failed", exc_info=True)
 
 
-def _builds(owner: weakref.ref[CompiledUNet], todo: queue.SimpleQueue[tuple[GraphKey, str] | None]) -> None:
-    """The builder thread: queued builds in order, until its `CompiledUNet` is collected (a model
+def _builds(owner: weakref.ref[CompiledCall], todo: queue.SimpleQueue[tuple[GraphKey, str] | None]) -> None:
+    """The builder thread: queued builds in order, until its `CompiledCall` is collected (a model
     unloaded meanwhile is not kept alive by its queued builds)."""
     while (item := todo.get()) is not None:
         compiled = owner()
@@ -327,9 +382,27 @@ def _pad(v: Tensor, rows: int) -> Tensor:
     return torch.cat([v, v[-1:].expand(missing, *v.shape[1:])])
 
 
+def _rows(out: Output, rows: int, clone: bool) -> Output:
+    """The real rows of a graph's output; copied out of the graph's memory when it is a CUDA
+    graph's, which its next replay overwrites."""
+    if isinstance(out, tuple):
+        return tuple(_rows(o, rows, clone) for o in out)
+    if clone:
+        return out[:rows].clone()
+    return out if out.shape[0] == rows else out[:rows]
+
+
+def compiled_calls(model: LoadedModel) -> Iterator[CompiledCall]:
+    """Every compiled call of a loaded model (not its refiner's): UNet, VAE decode, text towers."""
+    candidates = [model.unet, model.vae_decode]
+    for tower in model.network.text_encoders:
+        candidates += [vars(tower).get("forward"), vars(tower).get("pooled")]
+    yield from (c for c in candidates if isinstance(c, CompiledCall))
+
+
 @dataclass(frozen=True)
 class Compiling:
-    """The engine's compile settings: when and how a loaded model's UNet is compiled, which
+    """The engine's compile settings: when and how a loaded model's parts are compiled, which
     shapes are warmed up at load, and where compiled code and the status files are kept."""
 
     when: Literal["auto", "on", "off"] = "auto"
@@ -342,46 +415,93 @@ class Compiling:
     cache_dir: Path | None = None
     #: mode -> compiler; tests inject stand-ins.
     compiler: Callable[[CompileMode], Compiler] = torch_compiler
+    parts: tuple[CompilePart, ...] = ("unet", "vae", "text")
 
     @classmethod
     def of(cls, settings: GenerationSettings, cache_dir: Path | None) -> Compiling:
         bucketing = Bucketing(settings.compile_batches, settings.compile_buckets)
         return cls(settings.compile, settings.compile_mode, bucketing, settings.compile_warmup,
-                   settings.compile_max_graphs, cache_dir)
+                   settings.compile_max_graphs, cache_dir, parts=settings.compile_parts)
 
-    def mode_on(self, device: torch.device) -> CompileMode | None:
-        """The torch.compile mode on `device`, None for eager: "auto" compiles on CUDA only, and
-        off CUDA there are no CUDA graphs to replay."""
-        if self.when == "off" or (self.when == "auto" and device.type != "cuda"):
+    def mode_on(self, device: torch.device, part: CompilePart = "unet") -> CompileMode | None:
+        """The torch.compile mode of `part` on `device`, None for eager: "auto" compiles on CUDA
+        only, and off CUDA there are no CUDA graphs to replay; the VAE never replays them (see
+        the module's docstring)."""
+        if part not in self.parts or self.when == "off" or (self.when == "auto" and device.type != "cuda"):
             return None
-        return self.mode if device.type == "cuda" else "default"
+        if device.type != "cuda":
+            return "default"
+        return WITHOUT_CUDA_GRAPHS.get(self.mode, self.mode) if part == "vae" else self.mode
 
-    def wrap(self, unet: nn.Module, model: str, device: torch.device) -> CompiledUNet | None:
-        """The compiled call of a loaded model's UNet, or None when it runs eagerly on `device`."""
-        mode = self.mode_on(device)
-        if mode is None:
-            return None
-        if self.cache_dir is not None:
+    def compile(self, model: LoadedModel) -> LoadedModel:
+        """`model` with its parts that compile on its device wrapped in `CompiledCall`s, their
+        warm-up graphs building in the background: the UNet (`LoadedModel.unet`), the VAE decode
+        (`LoadedModel.vae_decode`), and each text tower's own `forward` and `pooled`, replaced on
+        the tower instance (not its class), so that every caller of the towers runs them."""
+        network, device = model.network, model.device
+        family = network.family
+        if self.cache_dir is not None and any(self.mode_on(device, part) for part in self.parts):
             # Read by inductor whenever it opens its cache; set before this process compiles anything.
             os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(self.cache_dir.resolve())
-        on_change = None if self.cache_dir is None else lambda status: write_status(self.cache_dir, status)
-        return CompiledUNet(unet, self.compiler(mode), model=model, device=device, mode=mode,
-                            bucketing=self.bucketing, max_graphs=self.max_graphs, on_change=on_change)
+        sizes = [self._latent(family, aspect, network.vae_scale) for aspect in self.warmup]
+        if (mode := self.mode_on(device, "unet")) is not None:
+            unet = self._call(network.unet, model, "unet", mode, describe_unet, self.bucketing)
+            unet.warm_up(self.unet_keys(family, model.dtype, sizes))
+            model = dataclasses.replace(model, unet=unet)
+        if (mode := self.mode_on(device, "vae")) is not None:
+            eager = network.vae.decode if model.vae_decoder is None else model.vae_decoder
+            dtype = torch.float32 if model.vae_decoder is None else next(model.vae_decoder.parameters()).dtype
+            decode = self._call(eager, model, "vae", mode, describe_latents, dataclasses.replace(self.bucketing,
+                                                                                               guided=False))
+            small = [s for s in sizes if s[0] * s[1] * network.vae_scale**2 <= model.vae_tile_above_pixels]
+            decode.warm_up([vae_key(rows, family.vae.embed_dim, size, dtype)
+                            for size in small for rows in self.bucketing.buckets])
+            model = dataclasses.replace(model, vae_decode=decode)
+        if (mode := self.mode_on(device, "text")) is not None:
+            towers = network.text_encoders
+            keys = [text_key(rows) for rows in dict.fromkeys(self.bucketing.rows(2 * b) for b in self.bucketing.buckets)]
+            for i, tower in enumerate(towers):
+                name = "text" if len(towers) == 1 else f"text {i + 1}"
+                self._tower(tower, "forward", model, name, mode, keys if self.warmup else [])
+            if family.conditioner is not None:
+                self._tower(network.conditioner.pooled_tower, "pooled", model, "pooled", mode,
+                            keys if self.warmup else [])
+        return model
 
-    def warmup_keys(self, family: Family, dtype: torch.dtype, vae_scale: int) -> list[GraphKey]:
+    def unet_keys(self, family: Family, dtype: torch.dtype, sizes: Sequence[tuple[int, int]]) -> list[GraphKey]:
         """The graphs of guided txt2img steps (rows = twice each bucket) of one prompt chunk at each
-        warm-up aspect at the model's native size; none for models with class labels (upscaler)."""
+        latent size; none for models with class labels (upscaler)."""
         if family.unet.num_classes is not None:
             return []
-        keys = []
-        for aspect in self.warmup:
-            width, height = aspect_size(aspect, family.native_size, family.name)
-            latent = (height // vae_scale, width // vae_scale)
-            for images in self.bucketing.buckets:
-                keys.append(GraphKey.txt2img(self.bucketing.rows(2 * images), family.unet.in_channels, latent,
-                                             CHUNK_TOKENS, family.unet.context_dim, dtype,
-                                             family.unet.adm_in_channels))
-        return list(dict.fromkeys(keys))
+        return list(dict.fromkeys(
+            unet_key(self.bucketing.rows(2 * images), family.unet.in_channels, size, CHUNK_TOKENS,
+                     family.unet.context_dim, dtype, family.unet.adm_in_channels)
+            for size in sizes for images in self.bucketing.buckets))
+
+    @staticmethod
+    def _latent(family: Family, aspect: str, vae_scale: int) -> tuple[int, int]:
+        """(h, w) latents of an aspect at the family's native size."""
+        width, height = aspect_size(aspect, family.native_size, family.name)
+        return height // vae_scale, width // vae_scale
+
+    def _call(self, eager: Callable[..., Output], model: LoadedModel, part: str, mode: CompileMode,
+              describe: Callable[[GraphKey], str], bucketing: Bucketing,
+              eager_only: Callable[[GraphKey], bool] | None = None) -> CompiledCall:
+        cache_dir = self.cache_dir
+        on_change = None if cache_dir is None else lambda status: write_status(cache_dir, status)
+        return CompiledCall(eager, self.compiler(mode), model=model.name, device=model.device, part=part,
+                            describe=describe, mode=mode, bucketing=bucketing, max_graphs=self.max_graphs,
+                            eager_only=eager_only, on_change=on_change)
+
+    def _tower(self, tower: TextEncoder, method: str, model: LoadedModel, part: str, mode: CompileMode,
+               keys: list[GraphKey]) -> None:
+        """Replace the tower's own `method` with its compiled call. transformers' CLIP takes
+        textual-inversion vectors through a forward pre-hook registered for the one call, which
+        dynamo cannot trace: its calls with token embeddings run eagerly."""
+        eager_only = (lambda key: key.args[1] is not None) if isinstance(tower, CLIPTextEncoder) else None
+        compiled = self._call(getattr(tower, method), model, part, mode, describe_tokens, self.bucketing, eager_only)
+        compiled.warm_up(keys)
+        setattr(tower, method, compiled)
 
 
 def cache_dir_in(data_dir: Path) -> Path:
@@ -390,20 +510,21 @@ def cache_dir_in(data_dir: Path) -> Path:
 
 
 def write_status(cache_dir: Path, status: CompileStatus) -> None:
-    """status/<model>@<device>.json under the cache folder, replaced atomically, for `atelier doctor`."""
+    """status/<model>@<device>@<part>.json under the cache folder, replaced atomically, for
+    `atelier doctor`."""
     folder = cache_dir / "status"
     folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f"{status.model}@{status.device}.json"
+    path = folder / f"{status.model}@{status.device}@{status.part}.json"
     temporary = path.with_suffix(f".{threading.get_ident()}.tmp")
     temporary.write_text(json.dumps(asdict(status)))
     temporary.replace(path)
 
 
 def read_statuses(cache_dir: Path) -> list[CompileStatus]:
-    """Every model's last written status (a running bot's, or the last one's)."""
+    """Every model's and part's last written status (a running bot's, or the last one's)."""
     statuses = []
     for path in sorted((cache_dir / "status").glob("*.json")):
         data = json.loads(path.read_text())
         graphs = tuple(GraphStatus(g["key"], State(g["state"]), g["seconds"], g["error"]) for g in data["graphs"])
-        statuses.append(CompileStatus(data["model"], data["device"], data["mode"], graphs))
+        statuses.append(CompileStatus(data["model"], data["device"], data["mode"], graphs, data.get("part", "unet")))
     return statuses

@@ -47,7 +47,8 @@ class Engine:
     variations, upscales); `preview` adds a cheap latent-to-RGB image to each progress report, a
     fresh one at most every `preview_every_s` seconds (reports in between repeat the last one);
     `addons`: the LoRA and embedding folders prompts may use;
-    `compiling` decides which loaded models run compiled UNet graphs and warms them up at load;
+    `compiling` decides which parts of loaded models (UNet, VAE decode, text towers) run compiled
+    graphs and warms them up at load;
     `vae_dtype` is the VAE decode's precision ("auto": float16 on CUDA, where the family allows)."""
 
     def __init__(
@@ -78,7 +79,7 @@ class Engine:
         self._hashes: dict[tuple[Path, int, int], str] = {}
 
     def load(self, name: str, device: str) -> LoadedModel:
-        """The checkpoint configured as `name`, on `device` (the runner's `load_model`); its UNet
+        """The checkpoint configured as `name`, on `device` (the runner's `load_model`); its parts
         compiled when `compiling` says so, the warm-up shapes' graphs building in the background."""
         settings = self._models.get(name)
         if settings is None:
@@ -91,11 +92,7 @@ class Engine:
             self._hashes[key] = checkpoint_hash(settings.checkpoint)
         model = load_model(settings, torch_device, dtype, self._vae_tile_above_pixels, self._hashes[key],
                            self._addons, resolve_vae_dtype(self._vae_dtype, torch_device))
-        compiled = self._compiling.wrap(model.network.unet, name, torch_device)
-        if compiled is not None:
-            network = model.network
-            compiled.warm_up(self._compiling.warmup_keys(network.family, dtype, network.vae_scale))
-            model = dataclasses.replace(model, unet=compiled)
+        model = self._compiling.compile(model)
         if settings.refiner is None:
             return model
         refiner = self.load(settings.refiner, device)

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from generation.compiled import Bucketing, CompiledUNet, GraphKey, torch_compiler
+from generation.compiled import Bucketing, CompiledCall, GraphKey, torch_compiler
 from generation.pipeline import LoadedModel, half_decoder, resolve_vae_dtype, txt2img
 from generation.request import SAMPLER_NAMES, GenerationRequest
 from generation.schedules import DiscreteSchedule
@@ -80,7 +80,7 @@ def main(argv: list[str]) -> int:
     model = _random_model(family, device, dtype, resolve_vae_dtype(args.vae_dtype, device))
     compiled = None
     if args.compile:
-        compiled = CompiledUNet(model.network.unet, torch_compiler(mode), model=model.name, device=device,
+        compiled = CompiledCall(model.network.unet, torch_compiler(mode), model=model.name, device=device,
                                 mode=mode, bucketing=Bucketing(args.compile_batches))
     reference = None if args.no_diffusers or not importlib.util.find_spec("diffusers") else _diffusers_unet(family, device, dtype)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
@@ -121,7 +121,7 @@ def _attention(backend: str | None) -> contextlib.AbstractContextManager:
     return sdpa_kernel(getattr(SDPBackend, names[backend]))
 
 
-def _figures(model: LoadedModel, compiled: CompiledUNet | None, reference: torch.nn.Module | None,
+def _figures(model: LoadedModel, compiled: CompiledCall | None, reference: torch.nn.Module | None,
              reference_compiled: Callable[..., torch.Tensor] | None, size: int, batch: int,
              args: argparse.Namespace) -> list[float]:
     """One row of the table, in the order of its columns."""
@@ -131,7 +131,7 @@ def _figures(model: LoadedModel, compiled: CompiledUNet | None, reference: torch
     if compiled is not None:
         rows = Bucketing(args.compile_batches).rows(2 * batch)
         side = size // model.network.vae_scale
-        key = GraphKey.txt2img(rows, family.unet.in_channels, (side, side), 77, family.unet.context_dim, dtype,
+        key = unet_key(rows, family.unet.in_channels, (side, side), 77, family.unet.context_dim, dtype,
                                family.unet.adm_in_channels)
         compiled.warm_up([key])
         compiled.wait()

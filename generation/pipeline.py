@@ -80,6 +80,9 @@ class LoadedModel:
     #: A half-precision copy of the VAE's decoding half (post_quant_conv, decoder) that `decode`
     #: uses first; None decodes in float32 only.
     vae_decoder: nn.Module | None = None
+    #: The VAE decode of `decode` when not the eager `vae_decoder` (or float32 VAE when there is
+    #: none): compiled execution.
+    vae_decode: Callable[[torch.Tensor], torch.Tensor] | None = None
 
     @property
     def native_size(self) -> int:
@@ -451,8 +454,9 @@ def decode(model: LoadedModel, latents: torch.Tensor) -> list[Image.Image]:
         return to_images(decode_tiled(network, latents, TILE, OVERLAP))
     z = latents.float() / network.family.scale_factor
     if model.vae_decoder is None:
-        return to_images(network.vae.decode(z))
-    x = model.vae_decoder(z.to(next(model.vae_decoder.parameters()).dtype)).float()  # (B, 3, H, W)
+        return to_images((network.vae.decode if model.vae_decode is None else model.vae_decode)(z))
+    half = model.vae_decoder if model.vae_decode is None else model.vae_decode
+    x = half(z.to(next(model.vae_decoder.parameters()).dtype)).float()  # (B, 3, H, W)
     overflowed = ~torch.isfinite(x).flatten(1).all(dim=1)  # (B,)
     if overflowed.any():  # those images again in float32 (one read back per batch, after sampling)
         x[overflowed] = network.vae.decode(z[overflowed])

@@ -15,6 +15,8 @@ from generation.request import ASPECTS, SamplerName
 CompileMode = Literal["reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs", "default"]
 #: UNet batch rows padded up to the next bucket, or one graph per exact row count.
 CompileBatches = Literal["buckets", "exact"]
+#: The parts of a model that compile: the UNet, the VAE decode, the text towers.
+CompilePart = Literal["unet", "vae", "text"]
 
 _DEVICE = re.compile(r"^(auto|cpu|cuda|cuda:\d+)$")
 
@@ -64,9 +66,12 @@ class GenerationSettings(_Settings):
     #: Folders of LoRA (`<lora:NAME:WEIGHT>`) and textual-inversion files; re-read when they change.
     lora_dir: Path = Path("loras")
     embedding_dir: Path = Path("embeddings")
-    #: Compiled UNet graphs: "auto" compiles on CUDA and not on the CPU, "on" on any device,
-    #: "off" never. Shapes without a ready graph run eagerly while it is built in the background.
+    #: Compiled graphs: "auto" compiles on CUDA and not on the CPU, "on" on any device, "off"
+    #: never. Shapes without a ready graph run eagerly while it is built in the background.
     compile: Literal["auto", "on", "off"] = "auto"
+    #: Which parts compile (when `compile` does): a part whose compiled figure in `atelier bench
+    #: engine --compile` is no better belongs out of this list.
+    compile_parts: tuple[CompilePart, ...] = ("unet", "vae", "text")
     #: torch.compile mode on CUDA (the CPU always uses "default": no CUDA graphs there).
     compile_mode: CompileMode = "reduce-overhead"
     compile_batches: CompileBatches = "buckets"
@@ -75,7 +80,7 @@ class GenerationSettings(_Settings):
     #: Aspects (of the /imagine presets) at each model's native size whose graphs are built at
     #: load, in the background, for every bucket; () builds graphs only as jobs need them.
     compile_warmup: tuple[str, ...] = ("1:1",)
-    #: Graphs one loaded model may hold; further shapes (odd upload sizes) run eagerly.
+    #: Graphs each part of one loaded model may hold; further shapes (odd upload sizes) run eagerly.
     compile_max_graphs: int = Field(default=32, ge=1)
     #: VAE decode precision: "auto" is float16 on CUDA (an image that overflows it is decoded
     #: again in float32) and float32 on the CPU.
@@ -97,6 +102,11 @@ class GenerationSettings(_Settings):
         if not value or any(b < 1 for b in value):
             raise ValueError(f"compile_buckets must be image counts >= 1, got {list(value)}")
         return tuple(sorted(set(value)))
+
+    @field_validator("compile_parts")
+    @classmethod
+    def _distinct_parts(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        return tuple(dict.fromkeys(value))
 
     @field_validator("compile_warmup")
     @classmethod

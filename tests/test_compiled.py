@@ -20,18 +20,22 @@ from torch import Tensor, nn
 
 from generation.compiled import (
     Bucketing,
+    CompiledCall,
     Compiling,
-    CompiledUNet,
-    GraphKey,
     State,
+    compiled_calls,
     read_statuses,
+    text_key,
     torch_compiler,
+    unet_key,
+    vae_key,
 )
+from generation import sdxl
 from generation.engine import Engine
 from generation.pipeline import LoadedModel, decode, load_model, sample_latents, txt2img
 from generation.request import GenerationRequest
 from generation.settings import GenerationSettings, ModelSettings
-from tests.fixtures.checkpoints import TinyCheckpoints, tiny_checkpoints  # noqa: F401
+from tests.fixtures.checkpoints import TinyCheckpoints, TinySDXL, tiny_checkpoints, tiny_sdxl  # noqa: F401
 from tests.fixtures.devices import StandInDevice, on_stand_in_device
 
 CPU = torch.device("cpu")
@@ -63,13 +67,13 @@ class StandInCompiler:
             raise RuntimeError("stand-in compile error")
         warmed = []
 
-        def graph(x: Tensor, t: Tensor, context: Tensor, y: Tensor | None) -> Tensor:
+        def graph(*args: object) -> Tensor:
             if warmed and self.fail_call:
                 raise RuntimeError("stand-in graph error")
             warmed.append(True)
             with self.lock:
-                self.rows.append(x.shape[0])
-            return fn(x, t, context, y)
+                self.rows.append(args[0].shape[0])
+            return fn(*args)
 
         return graph
 
@@ -80,8 +84,8 @@ def inputs(rows: int, side: int = 4, tokens: int = 3, seed: int = 0) -> tuple[Te
             torch.randn(rows, tokens, 8, generator=g))
 
 
-def compiled(compiler: StandInCompiler, bucketing: Bucketing = Bucketing(), **kwargs) -> CompiledUNet:
-    return CompiledUNet(RowwiseUNet(), compiler, model="m", device=CPU, mode="default", bucketing=bucketing, **kwargs)
+def compiled(compiler: StandInCompiler, bucketing: Bucketing = Bucketing(), **kwargs) -> CompiledCall:
+    return CompiledCall(RowwiseUNet(), compiler, model="m", device=CPU, mode="default", bucketing=bucketing, **kwargs)
 
 
 def test_a_new_shape_runs_eagerly_then_on_its_bucket_graph_with_padding_sliced_off() -> None:
@@ -113,7 +117,7 @@ def test_a_new_shape_runs_eagerly_then_on_its_bucket_graph_with_padding_sliced_o
 
 def test_shapes_past_the_graph_limit_run_eagerly_for_good(caplog: pytest.LogCaptureFixture) -> None:
     compiler = StandInCompiler()
-    unet = CompiledUNet(RowwiseUNet(), compiler, model="m", device=CPU, bucketing=Bucketing("exact"), max_graphs=2)
+    unet = CompiledCall(RowwiseUNet(), compiler, model="m", device=CPU, bucketing=Bucketing("exact"), max_graphs=2)
     with caplog.at_level(logging.INFO, logger="generation.compiled"):
         for rows in (1, 2, 3, 3, 1):
             x, t, context = inputs(rows)
@@ -125,10 +129,10 @@ def test_shapes_past_the_graph_limit_run_eagerly_for_good(caplog: pytest.LogCapt
 
 def test_the_builder_thread_is_a_daemon_that_ends_with_its_model() -> None:
     """A stop never waits for queued compiles, and an unloaded model's thread goes with it."""
-    unet = CompiledUNet(RowwiseUNet(), StandInCompiler(), model="unloaded", device=CPU)
+    unet = CompiledCall(RowwiseUNet(), StandInCompiler(), model="unloaded", device=CPU)
     unet(*inputs(2))
     unet.wait()
-    (thread,) = [t for t in threading.enumerate() if t.name == "compile unloaded"]
+    (thread,) = [t for t in threading.enumerate() if t.name == "compile unet unloaded"]
     assert thread.daemon
     del unet
     gc.collect()
@@ -215,7 +219,7 @@ def test_out_of_memory_in_a_graph_reaches_the_runner() -> None:
 
         return graph
 
-    unet = CompiledUNet(RowwiseUNet(), compiler, model="m", device=CPU)
+    unet = CompiledCall(RowwiseUNet(), compiler, model="m", device=CPU)
     unet(*inputs(2))
     unet.wait()
     with pytest.raises(torch.OutOfMemoryError):
@@ -274,46 +278,99 @@ def request(**changes: object) -> GenerationRequest:
     return GenerationRequest(**values | changes)
 
 
+def per_part(compilers: list[StandInCompiler], gate: threading.Event | None = None) -> Callable[[str], StandInCompiler]:
+    """A compiler factory that hands each part its own stand-in (in the order `Compiling.compile`
+    asks: UNet, VAE, text towers), kept in `compilers`."""
+    def make(mode: str) -> StandInCompiler:
+        compilers.append(StandInCompiler(gate=gate))
+        return compilers[-1]
+
+    return make
+
+
+def wait_all(model: LoadedModel) -> dict[str, CompiledCall]:
+    calls = {call.status().part: call for call in compiled_calls(model)}
+    for call in calls.values():
+        call.wait()
+    return calls
+
+
 def test_engine_warms_the_aspect_presets_up_at_load_and_writes_the_status(
         tiny_checkpoints: TinyCheckpoints, tmp_path: Path, caplog: pytest.LogCaptureFixture,  # noqa: F811
         monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", "restored after the test")
-    compiler = StandInCompiler()
+    compilers: list[StandInCompiler] = []
     compiling = Compiling("on", bucketing=Bucketing("buckets", (1, 4)), warmup=("1:1", "16:9"), cache_dir=tmp_path,
-                          compiler=lambda mode: compiler)
+                          compiler=per_part(compilers))
     with caplog.at_level(logging.INFO, logger="generation.compiled"):
         model = engine_with(tiny_checkpoints, compiling).load("tiny", "cpu")
-        assert isinstance(model.unet, CompiledUNet)
-        model.unet.wait()
+        assert isinstance(model.unet, CompiledCall) and isinstance(model.vae_decode, CompiledCall)
+        calls = wait_all(model)
+    assert list(calls) == ["unet", "vae", "text"]
     # Native 128 px, a VAE of factor 2: 1:1 is 128x128 (64x64 latents), 16:9 is 192x128 (64x96);
-    # guided rows: twice 1 and 4 images; 77 tokens of width 32.
-    assert [g.key for g in model.unet.status().graphs] == [
-        f"{rows} rows x 4 x {size} latent, 77 tokens" for size in ("64x64", "64x96") for rows in (2, 8)]
-    assert compiler.rows == [2, 8, 2, 8]
-    assert "warm-up 4/4: UNet of tiny ready for 8 rows x 4 x 64x96 latent" in caplog.text
-    (status,) = read_statuses(tmp_path)
-    assert (status.model, status.device, status.mode) == ("tiny", "cpu", "default")
-    assert status.count(State.READY) == 4 and status == model.unet.status()
+    # guided rows: twice 1 and 4 images; 77 tokens of width 32. The VAE decodes images: 1 and 4
+    # rows; the text tower one chunk of prompts and negative prompts: 2 and 8 rows.
+    sizes = ("64x64", "64x96")
+    assert [g.key for g in calls["unet"].status().graphs] == [
+        f"{rows} rows x 4 x {size} latent, 77 tokens" for size in sizes for rows in (2, 8)]
+    assert [g.key for g in calls["vae"].status().graphs] == [
+        f"{rows} rows x 4 x {size} latent" for size in sizes for rows in (1, 4)]
+    assert [g.key for g in calls["text"].status().graphs] == ["2 rows x 77 tokens", "8 rows x 77 tokens"]
+    assert [c.rows for c in compilers] == [[2, 8, 2, 8], [1, 4, 1, 4], [2, 8]]
+    assert "warm-up 4/4: the unet of tiny ready for 8 rows x 4 x 64x96 latent" in caplog.text
+    assert "warm-up 4/4: the vae of tiny ready for 4 rows x 4 x 64x96 latent" in caplog.text
+    statuses = {status.part: status for status in read_statuses(tmp_path)}
+    assert statuses == {part: call.status() for part, call in calls.items()}
+    assert {(s.model, s.device, s.mode) for s in statuses.values()} == {("tiny", "cpu", "default")}
+    assert [statuses[part].count(State.READY) for part in ("unet", "vae", "text")] == [4, 4, 2]
     assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path.resolve())  # inductor's cache: a warm restart
-    assert Compiling("on").warmup_keys(model.network.family, torch.float32, 2) == []
+    assert Compiling("on").unet_keys(model.network.family, torch.float32, []) == []
+    only = engine_with(tiny_checkpoints, dataclasses.replace(compiling, parts=("vae",))).load("tiny", "cpu")
+    assert only.unet is None and [c.status().part for c in compiled_calls(only)] == ["vae"]
 
 
-def test_txt2img_through_bucket_graphs_gives_the_eager_images(tiny_checkpoints: TinyCheckpoints) -> None:  # noqa: F811
-    """3 images, guided: 6 UNet rows padded to a graph of 8 (the stand-in compiler runs the real UNet)."""
+def test_txt2img_through_bucket_graphs_of_every_part_gives_the_eager_images(
+        tiny_checkpoints: TinyCheckpoints) -> None:  # noqa: F811
+    """3 images, guided: 6 UNet rows padded to a graph of 8, 3 decodes to a graph of 4, the prompt
+    and its negative a text graph of 2 rows (the stand-in compilers run the real modules)."""
     gate = threading.Event()
-    compiler = StandInCompiler(gate=gate)
-    compiling = Compiling("on", bucketing=Bucketing("buckets", (1, 2, 4)), compiler=lambda mode: compiler)
+    compilers: list[StandInCompiler] = []
+    compiling = Compiling("on", bucketing=Bucketing("buckets", (1, 2, 4)), compiler=per_part(compilers, gate))
     eager = engine_with(tiny_checkpoints, Compiling("off")).load("tiny", "cpu")
     model = engine_with(tiny_checkpoints, compiling).load("tiny", "cpu")
-    assert eager.unet is None
+    assert eager.unet is None and eager.vae_decode is None and list(compiled_calls(eager)) == []
     expected = txt2img(eager, [request()])
-    txt2img(model, [request()])  # eager, while the graph builds
+    txt2img(model, [request()])  # eager, while the graphs build
     gate.set()
-    model.unet.wait()
+    wait_all(model)
     got = txt2img(model, [request()])
-    assert compiler.rows == [8] * (1 + 4)  # the build's warm-up call, then one call per step
+    # each build's warm-up call, then the calls: the UNet's one per step
+    assert [c.rows for c in compilers] == [[8] * (1 + 4), [4, 4], [2, 2]]
     for a, b in zip(expected[0], got[0], strict=True):
         assert np.abs(np.asarray(a).astype(int) - np.asarray(b).astype(int)).max() <= 1
+
+
+def test_sdxl_towers_and_pooled_output_run_their_own_graphs(tiny_sdxl: TinySDXL) -> None:  # noqa: F811
+    """Both towers' calls and the pooled output of one SDXL prompt go through compiled calls
+    replaced on the tower instances (the identity compiler runs the real towers); the pipeline's
+    conditioning is the eager one's."""
+    path, yaml_path = tiny_sdxl.get("sdxl")
+    settings = ModelSettings(name="xl", checkpoint=path, config=yaml_path)
+    eager, model = (load_model(settings, CPU, torch.float32) for _ in range(2))
+    model = Compiling("on", parts=("text",), compiler=lambda mode: lambda fn: fn).compile(model)
+    calls = {call.status().part: call for call in compiled_calls(model)}
+    assert list(calls) == ["text 1", "text 2", "pooled"]
+    per_image = [request(model="xl", count=1, negative_prompt="")]
+    for _ in range(2):  # eager while building, then the graphs
+        with torch.inference_mode():
+            got = sdxl.encode_conditioning(model.network, per_image, CPU, (64, 64))
+        wait_all(model)
+    with torch.inference_mode():
+        expected = sdxl.encode_conditioning(eager.network, per_image, CPU, (64, 64))
+    for a, b in zip(got, expected, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+    assert [[g.key for g in c.status().graphs] for c in calls.values()] == [["2 rows x 77 tokens"]] * 2 + [
+        ["2 rows x 77 tokens"]]
 
 
 def test_padding_rows_cannot_change_the_real_rows_of_the_real_unet(tiny_checkpoints: TinyCheckpoints) -> None:  # noqa: F811
@@ -325,7 +382,7 @@ def test_padding_rows_cannot_change_the_real_rows_of_the_real_unet(tiny_checkpoi
     with torch.inference_mode():
         alone = unet(x, t, context)
         padded = unet(*(torch.cat([v, w]) for v, w in zip((x, t, context), garbage, strict=True)))[:3]
-        through = CompiledUNet(unet, lambda fn: fn, model="tiny", device=CPU, bucketing=Bucketing("buckets", (2,)))
+        through = CompiledCall(unet, lambda fn: fn, model="tiny", device=CPU, bucketing=Bucketing("buckets", (2,)))
         through(x, t, context)
         through.wait()
         bucketed = through(x, t, context)  # 3 rows run as 4, the last repeated
@@ -341,10 +398,10 @@ def test_compiled_steps_on_the_stand_in_device_never_wait_on_it(tiny_checkpoints
     path, yaml_path = tiny_checkpoints.get("sd1")
     model = on_stand_in_device(load_model(ModelSettings(name="tiny", checkpoint=path, config=yaml_path), CPU,
                                           torch.float16))
-    unet = CompiledUNet(model.network.unet, StandInCompiler(), model="tiny", device=model.device)
+    unet = CompiledCall(model.network.unet, StandInCompiler(), model="tiny", device=model.device)
     model = dataclasses.replace(model, unet=unet)
     req = request(steps=6)
-    unet.warm_up([GraphKey.txt2img(8, 4, (32, 32), 77, 32, torch.float16)])
+    unet.warm_up([unet_key(8, 4, (32, 32), 77, 32, torch.float16)])
     unet.wait()
     assert unet.status().count(State.READY) == 1
     crossings_at_step: list[int] = []
@@ -359,10 +416,10 @@ def test_the_real_inductor_compiles_the_tiny_unet_and_a_txt2img_run_equals_eager
     """One inductor compile (tens of seconds on two cores): the graph's output equals the eager
     UNet's within 1e-5 in float32, and the whole run's images equal the eager run's."""
     eager = engine_with(tiny_checkpoints, Compiling("off")).load("tiny", "cpu")
-    model = dataclasses.replace(eager, unet=CompiledUNet(eager.network.unet, torch_compiler("default"),
+    model = dataclasses.replace(eager, unet=CompiledCall(eager.network.unet, torch_compiler("default"),
                                                          model="tiny", device=CPU, mode="default"))
     req = request(count=1, steps=3)
-    key = GraphKey.txt2img(2, 4, (32, 32), 77, 32, torch.float32)
+    key = unet_key(2, 4, (32, 32), 77, 32, torch.float32)
     model.unet.warm_up([key])
     model.unet.wait()
     assert model.unet.status().count(State.READY) == 1
@@ -453,9 +510,9 @@ def test_compiled_cuda_graphs_give_the_eager_image_and_never_synchronize(
     test_pipeline's GPU test, and the compiled steps queue work without waiting on the GPU."""
     eager = engine_with(tiny_checkpoints, Compiling("off"), dtype, vae_dtype="float32").load("tiny", "cuda")
     model = engine_with(tiny_checkpoints, Compiling("auto"), dtype, vae_dtype="float32").load("tiny", "cuda")
-    assert isinstance(model.unet, CompiledUNet) and model.unet.status().mode == "reduce-overhead"
+    assert isinstance(model.unet, CompiledCall) and model.unet.status().mode == "reduce-overhead"
     req = request(count=3, steps=6)  # 6 guided rows in the graph of 8
-    model.unet.warm_up([GraphKey.txt2img(8, 4, (32, 32), 77, 32, getattr(torch, dtype))])
+    model.unet.warm_up([unet_key(8, 4, (32, 32), 77, 32, getattr(torch, dtype))])
     model.unet.wait()
     assert model.unet.status().count(State.READY) == 1, model.unet.status()
 
