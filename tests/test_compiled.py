@@ -257,9 +257,17 @@ def test_compile_mode_per_device() -> None:
     assert Compiling("on", "max-autotune").mode_on(cuda) == "max-autotune"
     assert Compiling("on", "max-autotune").mode_on(CPU) == Compiling("on").mode_on(meta) == "default"
     assert Compiling("off").mode_on(cuda) is None
+    # The VAE never replays CUDA graphs; the text towers keep the setting's.
+    assert Compiling("auto").mode_on(cuda, "vae") == "default" and Compiling("auto").mode_on(cuda, "text") == "reduce-overhead"
+    assert Compiling("on", "max-autotune").mode_on(cuda, "vae") == "max-autotune-no-cudagraphs"
+    assert Compiling("on", "default").mode_on(cuda, "vae") == "default" and Compiling("on").mode_on(CPU, "vae") == "default"
+    assert Compiling("on", parts=("unet", "text")).mode_on(cuda, "vae") is None
     settings = GenerationSettings(compile="on", compile_batches="exact", compile_buckets=(4, 1, 4),
                                   compile_warmup=("1:1", "16:9"))
     assert Compiling.of(settings, None) == Compiling("on", "reduce-overhead", Bucketing("exact", (1, 4)), ("1:1", "16:9"), 32)
+    assert Compiling.of(GenerationSettings(compile_parts=("text", "unet", "text")), None).parts == ("text", "unet")
+    with pytest.raises(ValueError, match="compile_parts"):
+        GenerationSettings(compile_parts=("unet", "clip"))
     with pytest.raises(ValueError, match="unknown aspect '5:4'; allowed: 1:1, 2:3"):
         GenerationSettings(compile_warmup=("5:4",))
     with pytest.raises(ValueError, match="compile_buckets must be image counts >= 1"):
@@ -393,22 +401,24 @@ def test_padding_rows_cannot_change_the_real_rows_of_the_real_unet(tiny_checkpoi
 
 
 def test_compiled_steps_on_the_stand_in_device_never_wait_on_it(tiny_checkpoints: TinyCheckpoints) -> None:  # noqa: F811
-    """As tests/test_pipeline.py checks the eager path: with a ready graph (padding included),
-    nothing is read back or copied over between the first step and the last."""
+    """As tests/test_pipeline.py checks the eager path: with ready graphs of every part (padding
+    included), nothing is read back or copied over between the first step and the last."""
     path, yaml_path = tiny_checkpoints.get("sd1")
     model = on_stand_in_device(load_model(ModelSettings(name="tiny", checkpoint=path, config=yaml_path), CPU,
                                           torch.float16))
-    unet = CompiledCall(model.network.unet, StandInCompiler(), model="tiny", device=model.device)
-    model = dataclasses.replace(model, unet=unet)
+    model = Compiling("on", compiler=lambda mode: StandInCompiler()).compile(model)
     req = request(steps=6)
-    unet.warm_up([unet_key(8, 4, (32, 32), 77, 32, torch.float16)])
-    unet.wait()
-    assert unet.status().count(State.READY) == 1
+    model.unet.warm_up([unet_key(8, 4, (32, 32), 77, 32, torch.float16)])
+    model.vae_decode.warm_up([vae_key(4, 4, (32, 32), torch.float32)])  # 3 images in the graph of 4
+    model.network.text_encoder.forward.warm_up([text_key(2)])
+    calls = wait_all(model)
+    assert [call.status().count(State.READY) for call in calls.values()] == [1, 1, 1]
     crossings_at_step: list[int] = []
     with StandInDevice() as device:
         (images,) = txt2img(model, [req], lambda step, total, x0: crossings_at_step.append(len(device.traffic)))
     assert len(images) == 3 and len(crossings_at_step) == 6
     assert device.traffic[crossings_at_step[0]:crossings_at_step[-1]] == []
+    assert [len(call.status().graphs) for call in calls.values()] == [1, 1, 1]  # every call ran on its graph
 
 
 def test_the_real_inductor_compiles_the_tiny_unet_and_a_txt2img_run_equals_eager(
@@ -429,6 +439,30 @@ def test_the_real_inductor_compiles_the_tiny_unet_and_a_txt2img_run_equals_eager
         torch.testing.assert_close(model.unet(x, t, context), eager.network.unet(x, t, context), rtol=0, atol=1e-5)
     for a, b in zip(txt2img(eager, [req])[0], txt2img(model, [req])[0], strict=True):
         assert np.abs(np.asarray(a).astype(int) - np.asarray(b).astype(int)).max() <= 1
+
+
+def test_the_real_inductor_compiles_the_tiny_vae_decoder_and_text_tower_equal_to_eager(
+        tiny_checkpoints: TinyCheckpoints) -> None:  # noqa: F811
+    """Two small inductor compiles (the tiniest shapes, the UNet test's cache): the VAE decode of
+    one 8x8 latent and the text tower on one chunk equal the eager modules within 1e-5 in float32;
+    the CLIP tower's textual-inversion calls run eagerly (its embeddings go in through a hook
+    registered per call, which dynamo cannot trace) and give the eager result."""
+    eager = engine_with(tiny_checkpoints, Compiling("off")).load("tiny", "cpu")
+    compiling = Compiling("on", parts=("vae", "text"), compiler=torch_compiler)
+    model = engine_with(tiny_checkpoints, compiling).load("tiny", "cpu")
+    tower, eager_tower = model.network.text_encoder, eager.network.text_encoder
+    model.vae_decode.warm_up([vae_key(1, 4, (8, 8), torch.float32)])
+    tower.forward.warm_up([text_key(1)])
+    calls = wait_all(model)
+    assert [call.status().count(State.READY) for call in calls.values()] == [1, 1], [c.status() for c in calls.values()]
+    g = torch.Generator().manual_seed(0)
+    z, tokens = torch.randn(1, 4, 8, 8, generator=g), torch.randint(0, 1000, (1, 77), generator=g)
+    embeds = eager_tower.embed_tokens(tokens) + 0.5
+    with torch.inference_mode():
+        torch.testing.assert_close(model.vae_decode(z), eager.network.vae.decode(z), rtol=0, atol=1e-5)
+        torch.testing.assert_close(tower(tokens), eager_tower(tokens), rtol=0, atol=1e-5)
+        torch.testing.assert_close(tower(tokens, embeds), eager_tower(tokens, embeds), rtol=0, atol=0)
+    assert [len(call.status().graphs) for call in calls.values()] == [1, 1]  # no graph for the embeddings
 
 
 def tiny_vae_model(checkpoints: TinyCheckpoints, vae_dtype: torch.dtype) -> LoadedModel:
