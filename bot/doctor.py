@@ -135,12 +135,14 @@ def _checkpoints(config: AppConfig) -> Iterator[Check]:
 
 
 def _compiled(config: AppConfig) -> Iterator[Check]:
-    """The compile setting, then each model's graphs as the bot last wrote them (while it runs: now)."""
+    """The compile setting, then each model's graphs of each part as the bot last wrote them (while
+    it runs: now)."""
     g = config.generation
     where = {"auto": "on CUDA devices (the CPU runs eagerly)", "on": "on every device", "off": "never"}
     yield Check(Status.OK, "compiled execution",
-                f'compile = "{g.compile}": compiled {where[g.compile]}, mode {g.compile_mode}, '
-                f"{g.compile_batches} {list(g.compile_buckets)}, warm-up {list(g.compile_warmup)}")
+                f'compile = "{g.compile}": {", ".join(g.compile_parts) or "no part"} compiled {where[g.compile]}, '
+                f"mode {g.compile_mode}, {g.compile_batches} {list(g.compile_buckets)}, "
+                f"warm-up {list(g.compile_warmup)}")
     folder = cache_dir_in(config.storage.data_dir)
     try:
         statuses = read_statuses(folder)
@@ -152,7 +154,8 @@ def _compiled(config: AppConfig) -> Iterator[Check]:
         counts = ", ".join(f"{status.count(state)} {state}" for state in State)
         written = time.strftime("%Y-%m-%d %H:%M", time.localtime((folder / "status").stat().st_mtime))
         failed = [g.key for g in status.graphs if g.state is State.FAILED]
-        yield Check(Status.WARN if failed else Status.OK, f"compiled graphs of {status.model} on {status.device}",
+        yield Check(Status.WARN if failed else Status.OK,
+                    f"compiled {status.part} graphs of {status.model} on {status.device}",
                     f"{counts} (as of {written})" + (f"; eager for good: {'; '.join(failed)}" if failed else ""),
                     "the bot's log says why each failed; restart to try again" if failed else "")
 

@@ -39,7 +39,7 @@ import torch
 from bot.config import AppConfig
 from bot.policy import Requester
 from bot.studio import Origin, Studio
-from generation.compiled import Compiling, CompiledCall, State, cache_dir_in, read_statuses
+from generation.compiled import Compiling, State, cache_dir_in, compiled_calls, read_statuses
 from generation.engine import Engine, memory_budget
 from generation.engine_bench import randomise
 from generation.queue import Estimate, Job
@@ -142,7 +142,7 @@ def main(argv: list[str]) -> int:
                              f"(default {LOAD:g}: a queue builds up; near 1, batches form from what arrives)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the trace and of the random weights")
     parser.add_argument("--compile", choices=("auto", "off"), default="off",
-                        help="compiled UNet graphs as [generation] compile (auto: on CUDA; built and waited "
+                        help="compiled graphs (every part) as [generation] compile (auto: on CUDA; built and waited "
                              "for during the warm-up, from a cold cache); default off: eager")
     args = parser.parse_args(argv)
     if not re.fullmatch(r"cpu|cuda(:\d+)?", args.device):
@@ -223,7 +223,7 @@ def _warm_ups(sizes: list[tuple[int, int]], buckets: Sequence[int], max_images: 
 async def _graphs_built(compiling: Compiling,
                         pause: Callable[[], Awaitable[None]] = lambda: asyncio.sleep(0.5)) -> tuple[int, float]:
     """Once no graph is queued or building in the compile status the Studio's engine writes (the
-    Studio keeps its `CompiledCall` to itself; `atelier doctor` reads the same files), looking
+    Studio keeps its `CompiledCall`s to itself; `atelier doctor` reads the same files), looking
     again after each `pause`: the number of graphs and their build seconds."""
     assert compiling.cache_dir is not None
     while True:
@@ -298,8 +298,9 @@ def _engine_seconds(config: AppConfig, device: str, batches: list[list[Job]], wa
     warm_jobs = [Job(f"warm-{i}", request, 0, None, 1.0, 0) for i, request in enumerate(warm)]
     for job in warm_jobs:
         engine.run(model, device, [job], _no_progress, _never)
-    if isinstance(model.unet, CompiledCall):
-        model.unet.wait()
+    if calls := list(compiled_calls(model)):
+        for call in calls:
+            call.wait()
         for job in warm_jobs:
             engine.run(model, device, [job], _no_progress, _never)
     seconds = 0.0
@@ -320,7 +321,7 @@ def _report(served: Served, engine_s: float, batches: int, members: list[Member]
         print("no job was delivered: nothing to measure")
         return
     delivered_rate, engine_rate = images / served.wall_s, images / engine_s
-    compiled = f", {served.graphs} UNet graphs compiled in {served.compile_s:.1f} s" if served.graphs else ""
+    compiled = f", {served.graphs} graphs compiled (UNet, VAE, text) in {served.compile_s:.1f} s" if served.graphs else ""
     print(f"warm-up       {served.warmup_s:8.2f} s (the model loaded, each shape run once{compiled}); "
           f"one image alone {served.probe_s:.2f} s: the trace brings work {served.load:g}x as fast")
     print(f"delivered     {images:5d} images of {len(done)}/{len(served.jobs)} jobs in {served.wall_s:8.2f} s: "

@@ -517,7 +517,7 @@ def test_engine_vae_dtype_adds_the_half_decoder_and_counts_its_bytes(tiny_checkp
     assert Engine.size(half) == Engine.size(auto) + decoder_bytes
 
 
-def test_doctor_shows_the_setting_and_each_models_graphs(tmp_path: Path) -> None:
+def test_doctor_shows_the_setting_and_each_models_graphs_of_every_part(tmp_path: Path) -> None:
     from bot.config import load_config
     from bot.doctor import format_checks, run_checks
     from generation.compiled import CompileStatus, GraphStatus, cache_dir_in, write_status
@@ -528,12 +528,18 @@ def test_doctor_shows_the_setting_and_each_models_graphs(tmp_path: Path) -> None
     config = load_config(config_path)
     graphs = (GraphStatus("2 rows", State.READY, 61.0, None), GraphStatus("8 rows", State.BUILDING, None, None),
               GraphStatus("16 rows", State.FAILED, None, "RuntimeError('x')"))
-    write_status(cache_dir_in(config.storage.data_dir), CompileStatus("sd15", "cuda:0", "reduce-overhead", graphs))
+    folder = cache_dir_in(config.storage.data_dir)
+    write_status(folder, CompileStatus("sd15", "cuda:0", "reduce-overhead", graphs))
+    write_status(folder, CompileStatus("sd15", "cuda:0", "default", graphs[:1], "vae"))
+    write_status(folder, CompileStatus("sd15", "cuda:0", "reduce-overhead", graphs[1:2], "text"))
     text = format_checks(run_checks(config, {}))
-    assert ('[  ok] compiled execution: compile = "auto": compiled on CUDA devices (the CPU runs eagerly), '
-            "mode reduce-overhead, buckets [1, 2, 4, 8], warm-up ['1:1', '16:9']") in text
-    assert "[warn] compiled graphs of sd15 on cuda:0: 0 queued, 1 building, 1 ready, 1 failed, 0 skipped (as of " in text
+    assert ('[  ok] compiled execution: compile = "auto": unet, vae, text compiled on CUDA devices (the CPU runs '
+            "eagerly), mode reduce-overhead, buckets [1, 2, 4, 8], warm-up ['1:1', '16:9']") in text
+    assert ("[warn] compiled unet graphs of sd15 on cuda:0: 0 queued, 1 building, 1 ready, 1 failed, 0 skipped (as of "
+            in text)
     assert "; eager for good: 16 rows\n       fix: the bot's log says why each failed" in text
+    assert "[  ok] compiled vae graphs of sd15 on cuda:0: 0 queued, 0 building, 1 ready, 0 failed, 0 skipped" in text
+    assert "[  ok] compiled text graphs of sd15 on cuda:0: 0 queued, 1 building, 0 ready, 0 failed, 0 skipped" in text
 
 
 @pytest.mark.gpu
