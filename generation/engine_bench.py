@@ -13,7 +13,11 @@ diffusers is only a yardstick here; the engine never imports it.
 With `--compile` the engine's compiled UNet (generation/compiled.py, as the bot runs it) is timed
 beside its eager one: each shape's compile seconds (cold, or warm from the inductor cache when
 `--cache-dir` is reused), the compiled step, the whole image and images/s; `--diffusers-compile`
-compiles diffusers' UNet the same way for a like-for-like ratio.
+compiles diffusers' UNet the same way for a like-for-like ratio. A second table then gives the
+other compiled parts, as `[generation] compile_parts` runs them: the VAE decode per size and batch
+and the text towers' encode of a batch's prompts and negative prompts (2 x batch chunks of 77
+tokens, every tower and SDXL's pooled output), eager against compiled ms: a part whose compiled
+figure is no better belongs out of `compile_parts`.
 """
 
 from __future__ import annotations
@@ -30,7 +34,17 @@ from pathlib import Path
 
 import torch
 
-from generation.compiled import Bucketing, CompiledCall, GraphKey, torch_compiler
+from generation.compiled import (
+    Bucketing,
+    CompiledCall,
+    Compiling,
+    GraphKey,
+    compiled_calls,
+    text_key,
+    torch_compiler,
+    unet_key,
+    vae_key,
+)
 from generation.pipeline import LoadedModel, half_decoder, resolve_vae_dtype, txt2img
 from generation.request import SAMPLER_NAMES, GenerationRequest
 from generation.schedules import DiscreteSchedule
@@ -108,7 +122,62 @@ def main(argv: list[str]) -> int:
                 print(f"{size:>5} {batch:>5} | "
                       + " ".join(f"{value:>{width}.2f}" for value, (_, width) in zip(figures, columns, strict=True)),
                       flush=True)
+    if compiled is not None:
+        parts_table(model, Compiling("on", mode, Bucketing(args.compile_batches)), sizes, batches, args.iters)
     return 0
+
+
+@torch.inference_mode()
+def parts_table(model: LoadedModel, compiling: Compiling, sizes: list[int], batches: list[int], iters: int) -> None:
+    """Print eager against compiled ms of the VAE decode (per size and batch) and of the text
+    encode (per batch), with each shape's compile seconds, `compiling`'s parts in the modes the
+    engine gives them. Runs after the UNet table: compiling the text towers replaces their calls
+    on the model, which the eager image figures must not see."""
+    others = tuple(part for part in compiling.parts if part != "unet")  # the UNet has its own table
+    parts = dataclasses.replace(compiling, parts=others).compile(model)
+    network, device, bucketing = parts.network, parts.device, compiling.bucketing
+    calls = list(compiled_calls(parts))
+    modes = ", ".join(f"{c.status().part} {c.status().mode}" for c in calls)
+    print(f"\nother parts, compiled ({modes}):")
+    print(f"{'part':>5} {'size':>5} {'batch':>5} | {'eager ms':>9} {'compiled ms':>11} {'x':>5} {'compile s':>9}")
+    eager_decode = network.vae.decode if parts.vae_decoder is None else parts.vae_decoder
+    dtype = torch.float32 if parts.vae_decoder is None else next(parts.vae_decoder.parameters()).dtype
+    for size in sizes:
+        side = size // network.vae_scale
+        for batch in batches:
+            z = torch.randn(batch, network.latent_channels, side, side, device=device, dtype=dtype)
+            key = vae_key(dataclasses.replace(bucketing, guided=False).rows(batch), network.latent_channels,
+                          (side, side), dtype)
+            seconds = _built(parts.vae_decode, [key])
+            eager_ms, compiled_ms = _median_ms([lambda: eager_decode(z), lambda: parts.vae_decode(z)], device, iters)
+            print(f"{'vae':>5} {size:>5} {batch:>5} | {eager_ms:>9.2f} {compiled_ms:>11.2f} "
+                  f"{eager_ms / compiled_ms:>5.2f} {seconds:>9.2f}", flush=True)
+    towers = network.text_encoders
+    methods = [(tower, "forward") for tower in towers]
+    if network.family.conditioner is not None:
+        methods.append((network.conditioner.pooled_tower, "pooled"))
+    for batch in batches:
+        vocabulary = min(tower.config.vocab_size for tower in towers)
+        tokens = torch.randint(0, vocabulary, (2 * batch, 77), device=device)  # prompts and negative prompts
+        seconds = sum(_built(getattr(tower, method), [text_key(bucketing.rows(2 * batch))]) for tower, method in methods)
+
+        def eager_text() -> list[torch.Tensor]:
+            return [getattr(type(tower), method)(tower, tokens) for tower, method in methods]
+
+        def compiled_text() -> list[torch.Tensor]:
+            return [getattr(tower, method)(tokens) for tower, method in methods]
+
+        eager_ms, compiled_ms = _median_ms([eager_text, compiled_text], device, iters)
+        print(f"{'text':>5} {'':>5} {batch:>5} | {eager_ms:>9.2f} {compiled_ms:>11.2f} "
+              f"{eager_ms / compiled_ms:>5.2f} {seconds:>9.2f}", flush=True)
+
+
+def _built(call: CompiledCall, keys: list[GraphKey]) -> float:
+    """Build the keys' graphs now: the seconds of those new to `call` (nan for one that failed)."""
+    known = len(call.status().graphs)
+    call.warm_up(keys)
+    call.wait()
+    return sum(float("nan") if g.seconds is None else g.seconds for g in call.status().graphs[known:])
 
 
 def _attention(backend: str | None) -> contextlib.AbstractContextManager:
@@ -257,23 +326,29 @@ def _unet_step_ms(
     unets: list[Callable[..., torch.Tensor]], family: Family, size: int, batch: int,
     device: torch.device, dtype: torch.dtype, iters: int,
 ) -> list[float]:
-    """Median ms of one guided step (a UNet call on 2 x batch latents) of each UNet, their calls
-    taken in turn so that whatever else loads the machine weighs on all of them alike."""
+    """Median ms of one guided step (a UNet call on 2 x batch latents) of each UNet."""
     side = size // 8
     x = torch.randn(2 * batch, family.unet.in_channels, side, side, device=device, dtype=dtype)
     t = torch.full((2 * batch,), 500.0, device=device)
     context = torch.randn(2 * batch, 77, family.unet.context_dim, device=device, dtype=dtype)
     adm = family.unet.adm_in_channels
     y = None if adm is None else torch.randn(2 * batch, adm, device=device, dtype=dtype)  # SDXL's ADM vector
-    for unet in unets:
+    return _median_ms([lambda unet=unet: unet(x, t, context, y) for unet in unets], device, iters)
+
+
+@torch.inference_mode()
+def _median_ms(calls: list[Callable[[], object]], device: torch.device, iters: int) -> list[float]:
+    """Median ms of each call after 3 warm-up calls, the calls taken in turn so that whatever else
+    loads the machine weighs on all of them alike."""
+    for call in calls:
         for _ in range(3):
-            unet(x, t, context, y)
-    times: list[list[float]] = [[] for _ in unets]
+            call()
+    times: list[list[float]] = [[] for _ in calls]
     for _ in range(iters):
-        for unet, taken in zip(unets, times, strict=True):
+        for call, taken in zip(calls, times, strict=True):
             sync(device)
             start = time.perf_counter()
-            unet(x, t, context, y)
+            call()
             sync(device)
             taken.append((time.perf_counter() - start) * 1000)
     return [statistics.median(taken) for taken in times]

@@ -5,13 +5,18 @@ the run's dtype. The command itself is a benchmark (docs/PERFORMANCE.md), not a 
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from diffusers import UNet2DConditionModel
 
-from generation.engine_bench import FAMILIES, _diffusers_call, _diffusers_unet, diffusers_config, randomise
+from generation.compiled import Compiling
+from generation.engine_bench import FAMILIES, _diffusers_call, _diffusers_unet, diffusers_config, parts_table, randomise
+from generation.pipeline import load_model
+from generation.settings import ModelSettings
 from models.unet import UNetModel
-from tests.fixtures.checkpoints import tiny_sdxl_family
+from tests.fixtures.checkpoints import TinyCheckpoints, tiny_checkpoints, tiny_sdxl_family  # noqa: F401
 
 
 def _shapes(module: torch.nn.Module) -> list[tuple[int, ...]]:
@@ -52,3 +57,19 @@ def test_random_weights_are_made_in_the_dtype_asked_with_unit_norms_and_zero_bia
     assert {p.device.type for p in module.parameters()} == {"cpu"}
     assert torch.equal(norm.weight, torch.ones(256, dtype=torch.bfloat16)) and not norm.bias.any()
     assert not linear.bias.any() and linear.weight.float().std().item() == pytest.approx(0.02, rel=0.1)
+
+
+def test_the_parts_table_times_the_vae_decode_and_the_text_encode_eager_and_compiled(
+        tiny_checkpoints: TinyCheckpoints, capsys: pytest.CaptureFixture[str]) -> None:  # noqa: F811
+    """`--compile`'s second table, with an identity compiler on the tiny model: one VAE row per
+    size and batch, one text row per batch, each with finite eager and compiled figures."""
+    path, yaml_path = tiny_checkpoints.get("sd1")
+    model = load_model(ModelSettings(name="tiny", checkpoint=path, config=yaml_path), torch.device("cpu"),
+                       torch.float32)
+    parts_table(model, Compiling("on", compiler=lambda mode: lambda fn: fn), [16, 32], [1, 3], iters=2)
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[1] == "other parts, compiled (vae default, text default):"
+    rows = [line.split() for line in lines[3:]]
+    assert [row[:3] for row in rows] == [["vae", "16", "1"], ["vae", "16", "3"], ["vae", "32", "1"],
+                                          ["vae", "32", "3"], ["text", "1", "|"], ["text", "3", "|"]]
+    assert all(math.isfinite(float(value)) for row in rows for value in row[-4:])
