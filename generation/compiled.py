@@ -85,13 +85,6 @@ class GraphKey:
 
     args: tuple[Spec | Hashable, ...]
 
-    @property
-    def rows(self) -> int:
-        return next(a.shape[0] for a in self.args if isinstance(a, Spec))
-
-    def specs(self) -> list[Spec]:
-        return [a for a in self.args if isinstance(a, Spec)]
-
     def dummies(self, device: torch.device) -> tuple[object, ...]:
         return tuple(a.dummy(device) if isinstance(a, Spec) else a for a in self.args)
 

@@ -68,7 +68,9 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--no-diffusers", action="store_true", help="skip the diffusers comparison")
     parser.add_argument("--vae-dtype", choices=("auto", "float32", "float16", "bfloat16"), default="auto",
                         help="VAE decode precision, as [generation] vae_dtype (auto: float16 on CUDA)")
-    parser.add_argument("--compile", action="store_true", help="also time the compiled UNet (generation/compiled.py)")
+    parser.add_argument("--compile", action="store_true",
+                        help="also time the compiled UNet, then the compiled VAE decode and text towers "
+                             "(generation/compiled.py)")
     parser.add_argument("--compile-mode", default=None,
                         choices=("reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs", "default"),
                         help="torch.compile mode (default: reduce-overhead on CUDA, default on the CPU)")
@@ -201,7 +203,7 @@ def _figures(model: LoadedModel, compiled: CompiledCall | None, reference: torch
         rows = Bucketing(args.compile_batches).rows(2 * batch)
         side = size // model.network.vae_scale
         key = unet_key(rows, family.unet.in_channels, (side, side), 77, family.unet.context_dim, dtype,
-                               family.unet.adm_in_channels)
+                       family.unet.adm_in_channels)
         compiled.warm_up([key])
         compiled.wait()
         (graph,) = [g for g in compiled.status().graphs if g.key == key.describe()]
