@@ -549,7 +549,8 @@ def test_compiled_cuda_graphs_give_the_eager_image_and_never_synchronize(
     """compile = "auto" on CUDA: reduce-overhead (CUDA graphs). Within the tolerances of
     test_pipeline's GPU test, and the compiled steps queue work without waiting on the GPU."""
     eager = engine_with(tiny_checkpoints, Compiling("off"), dtype, vae_dtype="float32").load("tiny", "cuda")
-    model = engine_with(tiny_checkpoints, Compiling("auto"), dtype, vae_dtype="float32").load("tiny", "cuda")
+    compiling = Compiling("auto", parts=("unet",))  # the other parts: the next test
+    model = engine_with(tiny_checkpoints, compiling, dtype, vae_dtype="float32").load("tiny", "cuda")
     assert isinstance(model.unet, CompiledCall) and model.unet.status().mode == "reduce-overhead"
     req = request(count=3, steps=6)  # 6 guided rows in the graph of 8
     model.unet.warm_up([unet_key(8, 4, (32, 32), 77, 32, getattr(torch, dtype))])
@@ -572,6 +573,32 @@ def test_compiled_cuda_graphs_give_the_eager_image_and_never_synchronize(
         assert np.asarray(b).astype(float).std() > 1.0, "a blank image"
         assert np.abs(np.asarray(a).astype(float) - np.asarray(b).astype(float)).mean() <= (
             1.0 if dtype == "float32" else 6.0)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("vae_dtype", ["float32", "float16"])
+def test_compiled_vae_decode_and_text_tower_on_cuda_give_the_eager_image(
+        tiny_checkpoints: TinyCheckpoints, vae_dtype: str) -> None:  # noqa: F811
+    """compile = "auto" on CUDA: the VAE decode without CUDA graphs (mode default), the text tower
+    with them (reduce-overhead), both on ready graphs for a whole txt2img run, whose images are
+    the eager run's within test_pipeline's GPU tolerances."""
+    eager = engine_with(tiny_checkpoints, Compiling("off"), "float16", vae_dtype=vae_dtype).load("tiny", "cuda")
+    compiling = Compiling("auto", parts=("vae", "text"))
+    model = engine_with(tiny_checkpoints, compiling, "float16", vae_dtype=vae_dtype).load("tiny", "cuda")
+    decoder_dtype = torch.float32 if model.vae_decoder is None else next(model.vae_decoder.parameters()).dtype
+    model.vae_decode.warm_up([vae_key(4, 4, (32, 32), decoder_dtype)])  # 3 images in the graph of 4
+    model.network.text_encoder.forward.warm_up([text_key(2)])
+    calls = wait_all(model)
+    assert {part: call.status().mode for part, call in calls.items()} == {"vae": "default", "text": "reduce-overhead"}
+    req = request(count=3, steps=4)
+    txt2img(model, [req])  # the device thread records the text tower's CUDA graph
+    compiled_images = txt2img(model, [req])[0]
+    for call in calls.values():
+        (graph,) = call.status().graphs  # no other shape asked for, no silent fall back to eager
+        assert graph.state is State.READY, graph
+    for a, b in zip(txt2img(eager, [req])[0], compiled_images, strict=True):
+        assert np.asarray(b).astype(float).std() > 1.0, "a blank image"
+        assert np.abs(np.asarray(a).astype(float) - np.asarray(b).astype(float)).mean() <= 6.0
 
 
 @pytest.mark.gpu
