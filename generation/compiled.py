@@ -436,7 +436,9 @@ class Compiling:
         if self.cache_dir is not None and any(self.mode_on(device, part) for part in self.parts):
             # Read by inductor whenever it opens its cache; set before this process compiles anything.
             os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(self.cache_dir.resolve())
-        sizes = [self._latent(family, aspect, network.vae_scale) for aspect in self.warmup]
+        # The x4 upscaler (class labels) sees its inputs' sizes, not aspects of its native size: no warm-up.
+        warmup = self.warmup if family.unet.num_classes is None else ()
+        sizes = [self._latent(family, aspect, network.vae_scale) for aspect in warmup]
         if (mode := self.mode_on(device, "unet")) is not None:
             unet = self._call(network.unet, model, "unet", mode, describe_unet, self.bucketing)
             unet.warm_up(self.unet_keys(family, model.dtype, sizes))
@@ -455,17 +457,15 @@ class Compiling:
             keys = [text_key(rows) for rows in dict.fromkeys(self.bucketing.rows(2 * b) for b in self.bucketing.buckets)]
             for i, tower in enumerate(towers):
                 name = "text" if len(towers) == 1 else f"text {i + 1}"
-                self._tower(tower, "forward", model, name, mode, keys if self.warmup else [])
+                self._tower(tower, "forward", model, name, mode, keys if warmup else [])
             if family.conditioner is not None:
                 self._tower(network.conditioner.pooled_tower, "pooled", model, "pooled", mode,
-                            keys if self.warmup else [])
+                            keys if warmup else [])
         return model
 
     def unet_keys(self, family: Family, dtype: torch.dtype, sizes: Sequence[tuple[int, int]]) -> list[GraphKey]:
         """The graphs of guided txt2img steps (rows = twice each bucket) of one prompt chunk at each
-        latent size; none for models with class labels (upscaler)."""
-        if family.unet.num_classes is not None:
-            return []
+        latent size."""
         return list(dict.fromkeys(
             unet_key(self.bucketing.rows(2 * images), family.unet.in_channels, size, CHUNK_TOKENS,
                      family.unet.context_dim, dtype, family.unet.adm_in_channels)

@@ -332,7 +332,10 @@ def test_engine_warms_the_aspect_presets_up_at_load_and_writes_the_status(
     assert {(s.model, s.device, s.mode) for s in statuses.values()} == {("tiny", "cpu", "default")}
     assert [statuses[part].count(State.READY) for part in ("unet", "vae", "text")] == [4, 4, 2]
     assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path.resolve())  # inductor's cache: a warm restart
-    assert Compiling("on").unet_keys(model.network.family, torch.float32, []) == []
+    path, yaml_path = tiny_checkpoints.get("x4-upscaler")
+    upscaler = Engine([ModelSettings(name="x4", checkpoint=path, config=yaml_path)], "float32", {}.__getitem__,
+                      compiling=compiling).load("x4", "cpu")
+    assert [list(call.status().graphs) for call in wait_all(upscaler).values()] == [[], [], []]  # its inputs' sizes
     only = engine_with(tiny_checkpoints, dataclasses.replace(compiling, parts=("vae",))).load("tiny", "cpu")
     assert only.unet is None and [c.status().part for c in compiled_calls(only)] == ["vae"]
 
