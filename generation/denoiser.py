@@ -12,6 +12,7 @@ import torch
 from torch import Tensor
 
 from generation.schedules import DiscreteSchedule
+from generation.transfer import upload
 
 Prediction = Literal["epsilon", "v"]
 
@@ -71,7 +72,7 @@ class GuidedDenoiser:
         scales = self.guidance.tolist()
         halves = "cond" if all(g == 1 for g in scales) else "uncond" if all(g == 0 for g in scales) else "both"
         object.__setattr__(self, "_halves", halves)
-        object.__setattr__(self, "_scale", self.guidance.to(self.cond.device, torch.float32).view(-1, 1, 1, 1))
+        object.__setattr__(self, "_scale", upload(self.guidance, self.cond.device, torch.float32).view(-1, 1, 1, 1))
         object.__setattr__(self, "_schedule", self.schedule.to(self.cond.device))
 
     def __call__(self, x: Tensor, sigma: Tensor) -> Tensor:

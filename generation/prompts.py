@@ -265,12 +265,14 @@ def encoder_inputs(
     the highest id is still EOS)."""
     import torch
 
-    tokens = torch.tensor([chunk.tokens for chunk in chunks], dtype=torch.long, device=device)  # (N, 77)
+    from generation.transfer import upload
+
+    tokens = upload([chunk.tokens for chunk in chunks], device, torch.long)  # (N, 77)
     if not any(t < 0 for chunk in chunks for t in chunk.tokens):  # decided on the host: no device sync
         return tokens, None
     ids = tokens.clamp(min=0)
     token_embeds = encoder.embed_tokens(ids)  # (N, 77, D)
-    table = torch.cat(list(embeddings.values())).to(device, token_embeds.dtype)  # (sum N_i, D)
+    table = upload(torch.cat(list(embeddings.values())), device, token_embeds.dtype)  # (sum N_i, D)
     rows = table[(-tokens - 1).clamp(min=0)]  # (N, 77, D): placeholder -(1 + r) -> row r
     return ids, torch.where((tokens < 0)[..., None], rows, token_embeds)
 
@@ -283,6 +285,8 @@ def encode_prompts(
     embeddings: textual-inversion vectors (N_i, D) by name, for the words that use them."""
     import torch  # here only: parsing and chunking stay importable without torch (bot, queue)
 
+    from generation.transfer import upload
+
     if not texts:
         raise ValueError("need at least one prompt to encode")
     embeddings = embeddings or {}
@@ -291,7 +295,7 @@ def encode_prompts(
     k = max(len(chunks) for chunks in chunked)
     empty = chunk_prompt(encoder, "")
     flat = [chunk for chunks in chunked for chunk in chunks + empty * (k - len(chunks))]
-    weights = torch.tensor([chunk.weights for chunk in flat], dtype=torch.float32, device=device)
+    weights = upload([chunk.weights for chunk in flat], device, torch.float32)
     ids, token_embeds = encoder_inputs(encoder, flat, embeddings, device)
     z = encoder(ids) if token_embeds is None else encoder(ids, token_embeds)  # (N * k, 77, D)
     z32 = z.float()

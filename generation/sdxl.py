@@ -29,6 +29,7 @@ from generation.prompts import chunk_prompt, encode_prompts, encoder_inputs, spl
 from generation.request import GenerationRequest
 from generation.samplers import SAMPLERS, Sampler
 from generation.schedules import karras_sigmas, legacy_ddpm_sigmas
+from generation.transfer import upload
 from models.stable_diffusion import StableDiffusion
 
 #: sgm demo's aesthetic scores for the refiner: (prompt, negative prompt).
@@ -120,12 +121,12 @@ def encode_conditioning(
     first_chunks = [chunk_prompt(pooled_tower, text, counts)[0] for text in texts]
     pooled = pooled_tower.pooled(*encoder_inputs(pooled_tower, first_chunks, pooled_vectors, device))  # (U, P)
     row = {text: i for i, text in enumerate(texts)}
-    cond_rows = [row[p] for p in prompts]
-    uncond_rows = [row[r.negative_prompt] for r in per_image]
+    cond_rows = upload([row[p] for p in prompts], device)
+    uncond_rows = upload([row[r.negative_prompt] for r in per_image], device)
     cond, uncond = context[cond_rows], context[uncond_rows]
     pooled_cond, pooled_uncond = pooled[cond_rows], pooled[uncond_rows]
     if not refiner:  # sgm's zeroed unconditional text for an empty negative prompt
-        zero = torch.tensor([r.negative_prompt == "" for r in per_image], device=device)
+        zero = upload([r.negative_prompt == "" for r in per_image], device)
         uncond = torch.where(zero[:, None, None], torch.zeros_like(uncond), uncond)
         pooled_uncond = torch.where(zero[:, None], torch.zeros_like(pooled_uncond), pooled_uncond)
     b, keys = len(per_image), conditioner.config.sizes
@@ -135,4 +136,4 @@ def encode_conditioning(
 
 
 def _on(tensors: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
-    return {key: tensor.to(device) for key, tensor in tensors.items()}
+    return {key: upload(tensor, device) for key, tensor in tensors.items()}
