@@ -106,8 +106,8 @@ def encode_conditioning(
     """(cond, uncond) contexts (B, 77k, D) and ADM vectors (B, adm) of one SDXL batch generated
     at size = (height, width). Every distinct text, without its `<lora:...>` tags, is encoded
     once per tower; the pooled embedding is the bigG tower's for each text's first 77-token
-    chunk, from the same run of that tower as its context. Embedding words of `addons` become each tower's own vectors (clip_l, clip_g), in the
-    pooled embedding too."""
+    chunk, from the same run of that tower as its context. Embedding words of `addons` become
+    each tower's own vectors (clip_l, clip_g), in the pooled embedding too."""
     conditioner = network.conditioner
     refiner = conditioner.config.refiner
     prompts = [split_lora_tags(r.prompt)[0] for r in per_image]
