@@ -25,7 +25,7 @@ from dataclasses import replace
 import torch
 
 from generation.addons import AddonLibrary
-from generation.prompts import chunk_prompt, encode_prompts, encoder_inputs, split_lora_tags
+from generation.prompts import encode_prompts, encode_prompts_pooled, split_lora_tags
 from generation.request import GenerationRequest
 from generation.samplers import SAMPLERS, Sampler
 from generation.schedules import karras_sigmas, legacy_ddpm_sigmas
@@ -107,19 +107,17 @@ def encode_conditioning(
     """(cond, uncond) contexts (B, 77k, D) and ADM vectors (B, adm) of one SDXL batch generated
     at size = (height, width). Every distinct text, without its `<lora:...>` tags, is encoded
     once per tower; the pooled embedding is the bigG tower's for each text's first 77-token
-    chunk. Embedding words of `addons` become each tower's own vectors (clip_l, clip_g), in the
-    pooled embedding too."""
+    chunk, from the same run of that tower as its context. Embedding words of `addons` become
+    each tower's own vectors (clip_l, clip_g), in the pooled embedding too."""
     conditioner = network.conditioner
     refiner = conditioner.config.refiner
     prompts = [split_lora_tags(r.prompt)[0] for r in per_image]
     texts = list(dict.fromkeys(t for p, r in zip(prompts, per_image) for t in (p, r.negative_prompt)))
     towers = conditioner.texts
     vectors = addons.vectors_for(network, texts) if addons is not None else [{} for _ in towers]
-    context = torch.cat([encode_prompts(t, texts, device, v) for t, v in zip(towers, vectors, strict=True)], dim=-1)
-    pooled_tower, pooled_vectors = conditioner.pooled_tower, vectors[-1]  # the last tower
-    counts = {name: len(v) for name, v in pooled_vectors.items()}
-    first_chunks = [chunk_prompt(pooled_tower, text, counts)[0] for text in texts]
-    pooled = pooled_tower.pooled(*encoder_inputs(pooled_tower, first_chunks, pooled_vectors, device))  # (U, P)
+    contexts = [encode_prompts(t, texts, device, v) for t, v in zip(towers[:-1], vectors[:-1], strict=True)]
+    last, pooled = encode_prompts_pooled(conditioner.pooled_tower, texts, device, vectors[-1])  # (U, 77k, D), (U, P)
+    context = torch.cat([*contexts, last], dim=-1)
     row = {text: i for i, text in enumerate(texts)}
     cond_rows = upload([row[p] for p in prompts], device)
     uncond_rows = upload([row[r.negative_prompt] for r in per_image], device)

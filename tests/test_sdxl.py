@@ -60,7 +60,7 @@ def _sgm_conditioning(model: LoadedModel, text: str, size: tuple[int, int], zero
     conditioner = model.network.conditioner
     towers = conditioner.texts
     context = torch.cat([tower(_tokens(tower, text)) for tower in towers], dim=-1)
-    pooled = towers[-1].pooled(_tokens(towers[-1], text))
+    pooled = towers[-1].forward_pooled(_tokens(towers[-1], text))[1]
     if zero:
         context, pooled = torch.zeros_like(context), torch.zeros_like(pooled)
     h, w = size
