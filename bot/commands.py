@@ -64,6 +64,9 @@ MAX_INPUT_PIXELS = 4096 * 4096
 DEFAULT_STRENGTH = 0.6
 #: The family name of x4 upscaler checkpoints, which only enlarge images.
 UPSCALER_FAMILY = X4_UPSCALER.name
+#: A request's fields worked out from a gesture's options, and its model's checkpoint: checked once
+#: per gesture (`Gestures.check`), built into the request once an input image's size is known.
+Checked = tuple[dict[str, Any], CheckpointInfo]
 #: Flags a reply may carry, `--name value`; `--no` is the negative prompt.
 _FLAG = re.compile(r"(?:^|\s)--([a-z]+)(?=\s|$)")
 _FLAGS = {"no": "negative", "strength": "strength", "seed": "seed", "steps": "steps", "guidance": "guidance",
@@ -178,10 +181,12 @@ class Gestures:
     # -- requests --
 
     async def request(self, options: Options, *, kind: Kind = Kind.TXT2IMG, size: tuple[int, int] | None = None,
-                      init_image: str | None = None, mask_image: str | None = None) -> GenerationRequest:
+                      init_image: str | None = None, mask_image: str | None = None,
+                      checked: Checked | None = None) -> GenerationRequest:
         """A checked request; `size` (an input image's) replaces the aspect's. Raises `UserError`
-        naming every problem of `options` at once."""
-        fields, checkpoint = await self._fields(options, kind)
+        naming every problem of `options` at once. `checked`: what `check` returned for these
+        options, not worked out again."""
+        fields, checkpoint = checked if checked is not None else await self._fields(options, kind)
         width, height = size or size_for(options.aspect, checkpoint.native_size, checkpoint.family)
         try:
             return GenerationRequest(kind=kind, width=width, height=height, init_image=init_image,
@@ -189,17 +194,19 @@ class Gestures:
         except ValidationError as error:
             raise UserError(*(e["msg"] for e in error.errors())) from None
 
-    async def check(self, options: Options, kind: Kind, *, also: tuple[str, ...] = ()) -> None:
+    async def check(self, options: Options, kind: Kind, *, also: tuple[str, ...] = ()) -> Checked:
         """Raise `UserError` naming every problem of `options`, with `also` (problems the caller
-        found first), before slow work such as decoding an image."""
+        found first), before slow work such as decoding an image; else the checked fields, for
+        `request` once the image's size is known."""
         try:
-            await self._fields(options, kind)
+            checked = await self._fields(options, kind)
         except UserError as error:
             raise UserError(*also, *error.problems) from None
         if also:
             raise UserError(*also)
+        return checked
 
-    async def _fields(self, options: Options, kind: Kind) -> tuple[dict[str, Any], CheckpointInfo]:
+    async def _fields(self, options: Options, kind: Kind) -> Checked:
         """The request's fields from `options` and its model's checkpoint, or `UserError` with
         every problem found."""
         g, problems = self._config.generation, []
@@ -250,13 +257,15 @@ class Gestures:
                     guidance=guidance, seed=seed, count=count, strength=strength,
                     unet_flops_ratio=self._flops_ratios[model]), checkpoint
 
-    async def from_image(self, options: Options, source: bytes,
-                         mask: bytes | None) -> tuple[GenerationRequest, list[str]]:
+    async def from_image(self, options: Options, source: bytes, mask: bytes | None,
+                         checked: Checked | None = None) -> tuple[GenerationRequest, list[str]]:
         """img2img of `source`, or inpaint when a mask is given or the source has transparent
         pixels; with notes on what was changed (a downscaled image, a resized mask). Decoding runs
-        off the loop; an unusable mask is refused now, not after waiting in the queue."""
+        off the loop; an unusable mask is refused now, not after waiting in the queue. `checked`:
+        the options as the caller already checked them (img2img and inpaint take the same fields)."""
         g = self._config.generation
-        await self.check(options, Kind.IMG2IMG)  # the options' problems, before any decoding
+        if checked is None:
+            checked = await self.check(options, Kind.IMG2IMG)  # the options' problems, before any decoding
         try:
             rgb, mask_png, mask_notes = await asyncio.to_thread(_decode_inputs, source, mask)
         except ImageInputError as error:
@@ -266,7 +275,8 @@ class Gestures:
         init = await put_input(self._studio.db, await asyncio.to_thread(png_bytes, rgb))
         mask_sha = await put_input(self._studio.db, mask_png) if mask_png is not None else None
         kind = Kind.INPAINT if mask_sha is not None else Kind.IMG2IMG
-        request = await self.request(options, kind=kind, size=(width, height), init_image=init, mask_image=mask_sha)
+        request = await self.request(options, kind=kind, size=(width, height), init_image=init, mask_image=mask_sha,
+                                     checked=checked)
         return request, notes
 
     # -- submitting and acknowledging --
@@ -599,9 +609,10 @@ class RemixModal(discord.ui.Modal, title="Remix"):
             except ValueError:  # told with whatever else the form got wrong
                 problems = (f"strength must be a number between 0.01 and 1, not {self.strength.value!r}",)
             options = Options(prompt=self.prompt.value, negative=self.negative.value, strength=strength)
-            await self._gestures.check(options, Kind.IMG2IMG, also=problems)
+            checked = await self._gestures.check(options, Kind.IMG2IMG, also=problems)
             await _defer(interaction)
-            request, notes = await self._gestures.from_image(options, await _read(self._source, "image"), None)
+            request, notes = await self._gestures.from_image(options, await _read(self._source, "image"), None,
+                                                             checked)
         except UserError as error:
             await _say(interaction, str(error))
             return

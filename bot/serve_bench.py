@@ -12,7 +12,9 @@ pipeline runs, and per member class the p50/p95 wait until a job started and unt
 With `--compile auto` the engine compiles its UNet as the bot does on CUDA (`[generation] compile`;
 eager on the CPU): every graph the trace can use (each size at each batch bucket) is built during
 the warm-up, and both runs wait for them (the compile status files, `CompiledCall.wait`) before
-anything is timed, so no figure mixes eager and compiled batches. Default: eager (`off`).
+anything is timed, so no figure mixes eager and compiled batches. Default: eager (`off`). The
+compile cache is a cold one in the temporary folder, or with `--cache-dir` a folder to reuse (the
+one `atelier bench engine --cache-dir` filled, or an earlier run's).
 
 Weights are random (speed does not depend on their values): a random-weight checkpoint in the
 original single-file layout is written to the temporary folder, in the real SD 1.x / 2.x
@@ -142,8 +144,12 @@ def main(argv: list[str]) -> int:
                              f"(default {LOAD:g}: a queue builds up; near 1, batches form from what arrives)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the trace and of the random weights")
     parser.add_argument("--compile", choices=("auto", "off"), default="off",
-                        help="compiled graphs (every part) as [generation] compile (auto: on CUDA; built and waited "
-                             "for during the warm-up, from a cold cache); default off: eager")
+                        help="compiled graphs (every part) as [generation] compile (auto: on CUDA; built and "
+                             "waited for during the warm-up); default off: eager")
+    parser.add_argument("--cache-dir", type=Path, default=None,
+                        help="with --compile auto: the compile cache to reuse (inductor's code and status/, e.g. "
+                             "the folder `atelier bench engine --cache-dir` filled); default: a cold one in the "
+                             "temporary folder")
     args = parser.parse_args(argv)
     if not re.fullmatch(r"cpu|cuda(:\d+)?", args.device):
         parser.error(f"--device: {args.device!r} is not a device; allowed: cpu, cuda, cuda:N")
@@ -152,6 +158,10 @@ def main(argv: list[str]) -> int:
         parser.error(f"--device {args.device}: PyTorch sees no CUDA device here; use --device cpu")
     if args.checkpoint and not args.checkpoint.is_file():
         parser.error(f"--checkpoint: {args.checkpoint} is not a file")
+    if args.cache_dir is not None and args.compile == "off":
+        parser.error("--cache-dir: only with --compile auto (an eager UNet compiles nothing)")
+    if args.cache_dir is not None and args.cache_dir.exists() and not args.cache_dir.is_dir():
+        parser.error(f"--cache-dir: {args.cache_dir} is not a folder")
     dtype = args.dtype or ("float16" if device.type == "cuda" else "float32")
     args.family = None if args.checkpoint else args.family or ("sd1" if device.type == "cuda" else "tiny")
     family = FAMILIES[args.family] if args.family else None
@@ -183,6 +193,8 @@ def main(argv: list[str]) -> int:
         mode = compiling.mode_on(device)
         print(f"atelier bench serve: {what}, {dtype}, {name}, torch {torch.__version__}, "
               f"UNet {'compiled, mode ' + mode if mode else 'eager'}")
+        if args.cache_dir is not None:
+            print(_reuse_cache(config.storage.data_dir, args.cache_dir))
         print(f"trace: {args.members} members in {min(SERVERS, args.members)} servers, {args.jobs} jobs "
               f"({sum(a.request.count for a in trace)} images), sizes {_format_sizes(sizes)}, "
               f"steps {args.steps}, counts {args.counts}, {args.sampler}", flush=True)
@@ -220,14 +232,29 @@ def _warm_ups(sizes: list[tuple[int, int]], buckets: Sequence[int], max_images: 
     return [_request(w, h, count, steps, sampler, "warm-up", 0) for w, h in sizes for count in counts]
 
 
+def _reuse_cache(data_dir: Path, cache_dir: Path) -> str:
+    """Make `cache_dir` the compile cache of the Studio on `data_dir` (it is `cache_dir_in(data_dir)`,
+    here a link to it), without the bench's own compile status of an earlier run: that file
+    described an engine gone since, and the warm-up waits on this run's. Other models' status
+    files (a bot's sharing the folder) stay, and `_graphs_built` does not read them. Returns the
+    line saying how warm the cache is."""
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    files = sum(1 for _ in cache_dir.rglob("*"))
+    for stale in (cache_dir / "status").glob(f"{MODEL}@*.json"):
+        stale.unlink()
+    data_dir.mkdir(parents=True, exist_ok=True)
+    cache_dir_in(data_dir).symlink_to(cache_dir.resolve(), target_is_directory=True)
+    return f"compile cache {cache_dir}: {files} files before this run ({'warm' if files else 'cold'})"
+
+
 async def _graphs_built(compiling: Compiling,
                         pause: Callable[[], Awaitable[None]] = lambda: asyncio.sleep(0.5)) -> tuple[int, float]:
-    """Once no graph is queued or building in the compile status the Studio's engine writes (the
-    Studio keeps its `CompiledCall`s to itself; `atelier doctor` reads the same files), looking
-    again after each `pause`: the number of graphs and their build seconds."""
+    """Once no graph is queued or building in the compile status the Studio's engine writes for the
+    bench's model (the Studio keeps its `CompiledCall`s to itself; `atelier doctor` reads the same
+    files), looking again after each `pause`: the number of graphs and their build seconds."""
     assert compiling.cache_dir is not None
     while True:
-        graphs = [g for status in read_statuses(compiling.cache_dir) for g in status.graphs]
+        graphs = [g for status in read_statuses(compiling.cache_dir) if status.model == MODEL for g in status.graphs]
         if not any(g.state in (State.QUEUED, State.BUILDING) for g in graphs):
             return len(graphs), sum(g.seconds or 0.0 for g in graphs)
         await pause()

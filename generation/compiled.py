@@ -19,8 +19,8 @@ from then on. The compile function is a parameter: tests use stand-ins, the engi
 The parts (`Compiling.compile`): the UNet per step, keyed by latents, timesteps, text and labels;
 the VAE decode (the half-precision `vae_decoder` when the model has one, else the float32 VAE's
 `decode`), keyed by latent shape, its rows bucketed like the UNet's images (tiled decodes of
-large images stay eager: `pipeline.decode` never calls it for them); each text tower's call, and
-SDXL's pooled output, keyed by rows x tokens and whether textual-inversion token embeddings are
+large images stay eager: `pipeline.decode` never calls it for them); each text tower's call (SDXL's
+bigG: context and pooled output from one call), keyed by rows x tokens and whether textual-inversion token embeddings are
 passed. The modes differ per part: the UNet's is the setting; the VAE is compute-bound with large
 activations, so CUDA graphs buy it little and would pin their memory: it runs the same mode
 without them; text encoding is launch-bound at small batches, where CUDA graphs pay most: it
@@ -52,6 +52,7 @@ from generation.pipeline import LoadedModel
 from generation.request import aspect_size
 from generation.settings import CompileBatches, CompileMode, CompilePart, GenerationSettings
 from models.families import Family
+from models.stable_diffusion import StableDiffusion
 from models.text_encoders import CLIPTextEncoder, TextEncoder
 
 log = logging.getLogger(__name__)
@@ -385,12 +386,17 @@ def _rows(out: Output, rows: int, clone: bool) -> Output:
     return out if out.shape[0] == rows else out[:rows]
 
 
+def tower_calls(network: StableDiffusion) -> list[tuple[TextEncoder, str]]:
+    """The text towers' methods the pipelines call: each tower's `forward`, but SDXL's pooled
+    (bigG) tower's `forward_pooled`, which gives its context and pooled embedding from one run."""
+    pooled = None if network.family.conditioner is None else network.conditioner.pooled_tower
+    return [(tower, "forward_pooled" if tower is pooled else "forward") for tower in network.text_encoders]
+
+
 def compiled_calls(model: LoadedModel) -> Iterator[CompiledCall]:
     """Every compiled call of a loaded model (not its refiner's): UNet, VAE decode, text towers."""
-    candidates = [model.unet, model.vae_decode]
-    for tower in model.network.text_encoders:
-        candidates += [vars(tower).get("forward"), vars(tower).get("pooled")]
-    yield from (c for c in candidates if isinstance(c, CompiledCall))
+    towers = [vars(tower).get(method) for tower, method in tower_calls(model.network)]
+    yield from (c for c in [model.unet, model.vae_decode, *towers] if isinstance(c, CompiledCall))
 
 
 @dataclass(frozen=True)
@@ -429,8 +435,9 @@ class Compiling:
     def compile(self, model: LoadedModel) -> LoadedModel:
         """`model` with its parts that compile on its device wrapped in `CompiledCall`s, their
         warm-up graphs building in the background: the UNet (`LoadedModel.unet`), the VAE decode
-        (`LoadedModel.vae_decode`), and each text tower's own `forward` and `pooled`, replaced on
-        the tower instance (not its class), so that every caller of the towers runs them."""
+        (`LoadedModel.vae_decode`), and each text tower's method the pipelines call (`tower_calls`),
+        replaced on the tower instance (not its class), so that every caller of the towers runs
+        them."""
         network, device = model.network, model.device
         family = network.family
         if self.cache_dir is not None and any(self.mode_on(device, part) for part in self.parts):
@@ -453,14 +460,11 @@ class Compiling:
                             for size in small for rows in self.bucketing.buckets])
             model = dataclasses.replace(model, vae_decode=decode)
         if (mode := self.mode_on(device, "text")) is not None:
-            towers = network.text_encoders
-            keys = [text_key(rows) for rows in dict.fromkeys(self.bucketing.rows(2 * b) for b in self.bucketing.buckets)]
-            for i, tower in enumerate(towers):
-                name = "text" if len(towers) == 1 else f"text {i + 1}"
-                self._tower(tower, "forward", model, name, mode, keys if warmup else [])
-            if family.conditioner is not None:
-                self._tower(network.conditioner.pooled_tower, "pooled", model, "pooled", mode,
-                            keys if warmup else [])
+            rows = dict.fromkeys(self.bucketing.rows(2 * images) for images in self.bucketing.buckets)
+            keys = [text_key(n) for n in rows] if warmup else []
+            calls = tower_calls(network)
+            for i, (tower, method) in enumerate(calls):
+                self._tower(tower, method, model, "text" if len(calls) == 1 else f"text {i + 1}", mode, keys)
         return model
 
     def unet_keys(self, family: Family, dtype: torch.dtype, sizes: Sequence[tuple[int, int]]) -> list[GraphKey]:

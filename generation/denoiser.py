@@ -12,13 +12,26 @@ import torch
 from torch import Tensor
 
 from generation.schedules import DiscreteSchedule
+from generation.transfer import upload
 
 Prediction = Literal["epsilon", "v"]
+
 
 class UNet(Protocol):
     def __call__(self, x: Tensor, timesteps: Tensor, context: Tensor, **extra: Tensor) -> Tensor:
         """(N, C_in, h, w) VP-scaled latents, (N,) float timesteps, (N, T, D) text -> (N, 4, h, w)."""
         ...
+
+
+@dataclass(frozen=True, eq=False)
+class _Batch:
+    """The per-image UNet inputs of a set of rows, gathered (and the halves concatenated) once."""
+
+    keep: Tensor | None  # (N,) the rows' index in the full batch; None: every row
+    context: Tensor  # (copies * N, T, D)
+    vector: Tensor | None  # (copies * N, adm) or (copies * N,)
+    scale: Tensor  # (N, 1, 1, 1)
+    concat: Tensor | None  # (N, c, h, w): the whole latent's concat channels of these rows
 
 
 @dataclass(frozen=True, eq=False)
@@ -71,8 +84,10 @@ class GuidedDenoiser:
         scales = self.guidance.tolist()
         halves = "cond" if all(g == 1 for g in scales) else "uncond" if all(g == 0 for g in scales) else "both"
         object.__setattr__(self, "_halves", halves)
-        object.__setattr__(self, "_scale", self.guidance.to(self.cond.device, torch.float32).view(-1, 1, 1, 1))
+        object.__setattr__(self, "_scale", upload(self.guidance, self.cond.device, torch.float32).view(-1, 1, 1, 1))
         object.__setattr__(self, "_schedule", self.schedule.to(self.cond.device))
+        object.__setattr__(self, "_all", self._batch(None))
+        object.__setattr__(self, "_live_batch", None)  # (the live rows, their _Batch), once a row is dropped
 
     def __call__(self, x: Tensor, sigma: Tensor) -> Tensor:
         """x (B, C, h, w) at noise levels sigma (B,) -> guided x0 prediction (B, C, h, w)."""
@@ -82,28 +97,46 @@ class GuidedDenoiser:
         """The prediction for a tile x of the latent, with `concat` cut to the same tile."""
         rows = None if self.live is None else self.live()
         if rows is None or len(rows) == x.shape[0]:
-            return self._guided(x, sigma, concat, self.cond, self.uncond, self._scale,
-                                self.vector, self.vector_uncond)
+            return self._guided(x, sigma, concat, self._all)
         out = x.clone()  # the dropped rows' "prediction": themselves
         if rows:
-            keep = torch.tensor(rows, device=x.device)
-            pick = lambda t: None if t is None else t[keep]  # noqa: E731
-            out[keep] = self._guided(x[keep], sigma[keep], pick(concat), self.cond[keep], self.uncond[keep],
-                                     self._scale[keep], pick(self.vector), pick(self.vector_uncond))
+            batch = self._rows(tuple(rows))
+            keep = batch.keep
+            if concat is self.concat:
+                concat = batch.concat
+            elif concat is not None:  # a tile's cut, gathered here
+                concat = concat[keep]
+            out[keep] = self._guided(x[keep], sigma[keep], concat, batch)
         return out
 
-    def _guided(self, x: Tensor, sigma: Tensor, concat: Tensor | None, cond: Tensor, uncond: Tensor,
-                scale: Tensor, vector: Tensor | None, vector_uncond: Tensor | None) -> Tensor:
-        """The guided x0 prediction of rows x (N, C, h, w) with their own cond, uncond, scale and
-        ADM vectors."""
+    def _rows(self, rows: tuple[int, ...]) -> _Batch:
+        """The _Batch of the live rows, gathered again only when they change (a further cancel)."""
+        cached = self._live_batch
+        if cached is None or cached[0] != rows:
+            cached = rows, self._batch(upload(list(rows), self.cond.device))
+            object.__setattr__(self, "_live_batch", cached)
+        return cached[1]
+
+    def _batch(self, keep: Tensor | None) -> _Batch:
+        """The UNet inputs of rows `keep` (None: all) for the halves that run, uncond first."""
+        pick = lambda t: t if t is None or keep is None else t[keep]  # noqa: E731
+        cond, uncond = pick(self.cond), pick(self.uncond)
+        vector, vector_uncond = pick(self.vector), pick(self.vector_uncond)
         if self._halves == "cond":
-            out = self._run(x, sigma, cond, concat, vector)
+            context, y = cond, vector
         elif self._halves == "uncond":
-            out = self._run(x, sigma, uncond, concat, vector_uncond)
+            context, y = uncond, vector_uncond
         else:
-            both = None if vector is None else torch.cat([vector_uncond, vector])
-            out_uncond, out_cond = self._run(x, sigma, torch.cat([uncond, cond]), concat, both).chunk(2)
-            out = out_uncond + scale * (out_cond - out_uncond)
+            context, y = torch.cat([uncond, cond]), None if vector is None else torch.cat([vector_uncond, vector])
+        return _Batch(keep, context, y, pick(self._scale), pick(self.concat))
+
+    def _guided(self, x: Tensor, sigma: Tensor, concat: Tensor | None, batch: _Batch) -> Tensor:
+        """The guided x0 prediction of rows x (N, C, h, w) with the inputs of their `batch` and
+        `concat` cut to the same rows and tile."""
+        out = self._run(x, sigma, batch.context, concat, batch.vector)
+        if self._halves == "both":
+            out_uncond, out_cond = out.chunk(2)
+            out = out_uncond + batch.scale * (out_cond - out_uncond)
         return self._x0(x, sigma.view(-1, 1, 1, 1), out)
 
     def _run(

@@ -28,6 +28,7 @@ from generation.pipeline import (
     LoadedModel,
     checkpoint_hash,
     load_model,
+    prepare_batch,
     resolve_device,
     resolve_dtype,
     resolve_vae_dtype,
@@ -107,6 +108,11 @@ class Engine:
         tensors = [*model.network.state_dict().values(), *decoder.values()]
         own = sum(t.numel() * t.element_size() for t in tensors)
         return own + (0 if model.refiner is None else Engine.size(model.refiner))
+
+    @staticmethod
+    def prepare(model: LoadedModel, device: str, batch: list[Job]) -> None:
+        """Queue the next batch's text encoding and start noise now (`pipeline.prepare_batch`)."""
+        prepare_batch(model, [job.request for job in batch])
 
     def run(
         self,

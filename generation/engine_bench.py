@@ -16,7 +16,7 @@ beside its eager one: each shape's compile seconds (cold, or warm from the induc
 compiles diffusers' UNet the same way for a like-for-like ratio. A second table then gives the
 other compiled parts, as `[generation] compile_parts` runs them: the VAE decode per size and batch
 and the text towers' encode of a batch's prompts and negative prompts (2 x batch chunks of 77
-tokens, every tower and SDXL's pooled output), eager against compiled ms: a part whose compiled
+tokens through every tower, SDXL's pooled output included), eager against compiled ms: a part whose compiled
 figure is no better belongs out of `compile_parts`.
 """
 
@@ -42,6 +42,7 @@ from generation.compiled import (
     compiled_calls,
     text_key,
     torch_compiler,
+    tower_calls,
     unet_key,
     vae_key,
 )
@@ -154,12 +155,9 @@ def parts_table(model: LoadedModel, compiling: Compiling, sizes: list[int], batc
             eager_ms, compiled_ms = _median_ms([lambda: eager_decode(z), lambda: parts.vae_decode(z)], device, iters)
             print(f"{'vae':>5} {size:>5} {batch:>5} | {eager_ms:>9.2f} {compiled_ms:>11.2f} "
                   f"{eager_ms / compiled_ms:>5.2f} {seconds:>9.2f}", flush=True)
-    towers = network.text_encoders
-    methods = [(tower, "forward") for tower in towers]
-    if network.family.conditioner is not None:
-        methods.append((network.conditioner.pooled_tower, "pooled"))
+    methods = tower_calls(network)
     for batch in batches:
-        vocabulary = min(tower.config.vocab_size for tower in towers)
+        vocabulary = min(tower.config.vocab_size for tower, _ in methods)
         tokens = torch.randint(0, vocabulary, (2 * batch, 77), device=device)  # prompts and negative prompts
         seconds = sum(_built(getattr(tower, method), [text_key(bucketing.rows(2 * batch))]) for tower, method in methods)
 

@@ -21,6 +21,7 @@ import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -37,6 +38,7 @@ from generation.samplers import SAMPLERS, BatchNoise, Cancelled, Denoiser, Sampl
 from generation.schedules import DiscreteSchedule, ddim_sigmas
 from generation.settings import ModelSettings
 from generation.tiling import OVERLAP, TILE, decode_tiled
+from generation.transfer import upload
 from generation.variations import variation_noise
 from models.families import Family
 from models.loading import load_checkpoint
@@ -51,6 +53,26 @@ Inputs = Callable[[str], bytes]
 IsCancelled = Callable[[int], bool]
 #: Wraps the guided denoiser of a run (latent blending, tiling), given the run's start noise.
 Wrap = Callable[[GuidedDenoiser, torch.Tensor], Denoiser]
+#: Computes one of the values a run starts with (its text conditioning, its start noise).
+Made = Callable[[], Any]
+
+
+class Ahead:
+    """What a batch's run starts with, made before the run: the runner has the batch queued behind
+    the running one prepared between the running one's steps (`prepare_batch`), so the device
+    finds its text encoding and start noise already queued. Each value is kept under a key of all
+    it depends on and taken once; a run whose key was not prepared makes its own."""
+
+    def __init__(self) -> None:
+        self._made: dict[tuple, Any] = {}
+
+    def prepare(self, values: Sequence[tuple[tuple, Made]]) -> None:
+        """Make these values, dropping any made for an earlier batch that never took them."""
+        self._made = {key: make() for key, make in values}
+
+    def take(self, key: tuple, make: Made) -> Any:
+        """The value made ahead under `key`, or `make()` now."""
+        return self._made.pop(key) if key in self._made else make()
 
 
 @dataclass(frozen=True)
@@ -80,6 +102,8 @@ class LoadedModel:
     #: A half-precision copy of the VAE's decoding half (post_quant_conv, decoder) that `decode`
     #: uses first; None decodes in float32 only.
     vae_decoder: nn.Module | None = None
+    #: The next batch's text conditioning and start noise, made while this one runs.
+    ahead: Ahead = field(default_factory=Ahead, compare=False)
     #: The VAE decode of `decode` when not the eager `vae_decoder` (or float32 VAE when there is
     #: none): compiled execution.
     vae_decode: Callable[[torch.Tensor], torch.Tensor] | None = None
@@ -223,11 +247,8 @@ def run_batch(
     check_batch(requests, BATCH_KEY)
     apply_loras(model, requests)
     run = _pipeline(requests[0].kind, refined=model.refiner is not None)
-    by_strength: dict[float | None, list[int]] = {}
-    for i, request in enumerate(requests):
-        by_strength.setdefault(request.strength, []).append(i)
     results: list[list[Image.Image]] = [[] for _ in requests]
-    for indices in by_strength.values():
+    for indices in _by_strength(requests):
         part = None if cancelled is None else (lambda i, indices=indices: cancelled(indices[i]))
         try:
             images = run(model, [requests[i] for i in indices], inputs, progress, part)
@@ -238,6 +259,35 @@ def run_batch(
         for i, request_images in zip(indices, images, strict=True):
             results[i] = request_images
     return results
+
+
+@torch.inference_mode()
+def prepare_batch(model: LoadedModel, requests: Sequence[GenerationRequest]) -> None:
+    """Queue a batch's text encoding and start noise on the device before its `run_batch` (which
+    then takes them, see `Ahead`), while another batch still runs: only under the LoRA set merged
+    now, since merging another would change the running batch's weights (that batch makes its own
+    when it runs). Upscales are left alone: their latents are sized by their input images."""
+    first = requests[0]
+    check_batch(requests, BATCH_KEY)
+    if first.kind is Kind.UPSCALE:
+        return
+    wanted = () if first.x4 else lora_set(first.prompt)
+    if wanted and (model.addons is None or model.addons.lora_key(wanted) != model.loras.applied):
+        return
+    if not wanted and model.loras.applied:
+        return
+    size = latent_size(model, first)
+    parts = [[requests[i] for i in indices] for indices in _by_strength(requests)]
+    model.ahead.prepare([made(model, part, size) for part in parts for made in (_conditioning, _start_noise)])
+
+
+def _by_strength(requests: Sequence[GenerationRequest]) -> list[list[int]]:
+    """The indices of a batch's requests by strength, in order: each group samples as one UNet
+    batch (strength decides where sampling starts)."""
+    groups: dict[float | None, list[int]] = {}
+    for i, request in enumerate(requests):
+        groups.setdefault(request.strength, []).append(i)
+    return list(groups.values())
 
 
 def _pipeline(kind: Kind, refined: bool = False) -> Callable[..., list[list[Image.Image]]]:
@@ -324,22 +374,14 @@ def denoise(
     check_batch(requests)
     first, network = requests[0], model.network
     per_image = [r for r in requests for _ in range(r.count)]
-    seeds = [seed for r in requests for seed in r.seeds()]
-    vector = vector_uncond = None
-    if network.family.conditioner is None:
-        addons = None if first.x4 else model.addons  # the x4 upscaler takes no add-ons (see apply_loras)
-        cond, uncond = encode_conditioning(network, per_image, model.device, addons)
-        sampler = SAMPLERS[first.sampler]
-    else:
-        pixels = (latent_size[0] * network.vae_scale, latent_size[1] * network.vae_scale)
-        cond, uncond, vector, vector_uncond = sdxl.encode_conditioning(
-            network, per_image, model.device, pixels, model.addons)
-        sampler = sdxl.sampler(first.sampler)
+    cond, uncond, vector, vector_uncond = model.ahead.take(*_conditioning(model, requests, latent_size))
+    sdxl_like = network.family.conditioner is not None
+    sampler = sdxl.sampler(first.sampler) if sdxl_like else SAMPLERS[first.sampler]
     guidance = torch.tensor([r.guidance for r in per_image])  # (B,), read once by the denoiser
-    noise = BatchNoise(seeds, (network.latent_channels, *latent_size), model.device, torch.float32)
-    initial = variation_noise(requests, noise.initial())  # (B, C, h, w)
+    noise, initial = model.ahead.take(*_start_noise(model, requests, latent_size))
+    initial = variation_noise(requests, initial)  # (B, C, h, w)
     sigmas = sampler.sigmas(model.schedule, first.steps)
-    if network.family.conditioner is None:
+    if not sdxl_like:
         sigmas, x = start(sampler, sigmas, first.steps, initial, init, strength)
     else:
         sigmas, x = sdxl.start(sigmas, initial, init, strength, noised)
@@ -356,6 +398,36 @@ def denoise(
     denoiser = guided if wrap is None else wrap(guided, initial)
     stop = None if live is None else (lambda: not live())  # every request has at least one image
     return sampler.sample(denoiser, x, sigmas, noise=noise, progress=progress, cancelled=stop)
+
+
+def _conditioning(
+    model: LoadedModel, requests: Sequence[GenerationRequest], latent_size: tuple[int, int]
+) -> tuple[tuple, Made]:
+    """(key, make) of the text conditioning (cond, uncond, vector, vector_uncond) of a batch's
+    images: the key holds all it depends on (texts, counts, the merged LoRA set, SDXL's size)."""
+    network, first = model.network, requests[0]
+    per_image = [r for r in requests for _ in range(r.count)]
+    key = ("conditioning", tuple((r.prompt, r.negative_prompt, r.count) for r in requests), model.loras.applied,
+           first.x4, latent_size)
+    if network.family.conditioner is None:
+        addons = None if first.x4 else model.addons  # the x4 upscaler takes no add-ons (see apply_loras)
+        return key, lambda: (*encode_conditioning(network, per_image, model.device, addons), None, None)
+    pixels = (latent_size[0] * network.vae_scale, latent_size[1] * network.vae_scale)
+    return key, lambda: sdxl.encode_conditioning(network, per_image, model.device, pixels, model.addons)
+
+
+def _start_noise(
+    model: LoadedModel, requests: Sequence[GenerationRequest], latent_size: tuple[int, int]
+) -> tuple[tuple, Made]:
+    """(key, make) of a batch's noise source and its start noise, (BatchNoise, (B, C, h, w)): the
+    source's generators continue from where the start noise left them, for the later draws."""
+    seeds = [seed for r in requests for seed in r.seeds()]
+
+    def make() -> tuple[BatchNoise, torch.Tensor]:
+        noise = BatchNoise(seeds, (model.network.latent_channels, *latent_size), model.device, torch.float32)
+        return noise, noise.initial()
+
+    return ("noise", tuple(seeds), latent_size), make
 
 
 def start(
@@ -406,8 +478,8 @@ def encode_conditioning(
     embeddings = addons.vectors_for(network, texts)[0] if addons is not None else {}
     encoded = encode_prompts(network.text_encoder, texts, device, embeddings)  # (U, 77k, D)
     row = {text: i for i, text in enumerate(texts)}
-    cond = encoded[[row[p] for p in prompts]]
-    uncond = encoded[[row[r.negative_prompt] for r in per_image]]
+    cond = encoded[upload([row[p] for p in prompts], device)]
+    uncond = encoded[upload([row[r.negative_prompt] for r in per_image], device)]
     return cond, uncond
 
 
@@ -464,6 +536,7 @@ def decode(model: LoadedModel, latents: torch.Tensor) -> list[Image.Image]:
 
 
 def to_images(x: torch.Tensor) -> list[Image.Image]:
-    """Decoded images (B, 3, H, W) in about [-1, 1] -> PIL: round(clamp((x + 1) / 2, 0, 1) * 255)."""
-    pixels = ((x + 1) / 2).clamp(0, 1).mul(255).round().to(torch.uint8)
-    return [Image.fromarray(p.permute(1, 2, 0).cpu().numpy()) for p in pixels]
+    """Decoded images (B, 3, H, W) in about [-1, 1] -> PIL: round(clamp((x + 1) / 2, 0, 1) * 255),
+    read back in one copy."""
+    pixels = ((x + 1) / 2).clamp(0, 1).mul(255).round().to(torch.uint8).permute(0, 2, 3, 1).contiguous()
+    return [Image.fromarray(p) for p in pixels.cpu().numpy()]

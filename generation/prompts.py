@@ -177,6 +177,14 @@ class TextEncoder(Protocol):
         ...
 
 
+class PooledTextEncoder(TextEncoder, Protocol):
+    """A tower with a pooled output too (SDXL's bigG)."""
+
+    def forward_pooled(self, tokens: Tensor, token_embeds: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """(N, max_length) ids -> ((N, max_length, D) hidden states, (N, P) pooled) from one run."""
+        ...
+
+
 @dataclass(frozen=True)
 class Chunk:
     """One encoder input: token ids and per-token weights, both max_length long."""
@@ -265,12 +273,14 @@ def encoder_inputs(
     the highest id is still EOS)."""
     import torch
 
-    tokens = torch.tensor([chunk.tokens for chunk in chunks], dtype=torch.long, device=device)  # (N, 77)
+    from generation.transfer import upload
+
+    tokens = upload([chunk.tokens for chunk in chunks], device, torch.long)  # (N, 77)
     if not any(t < 0 for chunk in chunks for t in chunk.tokens):  # decided on the host: no device sync
         return tokens, None
     ids = tokens.clamp(min=0)
     token_embeds = encoder.embed_tokens(ids)  # (N, 77, D)
-    table = torch.cat(list(embeddings.values())).to(device, token_embeds.dtype)  # (sum N_i, D)
+    table = upload(torch.cat(list(embeddings.values())), device, token_embeds.dtype)  # (sum N_i, D)
     rows = table[(-tokens - 1).clamp(min=0)]  # (N, 77, D): placeholder -(1 + r) -> row r
     return ids, torch.where((tokens < 0)[..., None], rows, token_embeds)
 
@@ -281,8 +291,27 @@ def encode_prompts(
     """Encode prompts (positive and negative together) in one encoder call -> (N, 77 * k, D),
     every prompt padded to the longest one's k chunks with the empty prompt's chunk.
     embeddings: textual-inversion vectors (N_i, D) by name, for the words that use them."""
-    import torch  # here only: parsing and chunking stay importable without torch (bot, queue)
+    flat, ids, token_embeds = _prompt_inputs(encoder, texts, device, embeddings)
+    z = encoder(ids) if token_embeds is None else encoder(ids, token_embeds)  # (N * k, 77, D)
+    return _weighted(z, flat, len(texts))
 
+
+def encode_prompts_pooled(
+    encoder: PooledTextEncoder, texts: list[str], device: str = "cpu", embeddings: Mapping[str, Tensor] | None = None
+) -> tuple[Tensor, Tensor]:
+    """`encode_prompts`, and from the same encoder call the pooled embedding (N, P) of each
+    text's first chunk (SDXL's bigG tower: one run gives both, as in sgm)."""
+    flat, ids, token_embeds = _prompt_inputs(encoder, texts, device, embeddings)
+    z, pooled = encoder.forward_pooled(ids, token_embeds)  # (N * k, 77, D), (N * k, P)
+    k = len(flat) // len(texts)
+    return _weighted(z, flat, len(texts)), pooled[::k]
+
+
+def _prompt_inputs(
+    encoder: TextEncoder, texts: list[str], device: str, embeddings: Mapping[str, Tensor] | None
+) -> tuple[list[Chunk], Tensor, Tensor | None]:
+    """(the N * k chunks, text by text, each padded to the longest one's k chunks with the empty
+    prompt's chunk, and their `encoder_inputs`)."""
     if not texts:
         raise ValueError("need at least one prompt to encode")
     embeddings = embeddings or {}
@@ -291,10 +320,18 @@ def encode_prompts(
     k = max(len(chunks) for chunks in chunked)
     empty = chunk_prompt(encoder, "")
     flat = [chunk for chunks in chunked for chunk in chunks + empty * (k - len(chunks))]
-    weights = torch.tensor([chunk.weights for chunk in flat], dtype=torch.float32, device=device)
-    ids, token_embeds = encoder_inputs(encoder, flat, embeddings, device)
-    z = encoder(ids) if token_embeds is None else encoder(ids, token_embeds)  # (N * k, 77, D)
+    return flat, *encoder_inputs(encoder, flat, embeddings, device)
+
+
+def _weighted(z: Tensor, chunks: list[Chunk], n: int) -> Tensor:
+    """The chunks' states z (N * k, 77, D) scaled by their weights, each chunk rescaled to its
+    unweighted mean, as (N, 77 * k, D)."""
+    import torch  # here only: parsing and chunking stay importable without torch (bot, queue)
+
+    from generation.transfer import upload
+
+    weights = upload([chunk.weights for chunk in chunks], z.device, torch.float32)
     z32 = z.float()
     weighted = z32 * weights[..., None]
     restored = weighted * (z32.mean(dim=(1, 2), keepdim=True) / weighted.mean(dim=(1, 2), keepdim=True))
-    return restored.to(z.dtype).reshape(len(texts), k * encoder.max_length, z.shape[-1])
+    return restored.to(z.dtype).reshape(n, -1, z.shape[-1])  # (N, 77 * k, D)

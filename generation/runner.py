@@ -5,7 +5,9 @@ Progress and results come back to the loop with `loop.call_soon_threadsafe`. The
 waits for the loop between batches: while one batch runs, the worker already takes the next from
 the queue, awaits its `on_started` hooks and queues it on the device thread, which starts it the
 moment the running one returns (one batch ahead, no more: the queue still decides who goes next,
-only earlier). Results are handed to `on_finished` in tasks of their own, so storing and posting
+only earlier). Between the running batch's steps the pipeline is told the queued one
+(`Pipeline.prepare`), so its text encoding and start noise are on the device before it starts.
+Results are handed to `on_finished` in tasks of their own, so storing and posting
 them never keeps the device waiting either. The worker thread survives anything a pipeline
 raises: an out-of-memory error frees memory and retries the batch split in halves down to one job
 (and the limit it teaches splits the batch queued behind before it runs), any other exception is
@@ -23,6 +25,7 @@ import logging
 import math
 import threading
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from functools import partial
@@ -88,6 +91,13 @@ class Pipeline(Protocol[M]):
         not fit; report a failure of one job as its `JobResult.error`. A raised
         `generation.images.ImageInputError` tells the user its message; any other exception is
         logged and the user told of an internal error."""
+        ...
+
+    def prepare(self, model: M, device: str, batch: list[Job]) -> None:
+        """Start on `batch`, the one queued to run next with the same model, between the running
+        batch's steps (on the device thread): queue work its `run` would begin with, as far as that
+        cannot change the running batch. May do nothing; what it raises is ignored (the run meets
+        the same problem and reports it)."""
         ...
 
 
@@ -165,6 +175,8 @@ class _Worker(Generic[M]):
     busy: bool = False
     #: Batches queued on the device thread (the running one and those behind it), until settled.
     batches: set[asyncio.Task] = field(default_factory=set)
+    #: The jobs of the batches queued on the device thread that have not started, in order.
+    queued: deque[list[Job]] = field(default_factory=deque)
 
 
 class Runner(Generic[M]):
@@ -286,6 +298,7 @@ class Runner(Generic[M]):
                 await self._hook(self._on_started, job)
             with self._claims:
                 self._waiting.update((job.id, (worker, job)) for job in batch)
+            worker.queued.append(batch)
             ran = worker.thread.call(partial(self._run, worker, batch, loop))
             settling = asyncio.create_task(self._settle(worker, batch, ran), name=f"batch {batch[0].id}")
             worker.batches.add(settling)
@@ -376,6 +389,8 @@ class Runner(Generic[M]):
         deadline = math.inf
         by_id = {job.id: job for job in batch}
         report = _Report()
+        worker.queued.popleft()  # this batch: batches run in the order they were queued
+        ahead: list[Job] | None = None  # the batch behind this one, once prepared
         #: Jobs completed before their end: cancelled while waiting behind the last batch (the
         #: loop told them), or mid-batch (sent to the loop from here).
         with self._claims:
@@ -404,8 +419,12 @@ class Runner(Generic[M]):
             return outcome is not None
 
         def progress(job_id: str, step: int, total: int, preview: Any) -> None:
+            nonlocal ahead
             if job_id not in told:  # a job completed mid-batch shows no more progress
                 loop.call_soon_threadsafe(self._progress, by_id[job_id], step, total, preview)
+            if worker.queued and worker.queued[0] is not ahead:  # between steps: start on the next batch
+                ahead = worker.queued[0]
+                self._prepare(worker, model_name, model, ahead)
 
         parts = _fitting(batch, worker.max_pixels)[::-1]  # a batch taken before an OOM taught the limit
         while parts:
@@ -458,6 +477,22 @@ class Runner(Generic[M]):
                 half = (len(live) + 1) // 2
                 parts += [live[half:], live[:half]]  # the first half runs first
         return report
+
+    def _prepare(self, worker: _Worker[M], model_name: str, model: M, batch: list[Job]) -> None:
+        """Have the pipeline start on `batch`, queued behind the running one, as it will run: its
+        first part, less the jobs already cancelled. Only with the running model: loading another
+        now would take the running batch's memory."""
+        with self._claims:
+            jobs = [job for job in batch if job.id in self._waiting and job.cancel_reason is None]
+        if not jobs:
+            return
+        first = _fitting(jobs, worker.max_pixels)[0]
+        if first[0].request.model != model_name:
+            return
+        try:
+            self._pipeline.prepare(model, worker.device, first)
+        except Exception:  # its run meets the same problem and reports it
+            log.debug("runner %s could not prepare jobs %s", worker.device, [j.id for j in first], exc_info=True)
 
     @staticmethod
     def _collect(

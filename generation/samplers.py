@@ -30,6 +30,7 @@ from generation.schedules import (
     lcm_sigmas,
     uniform_sigmas,
 )
+from generation.transfer import upload
 
 #: (x (B, C, H, W) at noise level sigma (B,)) -> predicted clean latent (B, C, H, W).
 Denoiser = Callable[[Tensor, Tensor], Tensor]
@@ -66,9 +67,7 @@ class BatchNoise:
 
     def __call__(self) -> Tensor:
         draws = torch.cat([torch.randn(self._shape, generator=g, dtype=torch.float32) for g in self._generators])
-        if self._device.type == "cuda":  # from page-locked memory the copy does not wait for the GPU
-            return draws.pin_memory().to(self._device, self._dtype, non_blocking=True)
-        return draws.to(self._device, self._dtype)  # (B, C, H, W)
+        return upload(draws, self._device, self._dtype)  # (B, C, H, W)
 
 
 #: A sampling method: (model, x at sigmas[0], sigmas, noise, report) -> x at sigmas[-1].

@@ -13,6 +13,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from generation.transfer import upload
+
 #: Karras et al. (2022) spacing exponent, the value every web UI and diffusers use.
 KARRAS_RHO = 7.0
 
@@ -45,7 +47,7 @@ class DiscreteSchedule:
 
     def to(self, device: torch.device | str) -> DiscreteSchedule:
         """The same schedule on `device`, where the denoiser maps sigmas to timesteps every step."""
-        return DiscreteSchedule(self.alphas_cumprod.to(device))
+        return DiscreteSchedule(upload(self.alphas_cumprod, device))
 
     @property
     def timesteps(self) -> int:

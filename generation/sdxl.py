@@ -25,10 +25,11 @@ from dataclasses import replace
 import torch
 
 from generation.addons import AddonLibrary
-from generation.prompts import chunk_prompt, encode_prompts, encoder_inputs, split_lora_tags
+from generation.prompts import encode_prompts, encode_prompts_pooled, split_lora_tags
 from generation.request import GenerationRequest
 from generation.samplers import SAMPLERS, Sampler
 from generation.schedules import karras_sigmas, legacy_ddpm_sigmas
+from generation.transfer import upload
 from models.stable_diffusion import StableDiffusion
 
 #: sgm demo's aesthetic scores for the refiner: (prompt, negative prompt).
@@ -106,26 +107,24 @@ def encode_conditioning(
     """(cond, uncond) contexts (B, 77k, D) and ADM vectors (B, adm) of one SDXL batch generated
     at size = (height, width). Every distinct text, without its `<lora:...>` tags, is encoded
     once per tower; the pooled embedding is the bigG tower's for each text's first 77-token
-    chunk. Embedding words of `addons` become each tower's own vectors (clip_l, clip_g), in the
-    pooled embedding too."""
+    chunk, from the same run of that tower as its context. Embedding words of `addons` become
+    each tower's own vectors (clip_l, clip_g), in the pooled embedding too."""
     conditioner = network.conditioner
     refiner = conditioner.config.refiner
     prompts = [split_lora_tags(r.prompt)[0] for r in per_image]
     texts = list(dict.fromkeys(t for p, r in zip(prompts, per_image) for t in (p, r.negative_prompt)))
     towers = conditioner.texts
     vectors = addons.vectors_for(network, texts) if addons is not None else [{} for _ in towers]
-    context = torch.cat([encode_prompts(t, texts, device, v) for t, v in zip(towers, vectors, strict=True)], dim=-1)
-    pooled_tower, pooled_vectors = conditioner.pooled_tower, vectors[-1]  # the last tower
-    counts = {name: len(v) for name, v in pooled_vectors.items()}
-    first_chunks = [chunk_prompt(pooled_tower, text, counts)[0] for text in texts]
-    pooled = pooled_tower.pooled(*encoder_inputs(pooled_tower, first_chunks, pooled_vectors, device))  # (U, P)
+    contexts = [encode_prompts(t, texts, device, v) for t, v in zip(towers[:-1], vectors[:-1], strict=True)]
+    last, pooled = encode_prompts_pooled(conditioner.pooled_tower, texts, device, vectors[-1])  # (U, 77k, D), (U, P)
+    context = torch.cat([*contexts, last], dim=-1)
     row = {text: i for i, text in enumerate(texts)}
-    cond_rows = [row[p] for p in prompts]
-    uncond_rows = [row[r.negative_prompt] for r in per_image]
+    cond_rows = upload([row[p] for p in prompts], device)
+    uncond_rows = upload([row[r.negative_prompt] for r in per_image], device)
     cond, uncond = context[cond_rows], context[uncond_rows]
     pooled_cond, pooled_uncond = pooled[cond_rows], pooled[uncond_rows]
     if not refiner:  # sgm's zeroed unconditional text for an empty negative prompt
-        zero = torch.tensor([r.negative_prompt == "" for r in per_image], device=device)
+        zero = upload([r.negative_prompt == "" for r in per_image], device)
         uncond = torch.where(zero[:, None, None], torch.zeros_like(uncond), uncond)
         pooled_uncond = torch.where(zero[:, None], torch.zeros_like(pooled_uncond), pooled_uncond)
     b, keys = len(per_image), conditioner.config.sizes
@@ -135,4 +134,4 @@ def encode_conditioning(
 
 
 def _on(tensors: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
-    return {key: tensor.to(device) for key, tensor in tensors.items()}
+    return {key: upload(tensor, device) for key, tensor in tensors.items()}

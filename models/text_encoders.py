@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 
 import torch
 from open_clip.tokenizer import SimpleTokenizer
@@ -153,26 +153,43 @@ class OpenCLIPTextEncoder(TextEncoder):
     def forward(self, tokens: torch.Tensor, token_embeds: torch.Tensor | None = None) -> torch.Tensor:
         """tokens: (B, T) ids -> (B, T, width) hidden states (then ln_final with `final_norm`);
         token_embeds (B, T, width) replace the token embeddings (textual inversion)."""
+        x = self._blocks(self._embed(tokens, token_embeds), self.model.transformer.resblocks[: self._layers])
+        return self._output(x)
+
+    def forward_pooled(
+        self, tokens: torch.Tensor, token_embeds: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(`forward`'s hidden states (B, T, width), the pooled embedding (B, projection_dim)) from
+        one run of the tower, as sgm's FrozenOpenCLIPEmbedder2 takes both: the hidden states at
+        their layer (penultimate for SDXL), then on through the remaining resblocks to open_clip's
+        text embedding: the last layer through ln_final at the EOS token (the highest id), times
+        `text_projection` (SDXL's pooled conditioning)."""
         blocks = self.model.transformer.resblocks
-        layers = len(blocks) - 1 if self.config.layer == "penultimate" else len(blocks)
-        x = self._hidden(tokens, layers, token_embeds)
+        x = self._blocks(self._embed(tokens, token_embeds), blocks[: self._layers])
+        states = self._output(x)
+        last = self._blocks(x, blocks[self._layers :])
+        eos = last[torch.arange(last.shape[0], device=last.device), tokens.argmax(dim=-1)]  # (B, D)
+        return states, self.model.ln_final(eos) @ self.model.text_projection
+
+    @property
+    def _layers(self) -> int:
+        """How many resblocks `forward` runs: all, or all but the last (`layer: penultimate`)."""
+        blocks = len(self.model.transformer.resblocks)
+        return blocks - 1 if self.config.layer == "penultimate" else blocks
+
+    def _output(self, x: torch.Tensor) -> torch.Tensor:
         return self.model.ln_final(x) if self.config.final_norm else x
 
-    def pooled(self, tokens: torch.Tensor, token_embeds: torch.Tensor | None = None) -> torch.Tensor:
-        """tokens: (B, T) ids -> (B, projection_dim): open_clip's text embedding, the last layer
-        through ln_final at the EOS token (the highest id), times `text_projection` (SDXL's pooled
-        conditioning)."""
-        x = self.model.ln_final(self._hidden(tokens, len(self.model.transformer.resblocks), token_embeds))
-        eos = x[torch.arange(x.shape[0], device=x.device), tokens.argmax(dim=-1)]  # (B, D)
-        return eos @ self.model.text_projection
-
-    def _hidden(self, tokens: torch.Tensor, layers: int, token_embeds: torch.Tensor | None = None) -> torch.Tensor:
-        """The output of the first `layers` resblocks, (B, T, width)."""
-        t = tokens.shape[1]
+    def _embed(self, tokens: torch.Tensor, token_embeds: torch.Tensor | None) -> torch.Tensor:
+        """Token (or the given) embeddings plus positions, (B, T, width)."""
         embeds = self.model.token_embedding(tokens) if token_embeds is None else token_embeds
-        x = embeds + self.model.positional_embedding[:t]  # (B, T, D)
+        return embeds + self.model.positional_embedding[: tokens.shape[1]]
+
+    def _blocks(self, x: torch.Tensor, blocks: Iterable[nn.Module]) -> torch.Tensor:
+        """x (B, T, width) through `blocks` under the causal mask."""
+        t = x.shape[1]
         causal = torch.full((t, t), float("-inf"), device=x.device, dtype=x.dtype).triu_(1)
-        for block in self.model.transformer.resblocks[:layers]:
+        for block in blocks:
             x = block(x, attn_mask=causal)
         return x
 

@@ -35,6 +35,7 @@ from generation.images import ImageInputError
 from generation.request import MAX_SEED, SAMPLER_NAMES, GenerationRequest, Kind
 from generation.settings import GenerationSettings, ModelSettings
 from tests.fixtures.checkpoints import TinyCheckpoints, tiny_checkpoints  # noqa: F401
+from tests.fixtures.storage import clock, db  # noqa: F401
 
 
 def test_flags_split_prompt_and_options_and_bad_flags_are_named() -> None:
@@ -223,6 +224,31 @@ async def test_every_problem_of_a_request_or_of_reply_flags_is_named_at_once(ges
     assert remix.value.problems == ("strength must be a number between 0.01 and 1, not 'lots'",
                                     "the prompt is empty; describe what to draw")
     await gestures.check(Options(prompt="a cat", strength=0.5), Kind.IMG2IMG)  # nothing wrong: no error
+
+
+async def test_an_image_gesture_works_out_its_request_fields_once(
+    tiny_checkpoints: TinyCheckpoints, db, monkeypatch: pytest.MonkeyPatch  # noqa: F811
+) -> None:
+    """A reply (from_image alone) or Remix (check, then from_image with what check returned)
+    reads the options once: one look at the add-on folders (lcm_hint) per gesture, and the
+    request is the one those fields make (the checked seed, the image's size and kind)."""
+    path, yaml_path = tiny_checkpoints.get("sd1")
+    config = AppConfig(models=(ModelSettings(name="tiny", checkpoint=path, config=yaml_path),))
+    studio = SimpleNamespace(config=config, db=db, addons=AddonLibrary(None, None))
+    gestures = Gestures(None, studio, None)  # type: ignore[arg-type]
+    looks = []
+    lcm_hint = studio.addons.lcm_hint
+    monkeypatch.setattr(studio.addons, "lcm_hint", lambda *args: looks.append(args) or lcm_hint(*args))
+    buffer = io.BytesIO()
+    Image.new("RGBA", (128, 64), (200, 30, 30, 255)).save(buffer, "PNG")
+    options = Options(prompt="a cat", strength=0.4)
+
+    request, _ = await gestures.from_image(options, buffer.getvalue(), None)  # a reply
+    assert len(looks) == 1 and (request.kind, request.width, request.height) == (Kind.IMG2IMG, 128, 64)
+    checked = await gestures.check(options, Kind.IMG2IMG)  # Remix: checked before its deferral
+    remixed, _ = await gestures.from_image(options, buffer.getvalue(), None, checked)
+    assert len(looks) == 2 and remixed.seed == checked[0]["seed"] and remixed.strength == 0.4
+    assert remixed.init_image == request.init_image
 
 
 class _Upload:

@@ -215,3 +215,42 @@ def test_rows_no_longer_live_leave_the_unet_batch_and_keep_their_latent(guidance
     assert torch.equal(den(x, SIGMA), x) and len(unet.calls) == calls
     live = None
     assert torch.allclose(den(x, SIGMA), full, rtol=1e-6, atol=1e-6)
+
+
+class VectorUNet(LinearUNet):
+    """LinearUNet that takes ADM vectors `y` too (SDXL) and records them."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.vectors: list[torch.Tensor] = []
+
+    def __call__(self, x_in: torch.Tensor, t: torch.Tensor, context: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        self.vectors.append(y)
+        return super().__call__(x_in, t, context) + y.mean(dim=1).view(-1, 1, 1, 1)
+
+
+@pytest.mark.parametrize("guidance", [[7.5, 1.0, 0.0], [1.0, 1.0, 1.0]])
+def test_live_rows_are_gathered_once_per_live_set_and_again_after_another_cancel(guidance: list[float]) -> None:
+    """While the live rows stay the same, every UNet call gets the very tensors gathered at the
+    first (context and ADM vectors, halves already concatenated); a further cancel gathers the
+    rows left, whose predictions still equal the full batch's."""
+    unet, concat, x = VectorUNet(), randn(B, 5, 8, 8, seed=7), randn(B, 4, 8, 8, seed=8)
+    vectors = {"vector": randn(B, 6, seed=9), "vector_uncond": randn(B, 6, seed=10)}
+    full = denoiser(unet, guidance, concat=concat, **vectors)(x, SIGMA)
+    live = [0, 2]
+    den = denoiser(unet, guidance, concat=concat, live=lambda: live, **vectors)
+    den(x, SIGMA)
+    context, vector = unet.calls[-1][2], unet.vectors[-1]
+    out = den(x, SIGMA)
+    assert unet.calls[-1][2] is context and unet.vectors[-1] is vector
+    assert torch.allclose(out[[0, 2]], full[[0, 2]], rtol=1e-6, atol=1e-6)
+
+    live = [2]  # the second cancel
+    out = den(x, SIGMA)
+    x_in, _, again = unet.calls[-1]
+    assert again is not context and again.shape[0] == context.shape[0] // 2
+    assert torch.equal(again[-1], den.cond[2]) and torch.equal(unet.vectors[-1][-1], vectors["vector"][2])
+    assert torch.equal(x_in[:1, 4:], concat[[2]])
+    assert torch.allclose(out[2], full[2], rtol=1e-6, atol=1e-6) and torch.equal(out[:2], x[:2])
+    den(x, SIGMA)
+    assert unet.calls[-1][2] is again

@@ -364,3 +364,30 @@ def test_text_encoder_targets_are_diffusers_clip_conversion(family: str) -> None
             original = state[target.parameter]
             original = original[target.rows] if target.rows else original
             assert torch.equal(hf[name + ".weight"], original), name
+
+
+def test_a_batch_is_prepared_only_under_the_lora_set_merged_now(tiny_checkpoints: TinyCheckpoints,
+                                                                  tmp_path: Path) -> None:
+    """Preparing the next batch never merges: with another set merged, that batch encodes its text
+    when it runs; with its own set merged, its run takes the prepared text."""
+    from generation.pipeline import apply_loras, prepare_batch, run_batch
+
+    fam = tiny_family("sd1")
+    write_lora(tmp_path / "loras" / "x.safetensors", random_lora(lora_modules(fam)))
+    model = tiny_model(tiny_checkpoints, "sd1", AddonLibrary(tmp_path / "loras", None))
+    calls: list[int] = []
+    model.network.text_encoder.register_forward_hook(lambda *_: calls.append(1))
+    running, plain, same = request("a fox <lora:x:0.8>"), request("a cat"), request("a cat <lora:x:0.8>")
+    apply_loras(model, [running])
+    merged = {k: v.clone() for k, v in model.network.state_dict().items()}
+    prepare_batch(model, [plain])  # would need the set restored: left for its run
+    assert calls == [] and all(torch.equal(v, merged[k]) for k, v in model.network.state_dict().items())
+    run_batch(model, [plain], lambda sha: b"")
+    assert len(calls) == 1
+    apply_loras(model, [running])
+    prepare_batch(model, [same])
+    assert len(calls) == 2
+    with_prepared = run_batch(model, [same], lambda sha: b"")
+    assert len(calls) == 2
+    apply_loras(model, [plain])
+    assert [i.tobytes() for i in run_batch(model, [same], lambda sha: b"")[0]] == [i.tobytes() for i in with_prepared[0]]

@@ -231,7 +231,9 @@ def test_text_towers_are_hidden_layers_and_pooled_projection_like_transformers(t
         out_g = reference_g(input_ids=tokens_g, output_hidden_states=True)
         assert_same(clip_l(tokens_l), out_l.hidden_states[-2])
         assert_same(bigg(tokens_g), out_g.hidden_states[-2])
-        assert_same(bigg.pooled(tokens_g), out_g.text_embeds)
+        states, pooled = bigg.forward_pooled(tokens_g)  # both from one run of the tower
+        assert_same(states, out_g.hidden_states[-2])
+        assert_same(pooled, out_g.text_embeds)
 
 
 def test_size_features_are_sgm_fourier_embeddings_in_order() -> None:

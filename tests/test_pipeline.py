@@ -303,3 +303,35 @@ def test_every_pipeline_runs_on_a_device_and_its_steps_never_wait_on_it(
     between_steps = device.traffic[crossings_at_step[0]:crossings_at_step[-1]]
     allowed = {"copy to device"} if req.sampler == "euler_a" else set()
     assert set(between_steps) <= allowed, between_steps
+
+
+def encoder_calls(module: torch.nn.Module) -> list[int]:
+    """A list that grows by one at every forward call of `module`."""
+    calls: list[int] = []
+    module.register_forward_hook(lambda *_: calls.append(1))
+    return calls
+
+
+def test_a_prepared_batch_takes_its_text_and_noise_and_gives_the_same_images(
+        tiny_checkpoints: TinyCheckpoints) -> None:  # noqa: F811
+    """The runner prepares the batch queued behind the running one (`prepare_batch`); its run then
+    encodes nothing, and its images are those of an unprepared run, ancestral noise included (the
+    prepared noise source continues where its start noise left the seeds' generators)."""
+    from generation.pipeline import prepare_batch
+
+    model = tiny_model(tiny_checkpoints, "sd1")
+    batch = [request(sampler="euler_a", steps=4), request(prompt="a cat", sampler="euler_a", steps=4, seed=9, count=1)]
+    calls = encoder_calls(model.network.text_encoder)
+    unprepared = run_batch(model, batch, lambda sha: b"")
+    assert len(calls) == 1  # every text of the batch in one call
+
+    prepare_batch(model, batch)
+    assert len(calls) == 2
+    prepared = run_batch(model, batch, lambda sha: b"")
+    assert len(calls) == 2  # the run took what was prepared
+    assert [[np.array(i).tobytes() for i in r] for r in prepared] == [[np.array(i).tobytes() for i in r] for r in unprepared]
+
+    prepare_batch(model, [request(prompt="a boat")])  # prepared, but another batch runs
+    again = run_batch(model, batch, lambda sha: b"")
+    assert len(calls) == 4
+    assert [[np.array(i).tobytes() for i in r] for r in again] == [[np.array(i).tobytes() for i in r] for r in unprepared]

@@ -50,6 +50,11 @@ class Painter:
         self.threads: list[threading.Thread] = []
         self.models: list[tuple[str, list[str]]] = []
         self.saw_cancel: set[str] = set()
+        #: (model, job ids, thread) of each `prepare`.
+        self.prepared: list[tuple[str, list[str], threading.Thread]] = []
+
+    def prepare(self, model, device, batch):
+        self.prepared.append((model.name, [j.id for j in batch], threading.current_thread()))
 
     def run(self, model, device, batch, progress, cancelled):
         self.calls.append([j.id for j in batch])
@@ -351,6 +356,9 @@ class Dropping:
         self.release = threading.Event()
         self.drawn: list[list[str]] = []
 
+    def prepare(self, model, device, batch):
+        pass
+
     def run(self, model, device, batch, progress, cancelled):
         while not self.release.is_set():
             live = [j for j in batch if not cancelled(j.id)]
@@ -498,7 +506,7 @@ class Held(Painter):
         self.second_started = threading.Event()
 
     def run(self, model, device, batch, progress, cancelled):
-        call = len(self.trace) // 2 + 1
+        call = sum(t.startswith("start") for t in self.trace) + 1
         self.trace.append(f"start {call}")
         if call == 2:
             self.second_started.set()
@@ -508,6 +516,10 @@ class Held(Painter):
             return super().run(model, device, batch, progress, cancelled)
         finally:
             self.trace.append(f"end {call}")
+
+    def prepare(self, model, device, batch):
+        super().prepare(model, device, batch)
+        self.trace.append("prepare")
 
 
 async def until(condition, timeout: float = 5.0) -> None:
@@ -533,9 +545,61 @@ async def test_the_next_batch_is_started_and_queued_while_one_runs_and_follows_i
     assert pipeline.second_started.wait(5), "the device waited for the event loop between batches"
     await hooks.wait_for(2)
     await runner.shutdown(1)
-    assert pipeline.trace == ["start 1", "end 1", "start 2", "end 2"]
+    assert pipeline.trace == ["start 1", "prepare", "end 1", "start 2", "end 2"]
     assert pipeline.calls == [[first.id], [second.id]]
     assert all(hooks.result(j)[0] is JobState.DONE for j in (first, second))
+
+
+async def test_the_batch_behind_is_prepared_once_on_the_device_thread_between_the_running_ones_steps():
+    queue, pipeline, hooks = FairQueue(SETTINGS), Held(), Recorder()
+    first = await submit(queue, 1, steps=4)
+    behind = [await submit(queue, owner, steps=5) for owner in (2, 3)]  # one batch of two
+    runner = start_runner(queue, pipeline, hooks)
+    await until(lambda: len(hooks.started) == 3)
+    pipeline.release.set()
+    await hooks.wait_for(3)
+    await runner.shutdown(1)
+    assert pipeline.trace == ["start 1", "prepare", "end 1", "start 2", "end 2"]  # not once per step
+    ((model, ids, thread),) = pipeline.prepared
+    assert (model, ids) == ("sd15", [j.id for j in behind]) and thread is pipeline.threads[0]
+    assert pipeline.calls == [[first.id], [j.id for j in behind]]
+
+
+async def test_a_batch_behind_is_prepared_without_its_cancelled_jobs_and_not_when_it_needs_another_model():
+    queue, pipeline, hooks = FairQueue(SETTINGS), Held(), Recorder()
+    await submit(queue, 1, steps=4)
+    cancelled, kept = [await submit(queue, owner, steps=5) for owner in (2, 3)]
+    runner = start_runner(queue, pipeline, hooks, budget=200)
+    await until(lambda: len(hooks.started) == 3)
+    queue.cancel(cancelled.id, by=2)
+    runner.cancelled(cancelled)
+    pipeline.release.set()
+    await hooks.wait_for(3)
+    other = await submit(queue, 4, model="sd21")  # queued behind a batch of the running model
+    pipeline.release.clear()
+    await submit(queue, 5, steps=6)
+    await hooks.wait_for(4)
+    pipeline.release.set()
+    await hooks.wait_for(5)
+    await runner.shutdown(1)
+    assert [ids for _, ids, _ in pipeline.prepared] == [[kept.id]]
+    assert hooks.result(other)[0] is JobState.DONE
+
+
+async def test_a_failing_preparation_changes_nothing():
+    class Unprepared(Held):
+        def prepare(self, model, device, batch):
+            super().prepare(model, device, batch)
+            raise RuntimeError("a bad LoRA name, say")
+
+    queue, pipeline, hooks = FairQueue(SETTINGS), Unprepared(), Recorder()
+    jobs = [await submit(queue, 1, steps=4), await submit(queue, 2, steps=5)]
+    runner = start_runner(queue, pipeline, hooks)
+    await until(lambda: len(hooks.started) == 2)
+    pipeline.release.set()
+    await hooks.wait_for(2)
+    await runner.shutdown(1)
+    assert len(pipeline.prepared) == 1 and all(hooks.result(j)[0] is JobState.DONE for j in jobs)
 
 
 async def test_only_one_batch_waits_behind_the_running_one():
@@ -694,8 +758,12 @@ class OnStandInDevice:
             finally:
                 self.device.traffic.append("end")
 
+    def prepare(self, model, device, batch):  # called from within `run`, under the stand-in
+        self.device.traffic.append("prepare")
+        self.engine.prepare(model, device, batch)
 
-async def test_on_a_stand_in_gpu_each_batch_follows_the_last_reading_back_only_its_images(
+
+async def test_on_a_stand_in_gpu_the_next_batch_is_prepared_during_the_last_reading_back_only_images(
         tiny_checkpoints: TinyCheckpoints) -> None:  # noqa: F811
     path, yaml_path = tiny_checkpoints.get("sd1")
     engine = Engine((ModelSettings(name="tiny", checkpoint=path, config=yaml_path),), "float32", lambda sha: b"")
@@ -714,9 +782,15 @@ async def test_on_a_stand_in_gpu_each_batch_follows_the_last_reading_back_only_i
     await runner.shutdown(1)
     assert [(state, len(result.images)) for _, result, state in hooks.finished] == [(JobState.DONE, 2)] * 2
     runs = [(what, len(list(group))) for what, group in itertools.groupby(pipeline.device.traffic)]
-    uploads = [count for what, count in runs if what == "copy to device"]  # prompts' tokens, the noise
-    assert runs == [("begin", 1), ("copy to device", uploads[0]), ("step", 3), ("read back", 2), ("end", 1),
-                    ("begin", 1), ("copy to device", uploads[1]), ("step", 4), ("read back", 2), ("end", 1)]
+    uploads = [count for what, count in runs if what == "copy to device"]
+    # The second batch's prompt tokens, emphasis weights and start noise cross during the first one's
+    # steps (it was queued while the model loaded), so it starts with the per-run constants only
+    # (guidance, schedule); nothing is read back but the images, in one copy per batch.
+    prepared = runs[4][1] if runs[4][0] == "copy to device" else 0
+    assert prepared >= 3 and uploads[0] - prepared == 2
+    assert runs == [("begin", 1), ("copy to device", uploads[0]), ("step", 1), ("prepare", 1),
+                    ("copy to device", prepared), ("step", 2), ("read back", 1), ("end", 1),
+                    ("begin", 1), ("copy to device", uploads[0] - prepared), ("step", 4), ("read back", 1), ("end", 1)]
 
 
 @pytest.mark.gpu

@@ -60,7 +60,7 @@ def _sgm_conditioning(model: LoadedModel, text: str, size: tuple[int, int], zero
     conditioner = model.network.conditioner
     towers = conditioner.texts
     context = torch.cat([tower(_tokens(tower, text)) for tower in towers], dim=-1)
-    pooled = towers[-1].pooled(_tokens(towers[-1], text))
+    pooled = towers[-1].forward_pooled(_tokens(towers[-1], text))[1]
     if zero:
         context, pooled = torch.zeros_like(context), torch.zeros_like(pooled)
     h, w = size
@@ -477,3 +477,22 @@ def test_sdxl_previews_use_the_sdxl_latent_rgb_factors(tiny_sdxl: TinySDXL) -> N
     last = np.asarray(previews[-1])
     assert np.array_equal(last, latent_preview(final, SDXL_LATENT_RGB).numpy())
     assert not np.array_equal(last, latent_preview(final, SD_LATENT_RGB).numpy())
+
+
+def test_a_prepared_sdxl_batch_takes_its_text_and_noise_and_gives_the_same_latents(tiny_sdxl: TinySDXL) -> None:
+    """As for SD (tests/test_pipeline.py): both towers, the pooled embedding and the ADM vectors
+    are made ahead, and the run equals an unprepared one."""
+    from generation.pipeline import prepare_batch
+
+    model = _model(tiny_sdxl, "sdxl")
+    batch = [_request(sampler="euler_a", count=2, negative_prompt="dark"), _request(prompt="a boat", sampler="euler_a", seed=8)]
+    calls: list[int] = []
+    for tower in model.network.conditioner.texts:
+        tower.register_forward_hook(lambda *_: calls.append(1))
+    with torch.inference_mode():
+        unprepared = sample_latents(model, batch)
+        encoded = len(calls)
+        prepare_batch(model, batch)
+        assert len(calls) == 2 * encoded
+        prepared = sample_latents(model, batch)
+    assert len(calls) == 2 * encoded and torch.equal(prepared, unprepared)

@@ -5,6 +5,7 @@ in both towers (the pooled embedding too), and every cross-family use refused na
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -19,11 +20,13 @@ from diffusers.loaders.lora_conversion_utils import (
 from generation import sdxl
 from generation.addons import AddonError, AddonLibrary
 from generation.pipeline import LoadedModel, apply_loras, load_model, sample_latents
+from generation.prompts import chunk_prompt, encode_prompts, encoder_inputs
 from generation.request import GenerationRequest
 from generation.settings import ModelSettings
 from models import families
 from models.lora import LoraError, lora_for, lora_targets, split_key
 from models.stable_diffusion import StableDiffusion
+from models.text_encoders import OpenCLIPTextEncoder
 from storage.db import Database
 from tests.fixtures.addons import (
     LoraModule,
@@ -162,6 +165,48 @@ def test_an_sdxl_embedding_encodes_as_its_tokens_in_both_towers(tiny_sdxl: TinyS
     swapped = encode(with_embedding, "myemb, ugly", AddonLibrary(None, write_sdxl_embedding(
         tmp_path / "other" / "myemb.safetensors", clip_l.flip(0), clip_g).parent))
     assert not torch.equal(swapped[0], got[0]) and torch.equal(swapped[2], got[2])  # clip_l: context only
+
+
+@torch.no_grad()
+def test_the_bigg_tower_runs_once_for_context_and_pooled_as_its_two_runs_did(tiny_sdxl: TinySDXL,
+                                                                           tmp_path: Path) -> None:
+    """One run of bigG per batch gives its context (penultimate layer) and the pooled embedding
+    (last layer, first chunk): equal to the two runs it replaces (the context, then a second run
+    of the tower to its end over each text's first chunk), with clip_g vectors and a prompt of
+    two chunks; every resblock runs once."""
+    model = _model(tiny_sdxl, None)
+    network = model.network
+    write_sdxl_embedding(tmp_path / "emb" / "myemb.safetensors", *_token_vectors(model, "red fox cub"))
+    library = AddonLibrary(None, tmp_path / "emb")
+    prompt, negative = "myemb, " + "a red fox in the deep snow, " * 12 + "(myemb:1.2)", "myemb, ugly"
+    bigg = network.conditioner.pooled_tower
+    assert len(chunk_prompt(bigg, prompt, {"myemb": 3})) == 2
+
+    texts = [prompt, negative]
+    vectors = library.vectors_for(network, texts)
+    context = torch.cat([encode_prompts(t, texts, "cpu", v) for t, v in zip(network.text_encoders, vectors)], -1)
+    first = [chunk_prompt(bigg, text, {"myemb": 3})[0] for text in texts]
+    ids, token_embeds = encoder_inputs(bigg, first, vectors[-1])
+    to_the_end = OpenCLIPTextEncoder(dataclasses.replace(bigg.config, layer="last", final_norm=True))
+    to_the_end.load_state_dict(bigg.state_dict())
+    last = to_the_end(ids, token_embeds)  # (2, 77, D): ln_final of the last layer
+    pooled = last[torch.arange(2), ids.argmax(dim=-1)] @ bigg.model.text_projection  # at EOS
+    assert token_embeds is not None and pooled.abs().max() > 1e-2
+
+    calls = [0] * len(bigg.model.transformer.resblocks)
+    hooks = [block.register_forward_hook(lambda *_, i=i: calls.__setitem__(i, calls[i] + 1))
+             for i, block in enumerate(bigg.model.transformer.resblocks)]
+    try:
+        cond, uncond, y_cond, y_uncond = sdxl.encode_conditioning(
+            network, [_request(prompt, negative_prompt=negative)], model.device, (64, 64), library)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    assert calls == [1] * len(calls)
+    p = pooled.shape[1]
+    for ours, reference in [(cond, context[:1]), (uncond, context[1:]), (y_cond[:, :p], pooled[:1]),
+                            (y_uncond[:, :p], pooled[1:])]:
+        torch.testing.assert_close(ours, reference, rtol=0, atol=1e-6)
 
 
 def test_cross_family_add_ons_are_refused_naming_both(tiny_sdxl: TinySDXL, tiny_checkpoints: TinyCheckpoints,

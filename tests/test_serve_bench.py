@@ -8,8 +8,8 @@ import re
 import pytest
 
 from bot.cli import main as cli
-from bot.serve_bench import CLASSES, _graphs_built, _members, _paced, _trace, _warm_ups
-from generation.compiled import CompileStatus, Compiling, GraphStatus, State, write_status
+from bot.serve_bench import CLASSES, _graphs_built, _members, _paced, _reuse_cache, _trace, _warm_ups
+from generation.compiled import CompileStatus, Compiling, GraphStatus, State, cache_dir_in, read_statuses, write_status
 
 TINY_RUN = ["--members", "4", "--jobs", "6", "--steps", "2", "--counts", "1,2", "--sizes", "64x64,64x80", "--seed", "3"]
 
@@ -48,6 +48,8 @@ def test_the_serve_bench_delivers_every_job_and_prints_consistent_figures(
     (["--device", "gpu"], "'gpu' is not a device; allowed: cpu, cuda, cuda:N"),
     (["--load", "0"], "--load must be above 0, got 0"),
     (["--checkpoint", "/nowhere/model.safetensors"], "/nowhere/model.safetensors is not a file"),
+    (["--cache-dir", "/tmp"], "--cache-dir: only with --compile auto (an eager UNet compiles nothing)"),
+    (["--compile", "auto", "--cache-dir", "/dev/null"], "--cache-dir: /dev/null is not a folder"),
 ])
 def test_bad_options_are_refused_with_what_is_allowed(
     options: list[str], message: str, capsys: pytest.CaptureFixture[str]
@@ -99,3 +101,38 @@ async def test_the_studio_run_waits_until_no_graph_is_queued_or_building(tmp_pat
     status(State.READY, State.BUILDING, State.QUEUED)
     assert await _graphs_built(Compiling(cache_dir=tmp_path), pause) == (3, 5.0)
     assert pauses == [2, 1] and not later
+
+
+async def test_a_reused_cache_is_the_studios_without_the_stale_status_of_an_earlier_run(tmp_path) -> None:
+    """`--cache-dir`: the folder becomes the Studio's compile cache (inductor's code found there);
+    the bench's own status of an earlier run (a graph it left building, which would be waited for
+    forever) is gone, another model's (a bot's sharing the folder) stays and is not waited for;
+    the folder outlives the run's temporary one."""
+    cache, data = tmp_path / "engine-cache", tmp_path / "run" / "data"
+    (cache / "fxgraph").mkdir(parents=True)
+    (cache / "fxgraph" / "entry").write_text("compiled code")
+    building = (GraphStatus("key 0", State.BUILDING, None, None),)
+    write_status(cache, CompileStatus("bench", "cuda:0", "reduce-overhead", building))
+    write_status(cache, CompileStatus("sd15", "cuda:0", "reduce-overhead", building))
+
+    assert _reuse_cache(data, cache) == f"compile cache {cache}: 5 files before this run (warm)"
+    assert (cache_dir_in(data) / "fxgraph" / "entry").read_text() == "compiled code"
+    assert [s.model for s in read_statuses(cache)] == ["sd15"]
+
+    async def pause() -> None:
+        raise AssertionError("waited for a graph of another model")
+
+    assert await _graphs_built(Compiling(cache_dir=cache_dir_in(data)), pause) == (0, 0.0)
+    ready = (GraphStatus("key 0", State.READY, 4.0, None),)
+    write_status(cache_dir_in(data), CompileStatus("bench", "cuda:0", "reduce-overhead", ready))
+    assert await _graphs_built(Compiling(cache_dir=cache_dir_in(data)), pause) == (1, 4.0)
+    assert _reuse_cache(tmp_path / "cold" / "data", tmp_path / "new").endswith(": 0 files before this run (cold)")
+
+
+def test_the_serve_bench_reuses_a_cache_dir_and_leaves_it_in_place(tmp_path, capsys: pytest.CaptureFixture[str]) -> None:
+    cache = tmp_path / "cache"
+    (cache / "fxgraph").mkdir(parents=True)
+    (cache / "fxgraph" / "entry").write_text("compiled code")
+    assert cli(["bench", "serve", *TINY_RUN, "--jobs", "2", "--compile", "auto", "--cache-dir", str(cache)]) == 0
+    assert f"compile cache {cache}: 2 files before this run (warm)\n" in capsys.readouterr().out
+    assert (cache / "fxgraph" / "entry").read_text() == "compiled code"  # the link went with the run, not this
