@@ -17,7 +17,7 @@ compiles diffusers' UNet the same way for a like-for-like ratio. A second table 
 other compiled parts, as `[generation] compile_parts` runs them: the VAE decode per size and batch
 and the text towers' encode of a batch's prompts and negative prompts (2 x batch chunks of 77
 tokens through every tower, SDXL's pooled output included), eager against compiled ms: a part whose compiled
-figure is no better belongs out of `compile_parts`.
+figure is no better belongs out of `compile_parts`. `--compile-parts` picks the parts timed.
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ import statistics
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import get_args
 
 import torch
 
@@ -49,6 +50,7 @@ from generation.compiled import (
 from generation.pipeline import LoadedModel, half_decoder, resolve_vae_dtype, txt2img
 from generation.request import SAMPLER_NAMES, GenerationRequest
 from generation.schedules import DiscreteSchedule
+from generation.settings import CompilePart
 from models.families import SD1, SD2_V, SDXL, SDXL_REFINER, SIZE_KEY_VALUES, Family
 from models.stable_diffusion import StableDiffusion
 
@@ -80,9 +82,15 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--cache-dir", type=Path, default=None,
                         help="inductor cache folder: reuse it for the warm-restart compile figures")
     parser.add_argument("--diffusers-compile", action="store_true", help="also compile diffusers' UNet the same way")
+    parser.add_argument("--compile-parts", default="unet,vae,text",
+                        help="with --compile: the parts timed compiled, comma-separated, of unet, vae, text "
+                             "(as [generation] compile_parts; without unet the UNet table is eager only)")
     parser.add_argument("--sdpa-backend", choices=("flash", "efficient", "cudnn", "math"), default=None,
                         help="attention kernel for every UNet (default: PyTorch picks per call)")
     args = parser.parse_args(argv)
+    parts = tuple(dict.fromkeys(args.compile_parts.split(",")))
+    if unknown := [part for part in parts if part not in get_args(CompilePart)]:
+        parser.error(f"--compile-parts: unknown {', '.join(unknown)}; allowed: {', '.join(get_args(CompilePart))}")
     device = torch.device(args.device)
     dtype = getattr(torch, args.dtype or ("float16" if device.type == "cuda" else "float32"))
     family = FAMILIES[args.family]
@@ -96,7 +104,7 @@ def main(argv: list[str]) -> int:
 
     model = _random_model(family, device, dtype, resolve_vae_dtype(args.vae_dtype, device))
     compiled = None
-    if args.compile:
+    if args.compile and "unet" in parts:
         compiled = CompiledCall(model.network.unet, torch_compiler(mode), model=model.name, device=device,
                                 mode=mode, bucketing=Bucketing(args.compile_batches))
     reference = None if args.no_diffusers or not importlib.util.find_spec("diffusers") else _diffusers_unet(family, device, dtype)
@@ -125,8 +133,9 @@ def main(argv: list[str]) -> int:
                 print(f"{size:>5} {batch:>5} | "
                       + " ".join(f"{value:>{width}.2f}" for value, (_, width) in zip(figures, columns, strict=True)),
                       flush=True)
-    if compiled is not None:
-        parts_table(model, Compiling("on", mode, Bucketing(args.compile_batches)), sizes, batches, args.iters)
+    if args.compile and {"vae", "text"} & set(parts):
+        parts_table(model, Compiling("on", mode, Bucketing(args.compile_batches), parts=parts), sizes, batches,
+                    args.iters)
     return 0
 
 

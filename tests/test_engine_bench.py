@@ -73,3 +73,12 @@ def test_the_parts_table_times_the_vae_decode_and_the_text_encode_eager_and_comp
     assert [row[:3] for row in rows] == [["vae", "16", "1"], ["vae", "16", "3"], ["vae", "32", "1"],
                                           ["vae", "32", "3"], ["text", "1", "|"], ["text", "3", "|"]]
     assert all(math.isfinite(float(value)) for row in rows for value in row[-4:])
+
+
+def test_unknown_compile_parts_are_refused_with_what_is_allowed(capsys: pytest.CaptureFixture[str]) -> None:
+    from bot.cli import main as cli
+
+    with pytest.raises(SystemExit) as refused:
+        cli(["bench", "engine", "--compile", "--compile-parts", "unet,clip"])
+    assert refused.value.code == 2
+    assert "--compile-parts: unknown clip; allowed: unet, vae, text" in capsys.readouterr().err
