@@ -19,12 +19,12 @@ from then on. The compile function is a parameter: tests use stand-ins, the engi
 The parts (`Compiling.compile`): the UNet per step, keyed by latents, timesteps, text and labels;
 the VAE decode (the half-precision `vae_decoder` when the model has one, else the float32 VAE's
 `decode`), keyed by latent shape, its rows bucketed like the UNet's images (tiled decodes of
-large images stay eager: `pipeline.decode` never calls it for them); each text tower's call (SDXL's
-bigG: context and pooled output from one call), keyed by rows x tokens and whether textual-inversion token embeddings are
-passed. The modes differ per part: the UNet's is the setting; the VAE is compute-bound with large
-activations, so CUDA graphs buy it little and would pin their memory: it runs the same mode
-without them; text encoding is launch-bound at small batches, where CUDA graphs pay most: it
-keeps the setting's.
+large images stay eager: `pipeline.decode` never calls it for them); each text tower's call
+(SDXL's bigG: context and pooled output from one call), keyed by rows x tokens and whether
+textual-inversion token embeddings are passed. The modes differ per part: the UNet's is the
+setting; the VAE is compute-bound with large activations, so CUDA graphs buy it little and would
+pin their memory: it runs the same mode without them; text encoding is launch-bound at small
+batches, where CUDA graphs pay most: it keeps the setting's.
 """
 
 from __future__ import annotations
@@ -65,7 +65,8 @@ Compiler = Callable[[Callable[..., Output]], Callable[..., Output]]
 CHUNK_TOKENS = 77
 CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")
 #: The VAE's mode for each setting: the same, without CUDA graphs.
-WITHOUT_CUDA_GRAPHS: dict[str, CompileMode] = {"reduce-overhead": "default", "max-autotune": "max-autotune-no-cudagraphs"}
+WITHOUT_CUDA_GRAPHS: dict[str, CompileMode] = {
+    "reduce-overhead": "default", "max-autotune": "max-autotune-no-cudagraphs"}
 
 
 @dataclass(frozen=True)
@@ -111,7 +112,8 @@ def text_key(rows: int, tokens: int = CHUNK_TOKENS) -> GraphKey:
 def describe_unet(key: GraphKey) -> str:
     x, _, context, y = key.args
     rows, channels, h, w = x.shape
-    return f"{rows} rows x {channels} x {h}x{w} latent, {context.shape[1]} tokens" + (", labels" if y is not None else "")
+    labels = ", labels" if y is not None else ""
+    return f"{rows} rows x {channels} x {h}x{w} latent, {context.shape[1]} tokens{labels}"
 
 
 def describe_latents(key: GraphKey) -> str:
@@ -273,7 +275,8 @@ class CompiledCall:
         """Block until every queued build is done (benchmarks and tests; jobs never wait)."""
         with self._idle:
             if not self._idle.wait_for(lambda: self._unfinished == 0, timeout):
-                raise TimeoutError(f"compile builds of the {self._part} of {self._model} still running after {timeout} s")
+                raise TimeoutError(
+                    f"compile builds of the {self._part} of {self._model} still running after {timeout} s")
 
     def status(self) -> CompileStatus:
         with self._lock:

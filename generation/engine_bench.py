@@ -168,7 +168,8 @@ def parts_table(model: LoadedModel, compiling: Compiling, sizes: list[int], batc
     for batch in batches:
         vocabulary = min(tower.config.vocab_size for tower, _ in methods)
         tokens = torch.randint(0, vocabulary, (2 * batch, 77), device=device)  # prompts and negative prompts
-        seconds = sum(_built(getattr(tower, method), [text_key(bucketing.rows(2 * batch))]) for tower, method in methods)
+        key = text_key(bucketing.rows(2 * batch))
+        seconds = sum(_built(getattr(tower, method), [key]) for tower, method in methods)
 
         def eager_text() -> list[torch.Tensor]:
             return [getattr(type(tower), method)(tower, tokens) for tower, method in methods]
