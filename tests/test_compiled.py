@@ -364,14 +364,16 @@ def test_txt2img_through_bucket_graphs_of_every_part_gives_the_eager_images(
 
 def test_sdxl_towers_and_the_pooled_output_run_their_own_graphs(tiny_sdxl: TinySDXL) -> None:  # noqa: F811
     """Both towers' calls of one SDXL prompt, the bigG one's giving its pooled output too, go
-    through compiled calls replaced on the tower instances (the identity compiler runs the real towers); the pipeline's
-    conditioning is the eager one's."""
+    through compiled calls replaced on the tower instances (stand-in compilers run the real
+    modules); the conditioning and a whole txt2img run through every part's graphs are the eager
+    ones."""
     path, yaml_path = tiny_sdxl.get("sdxl")
     settings = ModelSettings(name="xl", checkpoint=path, config=yaml_path)
     eager, model = (load_model(settings, CPU, torch.float32) for _ in range(2))
-    model = Compiling("on", parts=("text",), compiler=lambda mode: lambda fn: fn).compile(model)
+    compilers: list[StandInCompiler] = []
+    model = Compiling("on", compiler=per_part(compilers)).compile(model)
     calls = {call.status().part: call for call in compiled_calls(model)}
-    assert list(calls) == ["text 1", "text 2"]  # CLIP-L's forward, bigG's forward_pooled
+    assert list(calls) == ["unet", "vae", "text 1", "text 2"]  # CLIP-L's forward, bigG's forward_pooled
     per_image = [request(model="xl", count=1, negative_prompt="")]
     for _ in range(2):  # eager while building, then the graphs
         with torch.inference_mode():
@@ -381,7 +383,18 @@ def test_sdxl_towers_and_the_pooled_output_run_their_own_graphs(tiny_sdxl: TinyS
         expected = sdxl.encode_conditioning(eager.network, per_image, CPU, (64, 64))
     for a, b in zip(got, expected, strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
-    assert [[g.key for g in c.status().graphs] for c in calls.values()] == [["2 rows x 77 tokens"]] * 2
+    for part in ("text 1", "text 2"):
+        assert [g.key for g in calls[part].status().graphs] == ["2 rows x 77 tokens"]
+    req = request(model="xl", count=1, steps=2, width=64, height=64)
+    txt2img(model, [req])  # the UNet's and the VAE's graphs build meanwhile
+    wait_all(model)
+    calls_before = [len(c.rows) for c in compilers]
+    got_images, expected_images = txt2img(model, [req])[0], txt2img(eager, [req])[0]
+    # every part's graph ran
+    assert all(len(c.rows) > before for c, before in zip(compilers, calls_before, strict=True))
+    assert all(c.status().count(State.READY) == len(c.status().graphs) for c in calls.values())
+    for a, b in zip(expected_images, got_images, strict=True):
+        assert np.abs(np.asarray(a).astype(int) - np.asarray(b).astype(int)).max() <= 1
 
 
 def test_padding_rows_cannot_change_the_real_rows_of_the_real_unet(tiny_checkpoints: TinyCheckpoints) -> None:  # noqa: F811
