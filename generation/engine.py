@@ -48,7 +48,8 @@ class Engine:
     fresh one at most every `preview_every_s` seconds (reports in between repeat the last one);
     `addons`: the LoRA and embedding folders prompts may use;
     `compiling` decides which loaded models run compiled UNet graphs and warms them up at load;
-    `vae_dtype` is the VAE decode's precision ("auto": float16 on CUDA, where the family allows)."""
+    `vae_dtype` is the VAE decode's precision ("auto": float16 on CUDA, where the family allows);
+    `fuse_projections`: fused attention projections ([generation] fuse_projections)."""
 
     def __init__(
         self,
@@ -61,6 +62,7 @@ class Engine:
         vae_tile_above_pixels: int = 1024 * 1024,
         vae_dtype: str = "auto",
         compiling: Compiling = Compiling(),
+        fuse_projections: bool = True,
         clock: Callable[[], float] = time.monotonic,
         addons: AddonLibrary | None = None,
     ) -> None:
@@ -70,6 +72,7 @@ class Engine:
         self._vae_tile_above_pixels = vae_tile_above_pixels
         self._vae_dtype = vae_dtype
         self._compiling = compiling
+        self._fuse_projections = fuse_projections
         self._inputs = inputs
         self._preview = preview
         self._preview_every_s = preview_every_s
@@ -90,7 +93,7 @@ class Engine:
         if key not in self._hashes:
             self._hashes[key] = checkpoint_hash(settings.checkpoint)
         model = load_model(settings, torch_device, dtype, self._vae_tile_above_pixels, self._hashes[key],
-                           self._addons, resolve_vae_dtype(self._vae_dtype, torch_device))
+                           self._addons, resolve_vae_dtype(self._vae_dtype, torch_device), self._fuse_projections)
         compiled = self._compiling.wrap(model.network.unet, name, torch_device)
         if compiled is not None:
             network = model.network
