@@ -13,7 +13,10 @@ diffusers is only a yardstick here; the engine never imports it.
 With `--compile` the engine's compiled UNet (generation/compiled.py, as the bot runs it) is timed
 beside its eager one: each shape's compile seconds (cold, or warm from the inductor cache when
 `--cache-dir` is reused), the compiled step, the whole image and images/s; `--diffusers-compile`
-compiles diffusers' UNet the same way for a like-for-like ratio.
+compiles diffusers' UNet the same way for a like-for-like ratio. `--fuse-projections off` times
+the original's separate attention projections (A/B against the default fused ones);
+`--context-kv` prints instead what the text context's K/V projections cost per UNet call
+(analytic, meta device: nothing runs).
 """
 
 from __future__ import annotations
@@ -34,7 +37,9 @@ from generation.compiled import Bucketing, CompiledUNet, GraphKey, torch_compile
 from generation.pipeline import LoadedModel, half_decoder, resolve_vae_dtype, txt2img
 from generation.request import SAMPLER_NAMES, GenerationRequest
 from generation.schedules import DiscreteSchedule
+from generation.settings import GenerationSettings
 from models.families import SD1, SD2_V, SDXL, SDXL_REFINER, SIZE_KEY_VALUES, Family
+from models.flops import context_projection_cost
 from models.stable_diffusion import StableDiffusion
 
 FAMILIES = {"sd1": SD1, "sd2": SD2_V, "sdxl": SDXL, "sdxl-refiner": SDXL_REFINER}
@@ -65,7 +70,15 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--diffusers-compile", action="store_true", help="also compile diffusers' UNet the same way")
     parser.add_argument("--sdpa-backend", choices=("flash", "efficient", "cudnn", "math"), default=None,
                         help="attention kernel for every UNet (default: PyTorch picks per call)")
+    fused = "on" if GenerationSettings.model_fields["fuse_projections"].default else "off"
+    parser.add_argument("--fuse-projections", choices=("on", "off"), default=fused,
+                        help=f"one GEMM for q/k/v and for the context's k/v, as [generation] fuse_projections "
+                             f"(default {fused})")
+    parser.add_argument("--context-kv", action="store_true",
+                        help="print what the context's K/V projections cost per UNet call (analytic) and exit")
     args = parser.parse_args(argv)
+    if args.context_kv:
+        return _context_kv(args)
     device = torch.device(args.device)
     dtype = getattr(torch, args.dtype or ("float16" if device.type == "cuda" else "float32"))
     family = FAMILIES[args.family]
@@ -77,7 +90,8 @@ def main(argv: list[str]) -> int:
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(args.cache_dir.resolve())  # before anything compiles
         print(f"inductor cache {args.cache_dir}: {cached} files before this run ({'warm' if cached else 'cold'})")
 
-    model = _random_model(family, device, dtype, resolve_vae_dtype(args.vae_dtype, device))
+    model = _random_model(family, device, dtype, resolve_vae_dtype(args.vae_dtype, device),
+                          args.fuse_projections == "on")
     compiled = None
     if args.compile:
         compiled = CompiledUNet(model.network.unet, torch_compiler(mode), model=model.name, device=device,
@@ -86,7 +100,7 @@ def main(argv: list[str]) -> int:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     vae = "float32" if model.vae_decoder is None else str(next(model.vae_decoder.parameters()).dtype)
     print(f"{args.family} UNet, random weights, {dtype} (VAE decode {vae}), {name}, torch {torch.__version__}, "
-          f"SDPA {args.sdpa_backend or 'auto'}"
+          f"SDPA {args.sdpa_backend or 'auto'}, fused projections {args.fuse_projections}"
           + (f", compile mode {mode}, {args.compile_batches} rows" if compiled else ""))
     columns = [("UNet ms/step", 12), ("image s", 8), ("images/s", 8)]
     if compiled:
@@ -108,6 +122,20 @@ def main(argv: list[str]) -> int:
                 print(f"{size:>5} {batch:>5} | "
                       + " ".join(f"{value:>{width}.2f}" for value, (_, width) in zip(figures, columns, strict=True)),
                       flush=True)
+    return 0
+
+
+def _context_kv(args: argparse.Namespace) -> int:
+    """The context K/V projections' share of one guided UNet call at each size and batch."""
+    print(f"{args.family} UNet, context K/V projections per call (77 tokens; analytic: FLOPs and kernels "
+          f"counted on the meta device)")
+    for size in (int(s) for s in args.sizes.split(",")):
+        for batch in (int(b) for b in args.batches.split(",")):
+            c = context_projection_cost(FAMILIES[args.family].unet, size // 8, 2 * batch)
+            print(f"{size}px, {2 * batch} rows: {c.flops / 1e9:.1f} of {c.total_flops / 1e9:.0f} GFLOP "
+                  f"({c.flops / c.total_flops:.2%}); {c.gemms} GEMMs of {c.heavy_kernels} GEMM, convolution and "
+                  f"attention kernels ({c.gemms / c.heavy_kernels:.1%}) and of {c.kernels} eager kernels "
+                  f"({c.gemms / c.kernels:.1%}); they read {c.weight_bytes / 2**20:.0f} MiB of float16 weights")
     return 0
 
 
@@ -162,10 +190,12 @@ def _figures(model: LoadedModel, compiled: CompiledUNet | None, reference: torch
 
 
 def _random_model(family: Family, device: torch.device, dtype: torch.dtype,
-                  vae_dtype: torch.dtype = torch.float32) -> LoadedModel:
+                  vae_dtype: torch.dtype = torch.float32, fuse_projections: bool = True) -> LoadedModel:
     with torch.device("meta"):
         network = StableDiffusion(family)
-    randomise(network, device, dtype)
+    randomise(network, device, dtype)  # the same weights fused or not
+    if fuse_projections:
+        network.unet.fuse_projections()
     network.eval().requires_grad_(False)
     network.first_stage_model.float()
     if device.type == "cuda":
