@@ -66,7 +66,8 @@ def test_fuse_projections_switches_the_same_random_weights() -> None:
     """`--fuse-projections on|off` A/Bs the same weights: the fused model's UNet computes the
     unfused one's."""
     family = tiny_sdxl_family("sdxl")
-    plain, fused = (_random_model(family, torch.device("cpu"), torch.float32, fuse_projections=f) for f in (False, True))
+    plain, fused = (_random_model(family, torch.device("cpu"), torch.float32, fuse_projections=fuse)
+                    for fuse in (False, True))
     assert fused.network.unet.fused_rows() and not plain.network.unet.fused_rows()
     x, t = torch.randn(2, 4, 8, 8), torch.full((2,), 500.0)
     context, y = torch.randn(2, 77, family.unet.context_dim), torch.randn(2, family.unet.adm_in_channels)
