@@ -163,7 +163,7 @@ def test_image_with_lora_equals_checkpoint_merged_by_the_rule(
                            [(a, 0.8), (b, -0.5)])
     merged_path = tmp_path / "merged.safetensors"
     safetensors.torch.save_file(state | merged, merged_path)
-    reference = tiny_model(tiny_checkpoints, family, None, merged_path, yaml)
+    reference = tiny_model(tiny_checkpoints, family, None, merged_path, yaml, fuse_projections=False)
 
     with_lora = sample_latents_with(model, "a fox <lora:detail-x_1:0.8>, snow<lora:style:-0.5>")
     expected = sample_latents(reference, [request("a fox , snow")])
