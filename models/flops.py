@@ -1,5 +1,6 @@
 """UNet work per latent pixel, counted from a UNet's config rather than assumed from its family
-name: the distilled SDXL models (SSD-1B, Vega) are "sdxl" by family and do far less work."""
+name: the distilled SDXL models (SSD-1B, Vega) are "sdxl" by family and do far less work. Also
+what one part of a call costs (`context_projection_cost`), to decide whether it is worth saving."""
 
 from __future__ import annotations
 
