@@ -23,8 +23,10 @@ def _checkpoint(name: str, tiny_checkpoints: TinyCheckpoints, tiny_sdxl: TinySDX
 
 
 def _call(unet: UNetModel) -> torch.Tensor:
-    """One UNet call on random inputs (2 rows, an 8x8 latent, 7 context tokens)."""
+    """One UNet call on random inputs (2 rows, an 8x8 latent, 7 context tokens), in float32 on
+    the CPU whatever the UNet's device and dtype."""
     c = unet.config
+    weight = next(unet.parameters())
     generator = torch.Generator().manual_seed(0)
     x = torch.randn(2, c.in_channels, 8, 8, generator=generator)
     context = torch.randn(2, 7, c.context_dim, generator=generator)
@@ -33,8 +35,11 @@ def _call(unet: UNetModel) -> torch.Tensor:
         y = torch.tensor([3, 20])
     elif c.adm_in_channels is not None:  # SDXL's ADM vector
         y = torch.randn(2, c.adm_in_channels, generator=generator)
+    inputs = [x, torch.tensor([10.0, 700.0]), context, y]
+    inputs = [t if t is None else t.to(weight.device, weight.dtype if t.is_floating_point() else t.dtype)
+              for t in inputs]
     with torch.no_grad():
-        return unet(x, torch.tensor([10.0, 700.0]), context, y)
+        return unet(*inputs).float().cpu()
 
 
 @pytest.mark.parametrize("name", ["sd1", "sd2-v", "sd2-inpaint", "x4-upscaler", "sdxl", "sdxl-refiner"])
@@ -96,3 +101,18 @@ def test_the_loaded_network_saves_as_the_checkpoint_it_came_from(tiny_checkpoint
     saved = {k: v for k, v in network.state_dict().items() if k.startswith(UNET)}
     assert set(saved) == {k for k in stored if k.startswith(UNET)}
     assert all(torch.equal(saved[k], stored[k].float()) for k in saved)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_fused_projections_on_a_gpu_round_no_worse_than_the_separate_ones(
+    tiny_checkpoints: TinyCheckpoints, tiny_sdxl: TinySDXL, dtype: torch.dtype
+) -> None:
+    """In half precision on CUDA (other GEMM kernels for the wider fused weights), the fused UNet
+    is as close to the float32 one as the separate projections are."""
+    for name in ("sd2-v", "sdxl"):
+        path, yaml = _checkpoint(name, tiny_checkpoints, tiny_sdxl)
+        expected = _call(load_checkpoint(path, yaml, device="cuda", fuse_projections=False).unet)
+        errors = [(_call(load_checkpoint(path, yaml, device="cuda", dtype=dtype, fuse_projections=fuse).unet)
+                   - expected).abs().max().item() for fuse in (False, True)]
+        assert errors[1] <= 2 * errors[0] + 1e-3 * expected.abs().max().item(), (name, errors)
