@@ -42,7 +42,8 @@ def generate(args: argparse.Namespace, config: AppConfig) -> list[Path]:
     dtype = resolve_dtype(args.dtype or config.generation.dtype, device)
     defaults = config.generation
     addons = AddonLibrary(args.lora_dir or defaults.lora_dir, args.embedding_dir or defaults.embedding_dir)
-    model = load_model(settings, device, dtype, defaults.vae_tile_above_pixels, addons=addons)
+    model = load_model(settings, device, dtype, defaults.vae_tile_above_pixels, addons=addons,
+                       fuse_projections=defaults.fuse_projections)
     stored = {}  # sha256 -> bytes of the input files, as storage would hand them to the runner
     try:
         fields = _image_fields(args, defaults, stored)
@@ -89,9 +90,8 @@ def generate(args: argparse.Namespace, config: AppConfig) -> list[Path]:
         if args.refiner is None:
             (images_out,) = run_batch(model, [request], stored.__getitem__, progress=show_progress)
         else:
-            refiner = load_model(
-                _refiner_settings(args), device, dtype, config.generation.vae_tile_above_pixels
-            )
+            refiner = load_model(_refiner_settings(args), device, dtype, defaults.vae_tile_above_pixels,
+                                 fuse_projections=defaults.fuse_projections)
             try:
                 check_pair(model, refiner)
             except ValueError as exc:

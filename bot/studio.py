@@ -109,6 +109,7 @@ class Studio:
             vae_tile_above_pixels=config.generation.vae_tile_above_pixels,
             addons=self.addons,
             vae_dtype=config.generation.vae_dtype,
+            fuse_projections=config.generation.fuse_projections,
             compiling=Compiling.of(config.generation, cache_dir_in(config.storage.data_dir)),
         )
         self._refusal = refusal

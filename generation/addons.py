@@ -30,6 +30,7 @@ from models.embeddings import embedding_family, embedding_vectors, tower_vectors
 from models.lora import (
     AddonFileError,
     Lora,
+    LoraNames,
     lora_family,
     lora_for,
     metadata_family,
@@ -221,6 +222,7 @@ class AddonLibrary:
         """The LoRAs of a set mapped onto `network`, each with its weight; AddonError when one
         cannot be used with it."""
         loras = self.loras() if loras is None else loras
+        names = LoraNames.of(network) if wanted else None  # the model's LoRA names, walked once
         result = []
         for name, weight in wanted:
             info = loras.get(name)
@@ -238,7 +240,7 @@ class AddonLibrary:
                         self._tensors[key] = cached
                         while len(self._tensors) > CACHED_LORAS:
                             self._tensors.popitem(last=False)
-                result.append((lora_for(network, name, *cached), weight))
+                result.append((lora_for(network, name, *cached, names=names), weight))
             except AddonFileError as exc:
                 raise AddonError(str(exc)) from None
         return result

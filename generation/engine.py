@@ -50,7 +50,8 @@ class Engine:
     `addons`: the LoRA and embedding folders prompts may use;
     `compiling` decides which parts of loaded models (UNet, VAE decode, text towers) run compiled
     graphs and warms them up at load;
-    `vae_dtype` is the VAE decode's precision ("auto": float16 on CUDA, where the family allows)."""
+    `vae_dtype` is the VAE decode's precision ("auto": float16 on CUDA, where the family allows);
+    `fuse_projections`: fused attention projections ([generation] fuse_projections)."""
 
     def __init__(
         self,
@@ -63,6 +64,7 @@ class Engine:
         vae_tile_above_pixels: int = 1024 * 1024,
         vae_dtype: str = "auto",
         compiling: Compiling = Compiling(),
+        fuse_projections: bool = True,
         clock: Callable[[], float] = time.monotonic,
         addons: AddonLibrary | None = None,
     ) -> None:
@@ -72,6 +74,7 @@ class Engine:
         self._vae_tile_above_pixels = vae_tile_above_pixels
         self._vae_dtype = vae_dtype
         self._compiling = compiling
+        self._fuse_projections = fuse_projections
         self._inputs = inputs
         self._preview = preview
         self._preview_every_s = preview_every_s
@@ -92,7 +95,7 @@ class Engine:
         if key not in self._hashes:
             self._hashes[key] = checkpoint_hash(settings.checkpoint)
         model = load_model(settings, torch_device, dtype, self._vae_tile_above_pixels, self._hashes[key],
-                           self._addons, resolve_vae_dtype(self._vae_dtype, torch_device))
+                           self._addons, resolve_vae_dtype(self._vae_dtype, torch_device), self._fuse_projections)
         model = self._compiling.compile(model)
         if settings.refiner is None:
             return model

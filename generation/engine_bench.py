@@ -16,8 +16,11 @@ beside its eager one: each shape's compile seconds (cold, or warm from the induc
 compiles diffusers' UNet the same way for a like-for-like ratio. A second table then gives the
 other compiled parts, as `[generation] compile_parts` runs them: the VAE decode per size and batch
 and the text towers' encode of a batch's prompts and negative prompts (2 x batch chunks of 77
-tokens through every tower, SDXL's pooled output included), eager against compiled ms: a part whose compiled
-figure is no better belongs out of `compile_parts`. `--compile-parts` picks the parts timed.
+tokens through every tower, SDXL's pooled output included), eager against compiled ms: a part
+whose compiled figure is no better belongs out of `compile_parts`. `--compile-parts` picks the
+parts timed. `--fuse-projections off` times the original's separate attention projections (A/B
+against the default fused ones); `--context-kv` prints instead what the text context's K/V
+projections cost per UNet call (analytic, meta device: nothing runs).
 """
 
 from __future__ import annotations
@@ -51,7 +54,9 @@ from generation.pipeline import LoadedModel, half_decoder, resolve_vae_dtype, tx
 from generation.request import SAMPLER_NAMES, GenerationRequest
 from generation.schedules import DiscreteSchedule
 from generation.settings import CompilePart
+from generation.settings import GenerationSettings
 from models.families import SD1, SD2_V, SDXL, SDXL_REFINER, SIZE_KEY_VALUES, Family
+from models.flops import context_projection_cost
 from models.stable_diffusion import StableDiffusion
 
 FAMILIES = {"sd1": SD1, "sd2": SD2_V, "sdxl": SDXL, "sdxl-refiner": SDXL_REFINER}
@@ -87,7 +92,15 @@ def main(argv: list[str]) -> int:
                              "(as [generation] compile_parts; without unet the UNet table is eager only)")
     parser.add_argument("--sdpa-backend", choices=("flash", "efficient", "cudnn", "math"), default=None,
                         help="attention kernel for every UNet (default: PyTorch picks per call)")
+    fused = "on" if GenerationSettings.model_fields["fuse_projections"].default else "off"
+    parser.add_argument("--fuse-projections", choices=("on", "off"), default=fused,
+                        help=f"one GEMM for q/k/v and for the context's k/v, as [generation] fuse_projections "
+                             f"(default {fused})")
+    parser.add_argument("--context-kv", action="store_true",
+                        help="print what the context's K/V projections cost per UNet call (analytic) and exit")
     args = parser.parse_args(argv)
+    if args.context_kv:
+        return _context_kv(args)
     parts = tuple(dict.fromkeys(args.compile_parts.split(",")))
     if unknown := [part for part in parts if part not in get_args(CompilePart)]:
         parser.error(f"--compile-parts: unknown {', '.join(unknown)}; allowed: {', '.join(get_args(CompilePart))}")
@@ -102,7 +115,8 @@ def main(argv: list[str]) -> int:
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(args.cache_dir.resolve())  # before anything compiles
         print(f"inductor cache {args.cache_dir}: {cached} files before this run ({'warm' if cached else 'cold'})")
 
-    model = _random_model(family, device, dtype, resolve_vae_dtype(args.vae_dtype, device))
+    model = _random_model(family, device, dtype, resolve_vae_dtype(args.vae_dtype, device),
+                          args.fuse_projections == "on")
     compiled = None
     if args.compile and "unet" in parts:
         compiled = CompiledCall(model.network.unet, torch_compiler(mode), model=model.name, device=device,
@@ -111,7 +125,7 @@ def main(argv: list[str]) -> int:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     vae = "float32" if model.vae_decoder is None else str(next(model.vae_decoder.parameters()).dtype)
     print(f"{args.family} UNet, random weights, {dtype} (VAE decode {vae}), {name}, torch {torch.__version__}, "
-          f"SDPA {args.sdpa_backend or 'auto'}"
+          f"SDPA {args.sdpa_backend or 'auto'}, fused projections {args.fuse_projections}"
           + (f", compile mode {mode}, {args.compile_batches} rows" if compiled else ""))
     columns = [("UNet ms/step", 12), ("image s", 8), ("images/s", 8)]
     if compiled:
@@ -190,6 +204,20 @@ def _built(call: CompiledCall, keys: list[GraphKey]) -> float:
     return sum(float("nan") if g.seconds is None else g.seconds for g in call.status().graphs[known:])
 
 
+def _context_kv(args: argparse.Namespace) -> int:
+    """The context K/V projections' share of one guided UNet call at each size and batch."""
+    print(f"{args.family} UNet, context K/V projections per call (77 tokens; analytic: FLOPs and kernels "
+          f"counted on the meta device)")
+    for size in (int(s) for s in args.sizes.split(",")):
+        for batch in (int(b) for b in args.batches.split(",")):
+            c = context_projection_cost(FAMILIES[args.family].unet, size // 8, 2 * batch)
+            print(f"{size}px, {2 * batch} rows: {c.flops / 1e9:.1f} of {c.total_flops / 1e9:.0f} GFLOP "
+                  f"({c.flops / c.total_flops:.2%}); {c.gemms} GEMMs of {c.heavy_kernels} GEMM, convolution and "
+                  f"attention kernels ({c.gemms / c.heavy_kernels:.1%}) and of {c.kernels} eager kernels "
+                  f"({c.gemms / c.kernels:.1%}); they read {c.weight_bytes / 2**20:.0f} MiB of float16 weights")
+    return 0
+
+
 def _attention(backend: str | None) -> contextlib.AbstractContextManager:
     """Only `backend`'s SDPA kernel for the whole run, or PyTorch's own choice per call."""
     if backend is None:
@@ -241,10 +269,12 @@ def _figures(model: LoadedModel, compiled: CompiledCall | None, reference: torch
 
 
 def _random_model(family: Family, device: torch.device, dtype: torch.dtype,
-                  vae_dtype: torch.dtype = torch.float32) -> LoadedModel:
+                  vae_dtype: torch.dtype = torch.float32, fuse_projections: bool = True) -> LoadedModel:
     with torch.device("meta"):
         network = StableDiffusion(family)
-    randomise(network, device, dtype)
+    randomise(network, device, dtype)  # the same weights fused or not
+    if fuse_projections:
+        network.unet.fuse_projections()
     network.eval().requires_grad_(False)
     network.first_stage_model.float()
     if device.type == "cuda":

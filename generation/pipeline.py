@@ -143,14 +143,15 @@ def load_model(
     short_hash: str | None = None,
     addons: AddonLibrary | None = None,
     vae_dtype: torch.dtype = torch.float32,
+    fuse_projections: bool = True,
 ) -> LoadedModel:
     """Load the checkpoint of `settings` onto `device`. The VAE stays float32: SD's VAE overflows
     float16 on some images and decodes them black; a half `vae_dtype` adds a copy of its decoding
     half in that dtype, which `decode` tries first. `short_hash`: the file's known `checkpoint_hash`;
-    `addons`: the LoRA and embedding folders its prompts may use."""
-    network = load_checkpoint(
-        settings.checkpoint, settings.config, settings.prediction, device, dtype, vae_dtype=torch.float32
-    )
+    `addons`: the LoRA and embedding folders its prompts may use; `fuse_projections`: one GEMM
+    for the attention projections that read the same input ([generation] fuse_projections)."""
+    network = load_checkpoint(settings.checkpoint, settings.config, settings.prediction, device, dtype,
+                              vae_dtype=torch.float32, fuse_projections=fuse_projections)
     if device.type == "cuda":
         network.model.to(memory_format=torch.channels_last)
     family = network.family

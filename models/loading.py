@@ -645,11 +645,14 @@ def load_checkpoint(
     device: torch.device | str = "cpu",
     dtype: torch.dtype = torch.float32,
     vae_dtype: torch.dtype | None = None,
+    fuse_projections: bool = True,
 ) -> StableDiffusion:
     """A ready model: the YAML (when given) or detection decides the family, `prediction`
     overrides both, and SD 2.x txt2img checkpoints without either are probed with `predicts_v`.
     `vae_dtype` (default: `dtype`) lets the VAE stay float32 under float16 weights without a
-    lossy round trip through float16."""
+    lossy round trip through float16. `fuse_projections`: the UNet's attention projections that
+    read the same input run as one GEMM (`UNetModel.fuse_projections`; the state dict keeps the
+    original keys)."""
     path = Path(path)
     config_yaml = Path(config_yaml) if config_yaml is not None else None
     weights, family, source = _resolve(path, config_yaml, prediction)
@@ -657,6 +660,8 @@ def load_checkpoint(
     model.model.to(device=device, dtype=dtype)
     (model.cond_stage_model if family.conditioner is None else model.conditioner).to(device=device, dtype=dtype)
     model.first_stage_model.to(device=device, dtype=vae_dtype or dtype)
+    if fuse_projections:
+        model.unet.fuse_projections()
     if source == "probe" and predicts_v(model.unet):
         model.family = replace(family, prediction="v")
     return model

@@ -11,10 +11,12 @@ mapped onto ours by ONE mapping derived from the built UNet's module tree (`unet
 so it holds for every model size; the original paths are ours already.
 
 The merge rule: W' = W + w * (alpha / rank) * (up @ down), alpha absent = rank; a 3x3 down with a
-1x1 up composes into a 3x3 delta; q/k/v LoRAs of OpenCLIP towers (SD 2.x, SDXL's bigG) land on thirds of its fused
-`in_proj_weight`. Merging writes into the existing parameter tensors (`copy_`), never replacing a
-parameter or a module, so compiled graphs and CUDA graphs captured over the weights stay valid
-without recompiling; the touched originals are kept and copied back, so restoring is bit-exact.
+1x1 up composes into a 3x3 delta; q/k/v LoRAs land on row slices of fused weights: thirds of the
+OpenCLIP towers' (SD 2.x, SDXL's bigG) `in_proj_weight`, and of the UNet's `to_qkv` / halves of its
+`to_kv` when its projections are fused (`UNetModel.fuse_projections`). Merging writes into the
+existing parameter tensors (`copy_`), never replacing a parameter or a module, so compiled
+graphs and CUDA graphs captured over the weights stay valid without recompiling; the touched
+originals are kept and copied back, so restoring is bit-exact.
 """
 
 from __future__ import annotations
@@ -159,23 +161,25 @@ def _inner_name(block: nn.Module, name: str) -> str:
 
 def unet_module_names(unet: UNetModel) -> dict[str, str]:
     """diffusers module path -> original module path (relative to the UNet) of every module that
-    holds weights directly (Linear, Conv2d, norms): the one mapping LoRA keys go through."""
+    holds weights directly (Linear, Conv2d, norms) in the original layout, whether or not the UNet's
+    projections are fused (the state dict keeps the original keys): the one mapping LoRA keys go
+    through."""
     names = {}
     for d_block, o_block in _block_names(unet).items():
         block = unet.get_submodule(o_block)
         if not any(True for _ in block.children()):  # conv_in, conv_out, time_embed.N, out.0
             names[d_block] = o_block
             continue
-        for name, module in block.named_modules():
-            if name and next(module.parameters(recurse=False), None) is not None:
-                names[f"{d_block}.{_inner_name(block, name)}"] = f"{o_block}.{name}"
+        for key in block.state_dict():
+            name = key.rpartition(".")[0]
+            names[f"{d_block}.{_inner_name(block, name)}"] = f"{o_block}.{name}"
     return names
 
 
 @dataclass(frozen=True)
 class Target:
-    """Where a LoRA module's delta goes: a parameter of `StableDiffusion` and, for OpenCLIP's
-    fused q/k/v, the slice of its rows."""
+    """Where a LoRA module's delta goes: a parameter of `StableDiffusion` and, for fused q/k/v
+    (OpenCLIP's `in_proj_weight`, the UNet's fused projections), the slice of its rows."""
 
     parameter: str
     rows: slice | None = None
@@ -221,11 +225,14 @@ def lora_targets(network: StableDiffusion) -> dict[str, Target]:
     `text_encoder.<HF CLIP path>` (SDXL's bigG: `text_encoder_2.`), plus the original UNet paths
     (`unet.input_blocks...`) that kohya's SDXL trainer and others write."""
     unet_prefix = "model.diffusion_model."
+    unet = network.unet
+    fused = unet.fused_rows()
     targets = {}
-    for d_name, o_name in unet_module_names(network.unet).items():
-        module = network.unet.get_submodule(o_name)
-        if isinstance(module, nn.Linear | nn.Conv2d):
-            targets[f"unet.{d_name}"] = targets[f"unet.{o_name}"] = Target(f"{unet_prefix}{o_name}.weight")
+    for d_name, o_name in unet_module_names(unet).items():
+        key = f"{o_name}.weight"
+        parameter, rows = fused.get(key, (key, None))
+        if isinstance(unet.get_submodule(parameter.removesuffix(".weight")), nn.Linear | nn.Conv2d):
+            targets[f"unet.{d_name}"] = targets[f"unet.{o_name}"] = Target(f"{unet_prefix}{parameter}", rows)
     for tower_name, prefix, tower in text_towers(network):
         targets |= {f"{tower_name}.{name}": t for name, t in _text_targets(tower, prefix).items()}
     return targets
@@ -340,11 +347,35 @@ class Lora:
     metadata: dict[str, str] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class LoraNames:
+    """Every LoRA module name one model accepts, with its target: `lora_targets` and kohya's
+    flattened spellings. Walking the model's modules costs more than mapping a file, so a set of
+    files is mapped with one of these."""
+
+    targets: dict[str, Target]
+    kohya: dict[str, str]
+
+    @classmethod
+    def of(cls, network: StableDiffusion) -> LoraNames:
+        targets = lora_targets(network)
+        return cls(targets, _kohya_index(targets, network.family.conditioner is not None))
+
+    def target(self, module: str) -> Target | None:
+        """The target of a LoRA module name in any layout read, None when the model has none."""
+        return self.targets.get(module) or self.targets.get(self.kohya.get(module, ""))
+
+
 def lora_for(
-    network: StableDiffusion, name: str, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None
+    network: StableDiffusion,
+    name: str,
+    tensors: dict[str, torch.Tensor],
+    metadata: dict[str, str] | None = None,
+    names: LoraNames | None = None,
 ) -> Lora:
-    """Map the tensors of LoRA file `name` onto `network`; refuse (LoraError) variants we do not
-    merge, other families, modules the model lacks and shapes that do not fit."""
+    """Map the tensors of LoRA file `name` onto `network` (`names`: its `LoraNames`, when already
+    built for other files); refuse (LoraError) variants we do not merge, other families, modules
+    the model lacks and shapes that do not fit."""
     model = model_family(network)
     refused = refused_kind(list(tensors))
     if refused:
@@ -353,8 +384,7 @@ def lora_for(
     family = lora_family(shapes) or metadata_family(metadata or {})
     if family is not None and not fits_family(family, network):
         raise LoraError(f"LoRA {name} is for {family}; the model is {model}")
-    targets = lora_targets(network)
-    kohya = _kohya_index(targets, network.family.conditioner is not None)
+    names = names or LoraNames.of(network)
     modules: dict[str, dict[str, torch.Tensor]] = {}
     for key, tensor in tensors.items():
         parts = split_key(key)
@@ -365,7 +395,7 @@ def lora_for(
     params = dict(network.named_parameters())
     patches = []
     for module, parts in modules.items():
-        target = targets.get(module) or targets.get(kohya.get(module, ""))
+        target = names.target(module)
         if target is None:
             raise LoraError(f"LoRA {name} changes {module!r}, which a {model} model does not have "
                             f"(is the file for another family?)")

@@ -32,6 +32,11 @@ def test_shipped_config_equals_the_documented_defaults() -> None:
     assert config.storage.database_path == REPO / "data" / "atelier.sqlite3"
 
 
+def test_fused_projections_are_on_by_default_and_can_be_turned_off(tmp_path: Path) -> None:
+    assert AppConfig().generation.fuse_projections is True
+    assert load_config(write(tmp_path, "[generation]\nfuse_projections = false\n")).generation.fuse_projections is False
+
+
 def test_relative_paths_resolve_against_the_config_folder(tmp_path: Path) -> None:
     text = """
 [storage]

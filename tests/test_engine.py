@@ -13,7 +13,7 @@ from PIL import Image
 
 from generation.engine import Engine
 from generation.metadata import parameters_text
-from generation.pipeline import txt2img
+from generation.pipeline import sample_latents, txt2img
 from generation.queue import Job
 from generation.request import GenerationRequest, Kind
 from generation.settings import ModelSettings
@@ -154,3 +154,16 @@ def test_jobs_with_a_lora_are_refused_or_drawn_with_their_hashes(tiny_checkpoint
     assert decoded(result.images[0])[1].endswith(f', Lora hashes: "style: {hash_}"')
     with pytest.raises(AddonError, match="unknown LoRA 'stlye'; did you mean style"):
         engine.run(model, "cpu", [job("dddddddddddd", prompt="<lora:stlye>")], lambda *_: None, lambda _: False)
+
+
+def test_fuse_projections_reaches_the_loaded_unet_and_keeps_the_pixels(
+        tiny_checkpoints: TinyCheckpoints) -> None:  # noqa: F811
+    path, yaml_path = tiny_checkpoints.get("sd2-v")
+    settings = ModelSettings(name="tiny", checkpoint=path, config=yaml_path)
+    fused, plain = (Engine([settings], "float32", INPUTS.__getitem__, fuse_projections=fuse).load("tiny", "cpu")
+                    for fuse in (True, False))
+    assert fused.network.unet.fused_rows() and not plain.network.unet.fused_rows()
+    assert Engine.size(fused) == Engine.size(plain)
+    request = job("a", count=1).request
+    fused_latents, plain_latents = (sample_latents(model, [request]) for model in (fused, plain))
+    torch.testing.assert_close(fused_latents, plain_latents, rtol=0, atol=1e-5)

@@ -12,7 +12,16 @@ import torch
 from diffusers import UNet2DConditionModel
 
 from generation.compiled import Compiling
-from generation.engine_bench import FAMILIES, _diffusers_call, _diffusers_unet, diffusers_config, parts_table, randomise
+from generation.engine_bench import (
+    FAMILIES,
+    _diffusers_call,
+    _diffusers_unet,
+    _random_model,
+    diffusers_config,
+    main,
+    parts_table,
+    randomise,
+)
 from generation.pipeline import load_model
 from generation.settings import ModelSettings
 from models.unet import UNetModel
@@ -82,3 +91,25 @@ def test_unknown_compile_parts_are_refused_with_what_is_allowed(capsys: pytest.C
         cli(["bench", "engine", "--compile", "--compile-parts", "unet,clip"])
     assert refused.value.code == 2
     assert "--compile-parts: unknown clip; allowed: unet, vae, text" in capsys.readouterr().err
+
+
+def test_fuse_projections_switches_the_same_random_weights() -> None:
+    """`--fuse-projections on|off` A/Bs the same weights: the fused model's UNet computes the
+    unfused one's."""
+    family = tiny_sdxl_family("sdxl")
+    plain, fused = (_random_model(family, torch.device("cpu"), torch.float32, fuse_projections=fuse)
+                    for fuse in (False, True))
+    assert fused.network.unet.fused_rows() and not plain.network.unet.fused_rows()
+    x, t = torch.randn(2, 4, 8, 8), torch.full((2,), 500.0)
+    context, y = torch.randn(2, 77, family.unet.context_dim), torch.randn(2, family.unet.adm_in_channels)
+    with torch.inference_mode():
+        expected = plain.network.unet(x, t, context, y)
+        torch.testing.assert_close(fused.network.unet(x, t, context, y), expected, rtol=0,
+                                   atol=1e-5 * expected.abs().max().item())
+
+
+def test_context_kv_prints_the_projections_share_without_running_the_unet(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["--family", "sd1", "--sizes", "512", "--batches", "1", "--context-kv"]) == 0
+    out = capsys.readouterr().out
+    # SD 1.x: 16 transformer blocks, each attn2 projecting the context to K and V
+    assert "512px, 2 rows: 5.9 of 1607 GFLOP (0.37%); 32 GEMMs of" in out

@@ -47,13 +47,17 @@ FAMILIES = {
 }
 
 
+@pytest.mark.parametrize("fused", [False, True], ids=["separate", "fused"])
 @pytest.mark.parametrize("name", list(FAMILIES))
-def test_unet_mapping_is_diffusers_conversion_both_ways(name: str) -> None:
+def test_unet_mapping_is_diffusers_conversion_both_ways(name: str, fused: bool) -> None:
     """Every original UNet key has exactly the diffusers name diffusers' converter gives it, and
-    every parameter of diffusers' UNet for the same config is reached (full sizes on meta)."""
+    every parameter of diffusers' UNet for the same config is reached (full sizes on meta), with
+    the attention projections fused or not."""
     family = FAMILIES[name]()
     with torch.device("meta"):
         network = StableDiffusion(family)
+        if fused:
+            network.unet.fuse_projections()
     original_keys = {k for k in network.state_dict() if k.startswith("model.diffusion_model.")}
     ours = {}
     for d_name, o_name in unet_module_names(network.unet).items():
@@ -81,11 +85,58 @@ def test_kohya_names_read_as_diffusers_converts_them(name: str) -> None:
     assert all(m in targets for m in read)
 
 
+@pytest.mark.parametrize("family", ["sd1", "x4-upscaler"])
+def test_fused_projection_targets_are_the_original_weights_rows(family: str) -> None:
+    """Each UNet LoRA target of a fused model is the rows of its fused weight that hold the
+    original module's weight (q, k, v thirds of `to_qkv`, k, v halves of `to_kv`), and the names
+    accepted are the unfused model's."""
+    network = StableDiffusion(tiny_family(family))
+    network.load_state_dict(random_state_dict(tiny_family(family)))
+    original = {k: v.clone() for k, v in network.state_dict().items()}
+    separate = lora_targets(network)
+    network.unet.fuse_projections()
+    targets = lora_targets(network)
+    assert set(targets) == set(separate)
+    params = dict(network.named_parameters())
+    rows = 0
+    for name, target in targets.items():
+        if name.startswith("unet.") and target != separate[name]:
+            assert ".to_qkv." in target.parameter or ".to_kv." in target.parameter
+            assert torch.equal(params[target.parameter][target.rows], original[separate[name].parameter])
+            rows += 1
+    assert rows > 0
+
+
 def tiny_model(checkpoints: TinyCheckpoints, family: str, library: AddonLibrary | None, path: Path | None = None,
-               yaml: Path | None = None) -> LoadedModel:
+               yaml: Path | None = None, fuse_projections: bool = True) -> LoadedModel:
     default_path, default_yaml = checkpoints.get(family)
     settings = ModelSettings(name=family, checkpoint=path or default_path, config=yaml or default_yaml)
-    return load_model(settings, torch.device("cpu"), torch.float32, addons=library)
+    return load_model(settings, torch.device("cpu"), torch.float32, addons=library, fuse_projections=fuse_projections)
+
+
+@pytest.mark.parametrize("family", ["sd1", "sd2"])
+def test_a_lora_merged_into_fused_projections_is_the_lora_merged_into_separate_ones(
+    tiny_checkpoints: TinyCheckpoints, tmp_path: Path, family: str
+) -> None:
+    """A kohya file on every UNet layer (q/k/v of both attentions among them) and the text
+    encoder: merged into the fused model, the weights (saved under the original keys) equal
+    those merged into the separate projections bit for bit, the images agree, and restoring
+    gives back the loaded weights bit for bit."""
+    from generation.pipeline import apply_loras
+
+    write_lora(tmp_path / "loras" / "x.safetensors", random_lora(lora_modules(tiny_family(family)), seed=3))
+    library = AddonLibrary(tmp_path / "loras", None)
+    separate, fused = (tiny_model(tiny_checkpoints, family, library, fuse_projections=f) for f in (False, True))
+    assert fused.network.unet.fused_rows() and not separate.network.unet.fused_rows()
+    loaded = {k: v.clone() for k, v in fused.network.state_dict().items()}
+    latents = [sample_latents_with(model, "a fox <lora:x:0.8>") for model in (separate, fused)]
+    merged = [model.network.state_dict() for model in (separate, fused)]
+    assert all(torch.equal(merged[1][k], merged[0][k]) for k in merged[0])
+    assert not torch.equal(merged[1]["model.diffusion_model.middle_block.1.transformer_blocks.0.attn1.to_k.weight"],
+                           loaded["model.diffusion_model.middle_block.1.transformer_blocks.0.attn1.to_k.weight"])
+    torch.testing.assert_close(latents[1], latents[0], rtol=0, atol=1e-5)
+    apply_loras(fused, [request("a fox")])
+    assert all(torch.equal(v, loaded[k]) for k, v in fused.network.state_dict().items())
 
 
 def request(prompt: str, **changes) -> GenerationRequest:
@@ -112,7 +163,7 @@ def test_image_with_lora_equals_checkpoint_merged_by_the_rule(
                            [(a, 0.8), (b, -0.5)])
     merged_path = tmp_path / "merged.safetensors"
     safetensors.torch.save_file(state | merged, merged_path)
-    reference = tiny_model(tiny_checkpoints, family, None, merged_path, yaml)
+    reference = tiny_model(tiny_checkpoints, family, None, merged_path, yaml, fuse_projections=False)
 
     with_lora = sample_latents_with(model, "a fox <lora:detail-x_1:0.8>, snow<lora:style:-0.5>")
     expected = sample_latents(reference, [request("a fox , snow")])
@@ -225,6 +276,25 @@ def test_unknown_names_and_negative_tags_are_refused(tiny_checkpoints: TinyCheck
     bare = tiny_model(tiny_checkpoints, "sd1", None)
     with pytest.raises(AddonError, match="no LoRA folder"):
         apply_loras(bare, [request("a <lora:add_detail>")])
+
+
+def test_a_set_of_files_is_mapped_with_one_walk_of_the_model(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The model's LoRA names (`LoraNames`) are built once per set, not once per file, and map
+    each file as building them for it alone would."""
+    from models.lora import LoraNames
+
+    fam = tiny_family("sd1")
+    for name, seed in (("a", 1), ("b", 2)):
+        write_lora(tmp_path / "loras" / f"{name}.safetensors", random_lora(lora_modules(fam), seed=seed), "kohya")
+    network = _sd1()
+    built, build = [], LoraNames.of
+    monkeypatch.setattr(LoraNames, "of", classmethod(lambda cls, n: built.append(n) or build(n)))
+    loras = AddonLibrary(tmp_path / "loras", None).loras_for(network, (("a", 1.0), ("b", 0.5)))
+    assert built == [network] and [lora.name for lora, _ in loras] == ["a", "b"]
+    alone = lora_for(network, "b", safetensors.torch.load_file(tmp_path / "loras" / "b.safetensors"))
+    assert len(alone.patches) == len(loras[1][0].patches) == len(lora_modules(fam))
+    for mine, theirs in zip(alone.patches, loras[1][0].patches, strict=True):
+        assert mine.target == theirs.target and torch.equal(mine.down, theirs.down) and mine.scale == theirs.scale
 
 
 def test_a_failed_merge_leaves_the_model_as_loaded() -> None:

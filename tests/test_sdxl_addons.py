@@ -86,10 +86,10 @@ def test_kohya_sdxl_names_read_as_diffusers_converts_them(name: str) -> None:
 
 
 def _model(tiny_sdxl: TinySDXL, library: AddonLibrary | None, path: Path | None = None,
-           name: str = "sdxl") -> LoadedModel:
+           name: str = "sdxl", fuse_projections: bool = True) -> LoadedModel:
     default, yaml = tiny_sdxl.get(name)
     settings = ModelSettings(name=name, checkpoint=path or default, config=yaml)
-    return load_model(settings, torch.device("cpu"), torch.float32, addons=library)
+    return load_model(settings, torch.device("cpu"), torch.float32, addons=library, fuse_projections=fuse_projections)
 
 
 def _request(prompt: str, **changes) -> GenerationRequest:
@@ -108,8 +108,9 @@ def _sample(model: LoadedModel, prompt: str, **changes) -> torch.Tensor:
 def test_image_with_sdxl_loras_equals_checkpoint_merged_by_the_rule(tiny_sdxl: TinySDXL, tmp_path: Path,
                                                                      name: str, layout: str) -> None:
     """Two SDXL LoRAs (UNet, CLIP ViT-L and bigG; the second without alpha) at weights 0.8 and
-    -0.5 give the latents of the checkpoint whose weights were merged by the rule; the distilled
-    layout (per-block depths, a single-ResBlock middle, as SSD-1B) too."""
+    -0.5 give the latents of the checkpoint whose weights were merged by the rule (merged into the
+    fused projections, against the original separate ones); the distilled layout (per-block
+    depths, a single-ResBlock middle, as SSD-1B) too."""
     family = tiny_sdxl_family(name)
     a = random_lora(lora_modules(family), seed=1)
     b = random_lora(lora_modules(family, blocks=False), rank=2, alpha=None, seed=2)
@@ -123,7 +124,7 @@ def test_image_with_sdxl_loras_equals_checkpoint_merged_by_the_rule(tiny_sdxl: T
                            [(a, 0.8), (b, -0.5)])
     merged_path = tmp_path / "merged.safetensors"
     safetensors.torch.save_file(state | merged, merged_path)
-    reference = _model(tiny_sdxl, None, merged_path, name)
+    reference = _model(tiny_sdxl, None, merged_path, name, fuse_projections=False)
 
     with_lora = _sample(model, "a fox <lora:xl-detail:0.8>, snow<lora:style:-0.5>")
     expected = sample_latents(reference, [_request("a fox , snow")])
