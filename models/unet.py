@@ -13,6 +13,11 @@ from torch import nn
 
 from models.families import UNetConfig
 
+#: Cached steps (`UNetModel.forward_shallow`): the input blocks after the input conv whose skips
+#: the shallow call recomputes. 1 is DeepCache's default branch for SD (the first ResBlock of
+#: level 0; its paper's figures for SD 1.5 and SDXL use it).
+SHALLOW_BLOCKS = 1
+
 
 def timestep_embedding(timesteps: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
     """Sinusoidal embedding of (B,) timesteps as the original: [cos(t f), sin(t f)], f geometric."""
@@ -319,8 +324,10 @@ class UNetModel(nn.Module):
 
         self.output_blocks = nn.ModuleList()
         depths = iter(config.output_depths)
+        incoming = []  # channels entering each output block
         for level, mult in reversed(list(enumerate(config.channel_mult))):
             for i in range(config.num_res_blocks + 1):
+                incoming.append(ch)
                 layers = [ResBlock(ch + skip_channels.pop(), emb_dim, mult * mc)]
                 ch = mult * mc
                 if depth := next(depths):
@@ -332,6 +339,8 @@ class UNetModel(nn.Module):
         self.out = nn.Sequential(
             normalization(ch), nn.SiLU(), nn.Conv2d(mc, config.out_channels, 3, padding=1)
         )
+        #: Channels of the deep feature `forward_deep` keeps (full resolution).
+        self.deep_channels = incoming[-SHALLOW_BLOCKS - 1]
 
     def fuse_projections(self) -> None:
         """Compute the attention projections that read the same input with one GEMM each
@@ -356,6 +365,56 @@ class UNetModel(nn.Module):
     def forward(
         self, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor, y: torch.Tensor | None = None
     ) -> torch.Tensor:
+        return self.forward_deep(x, timesteps, context, y)[0]
+
+    # Cached steps (DeepCache, Ma et al. 2023): the deep part of the UNet changes slowly from one
+    # step to the next, the shallow part (the full-resolution blocks next to the input and the
+    # output) carries the detail. A full call keeps the feature entering the last SHALLOW_BLOCKS + 1
+    # output blocks; later calls run the first SHALLOW_BLOCKS + 1 input blocks (the input conv
+    # and level 0's first ResBlock: DeepCache's default branch for SD) for fresh skips, and those
+    # output blocks on the kept feature.
+
+    def forward_deep(
+        self, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor, y: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """`forward`'s output (the same ops) and the deep feature (B, deep_channels, H, W) that
+        `forward_shallow` takes."""
+        emb = self._embed(x, timesteps, y)
+        h = x
+        skips = []
+        for block in self.input_blocks:
+            h = block(h, emb, context)
+            skips.append(h)
+        h = self.middle_block(h, emb, context)
+        shallow = len(self.output_blocks) - SHALLOW_BLOCKS - 1
+        for block in self.output_blocks[:shallow]:
+            h = block(torch.cat([h, skips.pop()], dim=1), emb, context)
+        return self._shallow_out(h, skips, emb, context), h
+
+    def forward_shallow(
+        self, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor, y: torch.Tensor | None,
+        deep: torch.Tensor,
+    ) -> torch.Tensor:
+        """The output with the deep part replaced by `deep`, the feature a `forward_deep` call
+        kept: only the shallow blocks run. Given the feature of the same inputs it is `forward`."""
+        emb = self._embed(x, timesteps, y)
+        h = x
+        skips = []
+        for block in self.input_blocks[: SHALLOW_BLOCKS + 1]:
+            h = block(h, emb, context)
+            skips.append(h)
+        return self._shallow_out(deep, skips, emb, context)
+
+    def _shallow_out(
+        self, h: torch.Tensor, skips: list[torch.Tensor], emb: torch.Tensor, context: torch.Tensor
+    ) -> torch.Tensor:
+        """The last output blocks on h with the shallow input blocks' skips, then `out`."""
+        for block in self.output_blocks[len(self.output_blocks) - len(skips) :]:
+            h = block(torch.cat([h, skips.pop()], dim=1), emb, context)
+        return self.out(h)
+
+    def _embed(self, x: torch.Tensor, timesteps: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
+        """The time embedding (B, 4 mc) in x's dtype, plus the class or ADM embedding of y."""
         takes_y = self.config.num_classes is not None or self.config.adm_in_channels is not None
         if (y is None) == takes_y:
             raise ValueError(
@@ -366,12 +425,4 @@ class UNetModel(nn.Module):
         emb = self.time_embed(t_emb)  # (B, 4 mc)
         if y is not None:
             emb = emb + self.label_emb(y.to(x.dtype) if y.is_floating_point() else y)
-        h = x
-        skips = []
-        for block in self.input_blocks:
-            h = block(h, emb, context)
-            skips.append(h)
-        h = self.middle_block(h, emb, context)
-        for block in self.output_blocks:
-            h = block(torch.cat([h, skips.pop()], dim=1), emb, context)
-        return self.out(h)
+        return emb

@@ -6,11 +6,13 @@ keys and values, both ways."""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
 
+from models.families import UNetConfig
 from models.loading import load_checkpoint
 from models.unet import BasicTransformerBlock, UNetModel
 from tests.fixtures.checkpoints import TinyCheckpoints, TinySDXL, tiny_checkpoints, tiny_sdxl  # noqa: F401
@@ -116,3 +118,43 @@ def test_fused_projections_on_a_gpu_round_no_worse_than_the_separate_ones(
         errors = [(_call(load_checkpoint(path, yaml, device="cuda", dtype=dtype, fuse_projections=fuse).unet)
                    - expected).abs().max().item() for fuse in (False, True)]
         assert errors[1] <= 2 * errors[0] + 1e-3 * expected.abs().max().item(), (name, errors)
+
+
+def _inputs(c: UNetConfig, rows: int = 2, side: int = 8) -> tuple[torch.Tensor, ...]:
+    generator = torch.Generator().manual_seed(1)
+    x = torch.randn(rows, c.in_channels, side, side, generator=generator)
+    y = None if c.adm_in_channels is None else torch.randn(rows, c.adm_in_channels, generator=generator)
+    return x, torch.linspace(10.0, 900.0, rows), torch.randn(rows, 7, c.context_dim, generator=generator), y
+
+
+@pytest.mark.parametrize("name", ["sd1", "sd2-v", "sdxl", "sd1 two resblocks"])
+def test_the_shallow_call_on_the_deep_feature_of_the_same_inputs_is_the_full_call(
+    tiny_checkpoints: TinyCheckpoints, tiny_sdxl: TinySDXL, name: str
+) -> None:
+    """Cached steps' split (DeepCache): `forward_deep` is `forward` plus the feature entering the
+    shallow output blocks, and `forward_shallow` given that feature computes `forward` again
+    without the deep blocks. The tiny layouts have one ResBlock per level (the kept feature is
+    level 1's upsampled output); "two resblocks" is the real SD layout, where it is level 0's."""
+    if name == "sd1 two resblocks":
+        path, yaml = tiny_checkpoints.get("sd1")
+        config = replace(load_checkpoint(path, yaml).unet.config, num_res_blocks=2)
+        torch.manual_seed(0)
+        unet = UNetModel(config).eval()
+        unet.fuse_projections()
+    else:
+        path, yaml = _checkpoint(name, tiny_checkpoints, tiny_sdxl)
+        unet = load_checkpoint(path, yaml).unet  # fused projections, as the engine runs it
+    x, t, context, y = _inputs(unet.config)
+    deeper = []
+    unet.middle_block.register_forward_hook(lambda *_: deeper.append(1))
+    with torch.no_grad():
+        expected = unet(x, t, context, y)
+        out, deep = unet.forward_deep(x, t, context, y)
+        assert len(deeper) == 2
+        shallow = unet.forward_shallow(x, t, context, y, deep)
+        other = unet.forward_shallow(x, t, context, y, deep + 0.1 * torch.randn_like(deep))
+    assert len(deeper) == 2  # the shallow calls never ran the middle block
+    assert torch.equal(out, expected)
+    assert deep.shape == (2, unet.deep_channels, 8, 8)
+    torch.testing.assert_close(shallow, expected, rtol=0, atol=1e-6)
+    assert (other - expected).abs().max() > 1e-3  # the kept feature is what the shallow call uses
