@@ -16,7 +16,9 @@ waits for a compiler. A build or a compiled call that fails is logged and its ke
 from then on. The compile function is a parameter: tests use stand-ins, the engine
 `torch_compiler(mode)`.
 
-The parts (`Compiling.compile`): the UNet per step, keyed by latents, timesteps, text and labels;
+The parts (`Compiling.compile`): the UNet per step (`UNetCalls`), keyed by latents, timesteps,
+text, labels and which call it is: the exact one, or with cached steps the full call that keeps
+the deep feature and the shallow call on it (another tensor input, rows first like the rest);
 the VAE decode (the half-precision `vae_decoder` when the model has one, else the float32 VAE's
 `decode`), keyed by latent shape, its rows bucketed like the UNet's images (tiled decodes of
 large images stay eager: `pipeline.decode` never calls it for them); each text tower's call
@@ -51,6 +53,7 @@ from torch import Tensor, nn
 from generation.pipeline import LoadedModel
 from generation.request import aspect_size
 from generation.settings import CompileBatches, CompileMode, CompilePart, GenerationSettings
+from generation.step_cache import UNetCalls
 from models.families import Family
 from models.stable_diffusion import StableDiffusion
 from models.text_encoders import CLIPTextEncoder, TextEncoder
@@ -91,12 +94,19 @@ class GraphKey:
         return tuple(a.dummy(device) if isinstance(a, Spec) else a for a in self.args)
 
 
+#: Which of `UNetCalls`' calls a UNet key is: the exact one, the full call keeping the deep
+#: feature, the shallow call on it (cached steps).
+UNetCall = Literal["exact", "keep", "shallow"]
+
+
 def unet_key(rows: int, channels: int, latent: tuple[int, int], tokens: int, width: int, dtype: torch.dtype,
-             adm: int | None = None) -> GraphKey:
+             adm: int | None = None, call: UNetCall = "exact", deep_channels: int = 0) -> GraphKey:
     """The UNet key of a txt2img step: `dtype` latents and text, float32 timesteps, no labels but
-    SDXL's `adm`-wide `dtype` vectors."""
+    SDXL's `adm`-wide `dtype` vectors; for the shallow call, the `deep_channels` deep feature."""
+    deep = Spec((rows, deep_channels, *latent), dtype) if call == "shallow" else None
     return GraphKey((Spec((rows, channels, *latent), dtype), Spec((rows,), torch.float32),
-                     Spec((rows, tokens, width), dtype), None if adm is None else Spec((rows, adm), dtype)))
+                     Spec((rows, tokens, width), dtype), None if adm is None else Spec((rows, adm), dtype),
+                     deep, call == "keep"))
 
 
 def vae_key(rows: int, channels: int, latent: tuple[int, int], dtype: torch.dtype) -> GraphKey:
@@ -110,10 +120,12 @@ def text_key(rows: int, tokens: int = CHUNK_TOKENS) -> GraphKey:
 
 
 def describe_unet(key: GraphKey) -> str:
-    x, _, context, y = key.args
+    x, _, context, y, *call = key.args
+    deep, keep = call or (None, False)  # a plain UNet's key has no `UNetCalls` arguments
     rows, channels, h, w = x.shape
     labels = ", labels" if y is not None else ""
-    return f"{rows} rows x {channels} x {h}x{w} latent, {context.shape[1]} tokens{labels}"
+    call = ", keeping the deep feature" if keep else ", shallow (cached steps)" if deep is not None else ""
+    return f"{rows} rows x {channels} x {h}x{w} latent, {context.shape[1]} tokens{labels}{call}"
 
 
 def describe_latents(key: GraphKey) -> str:
@@ -450,8 +462,9 @@ class Compiling:
         warmup = self.warmup if family.unet.num_classes is None else ()
         sizes = [self._latent(family, aspect, network.vae_scale) for aspect in warmup]
         if (mode := self.mode_on(device, "unet")) is not None:
-            unet = self._call(network.unet, model, "unet", mode, describe_unet, self.bucketing)
-            unet.warm_up(self.unet_keys(family, model.dtype, sizes))
+            unet = self._call(UNetCalls(network.unet), model, "unet", mode, describe_unet, self.bucketing)
+            calls: tuple[UNetCall, ...] = ("keep", "shallow") if model.step_cache_interval > 1 else ("exact",)
+            unet.warm_up(self.unet_keys(family, model.dtype, sizes, calls, network.unet.deep_channels))
             model = dataclasses.replace(model, unet=unet)
         if (mode := self.mode_on(device, "vae")) is not None:
             eager = network.vae.decode if model.vae_decoder is None else model.vae_decoder
@@ -470,13 +483,15 @@ class Compiling:
                 self._tower(tower, method, model, "text" if len(calls) == 1 else f"text {i + 1}", mode, keys)
         return model
 
-    def unet_keys(self, family: Family, dtype: torch.dtype, sizes: Sequence[tuple[int, int]]) -> list[GraphKey]:
+    def unet_keys(self, family: Family, dtype: torch.dtype, sizes: Sequence[tuple[int, int]],
+                  calls: Sequence[UNetCall] = ("exact",), deep_channels: int = 0) -> list[GraphKey]:
         """The graphs of guided txt2img steps (rows = twice each bucket) of one prompt chunk at each
-        latent size."""
+        latent size, for each of `calls` (cached steps: the full call keeping the deep feature of
+        `deep_channels`, and the shallow one)."""
         return list(dict.fromkeys(
             unet_key(self.bucketing.rows(2 * images), family.unet.in_channels, size, CHUNK_TOKENS,
-                     family.unet.context_dim, dtype, family.unet.adm_in_channels)
-            for size in sizes for images in self.bucketing.buckets))
+                     family.unet.context_dim, dtype, family.unet.adm_in_channels, call, deep_channels)
+            for size in sizes for images in self.bucketing.buckets for call in calls))
 
     @staticmethod
     def _latent(family: Family, aspect: str, vae_scale: int) -> tuple[int, int]:

@@ -1,6 +1,7 @@
 """The UNet as a sampler's `Denoiser`: VE input scaling, sigma -> timestep, classifier-free guidance
 in one batched UNet call, and the model's epsilon or v output turned into an x0 prediction; rows
-whose job was cancelled leave the UNet batch at the next call."""
+whose job was cancelled leave the UNet batch at the next call; cached steps (opt-in,
+`generation.step_cache`) run most calls through the UNet's shallow blocks only."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import torch
 from torch import Tensor
 
 from generation.schedules import DiscreteSchedule
+from generation.step_cache import StepCache
 from generation.transfer import upload
 
 Prediction = Literal["epsilon", "v"]
@@ -50,7 +52,11 @@ class GuidedDenoiser:
     `live()`, asked before every UNet call, names the rows still wanted (None: all). The others
     leave the UNet batch, so a job cancelled inside a shared batch stops costing GPU time at once:
     their prediction is their own latent, which the samplers then barely move (their result is
-    discarded), and the live rows are computed as before, each image's math being its own."""
+    discarded), and the live rows are computed as before, each image's math being its own.
+
+    `step_cache`: this run's cached steps (`unet` then takes `UNetCalls`' arguments), for calls
+    on the whole latent only: the tiles of a tiled run share no deep feature, so `tile` never
+    uses it. Rows leaving the batch make the next call full."""
 
     unet: UNet
     schedule: DiscreteSchedule
@@ -66,6 +72,7 @@ class GuidedDenoiser:
     #: ADM vectors (B, adm) (pooled text and size features), or the x4 upscaler's noise levels (B,).
     vector: Tensor | None = None
     vector_uncond: Tensor | None = None
+    step_cache: StepCache | None = None
 
     def __post_init__(self) -> None:
         if self.cond.shape != self.uncond.shape:
@@ -91,13 +98,16 @@ class GuidedDenoiser:
 
     def __call__(self, x: Tensor, sigma: Tensor) -> Tensor:
         """x (B, C, h, w) at noise levels sigma (B,) -> guided x0 prediction (B, C, h, w)."""
-        return self.tile(x, sigma, self.concat)
+        return self._predict(x, sigma, self.concat, self.step_cache)
 
     def tile(self, x: Tensor, sigma: Tensor, concat: Tensor | None) -> Tensor:
         """The prediction for a tile x of the latent, with `concat` cut to the same tile."""
+        return self._predict(x, sigma, concat, None)
+
+    def _predict(self, x: Tensor, sigma: Tensor, concat: Tensor | None, cache: StepCache | None) -> Tensor:
         rows = None if self.live is None else self.live()
         if rows is None or len(rows) == x.shape[0]:
-            return self._guided(x, sigma, concat, self._all)
+            return self._guided(x, sigma, concat, self._all, cache)
         out = x.clone()  # the dropped rows' "prediction": themselves
         if rows:
             batch = self._rows(tuple(rows))
@@ -106,7 +116,7 @@ class GuidedDenoiser:
                 concat = batch.concat
             elif concat is not None:  # a tile's cut, gathered here
                 concat = concat[keep]
-            out[keep] = self._guided(x[keep], sigma[keep], concat, batch)
+            out[keep] = self._guided(x[keep], sigma[keep], concat, batch, cache)
         return out
 
     def _rows(self, rows: tuple[int, ...]) -> _Batch:
@@ -130,26 +140,30 @@ class GuidedDenoiser:
             context, y = torch.cat([uncond, cond]), None if vector is None else torch.cat([vector_uncond, vector])
         return _Batch(keep, context, y, pick(self._scale), pick(self.concat))
 
-    def _guided(self, x: Tensor, sigma: Tensor, concat: Tensor | None, batch: _Batch) -> Tensor:
+    def _guided(
+        self, x: Tensor, sigma: Tensor, concat: Tensor | None, batch: _Batch, cache: StepCache | None
+    ) -> Tensor:
         """The guided x0 prediction of rows x (N, C, h, w) with the inputs of their `batch` and
-        `concat` cut to the same rows and tile."""
-        out = self._run(x, sigma, batch.context, concat, batch.vector)
+        `concat` cut to the same rows and tile; through `cache` when given (keyed by `batch`:
+        one per set of rows)."""
+        out = self._run(x, sigma, batch, concat, cache)
         if self._halves == "both":
             out_uncond, out_cond = out.chunk(2)
             out = out_uncond + batch.scale * (out_cond - out_uncond)
         return self._x0(x, sigma.view(-1, 1, 1, 1), out)
 
-    def _run(
-        self, x: Tensor, sigma: Tensor, context: Tensor, concat: Tensor | None, vector: Tensor | None
-    ) -> Tensor:
-        """One UNet call on as many copies of (x, sigma) as context has rows."""
+    def _run(self, x: Tensor, sigma: Tensor, batch: _Batch, concat: Tensor | None, cache: StepCache | None) -> Tensor:
+        """One UNet call on as many copies of (x, sigma) as the batch's context has rows."""
+        context = batch.context
         copies = context.shape[0] // x.shape[0]
         c_in = (sigma**2 + 1) ** -0.5  # (B,)
         x_in = (x * c_in.view(-1, 1, 1, 1)).repeat(copies, 1, 1, 1)  # (copies * B, C, h, w)
         if concat is not None:
             x_in = torch.cat([x_in, concat.to(x_in).repeat(copies, 1, 1, 1)], dim=1)
         t = self._schedule.sigma_to_t(sigma).repeat(copies)  # (copies * B,)
-        extra = {} if vector is None else {"y": vector}
+        if cache is not None:
+            return cache(self.unet, batch, x_in, t, context, batch.vector).to(x.dtype)
+        extra = {} if batch.vector is None else {"y": batch.vector}
         return self.unet(x_in, t, context, **extra).to(x.dtype)
 
     def _x0(self, x: Tensor, sigma: Tensor, out: Tensor) -> Tensor:

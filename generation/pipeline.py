@@ -30,13 +30,14 @@ from torch import nn
 
 from generation import sdxl
 from generation.addons import AddonError, AddonLibrary, file_hash
-from generation.denoiser import GuidedDenoiser, UNet
+from generation.denoiser import GuidedDenoiser
 from generation.images import ImageInputError
 from generation.prompts import encode_prompts, lora_set, split_lora_tags
 from generation.request import GenerationRequest, Kind
 from generation.samplers import SAMPLERS, BatchNoise, Cancelled, Denoiser, Sampler
 from generation.schedules import DiscreteSchedule, ddim_sigmas
 from generation.settings import ModelSettings
+from generation.step_cache import StepCache, SteppedUNet, UNetCalls
 from generation.tiling import OVERLAP, TILE, decode_tiled
 from generation.transfer import upload
 from generation.variations import variation_noise
@@ -97,8 +98,9 @@ class LoadedModel:
     addons: AddonLibrary | None = None
     #: The LoRA set merged into `network`'s weights now.
     loras: LoraMerge = field(default_factory=LoraMerge, compare=False)
-    #: The UNet call of the pipelines when not the eager `network.unet` (compiled execution).
-    unet: UNet | None = None
+    #: The UNet calls of the pipelines when not the eager `UNetCalls(network.unet)` (compiled
+    #: execution).
+    unet: SteppedUNet | None = None
     #: A half-precision copy of the VAE's decoding half (post_quant_conv, decoder) that `decode`
     #: uses first; None decodes in float32 only.
     vae_decoder: nn.Module | None = None
@@ -107,6 +109,9 @@ class LoadedModel:
     #: The VAE decode of `decode` when not the eager `vae_decoder` (or float32 VAE when there is
     #: none): compiled execution.
     vae_decode: Callable[[torch.Tensor], torch.Tensor] | None = None
+    #: Cached steps (`generation.step_cache`): every this many UNet calls of a run is full, the
+    #: others shallow; 1 is the exact path. Runs on tiles (upscales) are never cached.
+    step_cache_interval: int = 1
 
     @property
     def native_size(self) -> int:
@@ -144,12 +149,14 @@ def load_model(
     addons: AddonLibrary | None = None,
     vae_dtype: torch.dtype = torch.float32,
     fuse_projections: bool = True,
+    step_cache_interval: int = 1,
 ) -> LoadedModel:
     """Load the checkpoint of `settings` onto `device`. The VAE stays float32: SD's VAE overflows
     float16 on some images and decodes them black; a half `vae_dtype` adds a copy of its decoding
     half in that dtype, which `decode` tries first. `short_hash`: the file's known `checkpoint_hash`;
     `addons`: the LoRA and embedding folders its prompts may use; `fuse_projections`: one GEMM
-    for the attention projections that read the same input ([generation] fuse_projections)."""
+    for the attention projections that read the same input ([generation] fuse_projections);
+    `step_cache_interval`: cached steps ([generation] step_cache_interval, 1: off)."""
     network = load_checkpoint(settings.checkpoint, settings.config, settings.prediction, device, dtype,
                               vae_dtype=torch.float32, fuse_projections=fuse_projections)
     if device.type == "cuda":
@@ -159,7 +166,7 @@ def load_model(
     short_hash = short_hash or checkpoint_hash(settings.checkpoint)
     decoder = half_decoder(network, vae_dtype)
     return LoadedModel(settings.name, network, schedule, short_hash, device, dtype, vae_tile_above_pixels,
-                       addons=addons, vae_decoder=decoder)
+                       addons=addons, vae_decoder=decoder, step_cache_interval=step_cache_interval)
 
 
 def safe_vae_dtype(dtype: torch.dtype, family: Family) -> torch.dtype:
@@ -392,9 +399,10 @@ def denoise(
     live = None if cancelled is None else (lambda: [row for row, i in enumerate(owner) if not cancelled(i)])
     if labels is not None:  # the x4 upscaler's noise levels: each row's class input, as SDXL's vectors
         vector = vector_uncond = labels
+    step_cache = StepCache(model.step_cache_interval) if model.step_cache_interval > 1 else None
     guided = GuidedDenoiser(
         _unet_in(model), model.schedule, cond, uncond, guidance, network.family.prediction, concat, live,
-        vector, vector_uncond,
+        vector, vector_uncond, step_cache,
     )
     denoiser = guided if wrap is None else wrap(guided, initial)
     stop = None if live is None else (lambda: not live())  # every request has at least one image
@@ -484,16 +492,19 @@ def encode_conditioning(
     return cond, uncond
 
 
-def _unet_in(model: LoadedModel) -> Callable[..., torch.Tensor]:
-    """The UNet taking float32 latents: inputs cast to the weights' dtype, output back to float32.
-    y (N, ...): each UNet row's class input: SDXL's ADM vectors (cast with the weights, the dtype
-    compiled graphs are keyed by) or the x4 upscaler's integer noise levels."""
-    unet = model.network.unet if model.unet is None else model.unet
+def _unet_in(model: LoadedModel) -> SteppedUNet:
+    """The UNet's calls (`UNetCalls`) taking float32 latents: inputs cast to the weights' dtype,
+    output back to float32 (a kept deep feature stays in the weights' dtype, as the calls take
+    it). y (N, ...): each UNet row's class input: SDXL's ADM vectors (cast with the weights, the
+    dtype compiled graphs are keyed by) or the x4 upscaler's integer noise levels."""
+    unet = UNetCalls(model.network.unet) if model.unet is None else model.unet
 
-    def run(x: torch.Tensor, t: torch.Tensor, context: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+    def run(x: torch.Tensor, t: torch.Tensor, context: torch.Tensor, y: torch.Tensor | None = None,
+            deep: torch.Tensor | None = None, keep: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         if y is not None and y.is_floating_point():
             y = y.to(model.dtype)
-        return unet(x.to(model.dtype), t, context.to(model.dtype), y=y).float()
+        out = unet(x.to(model.dtype), t, context.to(model.dtype), y=y, deep=deep, keep=keep)
+        return (out[0].float(), out[1]) if keep else out.float()
 
     return run
 

@@ -35,6 +35,7 @@ from generation.engine import Engine
 from generation.pipeline import LoadedModel, decode, load_model, sample_latents, txt2img
 from generation.request import GenerationRequest
 from generation.settings import GenerationSettings, ModelSettings
+from generation.step_cache import UNetCalls
 from tests.fixtures.checkpoints import TinyCheckpoints, TinySDXL, tiny_checkpoints, tiny_sdxl  # noqa: F401
 from tests.fixtures.devices import StandInDevice, on_stand_in_device
 
@@ -442,7 +443,7 @@ def test_the_real_inductor_compiles_the_tiny_unet_and_a_txt2img_run_equals_eager
     """One inductor compile (tens of seconds on two cores): the graph's output equals the eager
     UNet's within 1e-5 in float32, and the whole run's images equal the eager run's."""
     eager = engine_with(tiny_checkpoints, Compiling("off")).load("tiny", "cpu")
-    model = dataclasses.replace(eager, unet=CompiledCall(eager.network.unet, torch_compiler("default"),
+    model = dataclasses.replace(eager, unet=CompiledCall(UNetCalls(eager.network.unet), torch_compiler("default"),
                                                          model="tiny", device=CPU, mode="default"))
     req = request(count=1, steps=3)
     key = unet_key(2, 4, (32, 32), 77, 32, torch.float32)
