@@ -13,7 +13,7 @@ from pydantic import ValidationError
 from bot.config import AppConfig
 from generation.addons import AddonLibrary, sampling_defaults
 from generation.images import ImageInputError, fit_size, load_image, prepare_mask, split_alpha
-from generation.metadata import parameters_text, png_bytes, refiner_infotext
+from generation.metadata import parameters_text, png_bytes, refiner_infotext, step_cache_infotext
 from generation.outpaint import outpaint_size
 from generation.pipeline import load_model, resolve_device, resolve_dtype, run_batch
 from generation.refiner import check_pair, refined
@@ -43,7 +43,7 @@ def generate(args: argparse.Namespace, config: AppConfig) -> list[Path]:
     defaults = config.generation
     addons = AddonLibrary(args.lora_dir or defaults.lora_dir, args.embedding_dir or defaults.embedding_dir)
     model = load_model(settings, device, dtype, defaults.vae_tile_above_pixels, addons=addons,
-                       fuse_projections=defaults.fuse_projections)
+                       fuse_projections=defaults.fuse_projections, step_cache_interval=defaults.step_cache_interval)
     stored = {}  # sha256 -> bytes of the input files, as storage would hand them to the runner
     try:
         fields = _image_fields(args, defaults, stored)
@@ -91,7 +91,8 @@ def generate(args: argparse.Namespace, config: AppConfig) -> list[Path]:
             (images_out,) = run_batch(model, [request], stored.__getitem__, progress=show_progress)
         else:
             refiner = load_model(_refiner_settings(args), device, dtype, defaults.vae_tile_above_pixels,
-                                 fuse_projections=defaults.fuse_projections)
+                                 fuse_projections=defaults.fuse_projections,
+                                 step_cache_interval=defaults.step_cache_interval)
             try:
                 check_pair(model, refiner)
             except ValueError as exc:
@@ -105,6 +106,8 @@ def generate(args: argparse.Namespace, config: AppConfig) -> list[Path]:
     (extra,) = addons.infotexts([(request.prompt, request.negative_prompt)])
     if args.refiner is not None:
         extra = [*extra, *refiner_infotext(refiner.name, refiner.short_hash, request.steps, args.refiner_strength)]
+    if not args.upscale:  # upscales run on tiles, never cached
+        extra = [*extra, *step_cache_infotext(model.step_cache_interval)]
     for path, image, seed in zip(paths, images_out, request.seeds(), strict=True):
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(png_bytes(image, parameters_text(request, seed, model.short_hash, extra)))

@@ -110,6 +110,7 @@ class Studio:
             addons=self.addons,
             vae_dtype=config.generation.vae_dtype,
             fuse_projections=config.generation.fuse_projections,
+            step_cache_interval=config.generation.step_cache_interval,
             compiling=Compiling.of(config.generation, cache_dir_in(config.storage.data_dir)),
         )
         self._refusal = refusal

@@ -22,7 +22,7 @@ from PIL import Image
 from generation.addons import AddonLibrary
 from generation.compiled import Compiling
 from generation.denoiser import latent_preview
-from generation.metadata import parameters_text, refiner_infotext
+from generation.metadata import parameters_text, refiner_infotext, step_cache_infotext
 from generation.pipeline import (
     Inputs,
     LoadedModel,
@@ -51,7 +51,8 @@ class Engine:
     `compiling` decides which parts of loaded models (UNet, VAE decode, text towers) run compiled
     graphs and warms them up at load;
     `vae_dtype` is the VAE decode's precision ("auto": float16 on CUDA, where the family allows);
-    `fuse_projections`: fused attention projections ([generation] fuse_projections)."""
+    `fuse_projections`: fused attention projections ([generation] fuse_projections);
+    `step_cache_interval`: cached steps ([generation] step_cache_interval, 1: off)."""
 
     def __init__(
         self,
@@ -65,6 +66,7 @@ class Engine:
         vae_dtype: str = "auto",
         compiling: Compiling = Compiling(),
         fuse_projections: bool = True,
+        step_cache_interval: int = 1,
         clock: Callable[[], float] = time.monotonic,
         addons: AddonLibrary | None = None,
     ) -> None:
@@ -75,6 +77,7 @@ class Engine:
         self._vae_dtype = vae_dtype
         self._compiling = compiling
         self._fuse_projections = fuse_projections
+        self._step_cache_interval = step_cache_interval
         self._inputs = inputs
         self._preview = preview
         self._preview_every_s = preview_every_s
@@ -95,7 +98,8 @@ class Engine:
         if key not in self._hashes:
             self._hashes[key] = checkpoint_hash(settings.checkpoint)
         model = load_model(settings, torch_device, dtype, self._vae_tile_above_pixels, self._hashes[key],
-                           self._addons, resolve_vae_dtype(self._vae_dtype, torch_device), self._fuse_projections)
+                           self._addons, resolve_vae_dtype(self._vae_dtype, torch_device), self._fuse_projections,
+                           self._step_cache_interval)
         model = self._compiling.compile(model)
         if settings.refiner is None:
             return model
@@ -156,6 +160,8 @@ class Engine:
             if model.refiner is not None and r.kind in (Kind.TXT2IMG, Kind.IMG2IMG):  # what the refiner finishes
                 extra = [*extra, *refiner_infotext(model.refiner.name, model.refiner.short_hash, r.steps,
                                                    model.refiner_strength)]
+            if r.kind is not Kind.UPSCALE:  # upscales run on tiles, never cached
+                extra = [*extra, *step_cache_infotext(model.step_cache_interval)]
             for image, seed in zip(images, seeds, strict=True):
                 image.info["parameters"] = parameters_text(r, seed, model.short_hash, extra)
             results.append(JobResult(job.id, tuple(images), tuple(seeds)))

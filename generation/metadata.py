@@ -62,6 +62,12 @@ def refiner_infotext(name: str, model_hash: str, steps: int, strength: float) ->
     return [("Refiner", f"{name} [{model_hash}]"), ("Refiner switch at", f"{round(switch_at, 4):g}")]
 
 
+def step_cache_infotext(interval: int) -> list[tuple[str, str]]:
+    """The field of an image made with cached steps (`[generation] step_cache_interval`), for
+    `parameters_text`'s `extra`: none on the exact path (interval 1)."""
+    return [] if interval == 1 else [("Step cache", str(interval))]
+
+
 def png_bytes(image: Image.Image, parameters: str | None = None) -> bytes:
     """Encode `image` as PNG, carrying `parameters` (when given) in a tEXt/iTXt chunk."""
     info = PngImagePlugin.PngInfo()

@@ -89,6 +89,12 @@ class GenerationSettings(_Settings):
     #: cross-attention's k, v of the text): the same math up to GEMM rounding, 5 projection GEMMs
     #: per transformer block instead of 8. Off runs the original's separate projections.
     fuse_projections: bool = True
+    #: Cached steps (DeepCache), approximate and opt-in: of a run's UNet calls every this many is
+    #: full and the calls between run only the UNet's shallow blocks on the deep feature the full
+    #: one kept. 1 is off: the exact path, the original repositories' image for a seed. 2 to 5
+    #: trade detail for speed (`atelier bench engine --step-cache N` prints both); the PNG
+    #: metadata says "Step cache: N". Upscales (tiled) are never cached.
+    step_cache_interval: int = Field(default=1, ge=1, le=5)
 
     @field_validator("device")
     @classmethod
