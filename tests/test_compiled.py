@@ -626,3 +626,25 @@ def test_half_vae_decode_on_a_gpu_is_close_to_float32(tiny_checkpoints: TinyChec
     with torch.inference_mode():
         for a, b in zip(decode(full, latents), decode(half, latents), strict=True):
             assert np.abs(np.asarray(a).astype(float) - np.asarray(b).astype(float)).mean() <= 1.0
+
+
+def test_cached_steps_warm_up_and_run_their_own_two_graphs(tiny_checkpoints: TinyCheckpoints) -> None:  # noqa: F811
+    """With step_cache_interval > 1 the UNet's graphs are the full call keeping the deep feature
+    and the shallow call taking it (no exact one): both warm up at load and a run goes through
+    them, giving the eager cached run's images."""
+    compilers: list[StandInCompiler] = []
+    compiling = Compiling("on", bucketing=Bucketing("buckets", (1,)), warmup=("1:1",), compiler=per_part(compilers))
+    model = engine_with(tiny_checkpoints, compiling, step_cache_interval=3).load("tiny", "cpu")
+    eager = engine_with(tiny_checkpoints, Compiling("off"), step_cache_interval=3).load("tiny", "cpu")
+    unet = wait_all(model)["unet"]
+    # 64x64 latents, 2 guided rows; the kept feature: level 1's upsampled output, 64 channels
+    assert [g.key for g in unet.status().graphs] == [
+        "2 rows x 4 x 64x64 latent, 77 tokens, keeping the deep feature",
+        "2 rows x 4 x 64x64 latent, 77 tokens, shallow (cached steps)"]
+    assert model.network.unet.deep_channels == 64
+    req = request(count=1, steps=4, width=128, height=128)
+    got, expected = txt2img(model, [req])[0], txt2img(eager, [req])[0]
+    assert compilers[0].rows == [2, 2] + [2] * 4  # the warm-ups, then every call on a graph
+    assert unet.status().count(State.READY) == 2 and len(unet.status().graphs) == 2
+    for a, b in zip(expected, got, strict=True):
+        assert np.abs(np.asarray(a).astype(int) - np.asarray(b).astype(int)).max() <= 1

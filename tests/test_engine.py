@@ -167,3 +167,17 @@ def test_fuse_projections_reaches_the_loaded_unet_and_keeps_the_pixels(
     request = job("a", count=1).request
     fused_latents, plain_latents = (sample_latents(model, [request]) for model in (fused, plain))
     torch.testing.assert_close(fused_latents, plain_latents, rtol=0, atol=1e-5)
+
+
+def test_cached_steps_reach_the_run_and_are_named_in_the_parameters(
+        tiny_checkpoints: TinyCheckpoints, engine: Engine) -> None:  # noqa: F811
+    path, yaml_path = tiny_checkpoints.get("sd1")
+    settings = ModelSettings(name="tiny", checkpoint=path, config=yaml_path)
+    cached = Engine([settings], "float32", INPUTS.__getitem__, step_cache_interval=3).load("tiny", "cpu")
+    exact = engine.load("tiny", "cpu")
+    assert cached.step_cache_interval == 3 and exact.step_cache_interval == 1
+    (with_cache,), (without,) = (e.run(m, "cpu", [job("a", count=1)], lambda *_: None, lambda _: False)
+                                 for e, m in ((engine, cached), (engine, exact)))
+    assert with_cache.images[0].info["parameters"].endswith("Model: tiny, Step cache: 3")
+    assert "Step cache" not in without.images[0].info["parameters"]
+    assert not np.array_equal(decoded(with_cache.images[0])[0], decoded(without.images[0])[0])

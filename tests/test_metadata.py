@@ -4,7 +4,7 @@ import io
 
 from PIL import Image
 
-from generation.metadata import SAMPLER_LABELS, parameters_text, png_bytes, refiner_infotext
+from generation.metadata import SAMPLER_LABELS, parameters_text, png_bytes, refiner_infotext, step_cache_infotext
 from generation.request import SAMPLER_NAMES, GenerationRequest
 
 
@@ -57,3 +57,9 @@ def test_png_carries_the_chunk_ascii_and_unicode() -> None:
         decoded = Image.open(io.BytesIO(png_bytes(image, text)))
         assert decoded.text["parameters"] == text
         assert decoded.getpixel((3, 3)) == (10, 20, 30)
+
+
+def test_cached_steps_are_named_only_when_on() -> None:
+    assert step_cache_infotext(1) == []  # the exact path says nothing
+    assert parameters_text(request(), seed=1, model_hash="abc", extra=step_cache_infotext(3)).endswith(
+        "Model: sd15, Step cache: 3")
