@@ -43,7 +43,7 @@ from bot.policy import Requester
 from bot.studio import Origin, Studio
 from generation.compiled import Compiling, State, cache_dir_in, compiled_calls, read_statuses
 from generation.engine import Engine, memory_budget
-from generation.engine_bench import randomise
+from generation.engine_bench import TINY, randomise
 from generation.queue import Estimate, Job
 from generation.request import SAMPLER_NAMES, GenerationRequest, JobState
 from generation.settings import GenerationSettings, ModelSettings, QueueSettings
@@ -53,15 +53,6 @@ from storage import jobs as stored
 from storage.images import ImageRecord
 from storage.settings import StorageSettings
 
-#: SD 1.x with two UNet levels of 32 and 64 channels, a 2x VAE and a 2-layer text tower: the
-#: same code paths as the real thing, in milliseconds per step on a CPU.
-TINY = replace(
-    SD1,
-    unet=replace(SD1.unet, model_channels=32, attention_resolutions=(2,), num_res_blocks=1, channel_mult=(1, 2),
-                 context_dim=32),
-    vae=replace(SD1.vae, ch=32, ch_mult=(1, 2), num_res_blocks=1),
-    text=replace(SD1.text, width=32, layers=2, mlp_width=64),
-)
 FAMILIES = {"tiny": TINY, "sd1": SD1, "sd2": SD2_V}
 #: The native square and the 2:3 and 3:2 aspects the bot offers (tiny: small enough for a CPU).
 SIZES = {"tiny": "64x64,64x96,96x64", "sd1": "512x512,512x768,768x512", "sd2": "768x768,640x960,960x640"}

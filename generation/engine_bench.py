@@ -20,7 +20,12 @@ tokens through every tower, SDXL's pooled output included), eager against compil
 whose compiled figure is no better belongs out of `compile_parts`. `--compile-parts` picks the
 parts timed. `--fuse-projections off` times the original's separate attention projections (A/B
 against the default fused ones); `--context-kv` prints instead what the text context's K/V
-projections cost per UNet call (analytic, meta device: nothing runs).
+projections cost per UNet call (analytic, meta device: nothing runs). `--step-cache N` adds a
+table of cached steps (`[generation] step_cache_interval`, approximate): ms per UNet call exact
+and averaged over a cycle of one full call and N - 1 shallow ones, whole-image seconds exact and
+cached, and the PSNR of the cached images against the exact ones of the same seeds; with
+`--compile`, both through the compiled UNet. `--family tiny` is a small SD 1.x layout for
+structure checks of the command on a CPU.
 """
 
 from __future__ import annotations
@@ -33,10 +38,13 @@ import os
 import statistics
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import get_args
 
+import numpy as np
 import torch
+from PIL import Image
 
 from generation.compiled import (
     Bucketing,
@@ -44,6 +52,7 @@ from generation.compiled import (
     Compiling,
     GraphKey,
     compiled_calls,
+    describe_unet,
     text_key,
     torch_compiler,
     tower_calls,
@@ -55,11 +64,21 @@ from generation.request import SAMPLER_NAMES, GenerationRequest
 from generation.schedules import DiscreteSchedule
 from generation.settings import CompilePart
 from generation.settings import GenerationSettings
+from generation.step_cache import INTERVALS, UNetCalls
 from models.families import SD1, SD2_V, SDXL, SDXL_REFINER, SIZE_KEY_VALUES, Family
 from models.flops import context_projection_cost
 from models.stable_diffusion import StableDiffusion
 
-FAMILIES = {"sd1": SD1, "sd2": SD2_V, "sdxl": SDXL, "sdxl-refiner": SDXL_REFINER}
+#: SD 1.x with two UNet levels of 32 and 64 channels, a 2x VAE and a 2-layer text tower: the
+#: same code paths as the real thing, in milliseconds per step on a CPU.
+TINY = replace(
+    SD1,
+    unet=replace(SD1.unet, model_channels=32, attention_resolutions=(2,), num_res_blocks=1, channel_mult=(1, 2),
+                 context_dim=32),
+    vae=replace(SD1.vae, ch=32, ch_mult=(1, 2), num_res_blocks=1),
+    text=replace(SD1.text, width=32, layers=2, mlp_width=64),
+)
+FAMILIES = {"tiny": TINY, "sd1": SD1, "sd2": SD2_V, "sdxl": SDXL, "sdxl-refiner": SDXL_REFINER}
 
 
 def main(argv: list[str]) -> int:
@@ -96,6 +115,9 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--fuse-projections", choices=("on", "off"), default=fused,
                         help=f"one GEMM for q/k/v and for the context's k/v, as [generation] fuse_projections "
                              f"(default {fused})")
+    parser.add_argument("--step-cache", type=int, choices=INTERVALS[1:], default=None, metavar="N",
+                        help="also time cached steps of interval N (2 to 5, as [generation] step_cache_interval) "
+                             "against the exact path, with the PSNR of their images")
     parser.add_argument("--context-kv", action="store_true",
                         help="print what the context's K/V projections cost per UNet call (analytic) and exit")
     args = parser.parse_args(argv)
@@ -119,7 +141,7 @@ def main(argv: list[str]) -> int:
                           args.fuse_projections == "on")
     compiled = None
     if args.compile and "unet" in parts:
-        compiled = CompiledCall(model.network.unet, torch_compiler(mode), model=model.name, device=device,
+        compiled = CompiledCall(UNetCalls(model.network.unet), torch_compiler(mode), model=model.name, device=device,
                                 mode=mode, bucketing=Bucketing(args.compile_batches))
     reference = None if args.no_diffusers or not importlib.util.find_spec("diffusers") else _diffusers_unet(family, device, dtype)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
@@ -147,6 +169,8 @@ def main(argv: list[str]) -> int:
                 print(f"{size:>5} {batch:>5} | "
                       + " ".join(f"{value:>{width}.2f}" for value, (_, width) in zip(figures, columns, strict=True)),
                       flush=True)
+    if args.step_cache is not None:
+        step_cache_table(model, compiled, args.step_cache, sizes, batches, args)
     if args.compile and {"vae", "text"} & set(parts):
         parts_table(model, Compiling("on", mode, Bucketing(args.compile_batches), parts=parts), sizes, batches,
                     args.iters)
@@ -235,28 +259,28 @@ def _figures(model: LoadedModel, compiled: CompiledCall | None, reference: torch
     family, device, dtype = model.network.family, model.device, model.dtype
     unets: list[Callable[..., torch.Tensor]] = [model.network.unet]
     compile_s = []
+    side = size // model.network.vae_scale
     if compiled is not None:
         rows = Bucketing(args.compile_batches).rows(2 * batch)
-        side = size // model.network.vae_scale
         key = unet_key(rows, family.unet.in_channels, (side, side), 77, family.unet.context_dim, dtype,
                        family.unet.adm_in_channels)
         compiled.warm_up([key])
         compiled.wait()
-        (graph,) = [g for g in compiled.status().graphs if g.key == key.describe()]
+        (graph,) = [g for g in compiled.status().graphs if g.key == describe_unet(key)]
         compile_s.append(graph.seconds if graph.seconds is not None else float("nan"))
         unets.append(compiled)
     if reference is not None:
         unets.append(_diffusers_call(reference, family))
         if reference_compiled is not None:
             start = time.perf_counter()
-            _unet_step_ms([reference_compiled], family, size, batch, device, dtype, 1)  # compiles
+            _unet_step_ms([reference_compiled], family, side, batch, device, dtype, 1)  # compiles
             compile_s.append(time.perf_counter() - start)
             unets.append(reference_compiled)
-    ms = _unet_step_ms(unets, family, size, batch, device, dtype, args.iters)
-    latency, peak = _image_latency(model, size, batch, args.steps, args.sampler)
+    ms = _unet_step_ms(unets, family, side, batch, device, dtype, args.iters)
+    latency, peak, _ = _image_latency(model, size, batch, args.steps, args.sampler)
     figures = [ms[0], latency, batch / latency]
     if compiled is not None:
-        compiled_latency, compiled_peak = _image_latency(dataclasses.replace(model, unet=compiled), size, batch,
+        compiled_latency, compiled_peak, _ = _image_latency(dataclasses.replace(model, unet=compiled), size, batch,
                                                          args.steps, args.sampler)
         peak = max(peak, compiled_peak)
         figures += [compile_s[0], ms[1], ms[0] / ms[1], compiled_latency, batch / compiled_latency]
@@ -362,17 +386,68 @@ def _diffusers_call(unet: torch.nn.Module, family: Family) -> Callable[..., torc
 
 
 @torch.inference_mode()
-def _unet_step_ms(
-    unets: list[Callable[..., torch.Tensor]], family: Family, size: int, batch: int,
-    device: torch.device, dtype: torch.dtype, iters: int,
-) -> list[float]:
-    """Median ms of one guided step (a UNet call on 2 x batch latents) of each UNet."""
-    side = size // 8
+def step_cache_table(model: LoadedModel, compiled: CompiledCall | None, interval: int, sizes: list[int],
+                     batches: list[int], args: argparse.Namespace) -> None:
+    """Print what cached steps of `interval` save and cost at each size and batch: ms per guided
+    UNet call exact, of the full call keeping the deep feature, of the shallow call, and per call
+    over a cycle (one full, interval - 1 shallow); whole txt2img seconds exact and cached; the
+    PSNR (dB, uint8 pixels, mean and worst image) of the cached images against the exact ones of
+    the same seeds. Through `compiled` when given (its graphs built first)."""
+    network, device, dtype = model.network, model.device, model.dtype
+    family = network.family
+    exact = model if compiled is None else dataclasses.replace(model, unet=compiled)
+    cached = dataclasses.replace(exact, step_cache_interval=interval)
+    calls = UNetCalls(network.unet) if compiled is None else compiled
+    print(f"\ncached steps, interval {interval} ({'compiled' if compiled else 'eager'}; {args.steps} steps of "
+          f"{args.sampler}; PSNR of the decoded images against the exact path, same seeds):")
+    print(f"{'size':>5} {'batch':>5} | {'exact ms':>8} {'full ms':>8} {'shallow ms':>10} {'cached ms':>9} {'x':>5} | "
+          f"{'exact s':>8} {'cached s':>8} {'x':>5} | {'PSNR dB':>7} {'worst':>6}")
+    for size in sizes:
+        side = size // network.vae_scale
+        for batch in batches:
+            if compiled is not None:
+                keys = [unet_key(Bucketing(args.compile_batches).rows(2 * batch), family.unet.in_channels,
+                                 (side, side), 77, family.unet.context_dim, dtype, family.unet.adm_in_channels, call,
+                                 network.unet.deep_channels) for call in ("exact", "keep", "shallow")]
+                _built(compiled, keys)
+            x, t, context, y = _unet_inputs(family, side, batch, device, dtype)
+            deep = calls(x, t, context, y, keep=True)[1]
+            exact_ms, full_ms, shallow_ms = _median_ms(
+                [lambda: calls(x, t, context, y), lambda: calls(x, t, context, y, keep=True),
+                 lambda: calls(x, t, context, y, deep=deep)], device, args.iters)
+            cycle_ms = (full_ms + (interval - 1) * shallow_ms) / interval
+            exact_s, _, exact_images = _image_latency(exact, size, batch, args.steps, args.sampler)
+            cached_s, _, cached_images = _image_latency(cached, size, batch, args.steps, args.sampler)
+            psnr = [_psnr(a, b) for a, b in zip(exact_images, cached_images, strict=True)]
+            print(f"{size:>5} {batch:>5} | {exact_ms:>8.2f} {full_ms:>8.2f} {shallow_ms:>10.2f} {cycle_ms:>9.2f} "
+                  f"{exact_ms / cycle_ms:>5.2f} | {exact_s:>8.3f} {cached_s:>8.3f} {exact_s / cached_s:>5.2f} | "
+                  f"{statistics.mean(psnr):>7.2f} {min(psnr):>6.2f}", flush=True)
+
+
+def _psnr(a: Image.Image, b: Image.Image) -> float:
+    """PSNR in dB of b against a, 8-bit pixels (inf when equal)."""
+    mse = np.mean((np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64)) ** 2)
+    return float("inf") if mse == 0 else float(10 * np.log10(255**2 / mse))
+
+
+def _unet_inputs(family: Family, side: int, batch: int, device: torch.device,
+                 dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """(x, t, context, y) of one guided step of `batch` images (2 x batch UNet rows) at latent `side`."""
     x = torch.randn(2 * batch, family.unet.in_channels, side, side, device=device, dtype=dtype)
     t = torch.full((2 * batch,), 500.0, device=device)
     context = torch.randn(2 * batch, 77, family.unet.context_dim, device=device, dtype=dtype)
     adm = family.unet.adm_in_channels
     y = None if adm is None else torch.randn(2 * batch, adm, device=device, dtype=dtype)  # SDXL's ADM vector
+    return x, t, context, y
+
+
+@torch.inference_mode()
+def _unet_step_ms(
+    unets: list[Callable[..., torch.Tensor]], family: Family, side: int, batch: int,
+    device: torch.device, dtype: torch.dtype, iters: int,
+) -> list[float]:
+    """Median ms of one guided step (a UNet call on 2 x batch latents of `side`) of each UNet."""
+    x, t, context, y = _unet_inputs(family, side, batch, device, dtype)
     return _median_ms([lambda unet=unet: unet(x, t, context, y) for unet in unets], device, iters)
 
 
@@ -394,8 +469,9 @@ def _median_ms(calls: list[Callable[[], object]], device: torch.device, iters: i
     return [statistics.median(taken) for taken in times]
 
 
-def _image_latency(model: LoadedModel, size: int, batch: int, steps: int, sampler: str) -> tuple[float, float]:
-    """Seconds of one whole txt2img run of `batch` images, and the run's peak GiB on CUDA."""
+def _image_latency(model: LoadedModel, size: int, batch: int, steps: int,
+                   sampler: str) -> tuple[float, float, list[Image.Image]]:
+    """Seconds of one whole txt2img run of `batch` images, the run's peak GiB on CUDA, its images."""
     request = GenerationRequest(prompt="a lighthouse at dusk, oil painting", negative_prompt="blurry",
                                 model=model.name, sampler=sampler, steps=steps, guidance=7.0, seed=1,
                                 width=size, height=size, count=batch)
@@ -404,11 +480,11 @@ def _image_latency(model: LoadedModel, size: int, batch: int, steps: int, sample
         torch.cuda.reset_peak_memory_stats(model.device)
     sync(model.device)
     start = time.perf_counter()
-    txt2img(model, [request])
+    (images,) = txt2img(model, [request])
     sync(model.device)
     seconds = time.perf_counter() - start
     peak = torch.cuda.max_memory_allocated(model.device) / 2**30 if model.device.type == "cuda" else float("nan")
-    return seconds, peak
+    return seconds, peak, images
 
 
 def sync(device: torch.device) -> None:

@@ -5,13 +5,14 @@ the run's dtype. The command itself is a benchmark (docs/PERFORMANCE.md), not a 
 
 from __future__ import annotations
 
+import argparse
 import math
 
 import pytest
 import torch
 from diffusers import UNet2DConditionModel
 
-from generation.compiled import Compiling
+from generation.compiled import Bucketing, CompiledCall, Compiling, State
 from generation.engine_bench import (
     FAMILIES,
     _diffusers_call,
@@ -21,9 +22,11 @@ from generation.engine_bench import (
     main,
     parts_table,
     randomise,
+    step_cache_table,
 )
 from generation.pipeline import load_model
 from generation.settings import ModelSettings
+from generation.step_cache import UNetCalls
 from models.unet import UNetModel
 from tests.fixtures.checkpoints import TinyCheckpoints, tiny_checkpoints, tiny_sdxl_family  # noqa: F401
 
@@ -113,3 +116,32 @@ def test_context_kv_prints_the_projections_share_without_running_the_unet(capsys
     out = capsys.readouterr().out
     # SD 1.x: 16 transformer blocks, each attn2 projecting the context to K and V
     assert "512px, 2 rows: 5.9 of 1607 GFLOP (0.37%); 32 GEMMs of" in out
+
+
+def test_step_cache_prints_exact_against_cached_speed_and_psnr(capsys: pytest.CaptureFixture[str]) -> None:
+    """`--step-cache N` on the tiny layout: one row per size and batch with finite figures, the
+    shallow call cheaper than the full one, the cached images close to but not the exact ones."""
+    assert main(["--family", "tiny", "--sizes", "64", "--batches", "1,2", "--steps", "4", "--iters", "2",
+                 "--no-diffusers", "--step-cache", "2"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    start = lines.index("cached steps, interval 2 (eager; 4 steps of dpmpp_2m_karras; PSNR of the decoded images "
+                        "against the exact path, same seeds):")
+    rows = [line.replace("|", "").split() for line in lines[start + 2:]]
+    assert [row[:2] for row in rows] == [["64", "1"], ["64", "2"]]
+    for row in rows:
+        exact_ms, full_ms, shallow_ms, cycle_ms, _, _, _, _, psnr, worst = map(float, row[2:])
+        assert shallow_ms < full_ms and cycle_ms == pytest.approx((full_ms + shallow_ms) / 2, abs=0.011)
+        assert math.isfinite(psnr) and psnr >= worst > 20
+
+
+def test_step_cache_through_a_compiled_unet_builds_and_runs_its_graphs(capsys: pytest.CaptureFixture[str]) -> None:
+    model = _random_model(FAMILIES["tiny"], torch.device("cpu"), torch.float32)
+    compiled = CompiledCall(UNetCalls(model.network.unet), lambda fn: fn, model=model.name, device=torch.device("cpu"),
+                            mode="default", bucketing=Bucketing("exact"))
+    args = argparse.Namespace(steps=3, sampler="euler", iters=1, compile_batches="exact")
+    step_cache_table(model, compiled, 3, [64], [1], args)
+    assert "cached steps, interval 3 (compiled;" in capsys.readouterr().out
+    assert [g.key for g in compiled.status().graphs] == [
+        "2 rows x 4 x 32x32 latent, 77 tokens", "2 rows x 4 x 32x32 latent, 77 tokens, keeping the deep feature",
+        "2 rows x 4 x 32x32 latent, 77 tokens, shallow (cached steps)"]
+    assert compiled.status().count(State.READY) == 3
