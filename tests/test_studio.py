@@ -228,3 +228,23 @@ async def test_a_paused_server_stays_paused_after_a_restart(config: AppConfig) -
         await reopened.pause(ALICE.guild_id, False)
     async with studio(config) as again:
         assert not again.queue.is_paused(ALICE.guild_id)
+
+
+async def test_a_burst_of_submissions_is_replayed_together_and_each_acknowledgement_sees_its_job(
+        config: AppConfig) -> None:
+    recorder = Recorder()
+    async with studio(config) as opened:
+        opened.start(recorder)
+        opened.queue.pause()  # nothing starts: every job stays waiting
+
+        async def submit(member: int) -> tuple[str, bool]:
+            job = await opened.submit(request(), Requester(member, 10, 100), origin())
+            return job.id, job.id in opened.estimates  # what the acknowledgement reads
+
+        acks = await asyncio.gather(*(submit(member) for member in (1, 2, 3, 4) * 3))
+        assert all(seen for _, seen in acks)
+        assert len(recorder.moves) < len(acks)  # a replay per burst, not per submission
+        last = recorder.moves[-1]
+        assert sorted(last) == sorted(job_id for job_id, _ in acks) and last == opened.estimates
+        assert sorted(estimate.position for estimate in last.values()) == list(range(1, 13))
+        assert last == opened.queue.estimates()
