@@ -44,7 +44,8 @@ RETENTION_EVERY_S = 3600.0
 RETELL_WITHIN_S = 7 * 86400.0
 #: Longest a device thread waits for the loop to look up a stored input (it may be shutting down).
 INPUT_WAIT_S = 30.0
-#: Shortest time between two replays of the queue for its estimates: a burst of changes (the jobs
+#: Shortest time between two replays of the queue for its estimates (and never less than the last
+#: replay took, so they hold the interpreter half the time at most): a burst of changes (the jobs
 #: of a batch starting one by one, a flood of submissions) is replayed once, not once per change.
 ESTIMATES_EVERY_S = 0.05
 #: What the owner of a job is told when restarts interrupted it more often than it may re-run.
@@ -131,7 +132,7 @@ class Studio:
         #: The replay under way (`_replay_moves`), and whether the queue moved since it began.
         self._replaying: asyncio.Task | None = None
         self._moves_pending = False
-        self._replayed_at = float("-inf")
+        self._next_replay_at = float("-inf")
         self._tasks: list[asyncio.Task] = []
         self._running = False
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -284,18 +285,21 @@ class Studio:
     async def _replay_moves(self) -> None:
         """Replay the queue until no change is left unreplayed, at most once per
         `ESTIMATES_EVERY_S` (changes that come meanwhile share the next replay). The loop only
-        copies the queue (`FairQueue.replay`, O(n)); the replay itself, which takes a second at
-        10,000 jobs, runs on a worker thread, so Discord's heartbeat and interactions go on."""
+        copies the queue (`FairQueue.replay`, O(n): milliseconds at 10,000 jobs); the replay itself
+        (a few hundred of them there) runs on a worker thread, so Discord's heartbeat and
+        interactions go on."""
         loop = asyncio.get_running_loop()
         try:
             while self._moves_pending:
-                await asyncio.sleep(self._replayed_at + ESTIMATES_EVERY_S - loop.time())
-                self._moves_pending, self._replayed_at = False, loop.time()
+                await asyncio.sleep(self._next_replay_at - loop.time())
+                self._moves_pending, began = False, loop.time()
                 try:
                     estimates = await asyncio.to_thread(self.queue.replay().run)
                 except Exception:
                     log.exception("replaying the queue for its estimates failed; the last ones stay")
                     continue
+                finally:
+                    self._next_replay_at = loop.time() + max(ESTIMATES_EVERY_S, loop.time() - began)
                 # Jobs that started while the thread replayed are no longer waiting.
                 self.estimates = {job_id: estimate for job_id, estimate in estimates.items()
                                   if (job := self.queue.get(job_id)) and job.state is JobState.QUEUED}

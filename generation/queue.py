@@ -282,10 +282,12 @@ class _Tree:
 
     def _find(self, key: object, level: str) -> _Flow | None:
         """A flow for reading only, from the nearest fork that has it (no copy); None if none."""
-        own = self._users if level == "user" else self._guilds
-        if key in own or self._parent is None:
-            return own.get(key)
-        return self._parent._find(key, level)
+        tree = self
+        while True:  # not recursive: replays call this a million times
+            flow = (tree._users if level == "user" else tree._guilds).get(key)
+            if flow is not None or tree._parent is None:
+                return flow
+            tree = tree._parent
 
     def _seen(self, key: object, level: str) -> _Flow:
         flow = self._find(key, level)
@@ -293,9 +295,10 @@ class _Tree:
         return flow
 
     def running(self, owner: int) -> int:
-        if owner in self._running or self._parent is None:
-            return self._running.get(owner, 0)
-        return self._parent.running(owner)
+        tree = self
+        while owner not in tree._running and tree._parent is not None:
+            tree = tree._parent
+        return tree._running.get(owner, 0)
 
     # -- public operations --
 
@@ -409,6 +412,7 @@ class _Tree:
         return valid
 
     def _current(self, entry: _Entry, level: str) -> bool:
+        """Whether a heap entry still stands for its flow (it is active and was not re-pushed)."""
         flow = self._seen(entry[3], level)
         return flow.active and flow.version == entry[2]
 
