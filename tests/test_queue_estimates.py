@@ -174,3 +174,15 @@ def test_estimates_equal_the_full_replay_on_random_queues(
     expected = oracle_estimates(queue)
     assert queue.estimates() == expected
     assert len(expected) == len(queue)
+
+
+def test_two_idle_devices_wait_for_the_busy_one_whose_owner_is_next():
+    """The old replay looped forever here: the only waiting job's owner runs a job on cuda:0, so
+    cuda:1 and cuda:2 find nothing to start and each waited for the first event, the other one."""
+    queue = FairQueue(QueueSettings(), ("cuda:0", "cuda:1", "cuda:2"), initial_throughput=10.0,
+                      clock=lambda: 0.0)
+    request = GenerationRequest(prompt="a lighthouse", model="sd15", steps=20, guidance=7.0, seed=1,
+                               width=512, height=512)
+    first, second = (run(queue.submit(Submission(request, 1, 7))) for _ in range(2))
+    assert queue.next_batch("cuda:0", 1) == [first]
+    assert queue.estimates() == {second.id: Estimate(1, first.cost / 10.0)}
