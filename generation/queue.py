@@ -50,6 +50,9 @@ from generation.settings import QueueSettings
 MAX_RERUNS = 1
 #: How many upcoming fair picks `next_batch` may pull a compatible job from.
 BATCH_LOOKAHEAD = 16
+#: A replay lets go of the interpreter this often (seconds), so that on a worker thread it holds
+#: the event loop back for about this long at most, not for Python's 5 ms switch interval or more.
+REPLAY_SLICE_S = 0.002
 #: Weight of a new throughput sample in the moving average.
 THROUGHPUT_ALPHA = 0.2
 
@@ -801,6 +804,7 @@ class Replay:
         result: dict[str, Estimate] = {}
         # Jobs not placed yet by batch key: a head with no compatible job left needs no look-ahead.
         unplaced = Counter(job.batch_key for job in self.queued)
+        pause_at = time.perf_counter() + REPLAY_SLICE_S
         while events and len(result) < len(self.queued):
             at, _, device, freed, measured = heapq.heappop(events)
             for owner in freed:
@@ -823,6 +827,9 @@ class Replay:
             seconds, known = _duration(self.rates, self.throughput, self.initial_throughput, device, batch)
             heapq.heappush(events, (at + seconds, order, device, [j.owner_id for j in batch],
                                     measured and known))
+            if time.perf_counter() > pause_at:  # on a worker thread, let the event loop's thread in
+                time.sleep(0)
+                pause_at = time.perf_counter() + REPLAY_SLICE_S
         return result
 
 

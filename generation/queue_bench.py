@@ -20,7 +20,7 @@ import random
 import statistics
 import time
 from collections import Counter, defaultdict, deque
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from generation.queue import FairQueue, Job, Submission
@@ -87,6 +87,32 @@ async def _operation_costs(jobs: int, users: int, guilds: int, rounds: int, rng:
     print(f"finish      {_micros(finish)}")
     print(f"estimates   {min(copies) * 1e3:7.1f} ms on the event loop (the copy), "
           f"{min(replays) * 1e3:.1f} ms on a worker thread (the replay): every position and ETA (best of 3)")
+    inline = await _longest_stall(lambda: asyncio.sleep(0, queue.estimates()))  # computed by the call
+    threaded = await _longest_stall(lambda: asyncio.to_thread(queue.replay().run))
+    print(f"            the event loop's longest stall meanwhile: {inline * 1e3:.1f} ms replaying on the loop, "
+          f"{threaded * 1e3:.1f} ms with the replay on a worker thread (as the studio does)")
+
+
+async def _longest_stall(estimate: Callable[[], Awaitable[object]]) -> float:
+    """The longest gap between ticks of a 1 ms timer on the loop while `estimate` runs three times."""
+    gaps, done = [], False
+
+    async def tick() -> None:
+        last = time.perf_counter()
+        while not done:
+            await asyncio.sleep(0.001)
+            now = time.perf_counter()
+            gaps.append(now - last - 0.001)
+            last = now
+
+    ticker = asyncio.create_task(tick())
+    await asyncio.sleep(0.01)
+    for _ in range(3):
+        await estimate()
+        await asyncio.sleep(0.005)  # the ticker measures each run on its own
+    done = True
+    await ticker
+    return max(gaps)
 
 
 # -- the simulated day --------------------------------------------------------------------------
