@@ -24,8 +24,10 @@ as large as that job, while SFQ lets a newly active flow go next after at most t
 Submit and dispatch are O(log n) with heaps (stale entries are skipped lazily); cancelling is
 O(log n) plus the length of its owner's queue.
 
-Position and ETA come from replaying the same scheduler, batching included, on a copy-on-write fork
-of the tree, O(n log n) per call; batching looks a few picks ahead on such a fork. A batch lasts its
+Position and ETA come from replaying the same scheduler, batching included, on a copy of the tree,
+O(n log n) per call; batching looks a few picks ahead on a copy-on-write fork. The event loop only
+takes the copy (`FairQueue.replay`, O(n)); the replay (`Replay.run`) may then run on a worker
+thread (the studio's), holding the interpreter a couple of milliseconds at a time. A batch lasts its
 cost over the rate measured for batches of its model, size and image count (`record_batch`), so the
 ETA includes the speed-up of batching; until a size was measured, the device's average stands in
 and the estimate says it is not `measured`. Nothing here imports torch.
@@ -59,6 +61,10 @@ THROUGHPUT_ALPHA = 0.2
 FlowKey = tuple[int | None, int]  # (guild id, user id)
 #: Jobs with equal keys can share one pipeline batch.
 BatchKey = tuple[str, Kind, int, int, int, str, float | None, LoraSet]
+#: Measured batch rates (cost units per second) by (model, width, height), then images per batch.
+Rates = dict[tuple[str, int, int], dict[int, float]]
+#: A device in a replay: (when it frees up, order, device, owners it releases, measured).
+_Event = tuple[float, int, str, list[int], bool]
 
 
 class Refused(Exception):
@@ -464,8 +470,7 @@ class FairQueue:
         self._initial_throughput = initial_throughput
         self._throughput = {device: initial_throughput for device in devices}
         self._measured: set[str] = set()
-        #: Batch rates (cost units per second) by (model, width, height), then images per batch.
-        self._rates: dict[tuple[str, int, int], dict[int, float]] = {}
+        self._rates: Rates = {}
         for (model, width, height, images), rate in (rates or {}).items():
             self._rates.setdefault((model, width, height), {})[images] = rate
         self._save_rate = save_rate
@@ -688,14 +693,14 @@ class FairQueue:
                 running.setdefault(job.device or "", []).append(job)
             elif job.state is JobState.QUEUED:
                 queued.append(job)
-        devices = []  # (when the device frees up, order, device, owners released, measured)
+        devices: list[_Event] = []
         for order, device in enumerate(self._throughput):
             batches: dict[float | None, list[Job]] = {}
             for job in running.get(device, ()):
                 batches.setdefault(job.started_at, []).append(job)
             busy, measured = 0.0, True
             for batch in batches.values():
-                seconds, known = self._duration(device, batch)
+                seconds, known = _duration(self._rates, self._throughput, self._initial_throughput, device, batch)
                 busy, measured = busy + seconds, measured and known
             began = min((job.started_at or now for job in running.get(device, ())), default=now)
             owners = [job.owner_id for job in running.get(device, ())]
@@ -711,9 +716,6 @@ class FairQueue:
             {size: dict(rates) for size, rates in self._rates.items()}, dict(self._throughput),
             self._initial_throughput, self._settings.max_batch_images,
         )
-
-    def _duration(self, device: str, batch: Sequence[Job]) -> tuple[float, bool]:
-        return _duration(self._rates, self._throughput, self._initial_throughput, device, batch)
 
     def snapshot(self) -> Snapshot:
         """Everything queued and running, with positions, for moderators."""
@@ -736,9 +738,6 @@ class FairQueue:
         )
         throughput = dict(self._throughput)
         return Snapshot(self._paused_all, self.draining, tuple(running), tuple(queued), throughput)
-
-
-Rates = dict[tuple[str, int, int], dict[int, float]]
 
 
 def _rate(rates: Rates, key: RateKey) -> float | None:
@@ -764,9 +763,6 @@ def _duration(
     return cost / rate, True
 
 
-_Event = tuple[float, int, str, list[int], bool]  # (when a device frees up, order, device, owners, measured)
-
-
 @dataclass(eq=False)
 class Replay:
     """The queue at one moment, for `FairQueue.estimates`: its own copy of the scheduler's tree,
@@ -790,6 +786,7 @@ class Replay:
     max_batch_images: int
 
     def run(self) -> dict[str, Estimate]:
+        """Position and expected start of every queued job (O(n log n), see the class)."""
         result = self._place(self.tree)
         if self.resumed is not None:
             places = self._place(self.resumed)
