@@ -111,13 +111,16 @@ MEMBERS = [(guild, owner) for guild in (None, 1, 2, 3) for owner in range(1, 5)]
 # (member, role weight, steps, side, images, model): few distinct values, so that jobs batch.
 jobs = st.tuples(st.sampled_from(MEMBERS), st.sampled_from([1.0, 2.0, 4.0]), st.sampled_from([10, 20, 25]),
                  st.sampled_from([512, 768]), st.integers(1, 4), st.sampled_from(["sd15", "sdxl"]))
-# What happens after the submissions: dispatch a batch on a device, the oldest running job ends
-# (and its batch rate is measured), cancel a queued job, pause or resume a guild, time passes.
+# What happens to the queue, in any order: a submission, a batch dispatched on a device, the oldest
+# running batch ends (and its batch rate may be measured), a few batches are served start to end
+# (virtual time moves on), a queued job is cancelled, a guild is paused or resumed, time passes.
 events = st.one_of(
+    st.tuples(st.just("submit"), jobs),
+    st.tuples(st.just("serve"), st.integers(1, 6)),
     st.tuples(st.just("dispatch"), st.integers(0, 2), st.integers(1, 8)),
     st.tuples(st.just("finish"), st.floats(0.1, 30.0), st.booleans()),
     st.tuples(st.just("cancel"), st.integers(0, 200)),
-    st.tuples(st.just("pause"), st.sampled_from([1, 2, 3]), st.booleans()),
+    st.tuples(st.just("pause"), st.sampled_from([1, 2, 3]), st.sampled_from([True, True, False])),
     st.tuples(st.just("wait"), st.floats(0.0, 20.0)),
 )
 
@@ -126,30 +129,39 @@ def run(coroutine):
     return asyncio.run(coroutine)
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
-    submitted=st.lists(jobs, min_size=0, max_size=60),
-    happened=st.lists(events, max_size=25),
+    submitted=st.lists(jobs, min_size=3, max_size=40),
+    happened=st.lists(events, max_size=60),
     devices=st.integers(1, 3),
     running_cap=st.integers(1, 3),
     max_batch=st.integers(1, 8),
+    in_flight=st.lists(st.integers(0, 2), max_size=3),
     operator_hold=st.booleans(),
 )
 def test_estimates_equal_the_full_replay_on_random_queues(
-    submitted, happened, devices, running_cap, max_batch, operator_hold
+    submitted, happened, devices, running_cap, max_batch, in_flight, operator_hold
 ):
+    """`in_flight`: devices that take one more batch at the end and are still running it."""
     now = [1000.0]
     queue_settings = QueueSettings(max_queued_per_user=1000, max_queued_total=10_000,
                                    max_running_per_user=running_cap, max_batch_images=max_batch)
     names = [f"cuda:{i}" for i in range(devices)]
     queue = FairQueue(queue_settings, names, initial_throughput=7.0, clock=lambda: now[0])
-    for (guild, owner), weight, steps, side, count, model in submitted:
+
+    def submit(job) -> None:
+        (guild, owner), weight, steps, side, count, model = job
         request = GenerationRequest(prompt="a bench", model=model, steps=steps, guidance=7.0, seed=1,
                                     width=side, height=side, count=count)
         run(queue.submit(Submission(request, owner, guild, weight)))
+
+    for job in submitted:
+        submit(job)
     running: list[tuple[str, list[Job], float]] = []
     for event in happened:
         match event:
+            case ("submit", job):
+                submit(job)
             case ("dispatch", device, images):
                 if batch := queue.next_batch(names[device % devices], images):
                     running.append((names[device % devices], batch, now[0]))
@@ -160,6 +172,10 @@ def test_estimates_equal_the_full_replay_on_random_queues(
                     run(queue.record_batch(device, batch, seconds))
                 for job in batch:
                     queue.finish(job, JobState.DONE)
+            case ("serve", batches):
+                for _ in range(batches):
+                    for job in queue.next_batch(names[0], max_batch):
+                        queue.finish(job, JobState.DONE)
             case ("cancel", index):
                 waiting = [job for job in queue._jobs.values() if job.state is JobState.QUEUED]
                 if waiting:
@@ -169,6 +185,8 @@ def test_estimates_equal_the_full_replay_on_random_queues(
                 (queue.pause if paused else queue.resume)(guild)
             case ("wait", seconds):
                 now[0] += seconds
+    for device in in_flight:
+        queue.next_batch(names[device % devices], max_batch)
     if operator_hold:
         queue.pause()
     expected = oracle_estimates(queue)
