@@ -17,7 +17,7 @@ from bot.addons import stored_hashes
 from bot.config import AppConfig
 from bot.policy import Requester, allowance, frees_at, images
 from bot.replies import fit_upload, queue_place
-from generation.queue import FairQueue
+from generation.queue import Estimate, FairQueue
 from generation.request import JOB_ID_PATTERN, JobState
 from storage.db import Database
 from storage.images import ImageStatus, image_file
@@ -61,7 +61,8 @@ def account_commands(
             return
         await interaction.response.defer(ephemeral=True, thinking=True)
         files, skipped = await _files(db, detail, interaction.filesize_limit)
-        text = _describe_job(detail, queue)
+        estimate = (await queue.estimates_in_thread()).get(job_id) if detail.job.state is JobState.QUEUED else None
+        text = _describe_job(detail, estimate)
         if (hashes := await stored_hashes(db, detail.images)) is not None:
             text += f"\n{hashes}"
         if skipped:
@@ -135,11 +136,10 @@ async def _files(db: Database, detail: JobDetail, limit: int) -> tuple[list[disc
     return files, len(detail.images) - len(files)
 
 
-def _describe_job(detail: JobDetail, queue: FairQueue) -> str:
+def _describe_job(detail: JobDetail, estimate: Estimate | None) -> str:
     job, r = detail.job, detail.job.request
     lines = [f"**Job `{job.id}`** by <@{job.owner_id}> · {job.state} · "
              f"<t:{int(job.created_at)}:f>"]
-    estimate = queue.estimates().get(job.id) if job.state is JobState.QUEUED else None
     if estimate is not None:
         lines.append(f"Queued{queue_place(estimate)}")
     if job.error:

@@ -309,7 +309,7 @@ class QueueCommands(ModeratorGroup, name="queue", description="This server's gen
     @app_commands.command(name="show", description="Running and queued jobs of this server, "
                                                    "in the order they will run")
     async def show(self, interaction: discord.Interaction) -> None:
-        snapshot = self._queue.snapshot()
+        snapshot = self._queue.snapshot(await self._queue.estimates_in_thread())
         running = [v for v in snapshot.running if v.guild_id == interaction.guild_id]
         queued = [v for v in snapshot.queued if v.guild_id == interaction.guild_id]
         lines = [f"{_queue_state(snapshot.paused, self._queue.is_paused(interaction.guild_id))} "
@@ -352,7 +352,7 @@ class QueueCommands(ModeratorGroup, name="queue", description="This server's gen
         `interaction_check`, and prompts are not theirs to browse)."""
         if not is_moderator(Requester.of(interaction.user, interaction.channel), self._settings):
             return []
-        snapshot = self._queue.snapshot()
+        snapshot = self._queue.snapshot(await self._queue.estimates_in_thread())
         views = [v for v in (*snapshot.running, *snapshot.queued)
                  if v.guild_id == interaction.guild_id and v.id.startswith(current.lower())]
         return [app_commands.Choice(name=f"{v.id} {_where(v)} · {self._prompt(v)}"[:100],
@@ -444,7 +444,7 @@ def _ban_commands(
         assert interaction.guild_id is not None
         await ban(db, actor_id=interaction.user.id, guild_id=interaction.guild_id,
                   user_id=user.id, reason=reason)
-        waiting = [v.id for v in queue.snapshot().queued
+        waiting = [v.id for v in queue.snapshot(await queue.estimates_in_thread()).queued
                    if v.owner_id == user.id and v.guild_id == interaction.guild_id]
         for job_id in waiting:
             await _cancel(db, cancel, interaction, job_id)

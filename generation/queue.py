@@ -24,8 +24,10 @@ as large as that job, while SFQ lets a newly active flow go next after at most t
 Submit and dispatch are O(log n) with heaps (stale entries are skipped lazily); cancelling is
 O(log n) plus the length of its owner's queue.
 
-Position and ETA come from replaying the same scheduler, batching included, on a copy-on-write fork
-of the tree, O(n log n) per call; batching looks a few picks ahead on such a fork. A batch lasts its
+Position and ETA come from replaying the same scheduler, batching included, on a copy of the tree,
+O(n log n) per call; batching looks a few picks ahead on a copy-on-write fork. The event loop only
+takes the copy (`FairQueue.replay`, O(n)); the replay (`Replay.run`) may then run on a worker
+thread (the studio's), holding the interpreter a couple of milliseconds at a time. A batch lasts its
 cost over the rate measured for batches of its model, size and image count (`record_batch`), so the
 ETA includes the speed-up of batching; until a size was measured, the device's average stands in
 and the estimate says it is not `measured`. Nothing here imports torch.
@@ -50,12 +52,19 @@ from generation.settings import QueueSettings
 MAX_RERUNS = 1
 #: How many upcoming fair picks `next_batch` may pull a compatible job from.
 BATCH_LOOKAHEAD = 16
+#: A replay lets go of the interpreter this often (seconds), so that on a worker thread it holds
+#: the event loop back for about this long at most, not for Python's 5 ms switch interval or more.
+REPLAY_SLICE_S = 0.002
 #: Weight of a new throughput sample in the moving average.
 THROUGHPUT_ALPHA = 0.2
 
 FlowKey = tuple[int | None, int]  # (guild id, user id)
 #: Jobs with equal keys can share one pipeline batch.
 BatchKey = tuple[str, Kind, int, int, int, str, float | None, LoraSet]
+#: Measured batch rates (cost units per second) by (model, width, height), then images per batch.
+Rates = dict[tuple[str, int, int], dict[int, float]]
+#: A device in a replay: (when it frees up, order, device, owners it releases, measured).
+_Event = tuple[float, int, str, list[int], bool]
 
 
 class Refused(Exception):
@@ -245,6 +254,23 @@ class _Tree:
     def fork(self) -> _Tree:
         return _Tree(self._cap, parent=self)
 
+    def copy(self) -> _Tree:
+        """An independent copy of this tree (not a fork: it shares nothing mutable, so it may be
+        replayed on another thread while this one moves on), its heaps without stale entries:
+        entries never tie (activation order), so the heaps pop in the same order."""
+        assert self._parent is None, "copy the queue's tree, not a fork of it"
+        tree = _Tree(self._cap)
+        tree._users = {key: flow.copy() for key, flow in self._users.items()}
+        tree._guilds = {key: flow.copy() for key, flow in self._guilds.items()}
+        for guild in tree._guilds.values():
+            guild.heap = tree._valid(guild.heap, "user")
+        tree._heap = tree._valid(self._heap, "guild")
+        tree._running = dict(self._running)
+        tree._owner_flows = {owner: set(keys) for owner, keys in self._owner_flows.items()}
+        tree._paused = set(self._paused)
+        tree._v, tree._order = self._v, self._order
+        return tree
+
     # -- flow access (copy on write in a fork) --
 
     def _user(self, key: FlowKey) -> _UserFlow:
@@ -265,10 +291,12 @@ class _Tree:
 
     def _find(self, key: object, level: str) -> _Flow | None:
         """A flow for reading only, from the nearest fork that has it (no copy); None if none."""
-        own = self._users if level == "user" else self._guilds
-        if key in own or self._parent is None:
-            return own.get(key)
-        return self._parent._find(key, level)
+        tree = self
+        while True:  # not recursive: replays call this a million times
+            flow = (tree._users if level == "user" else tree._guilds).get(key)
+            if flow is not None or tree._parent is None:
+                return flow
+            tree = tree._parent
 
     def _seen(self, key: object, level: str) -> _Flow:
         flow = self._find(key, level)
@@ -276,9 +304,10 @@ class _Tree:
         return flow
 
     def running(self, owner: int) -> int:
-        if owner in self._running or self._parent is None:
-            return self._running.get(owner, 0)
-        return self._parent.running(owner)
+        tree = self
+        while owner not in tree._running and tree._parent is not None:
+            tree = tree._parent
+        return tree._running.get(owner, 0)
 
     # -- public operations --
 
@@ -385,13 +414,22 @@ class _Tree:
         self._order += 1
         heapq.heappush(heap, (flow.start, self._order, flow.version, key))
 
+    def _valid(self, heap: list[_Entry], level: str) -> list[_Entry]:
+        """The entries of `heap` that are not stale, as a heap."""
+        valid = [entry for entry in heap if self._current(entry, level)]
+        heapq.heapify(valid)
+        return valid
+
+    def _current(self, entry: _Entry, level: str) -> bool:
+        """Whether a heap entry still stands for its flow (it is active and was not re-pushed)."""
+        flow = self._seen(entry[3], level)
+        return flow.active and flow.version == entry[2]
+
     def _top(self, heap: list[_Entry], level: str) -> _Entry | None:
         """The valid entry with the smallest start tag, dropping stale entries on the way (the
         entry, not its key: the DM guild's key is None)."""
         while heap:
-            _, _, version, key = heap[0]
-            flow = self._seen(key, level)
-            if flow.active and flow.version == version:
+            if self._current(heap[0], level):
                 return heap[0]
             heapq.heappop(heap)
         return None
@@ -432,8 +470,7 @@ class FairQueue:
         self._initial_throughput = initial_throughput
         self._throughput = {device: initial_throughput for device in devices}
         self._measured: set[str] = set()
-        #: Batch rates (cost units per second) by (model, width, height), then images per batch.
-        self._rates: dict[tuple[str, int, int], dict[int, float]] = {}
+        self._rates: Rates = {}
         for (model, width, height, images), rate in (rates or {}).items():
             self._rates.setdefault((model, width, height), {})[images] = rate
         self._save_rate = save_rate
@@ -622,14 +659,8 @@ class FairQueue:
             await self._save_rate(key, rates[images])
 
     def rate(self, key: RateKey) -> float | None:
-        """The measured rate of batches like `key`: of its image count, else of the nearest count
-        measured for that model and size (the fewer images, the more conservative); None if that
-        model and size never ran."""
-        model, width, height, images = key
-        rates = self._rates.get((model, width, height))
-        if not rates:
-            return None
-        return rates[min(rates, key=lambda n: (abs(n - images), n))]
+        """The measured rate of batches like `key` (see `_rate`); None if that model and size never ran."""
+        return _rate(self._rates, key)
 
     def record_throughput(self, device: str, cost: float, seconds: float) -> None:
         """Fold one measured batch into the device's moving average of cost units per second."""
@@ -649,77 +680,51 @@ class FairQueue:
         return self._jobs.get(job_id)
 
     def estimates(self) -> dict[str, Estimate]:
-        """Position and expected start of every queued job, by replaying the scheduler, batches
-        and all, on a fork: O(n log n). Assumes no new arrivals and that the operator's hold ends
-        now. The jobs of paused guilds are placed as if the pause ended now, with no start time
-        (`paused`); the others as if those were not there."""
-        result = self._replay(self._tree.fork())
-        held = [job for job in self._jobs.values()
-                if job.state is JobState.QUEUED and self._tree.is_paused(job.guild_id)]
-        if held:
-            resumed = self._tree.fork()
-            for guild in resumed.paused_guilds():
-                resumed.resume(guild)
-            places = self._replay(resumed)
-            result.update((job.id, Estimate(places[job.id].position if job.id in places else None,
-                                            None, paused=True)) for job in held)
-        return result
+        """Position and expected start of every queued job (`replay().run()`)."""
+        return self.replay().run()
 
-    def _replay(self, tree: _Tree) -> dict[str, Estimate]:
-        """Dispatch everything eligible in `tree` onto the devices in simulated time: each device
-        frees up when its batch ends (at the measured rate), releasing its owners' slots."""
+    async def estimates_in_thread(self) -> dict[str, Estimate]:
+        """`estimates` for callers on the event loop: the loop only copies the queue, the replay
+        runs on a worker thread (hundreds of milliseconds at 10,000 queued jobs)."""
+        return await asyncio.to_thread(self.replay().run)
+
+    def replay(self) -> Replay:
+        """What `estimates` needs, copied now (O(n), cheap): run it here or on a worker thread."""
         now = self._clock()
-        events = []  # (when the device frees up, order, device, owners released, measured)
+        running: dict[str, list[Job]] = {}
+        queued = []
+        for job in self._jobs.values():
+            if job.state is JobState.RUNNING:
+                running.setdefault(job.device or "", []).append(job)
+            elif job.state is JobState.QUEUED:
+                queued.append(job)
+        devices: list[_Event] = []
         for order, device in enumerate(self._throughput):
-            running = [job for job in self._jobs.values()
-                       if job.state is JobState.RUNNING and job.device == device]
             batches: dict[float | None, list[Job]] = {}
-            for job in running:
+            for job in running.get(device, ()):
                 batches.setdefault(job.started_at, []).append(job)
             busy, measured = 0.0, True
             for batch in batches.values():
-                seconds, known = self._duration(device, batch)
+                seconds, known = _duration(self._rates, self._throughput, self._initial_throughput, device, batch)
                 busy, measured = busy + seconds, measured and known
-            began = min((job.started_at or now for job in running), default=now)
-            events.append((max(now, began + busy), order, device, [j.owner_id for j in running], measured))
-        heapq.heapify(events)
-        order = len(events)
-        result: dict[str, Estimate] = {}
-        # Jobs not placed yet by batch key: a head with no compatible job left needs no look-ahead.
-        unplaced = Counter(job.batch_key for job in self._jobs.values() if job.state is JobState.QUEUED)
-        while events and len(result) < len(self):
-            at, _, device, freed, measured = heapq.heappop(events)
-            for owner in freed:
-                tree.release(owner)
-            head = tree.pop()
-            order += 1
-            if head is None:  # everyone left waits for a running job of theirs: idle until one ends
-                if not any(event[3] for event in events):
-                    break
-                heapq.heappush(events, (events[0][0], order, device, [], events[0][4]))
-                continue
-            unplaced[head.batch_key] -= 1
-            batch = _gather(tree, head, self._settings.max_batch_images, None, unplaced[head.batch_key])
-            unplaced[head.batch_key] -= len(batch) - 1
-            for job in batch:
-                result[job.id] = Estimate(len(result) + 1, at - now, measured=measured)
-            seconds, known = self._duration(device, batch)
-            heapq.heappush(events, (at + seconds, order, device, [j.owner_id for j in batch],
-                                    measured and known))
-        return result
+            began = min((job.started_at or now for job in running.get(device, ())), default=now)
+            owners = [job.owner_id for job in running.get(device, ())]
+            devices.append((max(now, began + busy), order, device, owners, measured))
+        held = [job for job in queued if self._tree.is_paused(job.guild_id)]
+        resumed = None
+        if held:
+            resumed = self._tree.copy()
+            for guild in resumed.paused_guilds():
+                resumed.resume(guild)
+        return Replay(
+            now, devices, self._tree.copy(), resumed, queued, held,
+            {size: dict(rates) for size, rates in self._rates.items()}, dict(self._throughput),
+            self._initial_throughput, self._settings.max_batch_images,
+        )
 
-    def _duration(self, device: str, batch: Sequence[Job]) -> tuple[float, bool]:
-        """Seconds `batch` takes on `device`, and whether a measured rate says so (else the
-        device's average throughput guesses it)."""
-        cost = sum(job.cost for job in batch)
-        rate = self.rate(rate_key(batch))
-        if rate is None:
-            return cost / self._throughput.get(device, self._initial_throughput), False
-        return cost / rate, True
-
-    def snapshot(self) -> Snapshot:
-        """Everything queued and running, with positions, for moderators."""
-        estimates = self.estimates()
+    def snapshot(self, estimates: Mapping[str, Estimate] | None = None) -> Snapshot:
+        """Everything queued and running, with positions (from `estimates` when given), for moderators."""
+        estimates = self.estimates() if estimates is None else estimates
 
         def view(job: Job) -> JobView:
             estimate = estimates.get(job.id)  # running jobs have none
@@ -738,6 +743,96 @@ class FairQueue:
         )
         throughput = dict(self._throughput)
         return Snapshot(self._paused_all, self.draining, tuple(running), tuple(queued), throughput)
+
+
+def _rate(rates: Rates, key: RateKey) -> float | None:
+    """The measured rate of batches like `key`: of its image count, else of the nearest count
+    measured for that model and size (the fewer images, the more conservative); None if that
+    model and size never ran."""
+    model, width, height, images = key
+    sized = rates.get((model, width, height))
+    if not sized:
+        return None
+    return sized[min(sized, key=lambda n: (abs(n - images), n))]
+
+
+def _duration(
+    rates: Rates, throughput: Mapping[str, float], initial: float, device: str, batch: Sequence[Job]
+) -> tuple[float, bool]:
+    """Seconds `batch` takes on `device`, and whether a measured rate says so (else the
+    device's average throughput guesses it)."""
+    cost = sum(job.cost for job in batch)
+    rate = _rate(rates, rate_key(batch))
+    if rate is None:
+        return cost / throughput.get(device, initial), False
+    return cost / rate, True
+
+
+@dataclass(eq=False)
+class Replay:
+    """The queue at one moment, for `FairQueue.estimates`: its own copy of the scheduler's tree,
+    so the replay, the costly part, may run on a worker thread while the queue moves on. Run once.
+
+    It dispatches everything eligible onto the devices in simulated time, batching as the runner
+    does: each device frees up when its batch ends (at the measured rate), releasing its owners'
+    slots. Assumes no new arrivals and that the operator's hold ends now. The jobs of paused
+    guilds are placed as if the pause ended now, with no start time (`paused`), in a second
+    replay (`resumed`); the others as if those were not there."""
+
+    now: float
+    devices: list[_Event]
+    tree: _Tree
+    resumed: _Tree | None
+    queued: list[Job]
+    held: list[Job]
+    rates: Rates
+    throughput: dict[str, float]
+    initial_throughput: float
+    max_batch_images: int
+
+    def run(self) -> dict[str, Estimate]:
+        """Position and expected start of every queued job (O(n log n), see the class)."""
+        result = self._place(self.tree)
+        if self.resumed is not None:
+            places = self._place(self.resumed)
+            result.update((job.id, Estimate(places[job.id].position if job.id in places else None,
+                                            None, paused=True)) for job in self.held)
+        return result
+
+    def _place(self, tree: _Tree) -> dict[str, Estimate]:
+        events = list(self.devices)
+        heapq.heapify(events)
+        order = len(events)
+        result: dict[str, Estimate] = {}
+        # Jobs not placed yet by batch key: a head with no compatible job left needs no look-ahead.
+        unplaced = Counter(job.batch_key for job in self.queued)
+        pause_at = time.perf_counter() + REPLAY_SLICE_S
+        while events and len(result) < len(self.queued):
+            at, _, device, freed, measured = heapq.heappop(events)
+            for owner in freed:
+                tree.release(owner)
+            head = tree.pop()
+            order += 1
+            if head is None:  # everyone left waits for a running job of theirs: idle until one ends
+                # (the first event that frees someone: another idle device would wake this one in vain)
+                freeing = [event for event in events if event[3]]
+                if not freeing:
+                    break
+                wake = min(freeing)
+                heapq.heappush(events, (wake[0], order, device, [], wake[4]))
+                continue
+            unplaced[head.batch_key] -= 1
+            batch = _gather(tree, head, self.max_batch_images, None, unplaced[head.batch_key])
+            unplaced[head.batch_key] -= len(batch) - 1
+            for job in batch:
+                result[job.id] = Estimate(len(result) + 1, at - self.now, measured=measured)
+            seconds, known = _duration(self.rates, self.throughput, self.initial_throughput, device, batch)
+            heapq.heappush(events, (at + seconds, order, device, [j.owner_id for j in batch],
+                                    measured and known))
+            if time.perf_counter() > pause_at:  # on a worker thread, let the event loop's thread in
+                time.sleep(0)
+                pause_at = time.perf_counter() + REPLAY_SLICE_S
+        return result
 
 
 def _gather(

@@ -1,7 +1,8 @@
 """`atelier bench queue`: what the fair-share queue costs, and how fair a simulated day is.
 
 1. Cost per operation with N jobs queued from U users: submit, dispatch (`next_batch` with batching
-   on), finish, and one full position/ETA replay (`estimates`, what /queue computes).
+   on), finish, and the positions and ETAs of every job (`estimates`): the copy of the queue the
+   event loop takes, and the replay of that copy, which the studio runs on a worker thread.
 2. A simulated day (virtual clock, no GPU): heavy users who keep their queue full, light users who
    submit now and then, moderators with a 2x role weight, a few guilds of different sizes. It
    reports Jain's fairness index over users' served cost relative to their hierarchical weighted
@@ -19,7 +20,7 @@ import random
 import statistics
 import time
 from collections import Counter, defaultdict, deque
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from generation.queue import FairQueue, Job, Submission
@@ -72,16 +73,46 @@ async def _operation_costs(jobs: int, users: int, guilds: int, rounds: int, rng:
             began = time.perf_counter()
             await queue.submit(sub)
             submit.append(time.perf_counter() - began)
-    replays = []
+    copies, replays = [], []
     for _ in range(3):
         began = time.perf_counter()
-        queue.estimates()
-        replays.append(time.perf_counter() - began)
+        replay = queue.replay()
+        copied = time.perf_counter()
+        replay.run()
+        copies.append(copied - began)
+        replays.append(time.perf_counter() - copied)
     print(f"## operation cost, {len(queue):,} jobs queued from {users:,} users in {guilds} guilds")
     print(f"submit      {_micros(submit)}")
     print(f"next_batch  {_micros(dispatch)}   (batching on, up to 8 images)")
     print(f"finish      {_micros(finish)}")
-    print(f"estimates   {min(replays) * 1e3:7.1f} ms for every position and ETA (best of 3)")
+    print(f"estimates   {min(copies) * 1e3:7.1f} ms on the event loop (the copy), "
+          f"{min(replays) * 1e3:.1f} ms on a worker thread (the replay): every position and ETA (best of 3)")
+    inline = await _longest_stall(lambda: asyncio.sleep(0, queue.estimates()))  # computed by the call
+    threaded = await _longest_stall(lambda: asyncio.to_thread(queue.replay().run))
+    print(f"            the event loop's longest stall meanwhile: {inline * 1e3:.1f} ms replaying on the loop, "
+          f"{threaded * 1e3:.1f} ms with the replay on a worker thread (as the studio does)")
+
+
+async def _longest_stall(estimate: Callable[[], Awaitable[object]]) -> float:
+    """The longest gap between ticks of a 1 ms timer on the loop while `estimate` runs three times."""
+    gaps, done = [], False
+
+    async def tick() -> None:
+        last = time.perf_counter()
+        while not done:
+            await asyncio.sleep(0.001)
+            now = time.perf_counter()
+            gaps.append(now - last - 0.001)
+            last = now
+
+    ticker = asyncio.create_task(tick())
+    await asyncio.sleep(0.01)
+    for _ in range(3):
+        await estimate()
+        await asyncio.sleep(0.005)  # the ticker measures each run on its own
+    done = True
+    await ticker
+    return max(gaps)
 
 
 # -- the simulated day --------------------------------------------------------------------------

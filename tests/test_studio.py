@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import asyncio
 import io
+import threading
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -228,3 +230,45 @@ async def test_a_paused_server_stays_paused_after_a_restart(config: AppConfig) -
         await reopened.pause(ALICE.guild_id, False)
     async with studio(config) as again:
         assert not again.queue.is_paused(ALICE.guild_id)
+
+
+async def test_a_burst_of_submissions_is_replayed_together_and_each_acknowledgement_sees_its_job(
+        config: AppConfig) -> None:
+    recorder = Recorder()
+    async with studio(config) as opened:
+        opened.start(recorder)
+        opened.queue.pause()  # nothing starts: every job stays waiting
+
+        async def submit(member: int) -> tuple[str, bool]:
+            job = await opened.submit(request(), Requester(member, 10, 100), origin())
+            return job.id, job.id in opened.estimates  # what the acknowledgement reads
+
+        acks = await asyncio.gather(*(submit(member) for member in (1, 2, 3, 4) * 3))
+        assert all(seen for _, seen in acks)
+        assert len(recorder.moves) < len(acks)  # a replay per burst, not per submission
+        last = recorder.moves[-1]
+        assert sorted(last) == sorted(job_id for job_id, _ in acks) and last == opened.estimates
+        assert sorted(estimate.position for estimate in last.values()) == list(range(1, 13))
+        assert last == opened.queue.estimates()
+
+
+async def test_a_job_that_starts_while_the_queue_is_replayed_leaves_the_estimates(config: AppConfig) -> None:
+    """The replay runs on a worker thread on a copy of the queue: a job dispatched meanwhile is
+    in that copy's result, but it no longer waits, so the studio leaves it out."""
+    async with studio(config) as opened:  # not started: this test dispatches itself
+        first = await opened.submit(request(), ALICE, origin())
+        second = await opened.submit(request(), BOB, origin())
+        copy_of_queue, copied, gate = opened.queue.replay, asyncio.Event(), threading.Event()
+
+        def gated_replay() -> SimpleNamespace:  # the copy as the loop takes it; its run waits at the gate
+            replay = copy_of_queue()
+            copied.set()
+            return SimpleNamespace(run=lambda: gate.wait(10) and replay.run())
+
+        opened.queue.replay = gated_replay
+        moved = asyncio.create_task(opened._moved())
+        await copied.wait()
+        assert opened.queue.next_batch("cpu", 1) == [opened.queue.get(first.id)]
+        gate.set()
+        await moved
+        assert set(opened.estimates) == {second.id} and opened.estimates[second.id].position == 2
