@@ -120,12 +120,12 @@ def text_key(rows: int, tokens: int = CHUNK_TOKENS) -> GraphKey:
 
 
 def describe_unet(key: GraphKey) -> str:
-    x, _, context, y, *call = key.args
-    deep, keep = call or (None, False)  # a plain UNet's key has no `UNetCalls` arguments
+    x, _, context, y, *step = key.args
+    deep, keep = step or (None, False)  # a plain UNet's key has no `UNetCalls` arguments
     rows, channels, h, w = x.shape
     labels = ", labels" if y is not None else ""
-    call = ", keeping the deep feature" if keep else ", shallow (cached steps)" if deep is not None else ""
-    return f"{rows} rows x {channels} x {h}x{w} latent, {context.shape[1]} tokens{labels}{call}"
+    which = ", keeping the deep feature" if keep else ", shallow (cached steps)" if deep is not None else ""
+    return f"{rows} rows x {channels} x {h}x{w} latent, {context.shape[1]} tokens{labels}{which}"
 
 
 def describe_latents(key: GraphKey) -> str:
