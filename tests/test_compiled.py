@@ -648,3 +648,35 @@ def test_cached_steps_warm_up_and_run_their_own_two_graphs(tiny_checkpoints: Tin
     assert unet.status().count(State.READY) == 2 and len(unet.status().graphs) == 2
     for a, b in zip(expected, got, strict=True):
         assert np.abs(np.asarray(a).astype(int) - np.asarray(b).astype(int)).max() <= 1
+
+
+@pytest.mark.gpu
+def test_cached_steps_on_cuda_graphs_give_the_eager_cached_image_and_never_synchronize(
+        tiny_checkpoints: TinyCheckpoints) -> None:  # noqa: F811
+    """The kept deep feature outlives the CUDA graph replay that made it (its output is copied
+    out) and feeds the shallow graph: the compiled cached run is the eager cached run within the
+    GPU tolerances, and its steps queue work without waiting on the GPU."""
+    eager = engine_with(tiny_checkpoints, Compiling("off"), "float16", vae_dtype="float32",
+                        step_cache_interval=3).load("tiny", "cuda")
+    model = engine_with(tiny_checkpoints, Compiling("auto", parts=("unet",)), "float16", vae_dtype="float32",
+                        step_cache_interval=3).load("tiny", "cuda")
+    model.unet.warm_up([unet_key(8, 4, (32, 32), 77, 32, torch.float16, call=call,
+                                 deep_channels=model.network.unet.deep_channels) for call in ("keep", "shallow")])
+    model.unet.wait()
+    assert model.unet.status().count(State.READY) == 2, model.unet.status()
+    req = request(count=3, steps=6)
+    compiled_images = txt2img(model, [req])[0]  # the device thread records its CUDA graphs here
+
+    def progress(step: int, total: int, x0: Tensor) -> None:
+        if step == 1:
+            torch.cuda.set_sync_debug_mode("error")
+
+    try:
+        latents = sample_latents(model, [req], progress)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert torch.isfinite(latents).all()
+    assert len(model.unet.status().graphs) == 2 and model.unet.status().count(State.READY) == 2
+    for a, b in zip(txt2img(eager, [req])[0], compiled_images, strict=True):
+        assert np.asarray(b).astype(float).std() > 1.0, "a blank image"
+        assert np.abs(np.asarray(a).astype(float) - np.asarray(b).astype(float)).mean() <= 6.0
