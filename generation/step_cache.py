@@ -13,6 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Protocol
 
+import torch
 from torch import Tensor
 
 from models.unet import UNetModel
@@ -49,7 +50,8 @@ class StepCache:
     """One run's cached steps: the first call, and every `interval`-th call after a full one, is
     full and keeps the deep feature; the others run shallow on it. Calls are counted, not steps
     (second-order samplers call the model more than once per step). A call for other rows than
-    the kept feature's (`rows` is not the kept one: a cancelled request left the batch) is full.
+    the kept feature's (`rows` is not the kept one: a cancelled request left the batch), or of
+    another shape, is full.
     Mutable, one per run: never share it between runs or threads."""
 
     def __init__(self, interval: int) -> None:
@@ -57,6 +59,7 @@ class StepCache:
             raise ValueError(f"step cache interval must be {INTERVALS.start} to {INTERVALS.stop - 1}, got {interval}")
         self.interval = interval
         self._rows: object = None
+        self._shape: torch.Size | None = None
         self._deep: Tensor | None = None
         self._shallow_calls = 0  # since the last full call
 
@@ -64,9 +67,10 @@ class StepCache:
                  y: Tensor | None = None) -> Tensor:
         """The UNet's output for x; `rows` names the set of batch rows x holds (compared by
         identity)."""
-        if self._deep is not None and rows is self._rows and self._shallow_calls < self.interval - 1:
+        same = rows is self._rows and x.shape == self._shape
+        if self._deep is not None and same and self._shallow_calls < self.interval - 1:
             self._shallow_calls += 1
             return unet(x, timesteps, context, y, deep=self._deep)
         out, self._deep = unet(x, timesteps, context, y, keep=True)
-        self._rows, self._shallow_calls = rows, 0
+        self._rows, self._shape, self._shallow_calls = rows, x.shape, 0
         return out

@@ -90,8 +90,7 @@ def test_every_nth_call_is_full_and_the_others_shallow(
 def test_a_cancel_mid_batch_makes_the_next_call_full(sd1: LoadedModel) -> None:
     """Two requests share the batch (2 images, guided: 4 UNet rows); the second is cancelled
     after the 2nd call: the 3rd call, a shallow one on the old rows' feature otherwise, is full on
-    the 2 remaining rows, and the schedule counts on from it. The first request's latents are
-    those of a run of its own with the same interval."""
+    the 2 remaining rows, and the schedule counts on from it."""
     model, recording = recorded(sd1, 3)
     requests = [request(), request(prompt="a blue bird", seed=100)]
     latents = sample_latents(model, requests, cancelled=lambda i: i == 1 and len(recording.kinds) >= 2)
@@ -99,10 +98,25 @@ def test_a_cancel_mid_batch_makes_the_next_call_full(sd1: LoadedModel) -> None:
     assert recording.rows == [4, 4, 2, 2, 2, 2, 2]
     alone, _ = recorded(sd1, 3)
     first = sample_latents(alone, [request()])
-    # the first request ran its own schedule except that call 3 was full: not its solo run's
-    # latents, but its rows never saw the cancelled ones'
+    # the first request's schedule but for the full 3rd call: not its solo run's latents
     assert torch.isfinite(latents).all() and latents.shape == (2, 4, 32, 32)
     assert not torch.equal(latents[:1], first)
+
+
+def test_a_call_of_another_shape_is_full() -> None:
+    """(Not reached by the pipelines, whose whole-latent calls keep one shape per run.)"""
+    kinds: list[str] = []
+
+    def unet(x: Tensor, t: Tensor, context: Tensor, y: Tensor | None = None, deep: Tensor | None = None,
+             keep: bool = False) -> Tensor | tuple[Tensor, Tensor]:
+        kinds.append("S" if deep is not None else "K")
+        return (x, x) if keep else x
+
+    cache, rows = StepCache(3), object()
+    for side in (8, 8, 16, 16, 16, 16):
+        x = torch.zeros(2, 4, side, side)
+        assert cache(unet, rows, x, torch.zeros(2), torch.zeros(2, 7, 8)) is x
+    assert "".join(kinds) == "KSKSSK"
 
 
 def test_sdxl_runs_cached_steps_with_its_adm_vectors(tiny_sdxl: TinySDXL) -> None:  # noqa: F811
