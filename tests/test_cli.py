@@ -203,6 +203,25 @@ def test_generate_draws_with_the_default_model_and_upscales_with_the_x4_upscaler
         assert image.size == (128, 128)
 
 
+def test_generate_names_cached_steps_when_the_config_turns_them_on_but_not_on_upscales(tmp_path: Path) -> None:
+    from PIL import Image
+
+    from tests.fixtures.checkpoints import write_checkpoint
+
+    sd1, yaml = write_checkpoint(tmp_path, "sd1")
+    config = tmp_path / "atelier.toml"
+    config.write_text(f'[generation]\ndevice = "cpu"\nstep_cache_interval = 2\n'
+                      f'[[models]]\nname = "tiny"\ncheckpoint = "{sd1}"\nconfig = "{yaml}"\n')
+    drawn, big = tmp_path / "drawn.png", tmp_path / "big.png"
+    common = ["--config", str(config), "--prompt", "a fox", "--device", "cpu", "--steps", "2"]
+    assert main(["generate", *common, "--width", "64", "--height", "64", "--out", str(drawn)]) == 0
+    with Image.open(drawn) as image:
+        assert image.info["parameters"].endswith("Model: tiny, Step cache: 2")
+    assert main(["generate", *common, "--init-image", str(drawn), "--upscale", "--out", str(big)]) == 0
+    with Image.open(big) as image:  # hires: tiled, never cached
+        assert "Step cache" not in image.info["parameters"]
+
+
 _TXT2IMG = ("--width", "128", "--height", "64")
 _INPAINT = ("--init-image", "in.png", "--mask", "mask.png")
 _UPSCALE = ("--init-image", "in.png", "--upscale")
