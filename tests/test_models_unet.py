@@ -124,10 +124,12 @@ def _inputs(c: UNetConfig, rows: int = 2, side: int = 8) -> tuple[torch.Tensor, 
     generator = torch.Generator().manual_seed(1)
     x = torch.randn(rows, c.in_channels, side, side, generator=generator)
     y = None if c.adm_in_channels is None else torch.randn(rows, c.adm_in_channels, generator=generator)
+    if c.num_classes is not None:  # the x4 upscaler's noise levels
+        y = torch.arange(rows) * 10
     return x, torch.linspace(10.0, 900.0, rows), torch.randn(rows, 7, c.context_dim, generator=generator), y
 
 
-@pytest.mark.parametrize("name", ["sd1", "sd2-v", "sdxl", "sd1 two resblocks"])
+@pytest.mark.parametrize("name", ["sd1", "sd2-v", "sdxl", "x4-upscaler", "sd1 two resblocks"])
 def test_the_shallow_call_on_the_deep_feature_of_the_same_inputs_is_the_full_call(
     tiny_checkpoints: TinyCheckpoints, tiny_sdxl: TinySDXL, name: str
 ) -> None:
