@@ -2,7 +2,8 @@
 output equals the original separate projections' in float32 on tiny checkpoints of every layout
 (1x1 conv and linear transformer projections, v-prediction, inpainting, the x4 upscaler whose attn1
 reads the context, SDXL base and refiner), and its state dict stays the original checkpoint's,
-keys and values, both ways."""
+keys and values, both ways. And the cached steps' split (`forward_deep` / `forward_shallow`):
+the shallow call on the deep feature of the same inputs is the full call."""
 
 from __future__ import annotations
 
