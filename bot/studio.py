@@ -131,9 +131,10 @@ class Studio:
         #: Every waiting job's place and ETA as of the last replay of the queue (`_moved`; the
         #: acknowledgement of a submission reads this one).
         self.estimates: dict[str, Estimate] = {}
-        #: The replay under way (`_replay_moves`), and whether the queue moved since it began.
+        #: The replays' task (`_replay_moves`) while changes wait for one, and the round that the
+        #: changes since the last replay began wait for (done when their replay is).
         self._replaying: asyncio.Task | None = None
-        self._moves_pending = False
+        self._round: asyncio.Future | None = None
         self._next_replay_at = float("-inf")
         self._tasks: list[asyncio.Task] = []
         self._running = False
@@ -277,38 +278,50 @@ class Studio:
 
     async def _moved(self, wait: bool = True) -> None:
         """The queue changed: replay it for new estimates and tell the listener. `wait`: return
-        once the estimates include this change (a submission's acknowledgement reads them)."""
-        self._moves_pending = True
+        once a replay that began after this change is done (a submission's acknowledgement reads
+        its estimates), however many changes come after it."""
+        if self._round is None:
+            self._round = asyncio.get_running_loop().create_future()
+        this_round = self._round
         if self._replaying is None:
             self._replaying = asyncio.create_task(self._replay_moves(), name="estimates")
         if wait:
-            await asyncio.shield(self._replaying)
+            await asyncio.shield(this_round)
 
     async def _replay_moves(self) -> None:
-        """Replay the queue until no change is left unreplayed, at most once per
-        `ESTIMATES_EVERY_S` (changes that come meanwhile share the next replay). The loop only
-        copies the queue (`FairQueue.replay`, O(n): milliseconds at 10,000 jobs); the replay itself
-        (a few hundred of them there) runs on a worker thread, so Discord's heartbeat and
-        interactions go on."""
+        """Replay the queue while changes wait for a replay, at most once per `ESTIMATES_EVERY_S`
+        (changes that come meanwhile share the next replay), and settle each round's waiters."""
         loop = asyncio.get_running_loop()
+        this_round: asyncio.Future | None = None
         try:
-            while self._moves_pending:
+            while self._round is not None:
                 await asyncio.sleep(self._next_replay_at - loop.time())
-                self._moves_pending, began = False, loop.time()
+                this_round, self._round = self._round, None  # later changes wait for the next replay
+                began = loop.time()
                 try:
-                    estimates = await asyncio.to_thread(self.queue.replay().run)
-                except Exception:
-                    log.exception("replaying the queue for its estimates failed; the last ones stay")
-                    continue
+                    await self._replay()
+                except Exception:  # the estimates or their listener: the last estimates stay
+                    log.exception("replaying the queue for its estimates failed")
                 finally:
                     self._next_replay_at = loop.time() + max(ESTIMATES_EVERY_S, loop.time() - began)
-                # Jobs that started while the thread replayed are no longer waiting.
-                self.estimates = {job_id: estimate for job_id, estimate in estimates.items()
-                                  if (job := self.queue.get(job_id)) and job.state is JobState.QUEUED}
-                if self._listener is not None:
-                    await self._listener.queue_moved(self.estimates)
+                    this_round.set_result(None)
         finally:
             self._replaying = None
+            for waiting in (this_round, self._round):  # cancelled: nobody waits forever
+                if waiting is not None and not waiting.done():
+                    waiting.set_result(None)
+            self._round = None
+
+    async def _replay(self) -> None:
+        """New estimates, told to the listener. The loop only copies the queue (`FairQueue.replay`,
+        O(n): milliseconds at 10,000 jobs); the replay itself (a few hundred of them there) runs on
+        a worker thread, so Discord's heartbeat and interactions go on."""
+        estimates = await asyncio.to_thread(self.queue.replay().run)
+        # Jobs that started while the thread replayed are no longer waiting.
+        self.estimates = {job_id: estimate for job_id, estimate in estimates.items()
+                          if (job := self.queue.get(job_id)) and job.state is JobState.QUEUED}
+        if self._listener is not None:
+            await self._listener.queue_moved(self.estimates)
 
     def _read_input(self, sha256: str) -> bytes:
         """A stored input image, for the engine on a device thread: storage answers on the loop."""

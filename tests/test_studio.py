@@ -272,3 +272,33 @@ async def test_a_job_that_starts_while_the_queue_is_replayed_leaves_the_estimate
         gate.set()
         await moved
         assert set(opened.estimates) == {second.id} and opened.estimates[second.id].position == 2
+
+
+async def test_a_submission_waits_for_one_replay_however_many_changes_follow_it(config: AppConfig) -> None:
+    """Changes that keep coming while the queue is replayed go to later replays: a waiting
+    submission returns once the replay that began after it is done (it waited for the queue to go
+    quiet before: a steady stream of changes kept it from ever being acknowledged)."""
+    async with studio(config) as opened:  # not started: nothing runs
+        copy_of_queue, started = opened.queue.replay, asyncio.Queue()
+        gates: list[threading.Event] = []
+
+        def gated_replay() -> SimpleNamespace:  # each replay waits for its own gate
+            replay, gate = copy_of_queue(), threading.Event()
+            gates.append(gate)
+            started.put_nowait(gate)
+            return SimpleNamespace(run=lambda: gate.wait(10) and replay.run())
+
+        opened.queue.replay = gated_replay
+        submitted = asyncio.create_task(opened.submit(request(), ALICE, origin()))
+        first = await started.get()
+        for _ in range(3):  # a change during every replay: the replays never stop
+            await opened._moved(wait=False)
+            (gates[-1]).set()
+            if gates[-1] is first:
+                job = await asyncio.wait_for(submitted, 5)
+                assert job.id in opened.estimates
+            await started.get()
+        assert submitted.done() and len(gates) == 4
+        gates[-1].set()
+        while opened._replaying is not None:
+            await asyncio.sleep(0)
