@@ -6,6 +6,7 @@ not loaded simply waits on that thread while the cache swaps it in.
 
 from __future__ import annotations
 
+import gc
 from collections import OrderedDict
 from collections.abc import Callable
 from typing import Generic, TypeVar
@@ -52,10 +53,17 @@ class ModelCache(Generic[M]):
     def keep_only(self, name: str | None) -> None:
         """Evict every model but `name` (after an out-of-memory error)."""
         for other in [n for n in self._models if n != name]:
-            del self._models[other]
+            self._evict(other)
 
     def _evict_until(self, budget: int, keep: str | None = None) -> None:
         for name in [n for n in self._models if n != keep]:
             if self.used_bytes <= budget:
                 return
-            del self._models[name]
+            self._evict(name)
+
+    def _evict(self, name: str) -> None:
+        """Drop a model and collect it now: its compiled calls hold reference cycles (a text
+        tower's compiled call refers back to the tower), which reference counting alone would
+        leave holding device memory until some later full collection, while the next model loads."""
+        del self._models[name]
+        gc.collect()

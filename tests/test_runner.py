@@ -6,9 +6,11 @@ the meta device standing in for a GPU)."""
 from __future__ import annotations
 
 import asyncio
+import gc
 import itertools
 import threading
 import time
+import weakref
 from dataclasses import dataclass
 
 import pytest
@@ -456,6 +458,31 @@ def test_model_cache_evicts_the_least_recently_used_model():
     cache.get("sd15")
     cache.keep_only("sd15")
     assert cache.loaded == ["sd15"]
+
+
+def test_an_evicted_model_held_in_a_reference_cycle_is_freed_before_the_next_loads():
+    """A compiled text tower refers back to itself through its compiled call: the cache collects
+    an evicted model at once rather than leave its memory to a later full collection."""
+    class Model:
+        def __init__(self, name: str) -> None:
+            self.name, self.me = name, self  # a cycle, as tower -> compiled call -> tower
+
+    alive: dict[str, weakref.ref] = {}
+
+    def load(name: str) -> Model:
+        assert all(ref() is None for ref in alive.values()), "the evicted model is still in memory"
+        model = Model(name)
+        alive[name] = weakref.ref(model)
+        return model
+
+    cache = ModelCache(load, lambda model: 60, budget_bytes=100)
+    gc.disable()  # as between two automatic collections
+    try:
+        cache.get("sd15")
+        cache.get("sd21")
+    finally:
+        gc.enable()
+    assert cache.loaded == ["sd21"]
 
 
 async def test_jobs_for_another_model_wait_for_the_swap():
