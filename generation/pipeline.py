@@ -62,18 +62,25 @@ class Ahead:
     """What a batch's run starts with, made before the run: the runner has the batch queued behind
     the running one prepared between the running one's steps (`prepare_batch`), so the device
     finds its text encoding and start noise already queued. Each value is kept under a key of all
-    it depends on and taken once; a run whose key was not prepared makes its own."""
+    it depends on and taken once; a run whose key was not prepared makes its own. The values of
+    the last two preparations are kept: the running batch's (its later strength groups take
+    theirs while the next batch is prepared) and the next one's."""
 
     def __init__(self) -> None:
         self._made: dict[tuple, Any] = {}
+        self._earlier: dict[tuple, Any] = {}
 
     def prepare(self, values: Sequence[tuple[tuple, Made]]) -> None:
-        """Make these values, dropping any made for an earlier batch that never took them."""
-        self._made = {key: make() for key, make in values}
+        """Make these values, dropping those of the preparation before the last (their batch ran
+        or never will)."""
+        self._earlier, self._made = self._made, {key: make() for key, make in values}
 
     def take(self, key: tuple, make: Made) -> Any:
         """The value made ahead under `key`, or `make()` now."""
-        return self._made.pop(key) if key in self._made else make()
+        for made in (self._made, self._earlier):
+            if key in made:
+                return made.pop(key)
+        return make()
 
 
 @dataclass(frozen=True)

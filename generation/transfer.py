@@ -16,9 +16,9 @@ from torch import Tensor
 
 
 def upload(data: Tensor | Sequence, device: torch.device | str, dtype: torch.dtype | None = None) -> Tensor:
-    """`data` (a CPU tensor, or numbers in nested lists) as a tensor on `device`, in `dtype` when
-    given, copied without waiting for the device."""
+    """`data` (a tensor, or numbers in nested lists) as a tensor on `device`, in `dtype` when
+    given; from the host, copied without waiting for the device."""
     tensor = data if isinstance(data, Tensor) else torch.tensor(data, dtype=dtype)
-    if torch.device(device).type == "cuda":
+    if tensor.device.type == "cpu" and torch.device(device).type == "cuda":
         return tensor.pin_memory().to(device, dtype, non_blocking=True)
     return tensor.to(device, dtype)

@@ -211,3 +211,32 @@ def test_run_batch_splits_strengths_and_keeps_order(sd1: LoadedModel) -> None:
     assert_close_images(results[1][0], alone[0][0])
     with pytest.raises(ValueError, match="requests of one batch differ in width"):
         run_batch(sd1, [weak, request(width=128)], store.__getitem__)
+
+
+def test_a_prepared_batch_keeps_its_later_strengths_while_the_next_one_is_prepared(
+        tiny_checkpoints: TinyCheckpoints) -> None:  # noqa: F811
+    """Strengths run one after another; the runner prepares the next batch during the first: the
+    second strength still takes what was prepared for it, and the images are an unprepared run's."""
+    from generation.pipeline import prepare_batch, run_batch
+
+    model = tiny_model(tiny_checkpoints, "sd1")
+    store = Store()
+    batch = [request(init_image=store.add(picture(2)), sampler="euler", steps=4, strength=0.5, seed=5),
+             request(init_image=store.add(picture(3)), sampler="euler", steps=4, strength=0.75, seed=9,
+                     prompt="a lighthouse")]
+    following = [request(init_image=store.add(picture(4)), prompt="a boat", sampler="euler", steps=4, strength=0.5)]
+    calls: list[int] = []
+    model.network.text_encoder.register_forward_hook(lambda *_: calls.append(1))
+    unprepared = run_batch(model, batch, store.__getitem__)
+    prepare_batch(model, batch)
+    encoded = len(calls)
+    steps: list[int] = []
+
+    def progress(step: int, total: int, x0: torch.Tensor) -> None:
+        if not steps:  # during the first strength's first step, as the runner does
+            prepare_batch(model, following)
+        steps.append(step)
+
+    prepared = run_batch(model, batch, store.__getitem__, progress=progress)
+    assert len(calls) == encoded + 1  # only the following batch's text: both strengths took theirs
+    assert [[np.array(i).tobytes() for i in r] for r in prepared] == [[np.array(i).tobytes() for i in r] for r in unprepared]
