@@ -266,7 +266,8 @@ def test_compile_mode_per_device() -> None:
     assert Compiling("on", parts=("unet", "text")).mode_on(cuda, "vae") is None
     settings = GenerationSettings(compile="on", compile_batches="exact", compile_buckets=(4, 1, 4),
                                   compile_warmup=("1:1", "16:9"))
-    assert Compiling.of(settings, None) == Compiling("on", "reduce-overhead", Bucketing("exact", (1, 4)), ("1:1", "16:9"), 32)
+    assert Compiling.of(settings, None) == Compiling("on", "reduce-overhead", Bucketing("exact", (1, 4)), ("1:1", "16:9"), 32,
+                                                     text_warmup=True)
     assert Compiling.of(GenerationSettings(compile_parts=("text", "unet", "text")), None).parts == ("text", "unet")
     with pytest.raises(ValueError, match="compile_parts"):
         GenerationSettings(compile_parts=("unet", "clip"))
@@ -340,6 +341,10 @@ def test_engine_warms_the_aspect_presets_up_at_load_and_writes_the_status(
     assert [list(call.status().graphs) for call in wait_all(upscaler).values()] == [[], [], []]  # its inputs' sizes
     only = engine_with(tiny_checkpoints, dataclasses.replace(compiling, parts=("vae",))).load("tiny", "cpu")
     assert only.unet is None and [c.status().part for c in compiled_calls(only)] == ["vae"]
+    # Without aspects (a bench warming its own sizes) the engine's settings still warm the text rows.
+    texts = engine_with(tiny_checkpoints, dataclasses.replace(compiling, warmup=(), text_warmup=True)).load("tiny", "cpu")
+    assert {part: [g.key for g in call.status().graphs] for part, call in wait_all(texts).items()} == {
+        "unet": [], "vae": [], "text": ["2 rows x 77 tokens", "8 rows x 77 tokens"]}
 
 
 def test_txt2img_through_bucket_graphs_of_every_part_gives_the_eager_images(
