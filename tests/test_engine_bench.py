@@ -145,3 +145,20 @@ def test_step_cache_through_a_compiled_unet_builds_and_runs_its_graphs(capsys: p
         "2 rows x 4 x 32x32 latent, 77 tokens", "2 rows x 4 x 32x32 latent, 77 tokens, keeping the deep feature",
         "2 rows x 4 x 32x32 latent, 77 tokens, shallow (cached steps)"]
     assert compiled.status().count(State.READY) == 3
+
+
+def test_the_compiled_table_runs_end_to_end(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """`--compile` through `main` with a stand-in compiler (the runbook's first bench; a renamed
+    helper once crashed it with no test noticing): every row has the eager and compiled figures."""
+    from generation import engine_bench
+
+    monkeypatch.setattr(engine_bench, "torch_compiler", lambda mode: lambda fn: fn)
+    assert main(["--family", "tiny", "--sizes", "64", "--batches", "1,2", "--steps", "2", "--iters", "1",
+                 "--compile", "--compile-parts", "unet", "--no-diffusers"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    header = lines[1].split("|")[1].split()
+    rows = [line.split("|") for line in lines[2:]]
+    assert [row[0].split() for row in rows] == [["64", "1"], ["64", "2"]]
+    values = [[float(v) for v in row[1].split()] for row in rows]
+    assert header.count("compiled") == 1 and all(len(v) == 9 for v in values)
+    assert all(math.isfinite(x) and x > 0 for v in values for x in v[:-1])  # peak GiB: CUDA only
