@@ -11,7 +11,8 @@ the next bucket (a few graphs serve every batch; the padding rows repeat the las
 are sliced off) or kept exact (one graph per row count): the `batches` setting picks.
 
 A call whose key has no ready graph runs eagerly at once and queues the graph's build on one
-background thread per part (compile, then one call on dummy inputs of the key), so no job ever
+background thread per model (`Builder`: its parts' builds one at a time, the UNet's warm-up
+first; compile, then one call on dummy inputs of the key), so no job ever
 waits for a compiler. A build or a compiled call that fails is logged and its key runs eagerly
 from then on. The compile function is a parameter: tests use stand-ins, the engine
 `torch_compiler(mode)`.
@@ -236,6 +237,7 @@ class CompiledCall:
         max_graphs: int = 32,
         eager_only: Callable[[GraphKey], bool] | None = None,
         on_change: Callable[[CompileStatus], None] | None = None,
+        builder: Builder | None = None,
     ) -> None:
         self._eager = eager
         self._signature = inspect.signature(eager.forward if isinstance(eager, nn.Module) else eager)
@@ -249,9 +251,7 @@ class CompiledCall:
         self._cuda_graphs = device.type == "cuda" and mode in CUDA_GRAPH_MODES
         self._graphs: dict[GraphKey, Graph] = {}
         self._lock = threading.Lock()
-        #: Builds to run, in order, on one daemon thread (a process never waits for it to exit).
-        self._todo: queue.SimpleQueue[tuple[GraphKey, str] | None] = queue.SimpleQueue()
-        self._builder: threading.Thread | None = None
+        self._builder = Builder(f"compile {part} {model}") if builder is None else builder
         self._unfinished = 0
         self._idle = threading.Condition(self._lock)
 
@@ -312,13 +312,7 @@ class CompiledCall:
             self._graphs[key] = Graph() if building else Graph(State.SKIPPED)
             if building:
                 self._unfinished += 1
-                self._todo.put((key, label))
-                if self._builder is None:
-                    self._builder = threading.Thread(target=_builds, args=(weakref.ref(self), self._todo),
-                                                     name=f"compile {self._part} {self._model}", daemon=True)
-                    self._builder.start()
-                    # The thread holds no reference to this object: it ends when this is collected.
-                    weakref.finalize(self, self._todo.put, None)
+                self._builder.put(self, key, label)
         if not building:
             log.info("the %s of %s has %d graphs, the most allowed: %s runs eagerly", self._part, self._model,
                      self._max_graphs, self._describe(key))
@@ -367,15 +361,40 @@ class CompiledCall:
                 log.warning("compile status listener failed", exc_info=True)
 
 
-def _builds(owner: weakref.ref[CompiledCall], todo: queue.SimpleQueue[tuple[GraphKey, str] | None]) -> None:
-    """The builder thread: queued builds in order, until its `CompiledCall` is collected (a model
-    unloaded meanwhile is not kept alive by its queued builds)."""
+_Build = tuple[weakref.ref[CompiledCall], GraphKey, str]
+
+
+class Builder:
+    """One daemon thread building the graphs of the calls that share it, one at a time, in the
+    order asked for: a model's parts share one (`Compiling.compile`, the UNet's warm-up first), as
+    builds running side by side would contend for the interpreter with each other and with the
+    device thread's eager jobs. It holds its calls weakly: a model unloaded meanwhile is not kept
+    alive by its queued builds (they are skipped), and the thread ends with the builder."""
+
+    def __init__(self, name: str) -> None:
+        self._name = name
+        self._todo: queue.SimpleQueue[_Build | None] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+
+    def put(self, call: CompiledCall, key: GraphKey, label: str) -> None:
+        with self._lock:
+            if self._thread is None:
+                self._thread = threading.Thread(target=_builds, args=(self._todo,), name=self._name, daemon=True)
+                self._thread.start()
+                weakref.finalize(self, self._todo.put, None)  # the thread holds the queue, not the builder
+        self._todo.put((weakref.ref(call), key, label))
+
+
+def _builds(todo: queue.SimpleQueue[_Build | None]) -> None:
+    """A builder's thread: its queued builds in order, until the builder is collected."""
     while (item := todo.get()) is not None:
+        owner, key, label = item
         compiled = owner()
-        if compiled is None:
-            return
+        if compiled is None:  # its model was unloaded
+            continue
         try:
-            compiled._build(*item)
+            compiled._build(key, label)
         finally:
             with compiled._idle:
                 compiled._unfinished -= 1
@@ -465,16 +484,17 @@ class Compiling:
         # The x4 upscaler (class labels) sees its inputs' sizes, not aspects of its native size: no warm-up.
         warmup = self.warmup if family.unet.num_classes is None else ()
         sizes = [self._latent(family, aspect, network.vae_scale) for aspect in warmup]
+        builder = Builder(f"compile {model.name}")  # one build at a time, the UNet's warm-up first
         if (mode := self.mode_on(device, "unet")) is not None:
-            unet = self._call(UNetCalls(network.unet), model, "unet", mode, describe_unet, self.bucketing)
+            unet = self._call(UNetCalls(network.unet), model, "unet", mode, describe_unet, self.bucketing, builder)
             calls: tuple[UNetCall, ...] = ("keep", "shallow") if model.step_cache_interval > 1 else ("exact",)
             unet.warm_up(self.unet_keys(family, model.dtype, sizes, calls, network.unet.deep_channels))
             model = dataclasses.replace(model, unet=unet)
         if (mode := self.mode_on(device, "vae")) is not None:
             eager = network.vae.decode if model.vae_decoder is None else model.vae_decoder
             dtype = torch.float32 if model.vae_decoder is None else next(model.vae_decoder.parameters()).dtype
-            decode = self._call(eager, model, "vae", mode, describe_latents, dataclasses.replace(self.bucketing,
-                                                                                               guided=False))
+            decode = self._call(eager, model, "vae", mode, describe_latents,
+                                dataclasses.replace(self.bucketing, guided=False), builder)
             small = [s for s in sizes if s[0] * s[1] * network.vae_scale**2 <= model.vae_tile_above_pixels]
             decode.warm_up([vae_key(rows, family.vae.embed_dim, size, dtype)
                             for size in small for rows in self.bucketing.buckets])
@@ -484,7 +504,7 @@ class Compiling:
             keys = [text_key(n) for n in rows] if warmup or (self.text_warmup and family.unet.num_classes is None) else []
             calls = tower_calls(network)
             for i, (tower, method) in enumerate(calls):
-                self._tower(tower, method, model, "text" if len(calls) == 1 else f"text {i + 1}", mode, keys)
+                self._tower(tower, method, model, "text" if len(calls) == 1 else f"text {i + 1}", mode, keys, builder)
         return model
 
     def unet_keys(self, family: Family, dtype: torch.dtype, sizes: Sequence[tuple[int, int]],
@@ -504,21 +524,22 @@ class Compiling:
         return height // vae_scale, width // vae_scale
 
     def _call(self, eager: Callable[..., Output], model: LoadedModel, part: str, mode: CompileMode,
-              describe: Callable[[GraphKey], str], bucketing: Bucketing,
+              describe: Callable[[GraphKey], str], bucketing: Bucketing, builder: Builder,
               eager_only: Callable[[GraphKey], bool] | None = None) -> CompiledCall:
         cache_dir = self.cache_dir
         on_change = None if cache_dir is None else lambda status: write_status(cache_dir, status)
         return CompiledCall(eager, self.compiler(mode), model=model.name, device=model.device, part=part,
                             describe=describe, mode=mode, bucketing=bucketing, max_graphs=self.max_graphs,
-                            eager_only=eager_only, on_change=on_change)
+                            eager_only=eager_only, on_change=on_change, builder=builder)
 
     def _tower(self, tower: TextEncoder, method: str, model: LoadedModel, part: str, mode: CompileMode,
-               keys: list[GraphKey]) -> None:
+               keys: list[GraphKey], builder: Builder) -> None:
         """Replace the tower's own `method` with its compiled call. transformers' CLIP takes
         textual-inversion vectors through a forward pre-hook registered for the one call, which
         dynamo cannot trace: its calls with token embeddings run eagerly."""
         eager_only = (lambda key: key.args[1] is not None) if isinstance(tower, CLIPTextEncoder) else None
-        compiled = self._call(getattr(tower, method), model, part, mode, describe_tokens, self.bucketing, eager_only)
+        compiled = self._call(getattr(tower, method), model, part, mode, describe_tokens, self.bucketing, builder,
+                              eager_only)
         compiled.warm_up(keys)
         setattr(tower, method, compiled)
 

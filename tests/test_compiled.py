@@ -318,6 +318,7 @@ def test_engine_warms_the_aspect_presets_up_at_load_and_writes_the_status(
         assert isinstance(model.unet, CompiledCall) and isinstance(model.vae_decode, CompiledCall)
         calls = wait_all(model)
     assert list(calls) == ["unet", "vae", "text"]
+    assert len({id(call._builder) for call in calls.values()}) == 1  # one build at a time for the model
     # Native 128 px, a VAE of factor 2: 1:1 is 128x128 (64x64 latents), 16:9 is 192x128 (64x96);
     # guided rows: twice 1 and 4 images; 77 tokens of width 32. The VAE decodes images: 1 and 4
     # rows; the text tower one chunk of prompts and negative prompts: 2 and 8 rows.
