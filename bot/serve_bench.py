@@ -309,9 +309,7 @@ def _engine_seconds(config: AppConfig, device: str, batches: list[list[Job]], wa
     def no_inputs(sha256: str) -> bytes:
         raise LookupError("the serve bench runs txt2img only")
 
-    engine = Engine(config.models, config.generation.dtype, no_inputs,
-                    vae_tile_above_pixels=config.generation.vae_tile_above_pixels,
-                    vae_dtype=config.generation.vae_dtype, compiling=compiling or Compiling(when="off"))
+    engine = Engine.of(config.models, config.generation, no_inputs, compiling=compiling or Compiling(when="off"))
     model = engine.load(MODEL, device)
     warm_jobs = [Job(f"warm-{i}", request, 0, None, 1.0, 0) for i, request in enumerate(warm)]
     for job in warm_jobs:

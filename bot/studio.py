@@ -104,18 +104,10 @@ class Studio:
         self.db = db
         #: The LoRA and embedding folders: the engine reads them; commands list and check them.
         self.addons = AddonLibrary(config.generation.lora_dir, config.generation.embedding_dir)
-        engine = Engine(
-            config.models,
-            config.generation.dtype,
-            self._read_input,
-            preview=config.discord.preview,
-            preview_every_s=config.discord.progress_interval_s,
-            vae_tile_above_pixels=config.generation.vae_tile_above_pixels,
-            addons=self.addons,
-            vae_dtype=config.generation.vae_dtype,
-            fuse_projections=config.generation.fuse_projections,
-            step_cache_interval=config.generation.step_cache_interval,
+        engine = Engine.of(
+            config.models, config.generation, self._read_input,
             compiling=Compiling.of(config.generation, cache_dir_in(config.storage.data_dir)),
+            addons=self.addons, preview=config.discord.preview, preview_every_s=config.discord.progress_interval_s,
         )
         self._refusal = refusal
         self.queue = FairQueue(config.queue, devices, limits=self._limits, persist=self._persist,

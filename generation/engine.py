@@ -39,7 +39,7 @@ from generation.refiner import check_pair
 from generation.request import Kind
 from generation.runner import JobResult, Progress
 from generation.samplers import Cancelled
-from generation.settings import ModelSettings
+from generation.settings import GenerationSettings, ModelSettings
 
 
 class Engine:
@@ -84,6 +84,16 @@ class Engine:
         self._clock = clock
         #: checkpoint_hash by (path, size, mtime): models evicted from the cache reload without rehashing.
         self._hashes: dict[tuple[Path, int, int], str] = {}
+
+    @classmethod
+    def of(cls, models: Sequence[ModelSettings], settings: GenerationSettings, inputs: Inputs, *,
+           compiling: Compiling, addons: AddonLibrary | None = None, preview: bool = False,
+           preview_every_s: float = 0.0) -> Engine:
+        """The engine that `[generation]` describes (the bot's, and the benches' that measure it)."""
+        return cls(models, settings.dtype, inputs, preview=preview, preview_every_s=preview_every_s,
+                   vae_tile_above_pixels=settings.vae_tile_above_pixels, vae_dtype=settings.vae_dtype,
+                   compiling=compiling, fuse_projections=settings.fuse_projections,
+                   step_cache_interval=settings.step_cache_interval, addons=addons)
 
     def load(self, name: str, device: str) -> LoadedModel:
         """The checkpoint configured as `name`, on `device` (the runner's `load_model`); its parts
