@@ -565,6 +565,26 @@ def test_doctor_shows_the_setting_and_each_models_graphs_of_every_part(tmp_path:
     assert "[  ok] compiled text graphs of sd15 on cuda:0: 0 queued, 1 building, 0 ready, 0 failed, 0 skipped" in text
 
 
+def assert_like_eager_without_syncs(model: LoadedModel, eager: LoadedModel, req: GenerationRequest,
+                                    tolerance: float) -> None:
+    """On CUDA: `model`'s images are `eager`'s within `tolerance` (mean pixel levels, not blank),
+    and once its CUDA graphs are recorded (its first run) its steps never synchronise."""
+    compiled_images = txt2img(model, [req])[0]  # the device thread records its CUDA graphs here
+
+    def progress(step: int, total: int, x0: Tensor) -> None:
+        if step == 1:
+            torch.cuda.set_sync_debug_mode("error")
+
+    try:
+        latents = sample_latents(model, [req], progress)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert torch.isfinite(latents).all()
+    for a, b in zip(txt2img(eager, [req])[0], compiled_images, strict=True):
+        assert np.asarray(b).astype(float).std() > 1.0, "a blank image"
+        assert np.abs(np.asarray(a).astype(float) - np.asarray(b).astype(float)).mean() <= tolerance
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", ["float32", "float16"])
 def test_compiled_cuda_graphs_give_the_eager_image_and_never_synchronize(
@@ -580,22 +600,8 @@ def test_compiled_cuda_graphs_give_the_eager_image_and_never_synchronize(
     model.unet.wait()
     assert model.unet.status().count(State.READY) == 1, model.unet.status()
 
-    compiled_images = txt2img(model, [req])[0]  # the device thread records its CUDA graph here
-
-    def progress(step: int, total: int, x0: Tensor) -> None:
-        if step == 1:
-            torch.cuda.set_sync_debug_mode("error")
-
-    try:
-        latents = sample_latents(model, [req], progress)
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
-    assert torch.isfinite(latents).all()
+    assert_like_eager_without_syncs(model, eager, req, 1.0 if dtype == "float32" else 6.0)
     assert model.unet.status().count(State.READY) == 1, model.unet.status()  # no silent fall back to eager
-    for a, b in zip(txt2img(eager, [req])[0], compiled_images, strict=True):
-        assert np.asarray(b).astype(float).std() > 1.0, "a blank image"
-        assert np.abs(np.asarray(a).astype(float) - np.asarray(b).astype(float)).mean() <= (
-            1.0 if dtype == "float32" else 6.0)
 
 
 @pytest.mark.gpu
@@ -671,18 +677,5 @@ def test_cached_steps_on_cuda_graphs_give_the_eager_cached_image_and_never_synch
     model.unet.wait()
     assert model.unet.status().count(State.READY) == 2, model.unet.status()
     req = request(count=3, steps=6)
-    compiled_images = txt2img(model, [req])[0]  # the device thread records its CUDA graphs here
-
-    def progress(step: int, total: int, x0: Tensor) -> None:
-        if step == 1:
-            torch.cuda.set_sync_debug_mode("error")
-
-    try:
-        latents = sample_latents(model, [req], progress)
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
-    assert torch.isfinite(latents).all()
+    assert_like_eager_without_syncs(model, eager, req, 6.0)
     assert len(model.unet.status().graphs) == 2 and model.unet.status().count(State.READY) == 2
-    for a, b in zip(txt2img(eager, [req])[0], compiled_images, strict=True):
-        assert np.asarray(b).astype(float).std() > 1.0, "a blank image"
-        assert np.abs(np.asarray(a).astype(float) - np.asarray(b).astype(float)).mean() <= 6.0
